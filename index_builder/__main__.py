@@ -1,0 +1,80 @@
+"""CLI: python -m index_builder build CATALOGUE [options] | demo FOLDER."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from index_builder.build import BuildError, BuildSummary, build
+from index_builder.catalogue import CatalogueError
+from index_builder.demo import make_demo_catalogue
+from index_builder.evaluate import EvalError
+from model_store.backbones import WeightsError
+from model_store.embedder import Descriptor
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+
+def _print_summary(s: BuildSummary) -> None:
+    w = sys.stderr
+    print(f"\nBuilt {s.tag}", file=w)
+    print(f"  embedder      {s.embedder}{'' if s.pretrained else '  (RANDOM WEIGHTS: tests only)'}", file=w)
+    print(f"  rows          {s.rows}: {s.photos_indexed} photos of {s.items} items indexed, "
+          f"{s.bad_rows} skipped (report: {s.report})", file=w)
+    print(f"  vectors       {s.dim}-d ({s.projection}); embedding {s.images_per_second} images/s"
+          f"{f', {s.reused_photos} photos reused from an earlier run' if s.reused_photos else ''}", file=w)
+    print(f"  ann           n_trees={s.n_trees} search_k={s.search_k} recall@10={s.ann_recall_at_10}", file=w)
+    if s.evaluation:
+        e = s.evaluation
+        print(f"  evaluation    top1={e['top1']} recall@5={e['recall_at_5']} mAP={e['mAP']} "
+              f"over {e['queries']} queries", file=w)
+    print("  seconds       " + ", ".join(f"{k} {v}" for k, v in s.seconds.items()), file=w)
+
+
+@app.command("build")
+def build_cmd(
+    catalogue: Annotated[Path, typer.Argument(help="CSV or JSON Lines: item_id,image_path,title,category,price,currency,sold_at")],
+    backbone: Annotated[Optional[str], typer.Option(help="efficientnet-lite0 or vgg16 [default: IMAGESEARCH_BACKBONE or efficientnet-lite0]")] = None,
+    weights: Annotated[str, typer.Option(help="'default' (ImageNet), 'random' (tests only) or a state-dict file")] = "default",
+    descriptor: Annotated[str, typer.Option(help="gem (compact, pooled) or pool5 (flattened conv map)")] = "gem",
+    pca_dim: Annotated[int, typer.Option(help="PCA dimension learned at build time; 0 = none")] = 256,
+    whiten: Annotated[bool, typer.Option(help="whiten the PCA components")] = False,
+    image_size: Annotated[int, typer.Option(help="network input size; below 224 only for fast tests")] = 224,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    workers: Annotated[int, typer.Option(min=0, help="image-decoding worker processes")] = 2,
+    seed: Annotated[int, typer.Option(help="seed of the Annoy trees and samples")] = 0,
+    eval: Annotated[Optional[Path], typer.Option("--eval", help="queries CSV image_path,item_id to score")] = None,
+    report: Annotated[Optional[Path], typer.Option(help="bad-row report [default: CATALOGUE.report.csv]")] = None,
+    max_bad_share: Annotated[Optional[float], typer.Option(min=0, max=1, help="fail above this share of bad rows [default: 0.2]")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON on stdout")] = False,
+    progress: Annotated[bool, typer.Option(help="show the progress bar")] = True,
+) -> None:
+    """Build an index from CATALOGUE and register it; the last line printed is the new tag."""
+    if descriptor not in ("gem", "pool5"):
+        raise typer.BadParameter("choose gem or pool5", param_hint="--descriptor")
+    try:
+        summary = build(catalogue, backbone=backbone, weights=weights, descriptor=descriptor, image_size=image_size,
+                        pca_dim=pca_dim, whiten=whiten, batch_size=batch_size, workers=workers, seed=seed,
+                        eval_queries=eval, report=report, max_bad_share=max_bad_share, progress=progress)
+    except (BuildError, CatalogueError, EvalError, WeightsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise typer.Exit(2)
+    if as_json:
+        print(summary.model_dump_json(indent=2))
+    else:
+        _print_summary(summary)
+        print(summary.tag)
+
+
+@app.command("demo")
+def demo_cmd(folder: Annotated[Path, typer.Argument(help="where to write photos, catalogue.csv, queries.csv")] = Path("demo"),
+             items_per_family: int = 6) -> None:
+    """Generate the synthetic demo catalogue; prints its path."""
+    print(make_demo_catalogue(folder, items_per_family=items_per_family))
+
+
+if __name__ == "__main__":
+    app()

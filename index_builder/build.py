@@ -1,0 +1,164 @@
+"""The builder job: catalogue -> embeddings -> Annoy index + item table -> a new version in the model store."""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from pydantic import BaseModel
+
+from index_builder import ann
+from index_builder.catalogue import BadRow, Catalogue, read_catalogue, write_report
+from index_builder.evaluate import evaluate
+from index_builder.extract import extract, work_key
+from model_store.embedder import Descriptor, Embedder, new_embedder, save_embedder
+from model_store.index_artifact import (ANNOY_FILE, MANIFEST_FILE, PROJECTION_FILE, REPORT_FILE, VECTORS_FILE,
+                                        ITEMS_FILE, IndexManifest, Projection, SearchIndex, normalize,
+                                        write_items_db)
+from model_store.registry import bentoml_home, clean_staging, register
+from model_store.settings import INDEX_MODEL, get_settings
+
+PCA_FIT_SAMPLE = 20_000  # photos used to learn the projection; more changes it little
+
+
+class BuildError(RuntimeError):
+    """A build that cannot produce a trustworthy index; the message says what to fix."""
+
+
+class BuildSummary(BaseModel):
+    tag: str
+    embedder: str
+    pretrained: bool
+    rows: int
+    photos_indexed: int
+    items: int
+    bad_rows: int
+    report: str
+    dim: int
+    projection: str
+    n_trees: int
+    search_k: int
+    ann_recall_at_10: float
+    images_per_second: float
+    reused_photos: int
+    seconds: dict[str, float]
+    evaluation: dict[str, Any] | None = None
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str, log: bool = True) -> Iterator[None]:
+        if log:
+            print(f"[{name}] ...", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 3)
+
+
+def build(catalogue_path: Path, *, backbone: str | None = None, weights: str = "default",
+          descriptor: Descriptor = "gem", image_size: int = 224, pca_dim: int = 256, whiten: bool = False,
+          batch_size: int = 32, workers: int = 2, seed: int = 0, eval_queries: Path | None = None,
+          report: Path | None = None, max_bad_share: float | None = None, progress: bool = True) -> BuildSummary:
+    """Run every stage and register the result; the store is untouched unless every stage succeeds."""
+    settings = get_settings()
+    backbone = backbone or settings.backbone
+    max_bad_share = settings.max_bad_row_share if max_bad_share is None else max_bad_share
+    timer = _Timer()
+    clean_staging()
+    with timer.stage("read catalogue"):
+        cat = read_catalogue(catalogue_path)
+    report = report or cat.path.with_name(f"{cat.path.stem}.report.csv")
+    with timer.stage("load embedder"):
+        config, net = new_embedder(backbone, weights, descriptor, image_size)
+        embedder_tag = save_embedder(config, net)
+        embedder = Embedder(config, net, settings.device, settings.half_precision)
+    if not config.weights.pretrained:
+        print(f"WARNING: {embedder_tag} has RANDOM weights: for tests only, retrieval will be poor",
+              file=sys.stderr)
+    paths = [p.path for p in cat.photos]
+    key = work_key(paths, embedder_tag, batch_size)
+    work = bentoml_home() / "tmp" / "builds" / key
+    with timer.stage("embed"):
+        ext = extract(paths, embedder, work / "batches", batch_size=batch_size, workers=workers, progress=progress)
+    good = [i for i in range(len(paths)) if i not in ext.errors]
+    bad = cat.bad + [BadRow(cat.photos[i].line, cat.photos[i].row.image_path, r) for i, r in ext.errors.items()]
+    write_report(report, bad)
+    _check_bad_share(cat, bad, max_bad_share, report)
+    photos = [cat.photos[i] for i in good]
+    vectors = ext.vectors[good]
+    with timer.stage("project"):
+        projection = _fit_projection(vectors, pca_dim, whiten, seed)
+        vectors = projection(vectors) if projection else normalize(vectors)
+    with timer.stage("build ann"):
+        choice = ann.choose(vectors, target=settings.target_recall, seed=seed)
+    artifact = work / "artifact"
+    shutil.rmtree(artifact, ignore_errors=True)
+    artifact.mkdir(parents=True)
+    with timer.stage("write artifact"):
+        choice.index.save(str(artifact / ANNOY_FILE))
+        np.save(artifact / VECTORS_FILE, vectors)
+        if projection:
+            projection.save(artifact / PROJECTION_FILE)
+        items = {p.row.item_id: p.row.item_fields() for p in photos}
+        write_items_db(artifact / ITEMS_FILE, [(i, p.row.item_id, p.row.image_path) for i, p in enumerate(photos)],
+                       list(items.values()))
+        shutil.copy(report, artifact / REPORT_FILE)
+    manifest = IndexManifest(
+        embedder=embedder_tag, embedder_config=config, dim=vectors.shape[1],
+        projection="none" if projection is None else "pca-whiten" if whiten else "pca",
+        n_photos=len(photos), n_items=len(items), n_trees=choice.n_trees, search_k=choice.search_k,
+        ann_recall_at_10=round(choice.recall, 4), ann_query_ms=round(choice.query_ms, 4),
+        catalogue=str(cat.path), catalogue_sha256=cat.sha256, bad_rows=len(bad), seed=seed,
+        seconds=timer.seconds, built_at=dt.datetime.now(dt.timezone.utc))
+    (artifact / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2))
+    if eval_queries is not None:
+        with timer.stage("evaluate"):
+            manifest.evaluation = evaluate(eval_queries, SearchIndex(artifact), embedder)
+    with timer.stage("register"):
+        manifest.seconds = timer.seconds
+        (artifact / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2))
+        tag = register(INDEX_MODEL, _labels(manifest), manifest.model_dump(mode="json"),
+                       lambda folder: shutil.copytree(artifact, folder, dirs_exist_ok=True))
+    shutil.rmtree(work, ignore_errors=True)
+    return BuildSummary(
+        tag=tag, embedder=embedder_tag, pretrained=config.weights.pretrained, rows=cat.n_rows,
+        photos_indexed=len(photos), items=len(items), bad_rows=len(bad), report=str(report), dim=manifest.dim,
+        projection=manifest.projection, n_trees=choice.n_trees, search_k=choice.search_k,
+        ann_recall_at_10=manifest.ann_recall_at_10,
+        images_per_second=round(ext.computed / ext.seconds, 2) if ext.computed else 0.0,
+        reused_photos=len(paths) - ext.computed, seconds=timer.seconds, evaluation=manifest.evaluation)
+
+
+def _check_bad_share(cat: Catalogue, bad: list[BadRow], limit: float, report: Path) -> None:
+    share = len(bad) / max(cat.n_rows, 1)
+    if cat.n_rows == len(bad):
+        raise BuildError(f"{cat.path}: none of the {cat.n_rows} rows is usable; reasons in {report}")
+    if share > limit:
+        raise BuildError(f"{cat.path}: {len(bad)} of {cat.n_rows} rows ({share:.1%}) are unusable, over the "
+                         f"{limit:.0%} limit (--max-bad-share); reasons in {report}")
+
+
+def _fit_projection(vectors: np.ndarray, dim: int, whiten: bool, seed: int) -> Projection | None:
+    """PCA to `dim` when it shrinks the vectors and there are at least 2*dim photos to learn it from."""
+    if dim <= 0 or dim >= vectors.shape[1] or len(vectors) < 2 * dim:
+        if 0 < dim < vectors.shape[1]:
+            print(f"[project] skipped: PCA to {dim} needs at least {2 * dim} photos, have {len(vectors)}",
+                  file=sys.stderr)
+        return None
+    rng = np.random.default_rng(seed)
+    sample = vectors if len(vectors) <= PCA_FIT_SAMPLE else vectors[rng.choice(len(vectors), PCA_FIT_SAMPLE, False)]
+    return Projection.fit(sample, dim, whiten)
+
+
+def _labels(m: IndexManifest) -> dict[str, str]:
+    return {"embedder": m.embedder, "backbone": m.embedder_config.backbone, "dim": str(m.dim),
+            "photos": str(m.n_photos), "weights": "pretrained" if m.embedder_config.weights.pretrained else "random"}

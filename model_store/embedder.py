@@ -1,0 +1,104 @@
+"""Embedders: a backbone plus a descriptor, saved in and loaded from the model store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+
+from model_store.backbones import WeightsInfo, get_backbone, resolve_weights
+from model_store.preprocess import PreprocessSpec
+from model_store.registry import get_model, list_models, register
+from model_store.settings import EMBEDDER_MODEL
+
+Descriptor = Literal["gem", "pool5"]
+CONFIG_FILE = "embedder.json"
+WEIGHTS_FILE = "weights.pt"
+
+
+class EmbedderConfig(BaseModel):
+    """Everything that decides which vector a photo gets."""
+
+    backbone: str
+    descriptor: Descriptor
+    gem_p: float = 3.0
+    dim: int
+    preprocess: PreprocessSpec
+    weights: WeightsInfo
+
+
+def descriptor_dim(backbone: str, descriptor: Descriptor, crop: int) -> int:
+    """gem: one number per channel; pool5: the whole flattened last feature map (stride 32)."""
+    channels = get_backbone(backbone).channels
+    return channels if descriptor == "gem" else channels * (crop // 32) ** 2
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Embedder:
+    """(N, 3, crop, crop) float32 batches -> (N, dim) float32 L2-normalised vectors."""
+
+    def __init__(self, config: EmbedderConfig, net: torch.nn.Module, device: str = "auto", half: bool = True):
+        self.config = config
+        self.device = pick_device(device)
+        self.half = half and self.device.type == "cuda"
+        net = net.to(self.device, memory_format=torch.channels_last)
+        self.net = (net.half() if self.half else net).eval()
+
+    @torch.inference_mode()
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
+        x = x.to(memory_format=torch.channels_last)
+        fmap = self.net(x.half() if self.half else x).float()
+        if self.config.descriptor == "gem":
+            p = self.config.gem_p
+            desc = fmap.clamp(min=1e-6).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
+        else:
+            desc = fmap.flatten(1)
+        desc = torch.nn.functional.normalize(desc, dim=1)
+        return desc.cpu().numpy().astype(np.float32, copy=False)
+
+
+def new_embedder(backbone: str, weights: str = "default", descriptor: Descriptor = "gem",
+                 image_size: int = 224) -> tuple[EmbedderConfig, torch.nn.Module]:
+    """Build a network and its config; image_size below 224 only to make tests fast."""
+    net, info = resolve_weights(backbone, weights)
+    prep = get_backbone(backbone).preprocess.model_copy(update={"resize": image_size, "crop": image_size})
+    config = EmbedderConfig(backbone=backbone, descriptor=descriptor, dim=descriptor_dim(backbone, descriptor, image_size),
+                            preprocess=prep, weights=info)
+    return config, net
+
+
+def save_embedder(config: EmbedderConfig, net: torch.nn.Module) -> str:
+    """Register an embedder, or return the stored one with the same config (same weights checksum)."""
+    for model in list_models(EMBEDDER_MODEL):
+        if model.info.metadata.get("config") == config.model_dump(mode="json"):
+            return str(model.tag)
+
+    def write(folder: Path) -> None:
+        torch.save(net.state_dict(), folder / WEIGHTS_FILE)
+        (folder / CONFIG_FILE).write_text(config.model_dump_json(indent=2))
+
+    labels = {"backbone": config.backbone, "descriptor": config.descriptor, "dim": str(config.dim),
+              "weights": "pretrained" if config.weights.pretrained else "random"}
+    return register(EMBEDDER_MODEL, labels, {"config": config.model_dump(mode="json")}, write)
+
+
+def load_embedder(tag: str, device: str = "auto", half: bool = True) -> Embedder:
+    """The stored embedder `tag`, on `device`; weights are loaded with weights_only=True."""
+    return embedder_from_folder(Path(get_model(tag).path), device, half)
+
+
+def embedder_from_folder(folder: Path, device: str = "auto", half: bool = True) -> Embedder:
+    config = EmbedderConfig.model_validate(json.loads((folder / CONFIG_FILE).read_text()))
+    net = get_backbone(config.backbone).build()
+    net.load_state_dict(torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True))
+    return Embedder(config, net, device, half)

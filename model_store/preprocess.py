@@ -1,0 +1,104 @@
+"""Photo decoding and preprocessing shared by the builder and the service, so one photo gives one vector."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+from pydantic import BaseModel
+
+# Transparent areas become white: listing photos are usually shot on light backdrops.
+BACKGROUND = (255, 255, 255)
+
+
+class ImageError(ValueError):
+    """A photo that cannot be used; the message says why and what to do."""
+
+
+class PreprocessSpec(BaseModel):
+    """How a photo becomes a network input: resize the short side, centre-crop, normalise."""
+
+    resize: int = 224
+    crop: int = 224
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+
+def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, name: str = "image") -> Image.Image:
+    """Bytes of any format Pillow reads -> RGB image; raises ImageError with the reason."""
+    if not data:
+        raise ImageError(f"{name} is empty (0 bytes): upload a JPEG, PNG or WebP photo")
+    if len(data) > max_bytes:
+        raise ImageError(f"{name} is {len(data):,} bytes; the limit is {max_bytes:,}: send a smaller photo")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            _check_pixels(img, max_pixels, name)
+            img.load()  # decode now, so truncated files fail here and not later
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"{name} is a decompression bomb ({exc}): send an ordinary photo") from exc
+    except Image.UnidentifiedImageError as exc:
+        raise ImageError(f"{name} is not an image Pillow can read: upload a JPEG, PNG or WebP photo") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"{name} could not be decoded ({exc}): the file is truncated or corrupt") from exc
+    return to_rgb(img)
+
+
+def load_image_file(path: Path, *, max_bytes: int = 1 << 30, max_pixels: int = 200_000_000) -> Image.Image:
+    """Path -> RGB image; raises ImageError naming the file."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read file ({exc.strerror or exc})") from exc
+    return decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels, name=str(path))
+
+
+def _check_pixels(img: Image.Image, max_pixels: int, name: str) -> None:
+    pixels = img.width * img.height
+    if pixels > max_pixels:
+        raise ImageError(
+            f"{name} is {img.width}x{img.height} = {pixels:,} pixels; the limit is {max_pixels:,}: "
+            "send a smaller photo"
+        )
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any mode (L, P, RGBA, CMYK, I;16, F...) -> upright 8-bit RGB; animated images give frame 0."""
+    if getattr(img, "n_frames", 1) > 1:
+        img.seek(0)
+    img = ImageOps.exif_transpose(img) or img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        img = _high_bit_depth_to_l(img)
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        canvas = Image.new("RGB", img.size, BACKGROUND)
+        canvas.paste(img.convert("RGBA"), mask=img.convert("RGBA").getchannel("A"))
+        return canvas
+    return img.convert("RGB")
+
+
+def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
+    """16-bit or float greyscale -> 8-bit L, scaled by the format's full range."""
+    arr = np.asarray(img, dtype=np.float64)
+    top = 1.0 if img.mode == "F" else 65535.0 if img.mode.startswith("I;16") else max(arr.max(), 1.0)
+    return Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), mode="L")
+
+
+def image_to_array(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """RGB image -> float32 array (3, crop, crop), normalised by spec.mean and spec.std."""
+    w, h = img.size
+    scale = spec.resize / min(w, h)
+    size = (max(spec.crop, round(w * scale)), max(spec.crop, round(h * scale)))
+    img = img.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+    left, top = (size[0] - spec.crop) // 2, (size[1] - spec.crop) // 2
+    img = img.crop((left, top, left + spec.crop, top + spec.crop))
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    arr = (arr - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))

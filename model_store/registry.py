@@ -1,0 +1,65 @@
+"""Crash-safe registration in the BentoML model store, and listing what is there."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import bentoml
+from bentoml._internal.configuration.containers import BentoMLContainer
+from bentoml._internal.models.model import ModelStore
+
+
+def bentoml_home() -> Path:
+    return Path(BentoMLContainer.bentoml_home.get())
+
+
+def register(name: str, labels: dict[str, str], metadata: dict[str, Any], write: Callable[[Path], None]) -> str:
+    """Create model `name` whose files `write(folder)` puts in place; returns 'name:version'.
+
+    bentoml.models.create copies into the store file by file, so a crash mid-copy would leave a
+    half version. Here the version is saved to a staging store on the same filesystem and then
+    renamed into the real store in one step: a crash leaves either nothing or the whole version.
+    """
+    models = Path(BentoMLContainer.model_store.get()._path)
+    staging = bentoml_home() / "tmp" / f"staging-{uuid.uuid4().hex}"
+    staging.mkdir(parents=True)
+    try:
+        with bentoml.models.create(name, labels=labels, metadata=metadata, _model_store=ModelStore(staging)) as ref:
+            write(Path(ref.path))
+        tag = ref.tag
+        (models / tag.name).mkdir(parents=True, exist_ok=True)
+        os.rename(staging / tag.name / tag.version, models / tag.name / tag.version)
+        _write_atomically(models / tag.name / "latest", tag.version)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return str(tag)
+
+
+def clean_staging() -> None:
+    """Remove staging folders that a killed registration left behind (never visible as versions)."""
+    for stale in (bentoml_home() / "tmp").glob("staging-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def list_models(name: str) -> list[bentoml.Model]:
+    """Versions of `name` in the store, newest first."""
+    models = [m for m in bentoml.models.list() if m.tag.name == name]
+    return sorted(models, key=lambda m: m.info.creation_time, reverse=True)
+
+
+def get_model(tag: str) -> bentoml.Model:
+    """The stored model for `tag`; raises LookupError with the tag when absent."""
+    try:
+        return bentoml.models.get(tag)
+    except bentoml.exceptions.NotFound:
+        raise LookupError(f"{tag}: no such model in the store ({bentoml_home()}/models)") from None

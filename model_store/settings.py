@@ -1,0 +1,52 @@
+"""Every tunable of the engine, in one typed object read from IMAGESEARCH_* environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Stage = Literal["staging", "production"]
+STAGES: tuple[Stage, ...] = ("staging", "production")
+
+# Model-store names of the two kinds of artifact this project registers.
+EMBEDDER_MODEL = "image-embedder"
+INDEX_MODEL = "image-index"
+
+
+class Settings(BaseSettings):
+    """Defaults are the tuned values; docs/PERFORMANCE.md says where each comes from."""
+
+    model_config = SettingsConfigDict(env_prefix="IMAGESEARCH_", extra="ignore")
+
+    # --- serving -----------------------------------------------------------------
+    stage: Stage = Field("production", description="Which stage the service serves.")
+    admin_token: str = Field("", description="Bearer token for POST /reload; empty disables it.")
+    max_image_bytes: int = Field(20 * 1024 * 1024, gt=0, description="Largest upload accepted.")
+    max_image_pixels: int = Field(40_000_000, gt=0, description="Largest width*height decoded.")
+    max_k: int = Field(100, gt=0, description="Largest k a search may ask for.")
+    max_batch_images: int = Field(16, gt=0, description="Most photos in one /search_batch call.")
+    device: str = Field("auto", description="torch device for the embedder: auto, cpu, cuda, cuda:N.")
+    half_precision: bool = Field(True, description="Use fp16 on a CUDA device.")
+    torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default.")
+    # --- building ----------------------------------------------------------------
+    backbone: str = Field("efficientnet-lite0", description="Default backbone of new embedders.")
+    max_bad_row_share: float = Field(
+        0.2, ge=0, le=1, description="A build fails when more than this share of rows is unusable."
+    )
+    target_recall: float = Field(0.95, gt=0, le=1, description="ANN recall@10 the builder tunes for.")
+    # --- promotion ---------------------------------------------------------------
+    min_promote_recall: float = Field(
+        0.9, ge=0, le=1, description="Promotion refuses an index whose measured recall@10 is lower."
+    )
+    stages_dir: Path | None = Field(
+        None, description="Where stage records live; default $BENTOML_HOME/stages."
+    )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

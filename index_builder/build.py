@@ -126,7 +126,7 @@ def build(catalogue_path: Path, *, backbone: str | None = None, weights: str = "
     with timer.stage("register"):
         manifest.seconds = timer.seconds
         (artifact / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2))
-        tag = register(INDEX_MODEL, _labels(manifest), manifest.model_dump(mode="json"),
+        tag = register(INDEX_MODEL, _labels(manifest), manifest.model_dump(mode="json", exclude_none=True),
                        lambda folder: shutil.copytree(artifact, folder, dirs_exist_ok=True))
     shutil.rmtree(work, ignore_errors=True)
     return BuildSummary(

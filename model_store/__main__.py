@@ -30,10 +30,10 @@ def list_cmd() -> None:
     for model in list_models(INDEX_MODEL):
         m, tag = model.info.metadata, str(model.tag)
         stage = ",".join(s for s, t in serving.items() if t == tag) or "-"
-        random = "" if m["embedder_config"]["weights"]["pretrained"] else " RANDOM-WEIGHTS"
+        random = "" if model.info.labels.get("weights") != "random" else " RANDOM-WEIGHTS"
         print(f"{tag:<42} {stage:<20} {model.info.creation_time:%Y-%m-%d %H:%M} "
-              f"{m['n_photos']} photos/{m['n_items']} items, {m['dim']}-d, recall@10={m['ann_recall_at_10']}, "
-              f"embedder={m['embedder']}{random}")
+              f"{m.get('n_photos')} photos/{m.get('n_items')} items, {m.get('dim')}-d, "
+              f"recall@10={m.get('ann_recall_at_10')}, embedder={m.get('embedder')}{random}")
     for model in list_models(EMBEDDER_MODEL):
         c = model.info.metadata["config"]
         print(f"{str(model.tag):<42} {'-':<20} {model.info.creation_time:%Y-%m-%d %H:%M} "

@@ -88,7 +88,7 @@ def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
     """16-bit or float greyscale -> 8-bit L, scaled by the format's full range."""
     arr = np.asarray(img, dtype=np.float64)
     top = 1.0 if img.mode == "F" else 65535.0 if img.mode.startswith("I;16") else max(arr.max(), 1.0)
-    return Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), mode="L")
+    return Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8))
 
 
 def image_to_array(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:

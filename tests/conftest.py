@@ -1,0 +1,61 @@
+"""Shared fixtures: a temporary BentoML home for the whole session, a demo catalogue, a built index."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+# Before anything imports bentoml: tests never touch the user's real store.
+_HOME = Path(tempfile.mkdtemp(prefix="imagesearch-test-home-"))
+os.environ["BENTOML_HOME"] = str(_HOME / "bentoml")
+os.environ["BENTOML_DO_NOT_TRACK"] = "True"
+os.environ["IMAGESEARCH_STAGES_DIR"] = str(_HOME / "stages")
+
+import pytest  # noqa: E402
+
+from index_builder.build import build  # noqa: E402
+from index_builder.demo import make_demo_catalogue  # noqa: E402
+from model_store.settings import get_settings  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+COIL = ROOT.parent / "shared" / "data" / "coil-100"
+
+
+def run_env(**extra: str) -> dict[str, str]:
+    """Environment for subprocesses (CLIs, bentoml serve) sharing this session's store."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **extra}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_settings():
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def stages_dir(tmp_path, monkeypatch) -> Path:
+    """A stage record of the test's own, so promotions in one test never leak into another."""
+    monkeypatch.setenv("IMAGESEARCH_STAGES_DIR", str(tmp_path / "stages"))
+    get_settings.cache_clear()
+    return tmp_path / "stages"
+
+
+@pytest.fixture(scope="session")
+def demo_catalogue(tmp_path_factory) -> Path:
+    """8 families x 3 items x 3 views = 72 photos, plus queries.csv with one unseen view per item."""
+    return make_demo_catalogue(tmp_path_factory.mktemp("demo"), items_per_family=3)
+
+
+@pytest.fixture(scope="session")
+def demo_index(demo_catalogue):
+    """The demo catalogue built with the default (pretrained EfficientNet-Lite0) embedder."""
+    return build(demo_catalogue, eval_queries=demo_catalogue.with_name("queries.csv"), progress=False,
+                 workers=0)
+
+
+@pytest.fixture(scope="session")
+def python() -> str:
+    return sys.executable

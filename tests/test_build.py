@@ -1,0 +1,166 @@
+"""The builder job end to end: real images, real networks, a real (temporary) BentoML store."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_env
+from index_builder import build as build_module
+from index_builder.build import BuildError, build
+from index_builder.catalogue import read_catalogue
+from index_builder.extract import work_key
+from model_store.backbones import WeightsError, resolve_weights
+from model_store.embedder import load_embedder
+from model_store.index_artifact import ANNOY_FILE, SearchIndex
+from model_store.preprocess import image_to_array, load_image_file
+from model_store.registry import bentoml_home, get_model, list_models
+from model_store.settings import INDEX_MODEL
+
+pytestmark = pytest.mark.slow
+
+
+def index_versions() -> set[str]:
+    return {str(m.tag) for m in list_models(INDEX_MODEL)}
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_demo_build_is_registered_with_its_metadata(demo_index, demo_catalogue):
+    s = demo_index
+    assert (s.photos_indexed, s.items, s.bad_rows) == (72, 24, 0)
+    model = get_model(s.tag)
+    meta, labels = model.info.metadata, model.info.labels
+    assert labels["embedder"] == s.embedder and labels["weights"] == "pretrained"
+    assert meta["catalogue_sha256"] == hashlib.sha256(demo_catalogue.read_bytes()).hexdigest()
+    assert meta["ann_recall_at_10"] >= 0.95 and meta["n_trees"] > 0 and meta["search_k"] > 0
+    assert meta["evaluation"]["queries"] == 24 and meta["evaluation"]["recall_at_5"] >= 0.9
+    emb = get_model(s.embedder).info.metadata["config"]
+    assert emb["backbone"] == "efficientnet-lite0" and emb["weights"]["pretrained"] is True
+    assert len(emb["weights"]["sha256"]) == 64 and emb["preprocess"]["crop"] == 224
+
+
+def test_a_catalogue_photo_finds_its_own_item_first(demo_index, demo_catalogue):
+    index = SearchIndex(Path(get_model(demo_index.tag).path))
+    embedder = load_embedder(demo_index.embedder)
+    with open(demo_catalogue) as f:
+        rows = list(csv.DictReader(f))[::7]
+    for row in rows:
+        arr = image_to_array(load_image_file(demo_catalogue.parent / row["image_path"]), embedder.config.preprocess)
+        best = index.search(embedder.embed(arr[None])[0], 5)
+        assert best[0].item_id == row["item_id"] and best[0].score > 0.99
+        assert len({m.item_id for m in best}) == 5  # several photos of one item count once
+
+
+def test_same_seed_same_index_and_embedder_reused(demo_index, demo_catalogue):
+    again = build(demo_catalogue, progress=False, workers=0)
+    assert again.tag != demo_index.tag and again.embedder == demo_index.embedder
+    first, second = (Path(get_model(t).path) / ANNOY_FILE for t in (demo_index.tag, again.tag))
+    assert sha(first) == sha(second)
+
+
+def test_bad_rows_are_reported_and_the_index_still_builds(demo_catalogue, tmp_path):
+    folder = tmp_path / "cat"
+    shutil.copytree(demo_catalogue.parent / "photos", folder / "photos")
+    good = (demo_catalogue.read_text().splitlines())
+    (folder / "photos" / "broken.png").write_bytes((folder / "photos" / "item-0000-000.png").read_bytes()[:200])
+    (folder / "photos" / "notes.png").write_text("not a picture")
+    extra = ["x1,photos/broken.png,Broken,Art,5,USD,2024-01-01", "x2,photos/gone.png,Gone,Art,5,USD,2024-01-01",
+             "x3,photos/notes.png,Notes,Art,5,USD,2024-01-01", "x4,photos/item-0000-120.png,Bad price,Art,-1,USD,2024-01-01"]
+    (folder / "catalogue.csv").write_text("\n".join(good + extra) + "\n")
+    before = index_versions()
+    with pytest.raises(BuildError, match=r"4 of 76 rows \(5.3%\).*over the 1% limit"):
+        build(folder / "catalogue.csv", progress=False, workers=0, max_bad_share=0.01)
+    assert index_versions() == before  # a failed build leaves the store as it was
+    summary = build(folder / "catalogue.csv", progress=False, workers=0)
+    assert summary.photos_indexed == 72 and summary.bad_rows == 4
+    with open(summary.report) as f:
+        report = {r["line"]: r["reason"] for r in csv.DictReader(f)}
+    assert set(report) == {"74", "75", "76", "77"}
+    assert "unreadable image" in report["74"] and "truncated or corrupt" in report["74"]
+    assert "image file not found" in report["75"]
+    assert "not an image" in report["76"]
+    assert "price" in report["77"]
+
+
+def test_a_crash_during_registration_leaves_no_version(demo_catalogue, monkeypatch):
+    def copy_half_then_die(src, dst, **kw):
+        shutil.copy(Path(src) / ANNOY_FILE, Path(dst) / ANNOY_FILE)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(build_module.shutil, "copytree", copy_half_then_die)
+    before = index_versions()
+    with pytest.raises(OSError, match="disk full"):
+        build(demo_catalogue, progress=False, workers=0)
+    assert index_versions() == before
+    assert not list((bentoml_home() / "tmp").glob("staging-*"))
+
+
+def test_killed_build_resumes_without_recomputing(demo_index, demo_catalogue, python):
+    paths = [p.path for p in read_catalogue(demo_catalogue).photos]
+    batches = bentoml_home() / "tmp" / "builds" / work_key(paths, demo_index.embedder, 4) / "batches"
+    cmd = [python, "-m", "index_builder", "build", str(demo_catalogue), "--batch-size", "4", "--workers", "0",
+           "--no-progress", "--seed", "7"]
+    before = index_versions()
+    proc = subprocess.Popen(cmd, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(batches.glob("batch-*"))) < 4:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list(batches.glob("batch-*")))
+    assert 4 <= done < 18, "the build must be killed halfway for this test to mean anything"
+    assert index_versions() == before
+    out = subprocess.run(cmd + ["--json"], env=run_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["reused_photos"] >= 4 * done - 4  # the batch in flight at the kill may have landed too
+    assert summary["photos_indexed"] == 72
+    assert index_versions() == before | {summary["tag"]}
+    human = subprocess.run(cmd, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert human.stdout.strip().splitlines()[-1].startswith(f"{INDEX_MODEL}:")
+
+
+def test_vgg16_random_weights_are_labelled_and_pool5_is_the_flat_map(demo_catalogue):
+    s = build(demo_catalogue, backbone="vgg16", weights="random", descriptor="pool5", image_size=64,
+              pca_dim=0, progress=False, workers=0)
+    assert s.pretrained is False and s.dim == 512 * 2 * 2
+    emb = get_model(s.embedder)
+    assert emb.info.labels["weights"] == "random" and emb.info.metadata["config"]["weights"]["source"] == "random"
+    assert get_model(s.tag).info.labels["weights"] == "random"
+
+
+def test_pca_projection_is_learned_and_applied(demo_catalogue):
+    s = build(demo_catalogue, pca_dim=16, progress=False, workers=0)
+    assert (s.projection, s.dim) == ("pca", 16)
+    index = SearchIndex(Path(get_model(s.tag).path))
+    assert index.project(np.random.default_rng(0).normal(size=(3, 1280)).astype(np.float32)).shape == (3, 16)
+
+
+def test_weights_from_a_file_and_clear_errors(tmp_path):
+    net, info = resolve_weights("vgg16", "random")
+    path = tmp_path / "vgg16.pt"
+    torch.save({f"features.{k}": v for k, v in net.state_dict().items()}, path)  # torchvision's key layout
+    _, from_file = resolve_weights("vgg16", str(path))
+    assert from_file.pretrained and from_file.source == f"file:{path}" and from_file.sha256 == info.sha256
+    with pytest.raises(WeightsError, match="no such file"):
+        resolve_weights("vgg16", str(tmp_path / "absent.pt"))
+    (tmp_path / "junk.pt").write_text("junk")
+    with pytest.raises(WeightsError, match="not a torch state dict"):
+        resolve_weights("vgg16", str(tmp_path / "junk.pt"))
+    with pytest.raises(WeightsError, match="do not fit efficientnet-lite0"):
+        resolve_weights("efficientnet-lite0", str(path))
+    with pytest.raises(ValueError, match="unknown backbone 'resnet'"):
+        resolve_weights("resnet")

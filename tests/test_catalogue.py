@@ -1,0 +1,75 @@
+"""Catalogue reading: formats, validation, and a reason for every skipped row."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from index_builder.catalogue import CatalogueError, read_catalogue
+from index_builder.demo import draw_object
+
+HEADER = "item_id,image_path,title,category,price,currency,sold_at\n"
+
+
+@pytest.fixture
+def folder(tmp_path):
+    for name in ("a.png", "b.png", "c.png"):
+        draw_object(0, 0, 0, size=32).save(tmp_path / name)
+    return tmp_path
+
+
+def write(folder, text, name="cat.csv"):
+    (folder / name).write_text(text)
+    return folder / name
+
+
+def test_good_rows_and_several_photos_per_item(folder):
+    cat = read_catalogue(write(folder, HEADER + "i1,a.png,Vase,Ceramics,12.5,USD,2024-05-01\n"
+                                                 "i1,b.png,Vase,Ceramics,12.5,USD,2024-05-01\n"))
+    assert [p.line for p in cat.photos] == [2, 3] and cat.bad == []
+    assert cat.photos[0].path == folder / "a.png" and cat.photos[0].row.price == 12.5
+
+
+@pytest.mark.parametrize("row, reason", [
+    ("i1,a.png,Vase,Ceramics,abc,USD,2024-05-01", "price"),
+    ("i1,a.png,Vase,Ceramics,-3,USD,2024-05-01", "price"),
+    ("i1,a.png,Vase,Ceramics,3,usd,2024-05-01", "currency"),
+    ("i1,a.png,Vase,Ceramics,3,USD,yesterday", "sold_at"),
+    (",a.png,Vase,Ceramics,3,USD,2024-05-01", "item_id"),
+    ("i1,missing.png,Vase,Ceramics,3,USD,2024-05-01", "image file not found"),
+    ("i1,a.png,Vase,Ceramics,3,USD,2024-05-01,extra", "fields"),
+])
+def test_each_bad_row_is_reported_with_line_and_reason(folder, row, reason):
+    cat = read_catalogue(write(folder, HEADER + "i0,c.png,Cup,Ceramics,1,USD,2024-01-01\n" + row + "\n"))
+    assert len(cat.photos) == 1
+    assert len(cat.bad) == 1 and cat.bad[0].line == 3 and reason in cat.bad[0].reason
+
+
+def test_duplicate_photo_and_disagreeing_item_rows(folder):
+    cat = read_catalogue(write(folder, HEADER + "i1,a.png,Vase,Ceramics,12,USD,2024-05-01\n"
+                                                 "i2,a.png,Jug,Ceramics,5,USD,2024-05-01\n"
+                                                 "i1,b.png,Vase,Ceramics,99,USD,2024-05-01\n"))
+    reasons = {b.line: b.reason for b in cat.bad}
+    assert "duplicate photo" in reasons[3] and "line 2" in reasons[3]
+    assert "differ from line 2" in reasons[4]
+
+
+def test_missing_column_fails_the_whole_file(folder):
+    with pytest.raises(CatalogueError, match="missing column.*price"):
+        read_catalogue(write(folder, "item_id,image_path,title,category,currency,sold_at\n"))
+
+
+def test_json_lines(folder):
+    good = {"item_id": "i1", "image_path": "a.png", "title": "Vase", "category": "Ceramics", "price": 3,
+            "currency": "EUR", "sold_at": "2024-02-02"}
+    text = json.dumps(good) + "\n{not json\n" + json.dumps([1, 2]) + "\n"
+    cat = read_catalogue(write(folder, text, "cat.jsonl"))
+    assert len(cat.photos) == 1 and cat.photos[0].row.currency == "EUR"
+    assert {b.line: b.reason for b in cat.bad} == {2: "not valid JSON (Expecting property name enclosed in "
+                                                       "double quotes)", 3: "not a JSON object"}
+
+
+def test_unknown_format(folder):
+    with pytest.raises(CatalogueError, match="use .csv or .jsonl"):
+        read_catalogue(write(folder, "x", "cat.xlsx"))

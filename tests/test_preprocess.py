@@ -1,0 +1,117 @@
+"""Decoding and preprocessing: every mode to RGB, clear errors, and one vector per photo in builder and service."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from index_builder.demo import draw_object
+from index_builder.extract import PhotoDataset
+from model_store.preprocess import ImageError, PreprocessSpec, decode_image, image_to_array, to_rgb
+
+LIMITS = dict(max_bytes=5_000_000, max_pixels=4_000_000)
+
+
+def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def photo() -> Image.Image:
+    return draw_object(2, 1, 30, size=96)
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "LA", "1"])
+def test_every_mode_becomes_rgb(photo, mode):
+    fmt = "JPEG" if mode == "CMYK" else "PNG"
+    img = decode_image(encode(photo.convert(mode), fmt), **LIMITS)
+    assert img.mode == "RGB" and img.size == photo.size
+
+
+def test_sixteen_bit_greyscale_keeps_its_range():
+    ramp = (np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16)
+    img = decode_image(encode(Image.fromarray(ramp)), **LIMITS)
+    arr = np.asarray(img)
+    assert img.mode == "RGB" and arr.min() == 0 and arr.max() == 255
+
+
+def test_transparent_pixels_become_white():
+    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
+    assert to_rgb(rgba).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_exif_orientation_is_applied():
+    img = Image.new("RGB", (40, 20), (0, 0, 0))
+    img.paste((255, 0, 0), (0, 0, 20, 20))  # red on the left half
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    out = decode_image(encode(img, "JPEG", exif=exif.tobytes()), **LIMITS)
+    assert out.size == (20, 40)
+    assert out.getpixel((10, 5))[0] > 200  # red is now on top
+
+
+def test_animated_gif_uses_the_first_frame():
+    frames = [Image.new("RGB", (16, 16), c) for c in [(255, 0, 0), (0, 0, 255)]]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    out = decode_image(buf.getvalue(), **LIMITS)
+    r, g, b = out.getpixel((8, 8))
+    assert r > 200 and b < 50
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"", "empty"),
+    (b"this is plain text, not a photo", "not an image"),
+    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "not an image|could not be decoded"),
+])
+def test_bad_bytes_raise_image_error(data, message):
+    with pytest.raises(ImageError, match=message):
+        decode_image(data, **LIMITS)
+
+
+def test_truncated_image_is_refused(photo):
+    data = encode(photo, "JPEG")
+    with pytest.raises(ImageError, match="truncated or corrupt|could not be decoded|not an image"):
+        decode_image(data[: len(data) // 2], **LIMITS)
+
+
+def test_byte_and_pixel_limits(photo):
+    data = encode(photo)
+    with pytest.raises(ImageError, match="the limit is 100"):
+        decode_image(data, max_bytes=100, max_pixels=10**9)
+    with pytest.raises(ImageError, match="pixels; the limit is 1,000"):
+        decode_image(data, max_bytes=10**9, max_pixels=1_000)
+
+
+def test_decompression_bomb_is_refused():
+    # One colour compresses to a few kB but decodes to hundreds of MB.
+    big = encode(Image.new("L", (6000, 6000)))
+    with pytest.raises(ImageError, match="36,000,000 pixels; the limit is 4,000,000"):
+        decode_image(big, max_bytes=10**9, max_pixels=4_000_000)
+    bomb = encode(Image.new("L", (20000, 20000)))
+    assert len(bomb) < 1_000_000
+    with pytest.raises(ImageError, match="decompression bomb"):
+        decode_image(bomb, max_bytes=10**9, max_pixels=10**10)
+
+
+def test_array_shape_and_normalisation(photo):
+    spec = PreprocessSpec(resize=64, crop=56)
+    arr = image_to_array(photo.resize((120, 80)), spec)
+    assert arr.shape == (3, 56, 56) and arr.dtype == np.float32
+    assert -1.0 <= arr.min() and arr.max() <= 1.0
+
+
+def test_builder_and_service_give_the_same_input(tmp_path, photo):
+    """The builder reads files through PhotoDataset; the service decodes uploaded bytes: same array."""
+    path = tmp_path / "p.jpg"
+    photo.save(path, "JPEG", quality=90)
+    spec = PreprocessSpec()
+    _, from_file, error = PhotoDataset([path], spec)[0]
+    from_upload = image_to_array(decode_image(path.read_bytes(), **LIMITS), spec)
+    assert error == ""
+    np.testing.assert_array_equal(from_file, from_upload)

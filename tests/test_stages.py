@@ -1,0 +1,128 @@
+"""Promotion, rollback and history: refusals, atomicity, concurrent promotions, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from concurrent.futures import ProcessPoolExecutor
+
+import pytest
+
+from conftest import run_env
+from index_builder.build import build
+from model_store import stages
+from model_store.registry import get_model, register
+from model_store.settings import INDEX_MODEL
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def second_index(demo_catalogue):
+    """Another version built with the same embedder as demo_index."""
+    return build(demo_catalogue, seed=1, progress=False, workers=0)
+
+
+@pytest.fixture(scope="module")
+def random_vgg_index(demo_catalogue):
+    return build(demo_catalogue, backbone="vgg16", weights="random", image_size=64, pca_dim=0, progress=False,
+                 workers=0)
+
+
+def low_recall_index(embedder: str) -> str:
+    """A registered index whose metadata claims a poor ANN recall (stage logic reads only metadata)."""
+    meta = {**get_model_meta_template(), "embedder": embedder, "ann_recall_at_10": 0.5}
+    return register(INDEX_MODEL, {"embedder": embedder}, meta, lambda folder: None)
+
+
+def get_model_meta_template() -> dict:
+    return {"n_photos": 1, "n_items": 1, "dim": 4}
+
+
+def test_promote_rollback_history(stages_dir, demo_index, second_index):
+    assert stages.current("production") is None
+    stages.promote(demo_index.tag, "production", note="first")
+    stages.promote(second_index.tag, "production")
+    stages.promote(demo_index.tag, "staging")
+    assert stages.current("production").index == second_index.tag
+    assert stages.current("staging").index == demo_index.tag
+    back = stages.rollback("production")
+    assert back.index == demo_index.tag == stages.current("production").index
+    with pytest.raises(stages.PromotionError, match="nothing to roll back to"):
+        stages.rollback("production")
+    history = stages.read_state().history
+    assert [(e.action, e.stage, e.index) for e in history] == [
+        ("promote", "production", demo_index.tag), ("promote", "production", second_index.tag),
+        ("promote", "staging", demo_index.tag), ("rollback", "production", demo_index.tag)]
+    assert history[0].note == "first" and "@" in history[0].by
+
+
+def test_refuses_another_embedder_unless_forced(stages_dir, demo_index, random_vgg_index):
+    stages.promote(demo_index.tag, "production")
+    with pytest.raises(stages.PromotionError, match="built with embedder .* but production serves .*--force"):
+        stages.promote(random_vgg_index.tag, "production")
+    assert stages.current("production").index == demo_index.tag
+    forced = stages.promote(random_vgg_index.tag, "production", force=True)
+    assert forced.embedder == random_vgg_index.embedder and stages.read_state().history[-1].forced
+
+
+def test_refuses_low_recall_unless_forced(stages_dir, demo_index):
+    tag = low_recall_index(demo_index.embedder)
+    with pytest.raises(stages.PromotionError, match="recall@10 is 0.500, below 0.9"):
+        stages.promote(tag, "staging")
+    assert stages.current("staging") is None
+    stages.promote(tag, "staging", force=True)
+    assert stages.current("staging").index == tag
+
+
+def test_refuses_unknown_tags_and_embedders(stages_dir, demo_index):
+    with pytest.raises(LookupError, match="no such model"):
+        stages.promote(f"{INDEX_MODEL}:doesnotexist", "production")
+    with pytest.raises(stages.PromotionError, match="not an index"):
+        stages.promote(demo_index.embedder, "production")
+
+
+def _promote(args):
+    tag, stage = args
+    return stages.promote(tag, stage).index
+
+
+def test_concurrent_promotions_lose_nothing(stages_dir, demo_index, second_index):
+    jobs = [(demo_index.tag if i % 2 else second_index.tag, "staging") for i in range(16)]
+    with ProcessPoolExecutor(4) as pool:
+        list(pool.map(_promote, jobs))
+    state = stages.read_state()
+    assert len(state.history) == 16 and len(state.stack["staging"]) == 16
+
+
+def test_a_crash_mid_write_keeps_the_old_state(stages_dir, demo_index, second_index, monkeypatch):
+    stages.promote(demo_index.tag, "production")
+    monkeypatch.setattr(stages.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("power cut")))
+    with pytest.raises(OSError, match="power cut"):
+        stages.promote(second_index.tag, "production")
+    assert stages.current("production").index == demo_index.tag
+    assert len(stages.read_state().history) == 1
+
+
+def test_cli(stages_dir, demo_index, second_index, python):
+    env = run_env()
+
+    def cli(*args):
+        return subprocess.run([python, "-m", "model_store", *args], env=env, capture_output=True, text=True,
+                              timeout=120)
+
+    assert cli("promote", demo_index.tag, "--stage", "production").returncode == 0
+    assert cli("promote", second_index.tag, "--stage", "production", "--note", "new build").returncode == 0
+    listing = cli("list").stdout
+    line = next(ln for ln in listing.splitlines() if ln.startswith(second_index.tag))
+    assert "production" in line and "recall@10=" in line
+    rolled = cli("rollback", "--stage", "production")
+    assert rolled.returncode == 0 and demo_index.tag in rolled.stdout
+    events = json.loads(cli("history", "--json").stdout)
+    assert [e["action"] for e in events] == ["promote", "promote", "rollback"]
+    assert "new build" in cli("history").stdout
+    bad = cli("promote", "image-index:nope", "--stage", "production")
+    assert bad.returncode == 2 and "no such model" in bad.stderr
+    assert cli("promote", demo_index.tag, "--stage", "prod").returncode == 2
+    shown = json.loads(cli("show", demo_index.tag).stdout)
+    assert shown["stages"] == ["production"] and shown["metadata"]["embedder"] == demo_index.embedder

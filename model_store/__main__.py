@@ -71,6 +71,16 @@ def rollback_cmd(stage: StageOpt, note: str = "") -> None:
     print(f"{stage} rolled back to {d.index} (embedder {d.embedder})")
 
 
+@app.command("pin")
+def pin_cmd(stage: StageOpt) -> None:
+    """Write served.json with STAGE's index and embedder, for `bentoml build` to pack and serve."""
+    try:
+        d = stages.pin(stage)
+    except stages.PromotionError as exc:
+        _fail(exc)
+    print(f"{stages.PIN_FILE}: {d.index} (embedder {d.embedder})")
+
+
 @app.command("history")
 def history_cmd(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Every promotion and rollback: when, who, what."""

@@ -142,6 +142,8 @@ class SearchIndex:
         self.vectors = np.load(self.folder / VECTORS_FILE, mmap_mode="r")
         self._local = threading.local()
         n_db = self._db().execute("SELECT count(*) FROM photos").fetchone()[0]
+        self.category_names = [r[0] for r in self._db().execute("SELECT DISTINCT category FROM items")]
+        self.categories = {c.lower() for c in self.category_names}
         if not (self.annoy.get_n_items() == n_db == len(self.vectors) == m.n_photos):
             raise ArtifactError(
                 f"{self.folder}: counts disagree (annoy {self.annoy.get_n_items()}, items {n_db}, "

@@ -18,6 +18,10 @@ class ImageError(ValueError):
     """A photo that cannot be used; the message says why and what to do."""
 
 
+class ImageTooLarge(ImageError):
+    """A photo over the byte or pixel limit (or a decompression bomb)."""
+
+
 class PreprocessSpec(BaseModel):
     """How a photo becomes a network input: resize the short side, centre-crop, normalise."""
 
@@ -32,7 +36,7 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, name: str = "i
     if not data:
         raise ImageError(f"{name} is empty (0 bytes): upload a JPEG, PNG or WebP photo")
     if len(data) > max_bytes:
-        raise ImageError(f"{name} is {len(data):,} bytes; the limit is {max_bytes:,}: send a smaller photo")
+        raise ImageTooLarge(f"{name} is {len(data):,} bytes; the limit is {max_bytes:,}: send a smaller photo")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -42,7 +46,7 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, name: str = "i
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"{name} is a decompression bomb ({exc}): send an ordinary photo") from exc
+        raise ImageTooLarge(f"{name} is a decompression bomb ({exc}): send an ordinary photo") from exc
     except Image.UnidentifiedImageError as exc:
         raise ImageError(f"{name} is not an image Pillow can read: upload a JPEG, PNG or WebP photo") from exc
     except (OSError, SyntaxError, ValueError) as exc:
@@ -62,7 +66,7 @@ def load_image_file(path: Path, *, max_bytes: int = 1 << 30, max_pixels: int = 2
 def _check_pixels(img: Image.Image, max_pixels: int, name: str) -> None:
     pixels = img.width * img.height
     if pixels > max_pixels:
-        raise ImageError(
+        raise ImageTooLarge(
             f"{name} is {img.width}x{img.height} = {pixels:,} pixels; the limit is {max_pixels:,}: "
             "send a smaller photo"
         )

@@ -139,3 +139,23 @@ def stage_of(tag: str) -> list[str]:
     return [s for s, stack in state.stack.items() if stack and stack[-1].index == tag]
 
 
+
+
+PIN_FILE = Path(__file__).resolve().parents[1] / "served.json"
+
+
+def served(stage: Stage) -> Deployment | None:
+    """What a service for `stage` should load: the stage record, else the pin packed into a Bento."""
+    deployment = current(stage)
+    if deployment is None and PIN_FILE.exists():
+        deployment = Deployment.model_validate_json(PIN_FILE.read_text())
+    return deployment
+
+
+def pin(stage: Stage) -> Deployment:
+    """Write served.json, so a Bento built now serves this stage's index where no stage record exists."""
+    deployment = current(stage)
+    if deployment is None:
+        raise PromotionError(f"nothing is promoted to {stage}: promote an index first")
+    PIN_FILE.write_text(deployment.model_dump_json(indent=2))
+    return deployment

@@ -57,5 +57,11 @@ def demo_index(demo_catalogue):
 
 
 @pytest.fixture(scope="session")
+def second_index(demo_catalogue):
+    """Another version of the demo index, same embedder, other seed: for promotions and reloads."""
+    return build(demo_catalogue, seed=1, progress=False, workers=0)
+
+
+@pytest.fixture(scope="session")
 def python() -> str:
     return sys.executable

@@ -18,12 +18,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def second_index(demo_catalogue):
-    """Another version built with the same embedder as demo_index."""
-    return build(demo_catalogue, seed=1, progress=False, workers=0)
-
-
-@pytest.fixture(scope="module")
 def random_vgg_index(demo_catalogue):
     return build(demo_catalogue, backbone="vgg16", weights="random", image_size=64, pca_dim=0, progress=False,
                  workers=0)

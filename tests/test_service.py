@@ -1,0 +1,363 @@
+"""The HTTP service, through a real `bentoml serve` on 127.0.0.1 with a real index and model."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import csv
+import io
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT, run_env
+from index_builder.demo import FAMILIES, draw_object
+from model_store import stages
+from model_store.index_artifact import ANNOY_FILE
+from model_store.registry import get_model, register
+from model_store.settings import INDEX_MODEL
+
+pytestmark = pytest.mark.slow
+TOKEN = "test-admin-token"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`bentoml serve service:ImageSearch` in its own process group, with its own stage record."""
+
+    def __init__(self, stages_dir: Path, log: Path, **env: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self.proc = subprocess.Popen(
+            ["bentoml", "serve", "service:ImageSearch", "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=ROOT, env=run_env(IMAGESEARCH_STAGES_DIR=str(stages_dir), IMAGESEARCH_ADMIN_TOKEN=TOKEN, **env),
+            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        self.http = httpx.Client(base_url=self.url, timeout=60)
+
+    def wait(self, path: str = "/readyz", timeout: float = 180) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            assert self.proc.poll() is None, f"server exited:\n{self.log.read_text()[-3000:]}"
+            try:
+                if self.http.get(path).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"{path} not 200 after {timeout}s:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        self.http.close()
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def png(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def upload(data: bytes, name: str = "photo.png") -> dict:
+    return {"image": (name, data, "application/octet-stream")}
+
+
+@pytest.fixture(scope="module")
+def served_stages(tmp_path_factory, demo_index):
+    folder = tmp_path_factory.mktemp("served-stages")
+    os.environ["IMAGESEARCH_STAGES_DIR"], old = str(folder), os.environ["IMAGESEARCH_STAGES_DIR"]
+    stages.get_settings.cache_clear()
+    stages.promote(demo_index.tag, "production")
+    os.environ["IMAGESEARCH_STAGES_DIR"] = old
+    stages.get_settings.cache_clear()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(served_stages, tmp_path_factory):
+    srv = Server(served_stages, tmp_path_factory.mktemp("logs") / "serve.log",
+                 IMAGESEARCH_MAX_IMAGE_BYTES="2000000", IMAGESEARCH_MAX_IMAGE_PIXELS="4000000")
+    try:
+        srv.wait()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def rows(demo_catalogue) -> list[dict]:
+    with open(demo_catalogue) as f:
+        return list(csv.DictReader(f))
+
+
+def photo_bytes(demo_catalogue: Path, rel: str) -> bytes:
+    return (demo_catalogue.parent / rel).read_bytes()
+
+
+def test_a_catalogue_photo_finds_its_item_first(server, demo_catalogue, rows, demo_index):
+    row = rows[10]
+    r = server.http.post("/search", files=upload(photo_bytes(demo_catalogue, row["image_path"])), data={"k": 5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    first = body["results"][0]
+    assert first["item_id"] == row["item_id"] and first["score"] > 0.99
+    assert first["title"] == row["title"] and float(first["price"]) == float(row["price"])
+    assert first["image_path"] == row["image_path"] and first["sold_at"] == row["sold_at"]
+    assert len(body["results"]) == 5 and len({m["item_id"] for m in body["results"]}) == 5
+    assert [m["score"] for m in body["results"]] == sorted((m["score"] for m in body["results"]), reverse=True)
+    served = body["served"]
+    assert served["index"] == demo_index.tag and served["embedder"] == demo_index.embedder
+    assert served["pretrained"] is True and served["warning"] is None and body["took_ms"] > 0
+
+
+def test_another_view_ranks_its_item_near_the_top(server, demo_catalogue):
+    with open(demo_catalogue.with_name("queries.csv")) as f:
+        queries = list(csv.DictReader(f))
+    found = 0
+    for q in queries:
+        r = server.http.post("/search", files=upload(photo_bytes(demo_catalogue, q["image_path"])), data={"k": 5})
+        found += q["item_id"] in [m["item_id"] for m in r.json()["results"]]
+    assert found >= 0.9 * len(queries)
+
+
+def test_filters_and_k(server, demo_catalogue, rows):
+    image = upload(photo_bytes(demo_catalogue, rows[0]["image_path"]))
+    r = server.http.post("/search", files=image, data={"k": 3, "category": "furniture"}).json()
+    assert len(r["results"]) == 3 and {m["category"] for m in r["results"]} == {"Furniture"}
+    r = server.http.post("/search", files=image, data={"k": 4, "min_price": 200, "max_price": 400}).json()
+    assert len(r["results"]) == 4 and all(200 <= m["price"] <= 400 for m in r["results"])
+    r = server.http.post("/search", files=image, data={"k": 50, "sold_after": "2025-01-01",
+                                                       "sold_before": "2025-06-30"}).json()
+    expected = {x["item_id"] for x in rows if "2025-01-01" <= x["sold_at"] <= "2025-06-30"}
+    assert {m["item_id"] for m in r["results"]} == expected
+    r = server.http.post("/search", files=image, data={"k": 100}).json()
+    assert len(r["results"]) == 24  # every item once, though each has 3 photos
+
+
+def test_estimate_lands_near_known_prices(server, demo_catalogue):
+    with open(demo_catalogue.with_name("queries.csv")) as f:
+        queries = list(csv.DictReader(f))
+    for q in queries[::3]:
+        family = int(q["item_id"][5:7])
+        base = FAMILIES[family][4]
+        r = server.http.post("/estimate", files=upload(photo_bytes(demo_catalogue, q["image_path"])))
+        assert r.status_code == 200, r.text
+        e = r.json()
+        assert 0.8 * base <= e["price"] <= 1.2 * base, (q, e["price"], base)
+        assert e["low"] <= e["price"] <= e["high"] and e["currency"] == "USD"
+        assert 0 < e["confidence"] <= 1 and e["comparables"]
+
+
+def test_estimate_refuses_when_nothing_is_close(server):
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, (160, 160, 3), dtype=np.uint8))
+    e = server.http.post("/estimate", files=upload(png(noise))).json()
+    assert e["price"] is None and e["confidence"] == 0 and "similar enough" in e["reason"]
+
+
+def test_search_batch(server, demo_catalogue, rows):
+    files = [("images", (f"p{i}.png", photo_bytes(demo_catalogue, rows[i]["image_path"]), "image/png"))
+             for i in (0, 20, 40)]
+    r = server.http.post("/search_batch", files=files, data={"k": 2})
+    assert r.status_code == 200, r.text
+    assert [res[0]["item_id"] for res in r.json()["results"]] == [rows[i]["item_id"] for i in (0, 20, 40)]
+    files[1] = ("images", ("bad.png", b"garbage", "image/png"))
+    r = server.http.post("/search_batch", files=files)
+    assert r.status_code == 415 and "images[1]" in r.text
+
+
+def test_index_info(server, demo_index):
+    info = server.http.get("/index").json()
+    assert info["served"]["index"] == demo_index.tag and info["served"]["stage"] == "production"
+    assert (info["photos"], info["items"]) == (72, 24)
+    assert "Furniture" in info["categories"] and info["build"]["evaluation"]["queries"] == 24
+
+
+def _bad_requests(good: bytes) -> list[tuple[str, dict, dict, int, str]]:
+    jpeg = png(draw_object(1, 1, 0), "JPEG")
+    noise = Image.fromarray(np.random.default_rng(1).integers(0, 255, (1000, 1000, 3), dtype=np.uint8))
+    return [
+        ("not an image", upload(b"hello, I am text", "notes.txt"), {}, 415, "not an image"),
+        ("truncated", upload(jpeg[: len(jpeg) // 2], "cut.jpg"), {}, 415, "truncated or corrupt"),
+        ("zero bytes", upload(b"", "empty.png"), {}, 415, "empty"),
+        ("bomb", upload(png(Image.new("L", (20000, 20000)))), {}, 413, "decompression bomb|pixels"),
+        ("too many bytes", upload(png(noise)), {}, 413, "bytes; the limit is 2,000,000"),
+        ("too many pixels", upload(png(Image.new("RGB", (3000, 3000)))), {}, 413, "pixels; the limit is 4,000,000"),
+        ("missing image", {}, {"k": "3"}, 400, "image"),
+        ("k not a number", upload(good), {"k": "ten"}, 400, "valid integer"),
+        ("k zero", upload(good), {"k": "0"}, 400, "greater than or equal to 1"),
+        ("k negative", upload(good), {"k": "-4"}, 400, "greater than or equal to 1"),
+        ("k over limit", upload(good), {"k": "101"}, 400, "less than or equal to 100"),
+        ("unknown category", upload(good), {"category": "Spaceships"}, 400, "unknown category 'Spaceships'"),
+        ("malformed date", upload(good), {"sold_after": "2024-13-45"}, 400, "sold_after"),
+        ("price not a number", upload(good), {"min_price": "cheap"}, 400, "min_price"),
+        ("price range upside down", upload(good), {"min_price": "50", "max_price": "10"}, 400, "above max_price"),
+        ("dates upside down", upload(good), {"sold_after": "2025-01-01", "sold_before": "2024-01-01"}, 400,
+         "later than sold_before"),
+    ]
+
+
+def test_every_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(server, demo_catalogue, rows):
+    good = photo_bytes(demo_catalogue, rows[0]["image_path"])
+    failures = []
+    for name, files, data, status, message in _bad_requests(good):
+        r = server.http.post("/search", files=files or None, data=data)
+        if r.status_code != status or not re.search(message, r.text):
+            failures.append(f"{name}: {r.status_code} {r.text[:200]}")
+    assert not failures, "\n".join(failures)
+    too_many = [("images", (f"{i}.png", good, "image/png")) for i in range(17)]
+    r = server.http.post("/search_batch", files=too_many)
+    assert r.status_code == 400 and "1 to 16 photos" in r.text
+    r = server.http.post("/search", files=upload(good))
+    assert r.status_code == 200 and r.json()["results"][0]["item_id"] == rows[0]["item_id"]
+
+
+@pytest.mark.parametrize("mode, fmt", [("CMYK", "JPEG"), ("I;16", "PNG"), ("P", "GIF"), ("LA", "PNG")])
+def test_unusual_modes_work(server, demo_catalogue, rows, mode, fmt):
+    img = Image.open(demo_catalogue.parent / rows[0]["image_path"])
+    img = Image.fromarray((np.asarray(img.convert("L"), np.uint16) * 257)) if mode == "I;16" else img.convert(mode)
+    r = server.http.post("/search", files=upload(png(img, fmt)))
+    assert r.status_code == 200, r.text
+
+
+def test_animated_gif_uses_the_first_frame(server, demo_catalogue, rows):
+    first = Image.open(demo_catalogue.parent / rows[0]["image_path"]).convert("RGB")
+    other = Image.open(demo_catalogue.parent / rows[40]["image_path"]).convert("RGB")
+    buf = io.BytesIO()
+    first.save(buf, "GIF", save_all=True, append_images=[other], duration=100)
+    r = server.http.post("/search", files=upload(buf.getvalue(), "anim.gif"))
+    assert r.status_code == 200 and r.json()["results"][0]["item_id"] == rows[0]["item_id"]
+
+
+def test_adaptive_batching_batches_concurrent_requests(server, demo_catalogue, rows):
+    image = photo_bytes(demo_catalogue, rows[0]["image_path"])
+
+    def one(_):
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            return c.post("/search", files=upload(image), data={"k": 1}).status_code
+
+    with cf.ThreadPoolExecutor(24) as pool:
+        assert set(pool.map(one, range(48))) == {200}
+    metrics = server.http.get("/metrics").text
+    sizes = [(float(m.group(1)), float(m.group(2))) for m in re.finditer(
+        r'bentoml_service_adaptive_batch_size_bucket\{[^}]*le="([^"]+)"[^}]*\} (\S+)', metrics.replace("+Inf", "inf"))]
+    assert sizes, "no adaptive batch-size metric exported"
+    batches_of_one = max(count for le, count in sizes if le == 1.0)
+    all_batches = max(count for _, count in sizes)
+    assert all_batches > batches_of_one, "every batch had one photo: batching did not happen"
+
+
+def test_reload_needs_the_token(server):
+    assert server.http.post("/reload").status_code == 401
+    assert server.http.post("/reload", headers={"Authorization": "Bearer wrong"}).status_code == 401
+
+
+def test_promote_and_rollback_switch_with_no_failed_request(server, served_stages, demo_index, second_index,
+                                                            demo_catalogue, rows, monkeypatch):
+    monkeypatch.setenv("IMAGESEARCH_STAGES_DIR", str(served_stages))
+    stages.get_settings.cache_clear()
+    image = photo_bytes(demo_catalogue, rows[5]["image_path"])
+    seen, failures, stop = [], [], threading.Event()
+
+    def client():
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            while not stop.is_set():
+                r = c.post("/search", files=upload(image), data={"k": 3})
+                if r.status_code != 200 or r.json()["results"][0]["item_id"] != rows[5]["item_id"]:
+                    failures.append(r.text[:200])
+                else:
+                    seen.append(r.json()["served"]["index"])
+
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1)
+        stages.promote(second_index.tag, "production")
+        r = server.http.post("/reload", headers=auth)
+        assert r.status_code == 200 and r.json()["changed"] and r.json()["served"]["index"] == second_index.tag
+        time.sleep(1.5)
+        stages.rollback("production")
+        r = server.http.post("/reload", headers=auth)
+        assert r.json()["served"]["index"] == demo_index.tag and r.json()["previous"] == second_index.tag
+        time.sleep(1.5)
+        assert server.http.post("/reload", headers=auth).json()["changed"] is False
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not failures
+    assert seen[0] == demo_index.tag and seen[-1] == demo_index.tag and second_index.tag in seen
+    assert len(seen) > 20
+
+
+def corrupt_copy(tag: str) -> str:
+    """A new index version whose Annoy file is cut short."""
+    source = Path(get_model(tag).path)
+
+    def write(folder: Path) -> None:
+        shutil.copytree(source, folder, dirs_exist_ok=True)
+        data = (folder / ANNOY_FILE).read_bytes()
+        (folder / ANNOY_FILE).write_bytes(data[: len(data) // 3])
+
+    model = get_model(tag)
+    return register(INDEX_MODEL, model.info.labels, model.info.metadata, write)
+
+
+def test_corrupt_or_missing_index_is_never_served(tmp_path, demo_index, monkeypatch):
+    monkeypatch.setenv("IMAGESEARCH_STAGES_DIR", str(tmp_path / "stages"))
+    stages.get_settings.cache_clear()
+    bad = corrupt_copy(demo_index.tag)
+    stages.promote(bad, "production")
+    srv = Server(tmp_path / "stages", tmp_path / "serve.log")
+    try:
+        srv.wait("/livez")
+        time.sleep(2)
+        assert srv.http.get("/readyz").status_code == 503
+        good = png(draw_object(0, 0, 0))
+        assert srv.http.post("/search", files=upload(good)).status_code == 503
+        # promoting a good index and reloading makes it ready, with no restart
+        stages.promote(demo_index.tag, "production")
+        r = srv.http.post("/reload", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert r.status_code == 200, r.text
+        srv.wait("/readyz", timeout=30)
+        assert srv.http.post("/search", files=upload(good)).status_code == 200
+    finally:
+        srv.stop()
+    empty = Server(tmp_path / "nothing-promoted", tmp_path / "serve2.log")
+    try:
+        empty.wait("/livez")
+        assert empty.http.get("/readyz").status_code == 503
+        assert empty.http.get("/index").status_code == 503
+    finally:
+        empty.stop()
+
+
+def test_random_weights_are_announced(demo_catalogue):
+    from index_builder.build import build
+    from service import _load
+
+    s = build(demo_catalogue, backbone="vgg16", weights="random", image_size=64, pca_dim=0, progress=False,
+              workers=0)
+    deployment = stages.Deployment(index=s.tag, embedder=s.embedder, at="2026-01-01T00:00:00Z", by="test")
+    served = _load(deployment, Path(get_model(s.tag).path)).served
+    assert served.pretrained is False and "RANDOM" in served.warning

@@ -40,12 +40,12 @@ def free_port() -> int:
 class Server:
     """`bentoml serve service:ImageSearch` in its own process group, with its own stage record."""
 
-    def __init__(self, stages_dir: Path, log: Path, **env: str):
+    def __init__(self, stages_dir: Path, log: Path, bento: str = "service:ImageSearch", **env: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         self.proc = subprocess.Popen(
-            ["bentoml", "serve", "service:ImageSearch", "--host", "127.0.0.1", "--port", str(self.port)],
+            ["bentoml", "serve", bento, "--host", "127.0.0.1", "--port", str(self.port)],
             cwd=ROOT, env=run_env(IMAGESEARCH_STAGES_DIR=str(stages_dir), IMAGESEARCH_ADMIN_TOKEN=TOKEN, **env),
             stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
         self.http = httpx.Client(base_url=self.url, timeout=60)

@@ -47,7 +47,8 @@ class ClientError(BentoMLException):
 @bentoml.service(
     resources={"gpu": 1, "cpu": "2"},
     workers=1,  # one model copy per GPU/CPU box; throughput comes from batching, not processes
-    traffic={"timeout": 30, "max_concurrency": 64},
+    # Never the bottleneck: the entry service's max_concurrency is what sheds load.
+    traffic={"timeout": 30, "max_concurrency": 256},
 )
 class Embedder:
     """(N, 3, H, W) preprocessed photos -> (N, D) L2-normalised descriptors."""
@@ -63,12 +64,16 @@ class Embedder:
                 import torch
                 torch.set_num_threads(settings.torch_threads)
             self.embedder = embedder_from_folder(Path(self.model.path), settings.device, settings.half_precision)
+            if settings.torch_compile:
+                import torch
+                self.embedder.net = torch.compile(self.embedder.net, dynamic=True)
             log.info("embedder %s on %s (half=%s)", self.model.tag, self.embedder.device, self.embedder.half)
 
     def __is_ready__(self) -> bool:
         return self.embedder is not None
 
-    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=16, max_latency_ms=2000)
+    @bentoml.api(batchable=settings.embed_batching, batch_dim=0, max_batch_size=settings.embed_max_batch_size,
+                 max_latency_ms=settings.embed_max_latency_ms)
     def embed(self, batch: np.ndarray) -> np.ndarray:
         return self.embedder.embed(batch)
 
@@ -108,7 +113,7 @@ async def _get_index(request: Request) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=exc.error_code)
 
 
-@bentoml.service(workers=1, traffic={"timeout": 30, "max_concurrency": 128})
+@bentoml.service(workers=1, traffic={"timeout": 30, "max_concurrency": settings.max_concurrency})
 @bentoml.asgi_app(Starlette(routes=[Route("/index", _get_index, methods=["GET"])]), path="/")
 class ImageSearch:
     """Photo in, similar sold items and an expected price out."""
@@ -178,6 +183,11 @@ class ImageSearch:
                 # (BentoML issue 4971, PR 5698); embedding is idempotent, so send it again.
                 if attempt == 2:
                     raise
+            except BentoMLException as exc:
+                if exc.error_code in (HTTPStatus.TOO_MANY_REQUESTS, HTTPStatus.SERVICE_UNAVAILABLE):
+                    raise ClientError("the embedder is at capacity: retry in a second",
+                                      HTTPStatus.TOO_MANY_REQUESTS) from None
+                raise
 
     async def _neighbours(self, image: Path, k: int, **filters) -> tuple[Active, list[Match]]:
         active = self._require()

@@ -19,6 +19,11 @@ def coil_path(obj: int, angle: int) -> Path:
     return COIL / "images" / f"obj{obj}__{angle}.png"
 
 
+def non_query_views() -> list[Path]:
+    """Every COIL photo whose angle is never a query angle (6,800 photos): a catalogue to learn PCA on."""
+    return [coil_path(o, a) for o in range(1, 101) for a in range(0, 360, 5) if a not in QUERIES_4]
+
+
 def write_split(out: Path, gallery: tuple[int, ...] = GALLERY_4, queries: tuple[int, ...] = QUERIES_4,
                 objects: range = range(1, 101)) -> tuple[Path, Path]:
     """catalogue.csv (one item per object, the gallery views) and queries.csv (the query views) in `out`."""

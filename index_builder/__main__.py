@@ -12,6 +12,7 @@ from index_builder.build import BuildError, BuildSummary, build
 from index_builder.catalogue import CatalogueError
 from index_builder.demo import make_demo_catalogue
 from index_builder.evaluate import EvalError
+from index_builder.extract import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS
 from model_store.backbones import WeightsError
 from model_store.embedder import Descriptor
 
@@ -43,8 +44,8 @@ def build_cmd(
     pca_dim: Annotated[int, typer.Option(help="PCA dimension learned at build time; 0 = none")] = 256,
     whiten: Annotated[bool, typer.Option(help="whiten the PCA components")] = False,
     image_size: Annotated[int, typer.Option(help="network input size; below 224 only for fast tests")] = 224,
-    batch_size: Annotated[int, typer.Option(min=1)] = 32,
-    workers: Annotated[int, typer.Option(min=0, help="image-decoding worker processes")] = 2,
+    batch_size: Annotated[int, typer.Option(min=1)] = DEFAULT_BATCH_SIZE,
+    workers: Annotated[int, typer.Option(min=0, help="image-decoding worker processes [default: cores - 1, 1..4]")] = DEFAULT_WORKERS,
     seed: Annotated[int, typer.Option(help="seed of the Annoy trees and samples")] = 0,
     eval: Annotated[Optional[Path], typer.Option("--eval", help="queries CSV image_path,item_id to score")] = None,
     report: Annotated[Optional[Path], typer.Option(help="bad-row report [default: CATALOGUE.report.csv]")] = None,

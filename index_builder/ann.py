@@ -23,9 +23,10 @@ class AnnChoice:
     tried: list[dict]  # every (n_trees, search_k, recall, query_ms) measured
 
 
-def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
+def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     """(Q, k) ids of the k most cosine-similar rows of `vectors` (unit rows) for each query, best first."""
     out = np.empty((len(queries), k), dtype=np.int64)
+    chunk = max(1, min(1024, 2**25 // max(len(vectors), 1)))  # bounds the score matrix to ~128 MB
     for s in range(0, len(queries), chunk):
         scores = queries[s:s + chunk] @ vectors.T
         top = np.argpartition(-scores, kth=min(k, scores.shape[1] - 1), axis=1)[:, :k]

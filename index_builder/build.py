@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from index_builder import ann
 from index_builder.catalogue import BadRow, Catalogue, read_catalogue, write_report
 from index_builder.evaluate import evaluate
-from index_builder.extract import extract, work_key
+from index_builder.extract import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, extract, work_key
 from model_store.embedder import Descriptor, Embedder, new_embedder, save_embedder
 from model_store.index_artifact import (ANNOY_FILE, MANIFEST_FILE, PROJECTION_FILE, REPORT_FILE, VECTORS_FILE,
                                         ITEMS_FILE, IndexManifest, Projection, SearchIndex, normalize,
@@ -66,7 +66,7 @@ class _Timer:
 
 def build(catalogue_path: Path, *, backbone: str | None = None, weights: str = "default",
           descriptor: Descriptor = "gem", image_size: int = 224, pca_dim: int = 256, whiten: bool = False,
-          batch_size: int = 32, workers: int = 2, seed: int = 0, eval_queries: Path | None = None,
+          batch_size: int = DEFAULT_BATCH_SIZE, workers: int = DEFAULT_WORKERS, seed: int = 0, eval_queries: Path | None = None,
           report: Path | None = None, max_bad_share: float | None = None, progress: bool = True) -> BuildSummary:
     """Run every stage and register the result; the store is untouched unless every stage succeeds."""
     settings = get_settings()

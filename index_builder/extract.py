@@ -18,6 +18,11 @@ from model_store.embedder import Embedder
 from model_store.preprocess import ImageError, PreprocessSpec, image_to_array, load_image_file
 
 
+# Measured (docs/PERFORMANCE.md, builder): one decoding worker per spare core; batch 16 beats 32 on CPU.
+DEFAULT_WORKERS = max(1, min(4, (os.cpu_count() or 2) - 1))
+DEFAULT_BATCH_SIZE = 16
+
+
 class PhotoDataset(Dataset):
     """Item i -> (i, (3,H,W) float32 array, error); a photo that fails gives zeros and the reason."""
 
@@ -57,8 +62,8 @@ def work_key(paths: list[Path], embedder_tag: str, batch_size: int) -> str:
     return digest.hexdigest()[:24]
 
 
-def extract(paths: list[Path], embedder: Embedder, cache: Path, *, batch_size: int = 32,
-            workers: int = 2, progress: bool = True) -> Extraction:
+def extract(paths: list[Path], embedder: Embedder, cache: Path, *, batch_size: int = DEFAULT_BATCH_SIZE,
+            workers: int = DEFAULT_WORKERS, progress: bool = True) -> Extraction:
     """Embed every photo; each finished batch is saved in `cache`, and a rerun skips those batches."""
     cache.mkdir(parents=True, exist_ok=True)
     batches = [list(range(s, min(s + batch_size, len(paths)))) for s in range(0, len(paths), batch_size)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable
@@ -39,10 +40,12 @@ def register(name: str, labels: dict[str, str], metadata: dict[str, Any], write:
     return str(tag)
 
 
-def clean_staging() -> None:
-    """Remove staging folders that a killed registration left behind (never visible as versions)."""
+def clean_staging(older_than_s: float = 3600) -> None:
+    """Remove staging folders a killed registration left behind (never visible as versions); recent ones
+    may belong to a registration running now, so they stay."""
     for stale in (bentoml_home() / "tmp").glob("staging-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+        if time.time() - stale.stat().st_mtime > older_than_s:
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _write_atomically(path: Path, text: str) -> None:

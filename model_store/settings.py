@@ -31,7 +31,12 @@ class Settings(BaseSettings):
     max_batch_images: int = Field(16, gt=0, description="Most photos in one /search_batch call.")
     device: str = Field("auto", description="torch device for the embedder: auto, cpu, cuda, cuda:N.")
     half_precision: bool = Field(True, description="Use fp16 on a CUDA device.")
+    torch_compile: bool = Field(False, description="torch.compile the embedder network at startup.")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default.")
+    embed_batching: bool = Field(True, description="Adaptive batching of embed calls (off: one call per request).")
+    embed_max_batch_size: int = Field(8, ge=2, description="Adaptive batching: most photos per batch.")
+    embed_max_latency_ms: int = Field(2000, ge=1, description="Adaptive batching: longest a photo may wait.")
+    max_concurrency: int = Field(32, ge=1, description="Requests the entry service takes at once; more get 429.")
     # --- building ----------------------------------------------------------------
     backbone: str = Field("efficientnet-lite0", description="Default backbone of new embedders.")
     max_bad_row_share: float = Field(

@@ -8,9 +8,6 @@ import io
 import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -20,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, run_env
+from bench.server import Server as BenchServer
 from index_builder.demo import FAMILIES, draw_object
 from model_store import stages
 from model_store.index_artifact import ANNOY_FILE
@@ -31,44 +28,12 @@ pytestmark = pytest.mark.slow
 TOKEN = "test-admin-token"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`bentoml serve service:ImageSearch` in its own process group, with its own stage record."""
+class Server(BenchServer):
+    """The service with its own stage record and the test admin token."""
 
     def __init__(self, stages_dir: Path, log: Path, bento: str = "service:ImageSearch", **env: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        self.proc = subprocess.Popen(
-            ["bentoml", "serve", bento, "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=ROOT, env=run_env(IMAGESEARCH_STAGES_DIR=str(stages_dir), IMAGESEARCH_ADMIN_TOKEN=TOKEN, **env),
-            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-        self.http = httpx.Client(base_url=self.url, timeout=60)
-
-    def wait(self, path: str = "/readyz", timeout: float = 180) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            assert self.proc.poll() is None, f"server exited:\n{self.log.read_text()[-3000:]}"
-            try:
-                if self.http.get(path).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"{path} not 200 after {timeout}s:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        self.http.close()
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        super().__init__(log, bento, IMAGESEARCH_STAGES_DIR=str(stages_dir), IMAGESEARCH_ADMIN_TOKEN=TOKEN,
+                         BENTOML_HOME=os.environ["BENTOML_HOME"], **env)
 
 
 def png(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -361,3 +326,19 @@ def test_random_weights_are_announced(demo_catalogue):
     deployment = stages.Deployment(index=s.tag, embedder=s.embedder, at="2026-01-01T00:00:00Z", by="test")
     served = _load(deployment, Path(get_model(s.tag).path)).served
     assert served.pretrained is False and "RANDOM" in served.warning
+
+
+def test_loadtest_runner_judges_the_slo(server, demo_catalogue, tmp_path, python):
+    import subprocess
+
+    from conftest import ROOT, run_env
+
+    cmd = [python, "-m", "loadtests.run", "--host", server.url, "--users", "2", "--spawn-rate", "2",
+           "--run-time", "4s", "--photos", str(demo_catalogue.parent / "photos"), "--out", str(tmp_path)]
+    ok = subprocess.run(cmd + ["--slo-ms", "60000"], cwd=ROOT, env=run_env(), capture_output=True, text=True,
+                        timeout=120)
+    assert ok.returncode == 0, ok.stdout + ok.stderr[-2000:]
+    assert "PASS" in ok.stdout and "failures=0" in ok.stdout and (tmp_path / "users2.html").exists()
+    strict = subprocess.run(cmd + ["--slo-ms", "1"], cwd=ROOT, env=run_env(), capture_output=True, text=True,
+                            timeout=120)
+    assert strict.returncode == 1 and "FAIL" in strict.stdout

@@ -1,0 +1,103 @@
+"""Fill the tables of docs/PERFORMANCE.md from the benchmarks' JSON results: python -m bench.report"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def _load(name: str) -> dict | None:
+    path = DOCS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def embedder_table(d: dict) -> str:
+    lines = [f"Machine: {d['machine']}; device {d['device']}; torch {d['torch']}, {d['threads']} threads; "
+             f"measured fp32 matmul peak **{d['matmul_peak_gflops']} GFLOP/s**; input {d['image_size']}x{d['image_size']}.",
+             "", "| backbone | variant | batch | ms/image | images/s | GFLOP/image | share of matmul peak |",
+             "|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['backbone']} | {r['variant']} | {r['batch']} | failed: {r['error']} | | | |")
+        else:
+            lines.append(f"| {r['backbone']} | {r['variant']} | {r['batch']} | {r['ms_per_image']} | "
+                         f"{r['images_per_s']} | {r['gflop_per_image']} | {r['share_of_peak']:.0%} |")
+    return "\n".join(lines)
+
+
+def serving_table(d: dict) -> str:
+    lines = [f"Machine: {d['machine']}; demo index of 144 photos, queries drawn from {d['photos_uploaded']} photos; "
+             "Locust closed loop (no think time); server, embedder and Locust share the 2 cores. Rows with "
+             "failures are overload: their requests/s count the immediate 429 answers.", "",
+             "| mode | load | requests | failures | requests/s | p50 ms | p95 ms | p99 ms |", "|---|---|---|---|---|---|---|---|"]
+    for mode, row in d["modes"].items():
+        s = row["sequential"]
+        lines.append(f"| {mode} | one at a time | {s['requests']} | 0 | | {s['p50_ms']} | {s['p95_ms']} | {s['p99_ms']} |")
+        for r in row["load"]:
+            lines.append(f"| {mode} | {r['users']} users | {r['requests']} | {r['failures']} | {r['rps']} | "
+                         f"{r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} |")
+    bare = d["bare_embedder_images_per_s"]
+    lines += ["", f"Bare embedder in process: {bare['batch 1']} images/s at batch 1, {bare['batch 16']} at batch 16. "
+              f"Best served throughput / bare embedder (batch 1): **{d['saturation_rps_over_bare_embedder_batch1']:.0%}**."]
+    return "\n".join(lines)
+
+
+def ann_table(d: dict) -> str:
+    lines = [f"{d['n']:,} vectors x {d['dim']}-d ({d['data']}), {d['queries']} queries not in the index; "
+             f"machine: {d['machine']}. Exact brute force (numpy, 2 cores): "
+             f"**{d['exact']['single_query_p50_ms']} ms** per single query, "
+             f"{d['exact']['batched_ms_per_query']} ms per query in batches of queries. The original design's "
+             f"25088-d descriptor costs **{d['bytes_per_item_25088d_10_trees']:,} bytes per item** in Annoy "
+             f"({d['bytes_per_item_25088d_10_trees'] * 1e6 / 1e9:,.0f} GB per million).", "",
+             "| n_trees | build s | bytes/item | search_k | recall@10 | p50 ms | p95 ms |", "|---|---|---|---|---|---|---|"]
+    for run in d["runs"]:
+        for p in run["points"]:
+            lines.append(f"| {run['n_trees']} | {run['build_s']} | {run['bytes_per_item']:,} | {p['search_k']} | "
+                         f"{p['recall_at_10']} | {p['p50_ms']} | {p['p95_ms']} |")
+    return "\n".join(lines)
+
+
+def builder_table(d: dict) -> str:
+    bare = ", ".join(f"batch {b}: {v}" for b, v in d["bare_embedder_images_per_s"].items())
+    lines = [f"Catalogue: {d['catalogue']}; machine: {d['machine']}. Bare embedder in process (images/s): {bare}.", "",
+             "| decode workers | batch | photos | embedding stage images/s | whole build images/s |", "|---|---|---|---|---|"]
+    for r in d["rows"]:
+        lines.append(f"| {r['workers']} | {r['batch']} | {r['photos']} | {r['embed_images_per_s']} | "
+                     f"{r['whole_build_images_per_s']} |")
+    return "\n".join(lines)
+
+
+def loadtest_table(d: dict) -> str:
+    runs = d.get("runs") or [d["run"]]
+    lines = [f"SLO: p95 <= {d['slo_ms']:.0f} ms, no failed request.", "",
+             "| users | requests | failures | requests/s | p50 ms | p95 ms | p99 ms | max ms |", "|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        lines.append(f"| {r['users']} | {r['requests']} | {r['failures']} | {r['rps']} | {r['p50_ms']:.0f} | "
+                     f"{r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['max_ms']:.0f} |")
+    return "\n".join(lines)
+
+
+SECTIONS = {"embedder": ("embedder_speed.json", embedder_table), "serving": ("serving.json", serving_table),
+            "builder": ("builder_speed.json", builder_table),
+            "ann": ("ann_scale.json", ann_table), "loadtest-step": ("loadtest_step.json", loadtest_table),
+            "loadtest-5min": ("loadtest_5min.json", loadtest_table),
+            "loadtest-overload": ("loadtest_overload.json", loadtest_table)}
+
+
+def main() -> None:
+    path = DOCS / "PERFORMANCE.md"
+    text = path.read_text()
+    for name, (source, render) in SECTIONS.items():
+        start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+        data = _load(source)
+        if data is None or start not in text:
+            continue
+        text = text[: text.index(start) + len(start)] + "\n" + render(data) + "\n" + text[text.index(end):]
+    path.write_text(text)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Headless Locust runs with an SLO verdict: python -m loadtests.run --host URL [--step] ...
+
+Writes Locust's CSV and HTML reports under --out, prints p50/p95/p99 and failures, and exits 1 when
+p95 exceeds the SLO or any request failed. --step raises the user count until the SLO breaks and
+reports the highest count (and its throughput) that held it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import BaseModel
+
+LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+app = typer.Typer(add_completion=False, help=__doc__)
+
+
+class RunResult(BaseModel):
+    users: int
+    requests: int
+    failures: int
+    rps: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+    report: str
+
+    def holds(self, slo_ms: float) -> bool:
+        return self.failures == 0 and self.requests > 0 and self.p95_ms <= slo_ms
+
+
+def run_locust(host: str, users: int, spawn_rate: float, run_time: str, out: Path, photos: Path | None,
+               extra_env: dict[str, str] | None = None) -> RunResult:
+    """One headless Locust run; its stats come from the CSV Locust writes."""
+    out.mkdir(parents=True, exist_ok=True)
+    prefix = out / f"users{users}"
+    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", host,
+           "-u", str(users), "-r", str(spawn_rate), "-t", run_time, "--csv", str(prefix),
+           "--html", f"{prefix}.html", "--only-summary", "--stop-timeout", "10"]
+    env = {**os.environ, **(extra_env or {})}
+    if photos:
+        env["LOADTEST_PHOTOS"] = str(photos)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    stats = prefix.with_name(prefix.name + "_stats.csv")
+    if not stats.exists():
+        raise SystemExit(f"locust wrote no stats (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    with open(stats) as f:
+        row = next(r for r in csv.DictReader(f) if r["Name"] == "Aggregated")
+    num = lambda key: float(row[key]) if row[key] not in ("", "N/A") else 0.0  # noqa: E731
+    return RunResult(users=users, requests=int(num("Request Count")), failures=int(num("Failure Count")),
+                     rps=round(num("Requests/s"), 2), p50_ms=num("50%"), p95_ms=num("95%"), p99_ms=num("99%"),
+                     max_ms=num("Max Response Time"), report=f"{prefix}.html")
+
+
+def _line(r: RunResult) -> str:
+    return (f"users={r.users:<4} requests={r.requests:<6} failures={r.failures:<4} rps={r.rps:<7} "
+            f"p50={r.p50_ms:.0f}ms p95={r.p95_ms:.0f}ms p99={r.p99_ms:.0f}ms max={r.max_ms:.0f}ms")
+
+
+@app.command()
+def main(
+    host: Annotated[str, typer.Option(help="service URL")] = "http://127.0.0.1:3000",
+    users: Annotated[int, typer.Option(min=1, help="concurrent users (first count with --step)")] = 10,
+    spawn_rate: Annotated[float, typer.Option(help="users started per second")] = 5,
+    run_time: Annotated[str, typer.Option(help="Locust duration per run, e.g. 60s, 5m")] = "60s",
+    slo_ms: Annotated[float, typer.Option(help="p95 latency objective in ms")] = 1000,
+    photos: Annotated[Path | None, typer.Option(help="folder of photos [default: $LOADTEST_PHOTOS or demo/photos]")] = None,
+    out: Annotated[Path, typer.Option(help="where CSV/HTML reports go")] = Path("loadtests/out"),
+    step: Annotated[bool, typer.Option(help="raise users until the SLO breaks")] = False,
+    step_factor: Annotated[float, typer.Option(help="users multiply by this each step")] = 1.5,
+    max_users: Annotated[int, typer.Option(help="stop stepping here")] = 400,
+) -> None:
+    """Run Locust headless against HOST and judge the result against the SLO."""
+    if not step:
+        r = run_locust(host, users, spawn_rate, run_time, out, photos)
+        print(_line(r))
+        ok = r.holds(slo_ms)
+        print(f"{'PASS' if ok else 'FAIL'}: p95 {r.p95_ms:.0f} ms vs SLO {slo_ms:.0f} ms, {r.failures} failed; "
+              f"report {r.report}")
+        (out / "summary.json").write_text(json.dumps({"slo_ms": slo_ms, "run": r.model_dump()}, indent=2))
+        raise typer.Exit(0 if ok else 1)
+    held, runs, n = None, [], users
+    while n <= max_users:
+        r = run_locust(host, n, max(spawn_rate, n / 5), run_time, out, photos)
+        runs.append(r)
+        print(_line(r), "held" if r.holds(slo_ms) else "BROKE", flush=True)
+        if not r.holds(slo_ms):
+            break
+        held, n = r, max(n + 1, int(n * step_factor))
+    (out / "step.json").write_text(json.dumps({"slo_ms": slo_ms, "runs": [x.model_dump() for x in runs]}, indent=2))
+    if held is None:
+        print(f"FAIL: even {users} users broke the SLO of {slo_ms:.0f} ms")
+        raise typer.Exit(1)
+    print(f"highest user count holding p95 <= {slo_ms:.0f} ms with no failure: {held.users} users, "
+          f"{held.rps} requests/s (p95 {held.p95_ms:.0f} ms)")
+
+
+if __name__ == "__main__":
+    app()

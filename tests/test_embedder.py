@@ -1,0 +1,48 @@
+"""Embedder: device selection, descriptors, and the GPU half-precision path (skipped without CUDA)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from index_builder.demo import draw_object
+from model_store.embedder import Embedder, new_embedder, pick_device
+from model_store.preprocess import image_to_array
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return new_embedder("efficientnet-lite0")
+
+
+@pytest.fixture(scope="module")
+def batch(lite0) -> np.ndarray:
+    config, _ = lite0
+    return np.stack([image_to_array(draw_object(f, 0, 0), config.preprocess) for f in range(4)])
+
+
+def test_cpu_vectors_are_unit_length_and_deterministic(lite0, batch):
+    config, net = lite0
+    e = Embedder(config, net, "cpu")
+    assert e.device.type == "cpu" and e.half is False  # half precision only on CUDA
+    a, b = e.embed(batch), e.embed(batch[:2])
+    assert a.shape == (4, 1280) and a.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(a[:2], b, atol=1e-5)  # a photo's vector does not depend on its batch
+
+
+def test_auto_device_follows_cuda_availability():
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert pick_device("cpu").type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_gpu_half_precision_matches_cpu(lite0, batch):
+    config, net = lite0
+    cpu = Embedder(config, new_embedder("efficientnet-lite0")[1], "cpu").embed(batch)
+    gpu = Embedder(config, net, "cuda", half=True)
+    assert gpu.half and next(gpu.net.parameters()).dtype == torch.float16
+    out = gpu.embed(batch)
+    assert out.dtype == np.float32
+    assert np.min(np.sum(cpu * out, axis=1)) > 0.999  # cosine of fp16 GPU vs fp32 CPU vectors

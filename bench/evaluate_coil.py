@@ -59,8 +59,6 @@ def evaluate_features(name: str, vectors: dict[tuple[int, int], np.ndarray], obj
 
 def through_service(objects: range, workdir: Path) -> dict:
     """Build each protocol's index with the builder, serve it, send every query over HTTP."""
-    import httpx
-
     from bench.server import Server
     from index_builder.build import build
     from model_store import stages
@@ -106,11 +104,10 @@ def main(quick: Annotated[bool, typer.Option(help="10 objects, no service, no do
         if descriptor == "gem" and weights == "default" and not quick:
             # PCA-256 as the builder learns it on a large catalogue: fitted on every COIL view that is
             # never a query (6,800 photos), applied to gallery and queries alike.
-            others = non_query_views()
-            proj = Projection.fit(embed_paths(others, backbone, weights, descriptor), 256, whiten=False)
-            results.append(evaluate_features(f"{name} + PCA-256", as_dict(proj(feats)), objects))
-            proj_w = Projection.fit(embed_paths(others, backbone, weights, descriptor), 256, whiten=True)
-            results.append(evaluate_features(f"{name} + PCA-256 whitened", as_dict(proj_w(feats)), objects))
+            others = embed_paths(non_query_views(), backbone, weights, descriptor)
+            for whiten, label in ((False, "+ PCA-256"), (True, "+ PCA-256 whitened")):
+                proj = Projection.fit(others, 256, whiten=whiten)
+                results.append(evaluate_features(f"{name} {label}", as_dict(proj(feats)), objects))
     if service and not quick:
         with tempfile.TemporaryDirectory() as tmp:
             results.append(through_service(objects, Path(tmp)))

@@ -14,7 +14,6 @@ from index_builder.demo import make_demo_catalogue
 from index_builder.evaluate import EvalError
 from index_builder.extract import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS
 from model_store.backbones import WeightsError
-from model_store.embedder import Descriptor
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -102,8 +101,3 @@ def _assemble(cache: Path, n_batches: int, dim: int, computed: int, seconds: flo
     vectors = np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
     return Extraction(vectors, errors, computed, seconds)
 
-
-def configure_threads(n: int) -> None:
-    """torch intra-op threads for the network; 0 leaves torch's default (one per core)."""
-    if n > 0:
-        torch.set_num_threads(n)

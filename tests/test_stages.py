@@ -11,7 +11,7 @@ import pytest
 from conftest import run_env
 from index_builder.build import build
 from model_store import stages
-from model_store.registry import get_model, register
+from model_store.registry import register
 from model_store.settings import INDEX_MODEL
 
 pytestmark = pytest.mark.slow
@@ -25,12 +25,8 @@ def random_vgg_index(demo_catalogue):
 
 def low_recall_index(embedder: str) -> str:
     """A registered index whose metadata claims a poor ANN recall (stage logic reads only metadata)."""
-    meta = {**get_model_meta_template(), "embedder": embedder, "ann_recall_at_10": 0.5}
+    meta = {"n_photos": 1, "n_items": 1, "dim": 4, "embedder": embedder, "ann_recall_at_10": 0.5}
     return register(INDEX_MODEL, {"embedder": embedder}, meta, lambda folder: None)
-
-
-def get_model_meta_template() -> dict:
-    return {"n_photos": 1, "n_items": 1, "dim": 4}
 
 
 def test_promote_rollback_history(stages_dir, demo_index, second_index):

@@ -124,6 +124,8 @@ class ImageSearch:
     def __init__(self) -> None:
         self.active: Active | None = None
         self.embedder_tag: str | None = None
+        self._switch_lock = asyncio.Lock()
+        self._checked_at, self._stage_mtime = time.monotonic(), _stage_mtime()
         _instances[:] = [self]
         if SERVED is None:
             log.error("nothing is promoted to %s: not ready", settings.stage)
@@ -190,6 +192,7 @@ class ImageSearch:
                 raise
 
     async def _neighbours(self, image: Path, k: int, **filters) -> tuple[Active, list[Match]]:
+        await self._follow_stage()
         active = self._require()
         f = self._filters(active, **filters)
         descriptor = (await self._embed(active, [image]))[0]
@@ -221,6 +224,7 @@ class ImageSearch:
         start = time.perf_counter()
         if not 1 <= len(images) <= settings.max_batch_images:
             raise ClientError(f"send 1 to {settings.max_batch_images} photos in field images; got {len(images)}")
+        await self._follow_stage()
         active = self._require()
         f = self._filters(active, category=category)
         descriptors = await self._embed(active, images)
@@ -243,25 +247,51 @@ class ImageSearch:
         if not settings.admin_token or not hmac.compare_digest(token, settings.admin_token):
             raise ClientError("send the admin token as 'Authorization: Bearer <IMAGESEARCH_ADMIN_TOKEN>'",
                               HTTPStatus.UNAUTHORIZED)
-        deployment = stages.current(settings.stage)
-        old = self.active
-        if deployment is None:
-            raise ClientError(f"nothing is promoted to {settings.stage}", HTTPStatus.CONFLICT)
-        if old is not None and deployment.index == old.deployment.index:
-            return ReloadResponse(changed=False, served=old.served)
-        self.embedder_tag = self.embedder_tag or (await self.embedder.to_async.describe()).get("tag")
-        if deployment.embedder != self.embedder_tag:
-            raise ClientError(f"{deployment.index} needs embedder {deployment.embedder}, but the embedder service "
-                              f"runs {self.embedder_tag}: redeploy the service", HTTPStatus.CONFLICT)
-        from model_store.registry import get_model
-        try:
-            new = await asyncio.to_thread(_load, deployment, Path(get_model(deployment.index).path))
-        except (ArtifactError, LookupError, OSError) as exc:
-            raise ClientError(f"cannot load {deployment.index}, still serving the old index: {exc}",
-                              HTTPStatus.CONFLICT) from None
-        self.active = new  # one reference swap: requests in flight keep the index they started with
-        log.info("now serving %s (was %s)", deployment.index, old and old.deployment.index)
-        return ReloadResponse(changed=True, served=new.served, previous=old and old.deployment.index)
+        return await self._switch()
+
+    async def _switch(self) -> ReloadResponse:
+        """Load what the stage record names now and swap it in; one switch at a time."""
+        async with self._switch_lock:
+            deployment = stages.current(settings.stage)
+            old = self.active
+            if deployment is None:
+                raise ClientError(f"nothing is promoted to {settings.stage}", HTTPStatus.CONFLICT)
+            if old is not None and deployment.index == old.deployment.index:
+                return ReloadResponse(changed=False, served=old.served)
+            self.embedder_tag = self.embedder_tag or (await self.embedder.to_async.describe()).get("tag")
+            if deployment.embedder != self.embedder_tag:
+                raise ClientError(f"{deployment.index} needs embedder {deployment.embedder}, but the embedder "
+                                  f"service runs {self.embedder_tag}: redeploy the service", HTTPStatus.CONFLICT)
+            from model_store.registry import get_model
+            try:
+                new = await asyncio.to_thread(_load, deployment, Path(get_model(deployment.index).path))
+            except (ArtifactError, LookupError, OSError) as exc:
+                raise ClientError(f"cannot load {deployment.index}, still serving the old index: {exc}",
+                                  HTTPStatus.CONFLICT) from None
+            self.active = new  # one reference swap: requests in flight keep the index they started with
+            log.info("now serving %s (was %s)", deployment.index, old and old.deployment.index)
+            return ReloadResponse(changed=True, served=new.served, previous=old and old.deployment.index)
+
+    async def _follow_stage(self) -> None:
+        """Every follow_stage_s, switch if the stage record changed: each replica follows promotions."""
+        now = time.monotonic()
+        if settings.follow_stage_s <= 0 or now - self._checked_at < settings.follow_stage_s:
+            return
+        self._checked_at = now
+        mtime = _stage_mtime()  # None without a stage record (a container serving its packed served.json)
+        if mtime is not None and mtime != self._stage_mtime:
+            self._stage_mtime = mtime
+            try:
+                await self._switch()
+            except ClientError as exc:
+                log.warning("stage %s changed but was not loaded: %s", settings.stage, exc)
+
+
+def _stage_mtime() -> int | None:
+    try:
+        return (stages.stages_dir() / stages.STATE_FILE).stat().st_mtime_ns
+    except OSError:
+        return None
 
 
 def _ms(start: float) -> float:

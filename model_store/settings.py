@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     # --- serving -----------------------------------------------------------------
     stage: Stage = Field("production", description="Which stage the service serves.")
     admin_token: str = Field("", description="Bearer token for POST /reload; empty disables it.")
+    follow_stage_s: float = Field(
+        5.0, ge=0, description="Seconds between checks of the stage record by each replica; 0 = only /reload."
+    )
     max_image_bytes: int = Field(20 * 1024 * 1024, gt=0, description="Largest upload accepted.")
     max_image_pixels: int = Field(40_000_000, gt=0, description="Largest width*height decoded.")
     max_k: int = Field(100, gt=0, description="Largest k a search may ask for.")

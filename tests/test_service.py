@@ -59,7 +59,7 @@ def served_stages(tmp_path_factory, demo_index):
 
 @pytest.fixture(scope="module")
 def server(served_stages, tmp_path_factory):
-    srv = Server(served_stages, tmp_path_factory.mktemp("logs") / "serve.log",
+    srv = Server(served_stages, tmp_path_factory.mktemp("logs") / "serve.log", IMAGESEARCH_FOLLOW_STAGE_S="0",
                  IMAGESEARCH_MAX_IMAGE_BYTES="2000000", IMAGESEARCH_MAX_IMAGE_PIXELS="4000000")
     try:
         srv.wait()
@@ -273,6 +273,31 @@ def test_promote_and_rollback_switch_with_no_failed_request(server, served_stage
     assert not failures
     assert seen[0] == demo_index.tag and seen[-1] == demo_index.tag and second_index.tag in seen
     assert len(seen) > 20
+
+
+def test_replicas_follow_the_stage_record_without_reload(tmp_path, demo_index, second_index, demo_catalogue, rows,
+                                                        monkeypatch):
+    """With IMAGESEARCH_FOLLOW_STAGE_S each replica notices a promotion itself; no request fails meanwhile."""
+    monkeypatch.setenv("IMAGESEARCH_STAGES_DIR", str(tmp_path / "stages"))
+    stages.get_settings.cache_clear()
+    stages.promote(demo_index.tag, "production")
+    image = upload(photo_bytes(demo_catalogue, rows[3]["image_path"]))
+    srv = Server(tmp_path / "stages", tmp_path / "serve.log", IMAGESEARCH_FOLLOW_STAGE_S="0.5")
+    try:
+        srv.wait()
+        assert srv.http.post("/search", files=image).json()["served"]["index"] == demo_index.tag
+        stages.promote(second_index.tag, "production")
+        seen = []
+        for _ in range(40):
+            r = srv.http.post("/search", files=image)
+            assert r.status_code == 200, r.text
+            seen.append(r.json()["served"]["index"])
+            if seen[-1] == second_index.tag:
+                break
+            time.sleep(0.25)
+        assert seen[-1] == second_index.tag, seen
+    finally:
+        srv.stop()
 
 
 def corrupt_copy(tag: str) -> str:

@@ -26,6 +26,7 @@ from interfaces import (BatchSearchResponse, EstimateResponse, IndexInfo, Reload
 from model_store import stages
 from model_store.index_artifact import ArtifactError, Filters, Match, SearchIndex
 from model_store.preprocess import ImageError, ImageTooLarge, decode_image, image_to_array
+from model_store.registry import get_model
 from model_store.settings import get_settings
 from pricing import estimate_price
 
@@ -262,7 +263,6 @@ class ImageSearch:
             if deployment.embedder != self.embedder_tag:
                 raise ClientError(f"{deployment.index} needs embedder {deployment.embedder}, but the embedder "
                                   f"service runs {self.embedder_tag}: redeploy the service", HTTPStatus.CONFLICT)
-            from model_store.registry import get_model
             try:
                 new = await asyncio.to_thread(_load, deployment, Path(get_model(deployment.index).path))
             except (ArtifactError, LookupError, OSError) as exc:

@@ -139,8 +139,6 @@ def stage_of(tag: str) -> list[str]:
     return [s for s, stack in state.stack.items() if stack and stack[-1].index == tag]
 
 
-
-
 PIN_FILE = Path(__file__).resolve().parents[1] / "served.json"
 
 

@@ -20,7 +20,6 @@ from index_builder.demo import make_demo_catalogue  # noqa: E402
 from model_store.settings import get_settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-COIL = ROOT.parent / "shared" / "data" / "coil-100"
 
 
 def run_env(**extra: str) -> dict[str, str]:

@@ -6,53 +6,52 @@ import asyncio
 import datetime as dt
 import hmac
 import logging
+import math
 import time
-from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Awaitable, Callable, Optional, TypeVar
 
-import aiohttp
 import bentoml
+import aiohttp
 import numpy as np
 from bentoml.exceptions import BentoMLException
 from pydantic import Field
 from starlette.applications import Starlette
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from interfaces import (BatchSearchResponse, EstimateResponse, IndexInfo, ReloadResponse, SearchResponse, Served)
 from model_store import stages
-from model_store.index_artifact import ArtifactError, Filters, Match, SearchIndex
-from model_store.preprocess import ImageError, ImageTooLarge, decode_image, image_to_array
-from model_store.registry import get_model
+from model_store.index_artifact import Match
+from model_store.preprocess import ImageError, ImageTooLarge, decode_image, image_to_pixels
 from model_store.settings import get_settings
-from pricing import estimate_price
+from query.active import Active, load_active, stage_mtime
+from query.errors import ApiError, error_response
+from query.guard import RequestGuard
+from query.models import BatchSearchResponse, EstimateResponse, IndexInfo, ReloadResponse, SearchResponse
+from query.pricing import estimate_price
 
 log = logging.getLogger("bentoml.imagesearch")
 settings = get_settings()
 # Reads one small JSON file; None until an index is promoted (the services then start but stay unready).
 SERVED = stages.served(settings.stage)
 K = Annotated[int, Field(ge=1, le=settings.max_k, description=f"distinct items to return, 1..{settings.max_k}")]
+Price = Annotated[Optional[float], Field(ge=0, le=1e12, allow_inf_nan=False, description="a price, 0 or more")]
+Category = Annotated[Optional[str], Field(max_length=200, description="one of GET /index's categories")]
 ESTIMATE_NEIGHBOURS = 20
-
-
-class ClientError(BentoMLException):
-    """A request the client can fix; the status is 4xx and the message says what to change."""
-
-    def __init__(self, message: str, status: HTTPStatus = HTTPStatus.BAD_REQUEST):
-        super().__init__(message, error_code=status)
+T = TypeVar("T")
 
 
 @bentoml.service(
     resources={"gpu": 1, "cpu": "2"},
     workers=1,  # one model copy per GPU/CPU box; throughput comes from batching, not processes
-    # Never the bottleneck: the entry service's max_concurrency is what sheds load.
-    traffic={"timeout": 30, "max_concurrency": 256},
+    # max_concurrency is never the bottleneck: the entry's guard sheds load first.
+    traffic={"timeout": 30, "max_concurrency": 256, "concurrency": settings.embedder_concurrency},
 )
 class Embedder:
-    """(N, 3, H, W) preprocessed photos -> (N, D) L2-normalised descriptors."""
+    """(N, 3, H, W) uint8 photos, resized and cropped -> (N, D) L2-normalised descriptors."""
 
     model = bentoml.models.BentoModel(SERVED.embedder) if SERVED else None
 
@@ -75,7 +74,10 @@ class Embedder:
 
     @bentoml.api(batchable=settings.embed_batching, batch_dim=0, max_batch_size=settings.embed_max_batch_size,
                  max_latency_ms=settings.embed_max_latency_ms)
-    def embed(self, batch: np.ndarray) -> np.ndarray:
+    async def embed(self, batch: np.ndarray) -> np.ndarray:
+        # Runs on the process's main thread, where torch's thread pool lives: from BentoML's worker threads
+        # the same forward pass took 30 ms instead of 19 (docs/PERFORMANCE.md). Calls that arrive meanwhile
+        # wait in the socket and form the next batch.
         return self.embedder.embed(batch)
 
     @bentoml.api
@@ -86,123 +88,112 @@ class Embedder:
         return {"tag": str(self.model.tag), "config": self.embedder.config.model_dump(mode="json")}
 
 
-@dataclass(frozen=True)
-class Active:
-    """What is served right now; replaced as a whole on reload, so a request sees one or the other."""
-
-    index: SearchIndex
-    deployment: stages.Deployment
-    served: Served
-
-
-def _load(deployment: stages.Deployment, path: Path) -> Active:
-    index = SearchIndex(path, deployment.index)
-    weights = index.manifest.embedder_config.weights
-    served = Served(index=deployment.index, stage=settings.stage, embedder=deployment.embedder,
-                    weights=weights.source, pretrained=weights.pretrained,
-                    warning=None if weights.pretrained else "embedder has RANDOM weights: results are not meaningful")
-    return Active(index, deployment, served)
-
-
-_instances: list["ImageSearch"] = []  # the service instance of this worker, for GET /index
+_instances: list["ImageSearch"] = []  # the service instance of this worker, for GET /index and readiness
 
 
 async def _get_index(request: Request) -> JSONResponse:
     try:
         return JSONResponse(_instances[0].index_info().model_dump(mode="json"))
-    except ClientError as exc:
-        return JSONResponse({"error": str(exc)}, status_code=exc.error_code)
+    except ApiError as exc:
+        return error_response(exc.message, exc.status, exc.field)
 
 
-@bentoml.service(workers=1, traffic={"timeout": 30, "max_concurrency": settings.max_concurrency})
+@bentoml.service(workers=1, traffic={"timeout": 30, "concurrency": settings.search_concurrency})
 @bentoml.asgi_app(Starlette(routes=[Route("/index", _get_index, methods=["GET"])]), path="/")
 class ImageSearch:
-    """Photo in, similar sold items and an expected price out."""
+    """Photo in, similar sold items and an expected price out. Every error answers
+    {"error": "what is wrong and what to send", "field": "the field at fault, or null"}."""
 
     embedder = bentoml.depends(Embedder)
     index_model = bentoml.models.BentoModel(SERVED.index) if SERVED else None
 
     def __init__(self) -> None:
         self.active: Active | None = None
+        self.problem: str | None = None  # why the service is not ready, for /readyz
         self.embedder_tag: str | None = None
         self._switch_lock = asyncio.Lock()
-        self._checked_at, self._stage_mtime = time.monotonic(), _stage_mtime()
+        self._stage_mtime = stage_mtime()
         _instances[:] = [self]
+        _limit_blas_threads()
+        _tune_embedder_client(self.embedder)
         if SERVED is None:
-            log.error("nothing is promoted to %s: not ready", settings.stage)
-            return
-        try:
-            self.active = _load(SERVED, Path(self.index_model.path))
-        except (ArtifactError, OSError) as exc:
-            log.error("index %s cannot be served, not ready: %s", SERVED.index, exc)
+            self.problem = f"nothing is promoted to {settings.stage}"
+        else:
+            try:
+                self.active = load_active(SERVED, Path(self.index_model.path), settings.stage)
+            except Exception as exc:  # noqa: BLE001 -- any broken artifact leaves the service up and unready
+                self.problem = f"index {SERVED.index} cannot be served: {exc}"
+        if self.problem:
+            log.error("not ready: %s", self.problem)
+        if settings.follow_stage_s > 0:
+            self._follower = asyncio.get_running_loop().create_task(self._follow_stage())
 
     async def __is_ready__(self) -> bool:
         if self.active is None:
             return False
         if self.embedder_tag is None:
-            self.embedder_tag = (await self.embedder.to_async.describe()).get("tag")
-        return self.embedder_tag == self.active.index.manifest.embedder
+            self.embedder_tag = (await self._call_embedder(self.embedder.to_async.describe)).get("tag")
+        if self.embedder_tag != self.active.index.manifest.embedder:
+            self.problem = (f"index {self.active.served.index} needs embedder {self.active.index.manifest.embedder}, "
+                            f"the embedder service runs {self.embedder_tag}: redeploy")
+            return False
+        return True
 
     def _require(self) -> Active:
         if self.active is None:
-            raise ClientError(f"no index is loaded for stage {settings.stage}", HTTPStatus.SERVICE_UNAVAILABLE)
+            raise ApiError(f"not ready: {self.problem}", HTTPStatus.SERVICE_UNAVAILABLE)
         return self.active
-
-    def _filters(self, active: Active, **given) -> Filters:
-        f = Filters(**given)
-        if f.category is not None and f.category.lower() not in active.index.categories:
-            known = ", ".join(sorted(active.index.categories)[:30])
-            raise ClientError(f"unknown category {f.category!r}: use one of {known}")
-        if f.min_price is not None and f.max_price is not None and f.min_price > f.max_price:
-            raise ClientError(f"min_price {f.min_price} is above max_price {f.max_price}")
-        if f.sold_after and f.sold_before and f.sold_after > f.sold_before:
-            raise ClientError(f"sold_after {f.sold_after} is later than sold_before {f.sold_before}")
-        return f
 
     async def _embed(self, active: Active, images: list[Path]) -> np.ndarray:
         spec = active.index.manifest.embedder_config.preprocess
 
         def prepare(i: int, path: Path) -> np.ndarray:
-            name = "image" if len(images) == 1 else f"images[{i}]"
-            size = path.stat().st_size
-            if size > settings.max_image_bytes:
-                raise ImageTooLarge(f"{name} is {size:,} bytes; the limit is {settings.max_image_bytes:,}")
+            field = "image" if len(images) == 1 else f"images[{i}]"
             img = decode_image(path.read_bytes(), max_bytes=settings.max_image_bytes,
-                               max_pixels=settings.max_image_pixels, name=name)
-            return image_to_array(img, spec)
+                               max_pixels=settings.max_image_pixels, name=field)
+            return image_to_pixels(img, spec)
 
+        field = "image" if len(images) == 1 else "images"
         try:
-            arrays = await asyncio.gather(*(asyncio.to_thread(prepare, i, p) for i, p in enumerate(images)))
+            pixels = await asyncio.gather(*(asyncio.to_thread(prepare, i, p) for i, p in enumerate(images)))
         except ImageTooLarge as exc:
-            raise ClientError(str(exc), HTTPStatus.REQUEST_ENTITY_TOO_LARGE) from None
+            raise ApiError(str(exc), HTTPStatus.REQUEST_ENTITY_TOO_LARGE, field) from None
         except ImageError as exc:
-            raise ClientError(str(exc), HTTPStatus.UNSUPPORTED_MEDIA_TYPE) from None
-        batch = np.stack(arrays)
-        for attempt in range(3):
+            raise ApiError(str(exc), HTTPStatus.UNSUPPORTED_MEDIA_TYPE, field) from None
+        batch = np.stack(pixels)
+        return await self._call_embedder(lambda: self.embedder.to_async.embed(batch))
+
+    async def _call_embedder(self, call: Callable[[], Awaitable[T]]) -> T:
+        """One call to the embedder service, with a deadline; a call that stalls or drops is sent once
+        more (embedding is idempotent), then the client gets a 503 that says so."""
+        failure: Exception | None = None
+        for attempt in (1, 2):
             try:
-                return await self.embedder.to_async.embed(batch)
-            except aiohttp.ClientConnectionError:
-                # BentoML's internal client reuses keep-alive connections the embedder already closed
-                # (BentoML issue 4971, PR 5698); embedding is idempotent, so send it again.
-                if attempt == 2:
-                    raise
+                return await asyncio.wait_for(call(), settings.embed_deadline_s)
+            except (asyncio.TimeoutError, aiohttp.ClientConnectionError, RuntimeError) as exc:
+                # RuntimeError: "Session is closed", when BentoML closes its client at shutdown
+                failure = exc
+                log.warning("embedder call %d failed (%s)%s", attempt, type(exc).__name__,
+                            ": sending it again" if attempt == 1 else "")
             except BentoMLException as exc:
                 if exc.error_code in (HTTPStatus.TOO_MANY_REQUESTS, HTTPStatus.SERVICE_UNAVAILABLE):
-                    raise ClientError("the embedder is at capacity: retry in a second",
-                                      HTTPStatus.TOO_MANY_REQUESTS) from None
+                    raise ApiError("the embedder is at capacity: retry in a second",
+                                   HTTPStatus.TOO_MANY_REQUESTS) from None
                 raise
+        reason = "did not answer in time" if isinstance(failure, asyncio.TimeoutError) else "is unreachable"
+        raise ApiError(f"the embedder service {reason} (restarting?): retry in a few seconds",
+                       HTTPStatus.SERVICE_UNAVAILABLE)
 
     async def _neighbours(self, image: Path, k: int, **filters) -> tuple[Active, list[Match]]:
-        await self._follow_stage()
         active = self._require()
-        f = self._filters(active, **filters)
+        f = active.filters(**filters)
         descriptor = (await self._embed(active, [image]))[0]
         return active, await asyncio.to_thread(active.index.search, descriptor, k, f)
 
     @bentoml.api
-    async def search(self, image: Path, k: K = 10, category: Optional[str] = None,
-                     min_price: Optional[float] = None, max_price: Optional[float] = None,
-                     sold_after: Optional[dt.date] = None, sold_before: Optional[dt.date] = None) -> SearchResponse:
+    async def search(self, image: Path, k: K = 10, category: Category = None, min_price: Price = None,
+                     max_price: Price = None, sold_after: Optional[dt.date] = None,
+                     sold_before: Optional[dt.date] = None) -> SearchResponse:
         """The k most similar sold items (distinct items, best first) to the uploaded photo."""
         start = time.perf_counter()
         active, matches = await self._neighbours(image, k, category=category, min_price=min_price,
@@ -210,7 +201,7 @@ class ImageSearch:
         return SearchResponse(results=matches, served=active.served, took_ms=_ms(start))
 
     @bentoml.api
-    async def estimate(self, image: Path, category: Optional[str] = None, sold_after: Optional[dt.date] = None,
+    async def estimate(self, image: Path, category: Category = None, sold_after: Optional[dt.date] = None,
                        sold_before: Optional[dt.date] = None) -> EstimateResponse:
         """Expected price from the most similar sold items, with a range and a confidence."""
         start = time.perf_counter()
@@ -220,78 +211,110 @@ class ImageSearch:
         return EstimateResponse(**estimate.model_dump(), served=active.served, took_ms=_ms(start))
 
     @bentoml.api
-    async def search_batch(self, images: list[Path], k: K = 10, category: Optional[str] = None) -> BatchSearchResponse:
-        """Several photos in one request: one result list per photo, in upload order."""
+    async def search_batch(self, images: list[Path], k: K = 10, category: Category = None) -> BatchSearchResponse:
+        """Several photos in one request (1 to IMAGESEARCH_MAX_BATCH_IMAGES): one result list per photo."""
         start = time.perf_counter()
-        if not 1 <= len(images) <= settings.max_batch_images:
-            raise ClientError(f"send 1 to {settings.max_batch_images} photos in field images; got {len(images)}")
-        await self._follow_stage()
         active = self._require()
-        f = self._filters(active, category=category)
+        f = active.filters(category=category)
         descriptors = await self._embed(active, images)
         results = await asyncio.gather(*(asyncio.to_thread(active.index.search, d, k, f) for d in descriptors))
         return BatchSearchResponse(results=list(results), served=active.served, took_ms=_ms(start))
 
     def index_info(self) -> IndexInfo:
         """The served index: version, stage, counts, embedder and build metadata."""
-        active = self._require()
-        m = active.index.manifest
-        return IndexInfo(served=active.served, photos=m.n_photos, items=m.n_items, dim=m.dim, n_trees=m.n_trees,
-                         search_k=m.search_k, ann_recall_at_10=m.ann_recall_at_10, built_at=m.built_at,
-                         categories=sorted(active.index.category_names),
-                         build=m.model_dump(mode="json", exclude={"embedder_config"}))
+        return self._require().info()
 
     @bentoml.api
     async def reload(self, ctx: bentoml.Context) -> ReloadResponse:
         """Serve what is promoted to this stage now (after promote or rollback). Needs the admin token."""
         token = ctx.request.headers.get("authorization", "").removeprefix("Bearer ").strip()
         if not settings.admin_token or not hmac.compare_digest(token, settings.admin_token):
-            raise ClientError("send the admin token as 'Authorization: Bearer <IMAGESEARCH_ADMIN_TOKEN>'",
-                              HTTPStatus.UNAUTHORIZED)
+            raise ApiError("send the admin token as 'Authorization: Bearer <IMAGESEARCH_ADMIN_TOKEN>'",
+                           HTTPStatus.UNAUTHORIZED)
         return await self._switch()
 
     async def _switch(self) -> ReloadResponse:
-        """Load what the stage record names now and swap it in; one switch at a time."""
+        """Load what the stage record names now and swap it in; one switch at a time. A version that
+        cannot be loaded is never switched to: the old one keeps serving."""
         async with self._switch_lock:
             deployment = stages.current(settings.stage)
             old = self.active
             if deployment is None:
-                raise ClientError(f"nothing is promoted to {settings.stage}", HTTPStatus.CONFLICT)
+                raise ApiError(f"nothing is promoted to {settings.stage}", HTTPStatus.CONFLICT)
             if old is not None and deployment.index == old.deployment.index:
                 return ReloadResponse(changed=False, served=old.served)
-            self.embedder_tag = self.embedder_tag or (await self.embedder.to_async.describe()).get("tag")
+            if self.embedder_tag is None:
+                self.embedder_tag = (await self._call_embedder(self.embedder.to_async.describe)).get("tag")
             if deployment.embedder != self.embedder_tag:
-                raise ClientError(f"{deployment.index} needs embedder {deployment.embedder}, but the embedder "
-                                  f"service runs {self.embedder_tag}: redeploy the service", HTTPStatus.CONFLICT)
+                raise ApiError(f"{deployment.index} needs embedder {deployment.embedder}, but the embedder "
+                               f"service runs {self.embedder_tag}: redeploy the service", HTTPStatus.CONFLICT)
             try:
-                new = await asyncio.to_thread(_load, deployment, Path(get_model(deployment.index).path))
-            except (ArtifactError, LookupError, OSError) as exc:
-                raise ClientError(f"cannot load {deployment.index}, still serving the old index: {exc}",
-                                  HTTPStatus.CONFLICT) from None
-            self.active = new  # one reference swap: requests in flight keep the index they started with
+                new = await asyncio.to_thread(load_active, deployment, None, settings.stage)
+            except Exception as exc:  # noqa: BLE001 -- whatever is wrong with it, the old index stays
+                raise ApiError(f"cannot load {deployment.index}, still serving "
+                               f"{old.served.index if old else 'nothing'}: {exc}", HTTPStatus.CONFLICT) from None
+            self.active, self.problem = new, None  # one reference swap: requests in flight keep their index
             log.info("now serving %s (was %s)", deployment.index, old and old.deployment.index)
             return ReloadResponse(changed=True, served=new.served, previous=old and old.deployment.index)
 
     async def _follow_stage(self) -> None:
-        """Every follow_stage_s, switch if the stage record changed: each replica follows promotions."""
-        now = time.monotonic()
-        if settings.follow_stage_s <= 0 or now - self._checked_at < settings.follow_stage_s:
-            return
-        self._checked_at = now
-        mtime = _stage_mtime()  # None without a stage record (a container serving its packed served.json)
-        if mtime is not None and mtime != self._stage_mtime:
+        """In the background, every follow_stage_s: switch when the stage record changed. Requests never
+        wait for a switch; each replica follows promotions by itself."""
+        while True:
+            await asyncio.sleep(settings.follow_stage_s)
+            mtime = stage_mtime()  # None without a stage record (a container serving its packed served.json)
+            if mtime is None or mtime == self._stage_mtime:
+                continue
             self._stage_mtime = mtime
             try:
                 await self._switch()
-            except ClientError as exc:
-                log.warning("stage %s changed but was not loaded: %s", settings.stage, exc)
+            except ApiError as exc:
+                log.warning("stage %s changed but was not loaded: %s", settings.stage, exc.message)
+                if self.active is None:
+                    self.problem = exc.message
+            except Exception:  # noqa: BLE001 -- following must never stop
+                log.exception("following stage %s failed", settings.stage)
 
 
-def _stage_mtime() -> int | None:
-    try:
-        return (stages.stages_dir() / stages.STATE_FILE).stat().st_mtime_ns
-    except OSError:
-        return None
+def _limit_blas_threads() -> None:
+    """The entry process does only small matrix products; idle BLAS threads spinning after each one
+    would take the cores the embedder needs (measured: docs/PERFORMANCE.md)."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
+
+
+def _tune_embedder_client(proxy: object) -> None:
+    """Two faults of BentoML 1.4.39's client between services, behind the dropped and stalled embed calls
+    (BentoML issue 4971): it replaces its aiohttp session every 100 calls and closes the old one while calls
+    are still in flight on it (they fail with "Server disconnected"); and aiohttp keeps an idle connection
+    for 15 s where the embedder's server (uvicorn) closes it after 5 s, so a call can be sent on a
+    connection being closed. Here the session is kept, and idle connections are dropped after 1 s."""
+    manager = getattr(getattr(proxy, "to_async", None), "_session_manager", None)
+    if manager is None or not hasattr(manager, "_make_client"):  # in-process use has no HTTP hop
+        return
+    manager.max_requests = manager.max_age = math.inf
+    make = manager._make_client
+
+    def make_with_short_keepalive() -> aiohttp.ClientSession:
+        session = make()
+        if session.connector is not None:
+            session.connector._keepalive_timeout = IDLE_CONNECTION_S
+        return session
+
+    manager._make_client = make_with_short_keepalive
+
+
+IDLE_CONNECTION_S = 1.0
+
+if settings.cors_origins:  # closed by default; the outermost of our middlewares, so errors carry CORS headers too
+    ImageSearch.add_asgi_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+                                    allow_methods=["GET", "POST"], allow_headers=["*"], max_age=600)
+ImageSearch.add_asgi_middleware(
+    RequestGuard, service=ImageSearch, max_concurrency=settings.max_concurrency,
+    max_request_bytes=settings.max_request_bytes, max_file_bytes=settings.max_image_bytes,
+    max_files=settings.max_batch_images, timeout_s=settings.request_timeout_s,
+    not_ready_reason=lambda: _instances[0].problem if _instances else "starting up")
 
 
 def _ms(start: float) -> float:

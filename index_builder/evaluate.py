@@ -10,7 +10,7 @@ import numpy as np
 
 from model_store.embedder import Embedder
 from model_store.index_artifact import SearchIndex
-from model_store.preprocess import ImageError, image_to_array, load_image_file
+from model_store.preprocess import ImageError, image_to_pixels, load_image_file
 
 RANK_DEPTH = 100  # mAP: an item not in the first 100 distinct items counts as not found
 
@@ -65,7 +65,7 @@ def evaluate(queries_file: Path, index: SearchIndex, embedder: Embedder) -> dict
     ranked, truth, skipped = [], [], []
     for q in queries:
         try:
-            arr = image_to_array(load_image_file(q.path), embedder.config.preprocess)
+            arr = image_to_pixels(load_image_file(q.path), embedder.config.preprocess)
         except ImageError as exc:
             skipped.append(f"line {q.line}: {exc}")
             continue

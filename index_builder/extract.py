@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from model_store.embedder import Embedder
-from model_store.preprocess import ImageError, PreprocessSpec, image_to_array, load_image_file
+from model_store.preprocess import ImageError, PreprocessSpec, image_to_pixels, load_image_file
 
 
 # Measured (docs/PERFORMANCE.md, builder): one decoding worker per spare core; batch 16 beats 32 on CPU.
@@ -23,7 +23,7 @@ DEFAULT_BATCH_SIZE = 16
 
 
 class PhotoDataset(Dataset):
-    """Item i -> (i, (3,H,W) float32 array, error); a photo that fails gives zeros and the reason."""
+    """Item i -> (i, (3,H,W) uint8 pixels, error); a photo that fails gives zeros and the reason."""
 
     def __init__(self, paths: list[Path], spec: PreprocessSpec):
         self.paths, self.spec = paths, spec
@@ -33,10 +33,10 @@ class PhotoDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, np.ndarray, str]:
         try:
-            return i, image_to_array(load_image_file(self.paths[i]), self.spec), ""
+            return i, image_to_pixels(load_image_file(self.paths[i]), self.spec), ""
         except ImageError as exc:
             reason = str(exc).removeprefix(f"{self.paths[i]} ")
-            return i, np.zeros((3, self.spec.crop, self.spec.crop), np.float32), f"unreadable image: {reason}"
+            return i, np.zeros((3, self.spec.crop, self.spec.crop), np.uint8), f"unreadable image: {reason}"
 
 
 def _collate(samples: list[tuple[int, np.ndarray, str]]) -> tuple[list[int], np.ndarray, list[str]]:

@@ -1,4 +1,4 @@
-"""CLI: python -m model_store list | show TAG | promote TAG --stage S | rollback --stage S | history."""
+"""CLI: python -m model_store list | show TAG | promote TAG --stage S | rollback --stage S | history | delete TAG."""
 
 from __future__ import annotations
 
@@ -69,6 +69,16 @@ def rollback_cmd(stage: StageOpt, note: str = "") -> None:
     except stages.PromotionError as exc:
         _fail(exc)
     print(f"{stage} rolled back to {d.index} (embedder {d.embedder})")
+
+
+@app.command("delete")
+def delete_cmd(tag: str, force: bool = False) -> None:
+    """Remove version TAG from the store; never one a stage serves (--force: one a stage could roll back to)."""
+    try:
+        deleted = stages.delete(tag, force=force)
+    except (LookupError, stages.PromotionError) as exc:
+        _fail(exc)
+    print(f"deleted {deleted}")
 
 
 @app.command("pin")

@@ -44,7 +44,7 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 class Embedder:
-    """(N, 3, crop, crop) float32 batches -> (N, dim) float32 L2-normalised vectors."""
+    """(N, 3, crop, crop) uint8 pixels (preprocess.image_to_pixels) -> (N, dim) float32 L2-normalised vectors."""
 
     def __init__(self, config: EmbedderConfig, net: torch.nn.Module, device: str = "auto", half: bool = True):
         self.config = config
@@ -52,11 +52,17 @@ class Embedder:
         self.half = half and self.device.type == "cuda"
         net = net.to(self.device, memory_format=torch.channels_last)
         self.net = (net.half() if self.half else net).eval()
+        # (x / 255 - mean) / std as one multiply and one subtract per pixel, on the device
+        std, mean = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in (config.preprocess.std,
+                                                                                      config.preprocess.mean))
+        self._scale, self._shift = (1.0 / (255.0 * std)).to(self.device), (mean / std).to(self.device)
 
     @torch.inference_mode()
     def embed(self, batch: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
-        x = x.to(memory_format=torch.channels_last)
+        if batch.dtype != np.uint8:
+            raise TypeError(f"embed takes uint8 pixels (N, 3, H, W); got {batch.dtype}")
+        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, non_blocking=True)
+        x = (x.float() * self._scale - self._shift).contiguous(memory_format=torch.channels_last)
         fmap = self.net(x.half() if self.half else x).float()
         if self.config.descriptor == "gem":
             p = self.config.gem_p

@@ -30,6 +30,7 @@ class Settings(BaseSettings):
     )
     max_image_bytes: int = Field(20 * 1024 * 1024, gt=0, description="Largest upload accepted.")
     max_image_pixels: int = Field(40_000_000, gt=0, description="Largest width*height decoded.")
+    max_request_bytes: int = Field(50 * 1024 * 1024, gt=0, description="Largest request body (all parts).")
     max_k: int = Field(100, gt=0, description="Largest k a search may ask for.")
     max_batch_images: int = Field(16, gt=0, description="Most photos in one /search_batch call.")
     device: str = Field("auto", description="torch device for the embedder: auto, cpu, cuda, cuda:N.")
@@ -38,8 +39,20 @@ class Settings(BaseSettings):
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default.")
     embed_batching: bool = Field(True, description="Adaptive batching of embed calls (off: one call per request).")
     embed_max_batch_size: int = Field(8, ge=2, description="Adaptive batching: most photos per batch.")
-    embed_max_latency_ms: int = Field(2000, ge=1, description="Adaptive batching: longest a photo may wait.")
+    embed_max_latency_ms: int = Field(1000, ge=1, description="Adaptive batching: longest a photo may wait.")
+    embed_deadline_s: float = Field(
+        1.2, gt=0, description="Deadline of one call to the embedder; a call past it is sent once more, then 503."
+    )
+    request_timeout_s: float = Field(10.0, gt=0, description="Longest an API request may run before a 503.")
     max_concurrency: int = Field(32, ge=1, description="Requests the entry service takes at once; more get 429.")
+    search_concurrency: int = Field(
+        16, ge=1, description="Requests in flight one entry replica handles well: the autoscaling target."
+    )
+    embedder_concurrency: int = Field(16, ge=1, description="Embed calls in flight one embedder replica handles well.")
+    cors_origins: list[str] = Field(
+        [], description='Origins allowed to call the API from a browser (JSON list, e.g. ["https://shop.example"]); '
+                        "empty: no cross-origin access."
+    )
     # --- building ----------------------------------------------------------------
     backbone: str = Field("efficientnet-lite0", description="Default backbone of new embedders.")
     max_bad_row_share: float = Field(

@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Iterator, Literal
 
+import bentoml
 from pydantic import BaseModel
 
 from model_store.registry import bentoml_home, get_model
@@ -131,6 +132,28 @@ def rollback(stage: Stage, *, note: str = "") -> Deployment:
         state.history.append(Event(action="rollback", stage=stage, index=back.index, embedder=back.embedder,
                                    at=dt.datetime.now(dt.timezone.utc), by=_who(), note=note))
     return back
+
+
+def delete(tag: str, *, force: bool = False) -> str:
+    """Remove a version (index or embedder) from the store. Refuses one that a stage serves, always, and
+    one a stage could roll back to, unless force; the check and the removal hold the stage lock, so a
+    promotion cannot slip in between."""
+    model = get_model(tag)
+    tag = str(model.tag)
+    with _locked_state() as state:
+        serving, fallback = [], []
+        for stage, stack in state.stack.items():
+            for i, d in enumerate(stack):
+                if tag in (d.index, d.embedder):
+                    (serving if i == len(stack) - 1 else fallback).append(stage)
+        if serving:
+            raise PromotionError(f"refusing to delete {tag}: {', '.join(sorted(set(serving)))} serves it. Promote "
+                                 "another version first.")
+        if fallback and not force:
+            raise PromotionError(f"refusing to delete {tag}: {', '.join(sorted(set(fallback)))} could roll back to "
+                                 "it. Pass --force to delete it anyway (that rollback would then fail).")
+        bentoml.models.delete(tag)
+    return tag
 
 
 def stage_of(tag: str) -> list[str]:

@@ -15,11 +15,14 @@ os.environ["IMAGESEARCH_STAGES_DIR"] = str(_HOME / "stages")
 
 import pytest  # noqa: E402
 
+from bench.server import Server as BenchServer  # noqa: E402
 from index_builder.build import build  # noqa: E402
 from index_builder.demo import make_demo_catalogue  # noqa: E402
+from model_store import stages  # noqa: E402
 from model_store.settings import get_settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "test-admin-token"
 
 
 def run_env(**extra: str) -> dict[str, str]:
@@ -64,3 +67,33 @@ def second_index(demo_catalogue):
 @pytest.fixture(scope="session")
 def python() -> str:
     return sys.executable
+
+
+class Server(BenchServer):
+    """The service with its own stage record and the test admin token."""
+
+    def __init__(self, stages_dir: Path, log: Path, bento: str = "service:ImageSearch", **env: str):
+        super().__init__(log, bento, IMAGESEARCH_STAGES_DIR=str(stages_dir), IMAGESEARCH_ADMIN_TOKEN=TOKEN,
+                         BENTOML_HOME=os.environ["BENTOML_HOME"], **env)
+
+
+@pytest.fixture(scope="session")
+def served_stages(tmp_path_factory, demo_index):
+    folder = tmp_path_factory.mktemp("served-stages")
+    os.environ["IMAGESEARCH_STAGES_DIR"], old = str(folder), os.environ["IMAGESEARCH_STAGES_DIR"]
+    stages.get_settings.cache_clear()
+    stages.promote(demo_index.tag, "production")
+    os.environ["IMAGESEARCH_STAGES_DIR"] = old
+    stages.get_settings.cache_clear()
+    return folder
+
+
+@pytest.fixture(scope="session")
+def server(served_stages, tmp_path_factory):
+    srv = Server(served_stages, tmp_path_factory.mktemp("logs") / "serve.log", IMAGESEARCH_FOLLOW_STAGE_S="0",
+                 IMAGESEARCH_MAX_IMAGE_BYTES="2000000", IMAGESEARCH_MAX_IMAGE_PIXELS="4000000")
+    try:
+        srv.wait()
+        yield srv
+    finally:
+        srv.stop()

@@ -23,7 +23,7 @@ from index_builder.extract import work_key
 from model_store.backbones import WeightsError, resolve_weights
 from model_store.embedder import load_embedder
 from model_store.index_artifact import ANNOY_FILE, SearchIndex
-from model_store.preprocess import image_to_array, load_image_file
+from model_store.preprocess import image_to_pixels, load_image_file
 from model_store.registry import bentoml_home, get_model, list_models
 from model_store.settings import INDEX_MODEL
 
@@ -58,7 +58,7 @@ def test_a_catalogue_photo_finds_its_own_item_first(demo_index, demo_catalogue):
     with open(demo_catalogue) as f:
         rows = list(csv.DictReader(f))[::7]
     for row in rows:
-        arr = image_to_array(load_image_file(demo_catalogue.parent / row["image_path"]), embedder.config.preprocess)
+        arr = image_to_pixels(load_image_file(demo_catalogue.parent / row["image_path"]), embedder.config.preprocess)
         best = index.search(embedder.embed(arr[None])[0], 5)
         assert best[0].item_id == row["item_id"] and best[0].score > 0.99
         assert len({m.item_id for m in best}) == 5  # several photos of one item count once

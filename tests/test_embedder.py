@@ -8,7 +8,7 @@ import torch
 
 from index_builder.demo import draw_object
 from model_store.embedder import Embedder, new_embedder, pick_device
-from model_store.preprocess import image_to_array
+from model_store.preprocess import image_to_pixels
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def lite0():
 @pytest.fixture(scope="module")
 def batch(lite0) -> np.ndarray:
     config, _ = lite0
-    return np.stack([image_to_array(draw_object(f, 0, 0), config.preprocess) for f in range(4)])
+    return np.stack([image_to_pixels(draw_object(f, 0, 0), config.preprocess) for f in range(4)])
 
 
 def test_cpu_vectors_are_unit_length_and_deterministic(lite0, batch):

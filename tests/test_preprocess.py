@@ -10,7 +10,7 @@ from PIL import Image
 
 from index_builder.demo import draw_object
 from index_builder.extract import PhotoDataset
-from model_store.preprocess import ImageError, PreprocessSpec, decode_image, image_to_array, to_rgb
+from model_store.preprocess import ImageError, PreprocessSpec, decode_image, image_to_pixels, to_rgb
 
 LIMITS = dict(max_bytes=5_000_000, max_pixels=4_000_000)
 
@@ -99,11 +99,12 @@ def test_decompression_bomb_is_refused():
         decode_image(bomb, max_bytes=10**9, max_pixels=10**10)
 
 
-def test_array_shape_and_normalisation(photo):
+def test_pixels_shape_and_crop(photo):
     spec = PreprocessSpec(resize=64, crop=56)
-    arr = image_to_array(photo.resize((120, 80)), spec)
-    assert arr.shape == (3, 56, 56) and arr.dtype == np.float32
-    assert -1.0 <= arr.min() and arr.max() <= 1.0
+    arr = image_to_pixels(photo.resize((120, 80)), spec)
+    assert arr.shape == (3, 56, 56) and arr.dtype == np.uint8
+    resized = np.asarray(photo.resize((120, 80)).resize((96, 64), Image.Resampling.BILINEAR, reducing_gap=3.0))
+    np.testing.assert_array_equal(arr.transpose(1, 2, 0), resized[4:60, 20:76])
 
 
 def test_builder_and_service_give_the_same_input(tmp_path, photo):
@@ -112,6 +113,6 @@ def test_builder_and_service_give_the_same_input(tmp_path, photo):
     photo.save(path, "JPEG", quality=90)
     spec = PreprocessSpec()
     _, from_file, error = PhotoDataset([path], spec)[0]
-    from_upload = image_to_array(decode_image(path.read_bytes(), **LIMITS), spec)
+    from_upload = image_to_pixels(decode_image(path.read_bytes(), **LIMITS), spec)
     assert error == ""
     np.testing.assert_array_equal(from_file, from_upload)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import csv
 import io
-import os
 import re
 import shutil
 import threading
@@ -17,23 +16,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench.server import Server as BenchServer
 from index_builder.demo import FAMILIES, draw_object
 from model_store import stages
 from model_store.index_artifact import ANNOY_FILE
 from model_store.registry import get_model, register
 from model_store.settings import INDEX_MODEL
 
+from conftest import TOKEN, Server
+
 pytestmark = pytest.mark.slow
-TOKEN = "test-admin-token"
-
-
-class Server(BenchServer):
-    """The service with its own stage record and the test admin token."""
-
-    def __init__(self, stages_dir: Path, log: Path, bento: str = "service:ImageSearch", **env: str):
-        super().__init__(log, bento, IMAGESEARCH_STAGES_DIR=str(stages_dir), IMAGESEARCH_ADMIN_TOKEN=TOKEN,
-                         BENTOML_HOME=os.environ["BENTOML_HOME"], **env)
 
 
 def png(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -44,28 +35,6 @@ def png(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
 
 def upload(data: bytes, name: str = "photo.png") -> dict:
     return {"image": (name, data, "application/octet-stream")}
-
-
-@pytest.fixture(scope="module")
-def served_stages(tmp_path_factory, demo_index):
-    folder = tmp_path_factory.mktemp("served-stages")
-    os.environ["IMAGESEARCH_STAGES_DIR"], old = str(folder), os.environ["IMAGESEARCH_STAGES_DIR"]
-    stages.get_settings.cache_clear()
-    stages.promote(demo_index.tag, "production")
-    os.environ["IMAGESEARCH_STAGES_DIR"] = old
-    stages.get_settings.cache_clear()
-    return folder
-
-
-@pytest.fixture(scope="module")
-def server(served_stages, tmp_path_factory):
-    srv = Server(served_stages, tmp_path_factory.mktemp("logs") / "serve.log", IMAGESEARCH_FOLLOW_STAGE_S="0",
-                 IMAGESEARCH_MAX_IMAGE_BYTES="2000000", IMAGESEARCH_MAX_IMAGE_PIXELS="4000000")
-    try:
-        srv.wait()
-        yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")
@@ -167,10 +136,10 @@ def _bad_requests(good: bytes) -> list[tuple[str, dict, dict, int, str]]:
         ("too many bytes", upload(png(noise)), {}, 413, "bytes; the limit is 2,000,000"),
         ("too many pixels", upload(png(Image.new("RGB", (3000, 3000)))), {}, 413, "pixels; the limit is 4,000,000"),
         ("missing image", {}, {"k": "3"}, 400, "image"),
-        ("k not a number", upload(good), {"k": "ten"}, 400, "valid integer"),
-        ("k zero", upload(good), {"k": "0"}, 400, "greater than or equal to 1"),
-        ("k negative", upload(good), {"k": "-4"}, 400, "greater than or equal to 1"),
-        ("k over limit", upload(good), {"k": "101"}, 400, "less than or equal to 100"),
+        ("k not a number", upload(good), {"k": "ten"}, 400, "k must be an integer from 1 to 100; got 'ten'"),
+        ("k zero", upload(good), {"k": "0"}, 400, "k must be an integer from 1 to 100"),
+        ("k negative", upload(good), {"k": "-4"}, 400, "k must be an integer from 1 to 100"),
+        ("k over limit", upload(good), {"k": "101"}, 400, "k must be an integer from 1 to 100"),
         ("unknown category", upload(good), {"category": "Spaceships"}, 400, "unknown category 'Spaceships'"),
         ("malformed date", upload(good), {"sold_after": "2024-13-45"}, 400, "sold_after"),
         ("price not a number", upload(good), {"min_price": "cheap"}, 400, "min_price"),
@@ -185,7 +154,7 @@ def test_every_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(server, d
     failures = []
     for name, files, data, status, message in _bad_requests(good):
         r = server.http.post("/search", files=files or None, data=data)
-        if r.status_code != status or not re.search(message, r.text):
+        if r.status_code != status or not re.search(message, r.json()["error"]) or set(r.json()) != {"error", "field"}:
             failures.append(f"{name}: {r.status_code} {r.text[:200]}")
     assert not failures, "\n".join(failures)
     too_many = [("images", (f"{i}.png", good, "image/png")) for i in range(17)]
@@ -344,12 +313,12 @@ def test_corrupt_or_missing_index_is_never_served(tmp_path, demo_index, monkeypa
 
 def test_random_weights_are_announced(demo_catalogue):
     from index_builder.build import build
-    from service import _load
+    from query.active import load_active
 
     s = build(demo_catalogue, backbone="vgg16", weights="random", image_size=64, pca_dim=0, progress=False,
               workers=0)
     deployment = stages.Deployment(index=s.tag, embedder=s.embedder, at="2026-01-01T00:00:00Z", by="test")
-    served = _load(deployment, Path(get_model(s.tag).path)).served
+    served = load_active(deployment, None, "production").served
     assert served.pretrained is False and "RANDOM" in served.warning
 
 

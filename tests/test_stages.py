@@ -11,7 +11,7 @@ import pytest
 from conftest import run_env
 from index_builder.build import build
 from model_store import stages
-from model_store.registry import register
+from model_store.registry import get_model, register
 from model_store.settings import INDEX_MODEL
 
 pytestmark = pytest.mark.slow
@@ -116,3 +116,29 @@ def test_cli(stages_dir, demo_index, second_index, python):
     assert cli("promote", demo_index.tag, "--stage", "prod").returncode == 2
     shown = json.loads(cli("show", demo_index.tag).stdout)
     assert shown["stages"] == ["production"] and shown["metadata"]["embedder"] == demo_index.embedder
+
+
+def test_delete_never_removes_what_a_stage_serves(stages_dir, demo_index, python):
+    env = run_env()
+
+    def cli(*args):
+        return subprocess.run([python, "-m", "model_store", *args], env=env, capture_output=True, text=True,
+                              timeout=120)
+
+    served, newer, spare = (low_recall_index(demo_index.embedder) for _ in range(3))
+    stages.promote(served, "staging", force=True)
+    refused = cli("delete", served)
+    assert refused.returncode == 2 and "staging serves it" in refused.stderr
+    assert cli("delete", served, "--force").returncode == 2  # not even forced
+    embedder = cli("delete", demo_index.embedder, "--force")
+    assert embedder.returncode == 2 and "serves it" in embedder.stderr
+    stages.promote(newer, "staging", force=True)
+    fallback = cli("delete", served)
+    assert fallback.returncode == 2 and "could roll back to it" in fallback.stderr
+    assert cli("delete", served, "--force").returncode == 0
+    gone = cli("delete", spare)
+    assert gone.returncode == 0 and spare in gone.stdout
+    for tag in (served, spare):
+        with pytest.raises(LookupError):
+            get_model(tag)
+    assert get_model(newer) and stages.current("staging").index == newer

@@ -6,7 +6,7 @@ from collections import Counter
 
 import numpy as np
 
-from interfaces import Estimate
+from query.models import Estimate
 from model_store.index_artifact import Match
 
 # Cosine similarities measured with EfficientNet-Lite0 GeM + PCA-256 on COIL-100 (docs/EVALUATION.md):

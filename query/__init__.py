@@ -1,0 +1,1 @@
+"""The query side: request guard and error shape, API models, pricing."""

@@ -1,0 +1,131 @@
+"""The API's form fields as BentoML declares them, checked the way a person would explain them.
+
+BentoML's own multipart parser answers 500 for a file under an unknown name or text where a file belongs,
+and dumps raw pydantic errors for bad values. Every field is checked here first, from the same input
+model BentoML builds from the endpoint's signature, so the rules are written once (in service.py).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Union, get_args, get_origin
+
+import annotated_types as at
+from pydantic import TypeAdapter, ValidationError
+from pydantic.fields import FieldInfo
+
+from query.errors import ApiError
+
+
+@dataclass(frozen=True)
+class FileField:
+    name: str
+    many: bool  # list[Path]: several files under one name
+    required: bool
+
+
+@dataclass(frozen=True)
+class TextField:
+    name: str
+    required: bool
+    expected: str  # "an integer from 1 to 100", said in every error about this field
+    adapter: TypeAdapter
+
+    def check(self, value: str) -> Any:
+        if value == "":
+            raise ApiError(f"{self.name} is empty: send {self.expected}, or leave the field out", field=self.name)
+        if not value.isprintable():
+            raise ApiError(f"{self.name} holds binary or control characters: send {self.expected}",
+                           field=self.name)
+        try:
+            parsed = self.adapter.validate_python(value)
+        except ValidationError:
+            shown = value if len(value) <= 40 else value[:37] + "..."
+            raise ApiError(f"{self.name} must be {self.expected}; got {shown!r}", field=self.name) from None
+        if isinstance(parsed, float) and not math.isfinite(parsed):
+            raise ApiError(f"{self.name} must be {self.expected}; got {value!r}", field=self.name)
+        return parsed
+
+    def encode(self, value: Any) -> str:
+        """The value as BentoML's multipart parser reads it back (it json-decodes every text part)."""
+        return json.dumps(value.isoformat() if isinstance(value, dt.date) else value)
+
+
+@dataclass(frozen=True)
+class EndpointFields:
+    """The fields one endpoint takes, by name."""
+
+    files: dict[str, FileField]
+    texts: dict[str, TextField]
+
+    @property
+    def names(self) -> list[str]:
+        return [*self.files, *self.texts]
+
+    @classmethod
+    def of(cls, input_model: Any) -> EndpointFields:
+        """From a BentoML API's input model (`Service.apis[name].input_spec`)."""
+        multipart = set(getattr(input_model, "multipart_fields", ()) or ())
+        files, texts = {}, {}
+        for name, info in input_model.model_fields.items():
+            if name in multipart:
+                files[name] = FileField(name, many=_is_list(info.annotation), required=info.is_required())
+            else:
+                texts[name] = TextField(name, info.is_required(), describe(info),
+                                        TypeAdapter(_with_constraints(info)))
+        return cls(files, texts)
+
+
+def _is_list(annotation: Any) -> bool:
+    if get_origin(annotation) is Union:
+        annotation = next(a for a in get_args(annotation) if a is not type(None))
+    return get_origin(annotation) is list
+
+
+def _base_type(annotation: Any) -> Any:
+    if get_origin(annotation) is Union:
+        return next(a for a in get_args(annotation) if a is not type(None))
+    return annotation
+
+
+def _with_constraints(info: FieldInfo) -> Any:
+    from typing import Annotated
+
+    base = _base_type(info.annotation)
+    return Annotated[(base, *info.metadata)] if info.metadata else base
+
+
+def _bounds(info: FieldInfo) -> tuple[Any, Any]:
+    low = high = None
+    for m in info.metadata:
+        if isinstance(m, (at.Ge, at.Gt)):
+            low = getattr(m, "ge", None) if isinstance(m, at.Ge) else m.gt
+        if isinstance(m, (at.Le, at.Lt)):
+            high = getattr(m, "le", None) if isinstance(m, at.Le) else m.lt
+    return low, high
+
+
+def describe(info: FieldInfo) -> str:
+    """What a valid value looks like, in words: 'an integer from 1 to 100', 'a date as YYYY-MM-DD'."""
+    base = _base_type(info.annotation)
+    low, high = _bounds(info)
+    span = (f" from {_num(low)} to {_num(high)}" if low is not None and high is not None else
+            f" of at least {_num(low)}" if low is not None else
+            f" of at most {_num(high)}" if high is not None else "")
+    if base is int:
+        return f"an integer{span}"
+    if base is float:
+        return f"a number{span}"
+    if base is dt.date:
+        return "a date as YYYY-MM-DD"
+    if base is str:
+        longest = next((m.max_length for m in info.metadata if isinstance(m, at.MaxLen)), None)
+        return f"text of at most {longest} characters" if longest else "text"
+    return f"a {getattr(base, '__name__', base)}"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"

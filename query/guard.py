@@ -1,0 +1,312 @@
+"""One guard in front of every endpoint: limits, field checks, a deadline and one error shape.
+
+An ASGI middleware that runs before BentoML's request parser. For the API endpoints it refuses load
+beyond `max_concurrency` (429), bodies over the byte limit (413) before reading them, and any form field
+that is unknown, missing, of the wrong kind or value (4xx naming the field); what passes is handed on
+re-encoded, so BentoML's parser only ever sees values it reads back exactly. Every answer of 400 or
+more, whoever produced it, leaves in the shape of query.errors.ErrorBody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import uuid
+from http import HTTPStatus
+from typing import Any, Awaitable, Callable
+
+from starlette.datastructures import Headers, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from query.errors import ApiError, ErrorBody, collect_errors, error_response
+from query.fields import EndpointFields
+from query.openapi import serve_amended
+
+log = logging.getLogger("bentoml.imagesearch")
+Scope, Message = dict[str, Any], dict[str, Any]
+Receive, Send = Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]
+TEXT_PART_BYTES = 64 * 1024
+
+
+class RequestGuard:
+    """ASGI middleware; `service` is the BentoML service whose API endpoints it guards."""
+
+    def __init__(self, app: Any, *, service: Any, max_concurrency: int, max_request_bytes: int,
+                 max_file_bytes: int, max_files: int, timeout_s: float,
+                 not_ready_reason: Callable[[], str | None] = lambda: None) -> None:
+        self.app = app
+        self.endpoints = {"/" + m.route.strip("/"): EndpointFields.of(m.input_spec) for m in service.apis.values()}
+        self.slots = asyncio.Semaphore(max_concurrency)
+        self.max_concurrency, self.max_request_bytes = max_concurrency, max_request_bytes
+        self.max_file_bytes, self.max_files, self.timeout_s = max_file_bytes, max_files, timeout_s
+        self.not_ready_reason = not_ready_reason
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        shaper = ErrorShaper(scope, send, collect_errors(), self.not_ready_reason)
+        try:
+            await self._serve(scope, receive, shaper)
+        except Exception:  # noqa: BLE001
+            # Answer now: BentoML's TimeoutMiddleware would otherwise hold the client for its whole timeout
+            # (30 s, then 504) when the app raises before sending anything.
+            log.exception("%s %s failed", scope["method"], scope["path"])
+            if not shaper.started:
+                await _answer(scope, shaper.send, ApiError("internal error: the server log has the details; retry",
+                                                           HTTPStatus.INTERNAL_SERVER_ERROR))
+
+    async def _serve(self, scope: Scope, receive: Receive, shaper: ErrorShaper) -> None:
+        if scope["path"] == "/docs.json" and scope["method"] == "GET":
+            return await serve_amended(self.app, scope, receive, shaper.send)
+        fields = self.endpoints.get(scope["path"]) if scope["method"] == "POST" else None
+        if fields is None:
+            return await self.app(scope, receive, shaper.send)
+        if self.slots.locked():
+            return await _answer(scope, shaper.send, ApiError(
+                f"the service has {self.max_concurrency} requests in flight, its limit: retry in a second",
+                HTTPStatus.TOO_MANY_REQUESTS), headers={"Retry-After": "1"})
+        async with self.slots:
+            try:
+                body = await read_body(scope, receive, self.max_request_bytes)
+                if fields.names:
+                    scope, body = await self.checked(scope, body, fields)
+                else:  # an endpoint without inputs ignores any body, rather than let BentoML's parser choke on it
+                    scope, body = _with_body(scope, b"", None), b""
+            except ApiError as exc:
+                return await _answer(scope, shaper.send, exc)
+            try:
+                await asyncio.wait_for(self.app(scope, _replay(body), shaper.send), self.timeout_s)
+            except asyncio.TimeoutError:
+                log.error("%s took over %.0f s and was stopped", scope["path"], self.timeout_s)
+                if not shaper.started:
+                    await _answer(scope, shaper.send, ApiError(
+                        f"the request took longer than {self.timeout_s:g} s and was stopped: retry",
+                        HTTPStatus.SERVICE_UNAVAILABLE))
+
+    async def checked(self, scope: Scope, body: bytes, fields: EndpointFields) -> tuple[Scope, bytes]:
+        """Every field present, known, of its kind and valid; returns the request re-encoded."""
+        headers = Headers(scope=scope)
+        ctype = headers.get("content-type", "")
+        first_file = next(iter(fields.files), None)
+        if not ctype.startswith("multipart/form-data"):
+            example = f" (curl -F {first_file}=@photo.jpg)" if first_file else ""
+            if first_file and (not body or ctype.startswith("application/x-www-form-urlencoded")):
+                raise ApiError(f"{first_file} is missing: send the photo as a file in a multipart/form-data "
+                               f"request{example}", field=first_file)  # a form without its file
+            raise ApiError(f"send the request as multipart/form-data{example}; got Content-Type "
+                           f"{ctype or 'none'}", HTTPStatus.UNSUPPORTED_MEDIA_TYPE)
+        form = await _parse(headers, body, fields, self.max_files)
+        try:
+            _refuse_unknown(form, fields, scope["path"])
+            files = [part for f in fields.files.values() for part in await self._files(form, f)]
+            texts = [(t.name, t.encode(t.check(v))) for t in fields.texts.values()
+                     if (v := _text(form, t)) is not None]
+        finally:
+            await form.close()
+        body, boundary = encode_multipart(texts, files)
+        return _with_body(scope, body, f"multipart/form-data; boundary={boundary}"), body
+
+    async def _files(self, form: Any, f: Any) -> list[tuple[str, str, str, bytes]]:
+        values = form.getlist(f.name)
+        how = f"send the photo as a file part named {f.name!r} (curl -F {f.name}=@photo.jpg)"
+        if not values and f.required:
+            raise ApiError(f"{f.name} is missing: {how}", field=f.name)
+        if any(not isinstance(v, UploadFile) for v in values):
+            raise ApiError(f"{f.name} must be a file upload, not text: {how}", field=f.name)
+        if not f.many and len(values) > 1:
+            raise ApiError(f"{f.name} was sent {len(values)} times: send one photo", field=f.name)
+        if f.many and len(values) > self.max_files:
+            raise ApiError(f"send 1 to {self.max_files} photos in {f.name}; got {len(values)}", field=f.name)
+        parts = []
+        for i, v in enumerate(values):
+            name = f"{f.name}[{i}]" if f.many else f.name
+            if v.size == 0:
+                raise ApiError(f"{name} is empty (0 bytes): upload a JPEG, PNG or WebP photo",
+                               HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f.name)
+            if v.size > self.max_file_bytes:
+                raise ApiError(f"{name} is {v.size:,} bytes; the limit is {self.max_file_bytes:,}: send a smaller "
+                               "photo", HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f.name)
+            parts.append((f.name, _safe_filename(v.filename), v.content_type or "application/octet-stream",
+                          await v.read()))
+        return parts
+
+
+class ErrorShaper:
+    """Wraps `send`: an answer of 400 or more is held back and re-sent as ErrorBody JSON."""
+
+    def __init__(self, scope: Scope, send: Send, raised: list[ApiError], not_ready_reason: Callable[[], str | None]):
+        self.scope, self._send, self.raised, self.not_ready_reason = scope, send, raised, not_ready_reason
+        self.started = False
+        self._held: Message | None = None
+        self._chunks: list[bytes] = []
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+            if message["status"] < 400:
+                return await self._send(message)
+            self._held = message
+            return
+        if message["type"] != "http.response.body" or self._held is None:
+            return await self._send(message)
+        self._chunks.append(message.get("body", b""))
+        if message.get("more_body"):
+            return
+        status = self._held["status"]
+        try:
+            shaped = self.reshape(status, b"".join(self._chunks))
+        except Exception:  # noqa: BLE001 -- an answer must leave whatever went wrong here
+            log.exception("could not reshape a %s answer", status)
+            shaped = ErrorBody(error=f"{HTTPStatus(status).phrase}")
+        body = json.dumps(shaped.model_dump()).encode()
+        headers = [(k, v) for k, v in self._held["headers"] if k.lower() not in (b"content-type", b"content-length")]
+        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await self._send({"type": "http.response.start", "status": status, "headers": headers})
+        await self._send({"type": "http.response.body", "body": body})
+
+    def reshape(self, status: int, body: bytes) -> ErrorBody:
+        mine = next((e for e in reversed(self.raised) if e.status == status), None)
+        if mine is not None:
+            return ErrorBody(error=mine.message, field=mine.field)
+        method, path = self.scope["method"], self.scope["path"]
+        if status == 404:
+            return ErrorBody(error=f"there is no {method} {path}: the API is listed at /")
+        if status == 405:
+            return ErrorBody(error=f"{path} does not take {method}: the API at / lists the methods")
+        if status == 503 and path == "/readyz":
+            return ErrorBody(error=f"not ready: {self.not_ready_reason() or 'starting up'}")
+        found = _message_in(body)
+        if found is not None and status < 500:
+            return found
+        if status == 504:
+            return ErrorBody(error="the request took too long and was stopped: retry")
+        if status >= 500:
+            return ErrorBody(error=f"internal error ({status}): the server log has the details; retry later")
+        return ErrorBody(error=f"{HTTPStatus(status).phrase}")
+
+
+def _message_in(body: bytes) -> ErrorBody | None:
+    """The message of BentoML's own error bodies: {"error": ...}, [{"error": ...}], or pydantic's detail."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        text = body.decode("utf-8", "replace").strip()
+        return ErrorBody(error=text) if text else None
+    if isinstance(data, list) and data and isinstance(data[0], dict):
+        data = data[0]
+    if not isinstance(data, dict):
+        return None
+    detail = data.get("detail")
+    if isinstance(detail, list) and detail and isinstance(detail[0], dict):
+        loc = detail[0].get("loc") or []
+        field = str(loc[-1]) if loc else None
+        message = detail[0].get("msg", "invalid value")
+        return ErrorBody(error=f"{field}: {message}" if field else f"the request body is not valid: {message}",
+                         field=field)
+    return ErrorBody(error=str(data["error"])) if "error" in data else None
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """The whole request body; 413 as soon as it passes `limit` bytes (at once when Content-Length says so)."""
+    declared = Headers(scope=scope).get("content-length")
+    if declared is not None and not declared.isdigit():
+        raise ApiError(f"Content-Length {declared!r} is not a number of bytes")
+    if declared is not None and int(declared) > limit:
+        raise ApiError(f"the request is {int(declared):,} bytes; the limit is {limit:,}: send fewer or smaller "
+                       "photos", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ApiError("the client went away before the request was complete")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(f"the request is over {limit:,} bytes, the limit: send fewer or smaller photos",
+                           HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+async def _parse(headers: Headers, body: bytes, fields: EndpointFields, max_files: int) -> Any:
+    async def stream():
+        yield body
+
+    n_files = sum(max_files if f.many else 1 for f in fields.files.values()) + 1
+    parser = MultiPartParser(headers, stream(), max_files=n_files + max_files, max_fields=len(fields.texts) + 16,
+                             max_part_size=TEXT_PART_BYTES)
+    try:
+        return await parser.parse()
+    except MultiPartException as exc:
+        raise ApiError(f"the multipart body cannot be read ({exc.message}): send a well-formed multipart/form-data "
+                       f"request with fields {', '.join(fields.names)}") from None
+
+
+def _refuse_unknown(form: Any, fields: EndpointFields, path: str) -> None:
+    for name, value in form.multi_items():
+        if name in fields.names:
+            continue
+        hint = ""
+        if isinstance(value, UploadFile) and len(fields.files) == 1:
+            hint = f" (send the photo as {next(iter(fields.files))!r})"
+        raise ApiError(f"unknown field {name!r}{hint}: {path} takes {', '.join(fields.names)}", field=name)
+
+
+def _text(form: Any, t: Any) -> str | None:
+    values = form.getlist(t.name)
+    if not values:
+        if t.required:
+            raise ApiError(f"{t.name} is missing: send {t.expected}", field=t.name)
+        return None
+    if len(values) > 1:
+        raise ApiError(f"{t.name} was sent {len(values)} times: send it once", field=t.name)
+    if isinstance(values[0], UploadFile):
+        raise ApiError(f"{t.name} must be a plain form value, not a file: send {t.expected}", field=t.name)
+    return values[0]
+
+
+def _safe_filename(name: str | None) -> str:
+    """A file name BentoML can store (it fails on '/', BentoML issue 5532); the suffix is kept."""
+    base = re.sub(r"[^A-Za-z0-9._-]", "_", (name or "").replace("\\", "/").rsplit("/", 1)[-1])[-100:]
+    return base.lstrip(".") or "upload"
+
+
+def encode_multipart(texts: list[tuple[str, str]], files: list[tuple[str, str, str, bytes]]) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    out = []
+    for name, value in texts:
+        out.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+    for name, filename, ctype, data in files:
+        out.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+                   f'Content-Type: {ctype}\r\n\r\n'.encode() + data + b"\r\n")
+    out.append(f"--{boundary}--\r\n".encode())
+    return b"".join(out), boundary
+
+
+def _with_body(scope: Scope, body: bytes, content_type: str | None) -> Scope:
+    """The scope with headers that describe `body` (no Content-Type when None)."""
+    raw = [(k, v) for k, v in scope["headers"] if k.lower() not in (b"content-type", b"content-length")]
+    raw.append((b"content-length", str(len(body)).encode()))
+    if content_type:
+        raw.append((b"content-type", content_type.encode()))
+    return {**scope, "headers": raw}
+
+
+def _replay(body: bytes) -> Receive:
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if sent:
+            await asyncio.Event().wait()  # like a client that keeps the connection open
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
+
+
+async def _answer(scope: Scope, send: Send, exc: ApiError, headers: dict | None = None) -> None:
+    await error_response(exc.message, exc.status, exc.field, headers)(scope, _replay(b""), send)

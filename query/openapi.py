@@ -1,0 +1,82 @@
+"""BentoML's OpenAPI document (/docs.json, shown at /), amended to say what this API really answers:
+the one error shape for every 4xx and 5xx, the statuses each endpoint can give, and GET /index."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from query.errors import ErrorBody
+from query.models import IndexInfo
+
+DESCRIPTION = """Reverse image search over sold estate-sale items: upload a photo, get the most similar sold items
+and an expected price.
+
+**Errors.** Every 4xx and 5xx answer has one shape, `{"error": "what is wrong and what to send", "field":
+"the request field at fault, or null"}`: 400 a field is missing, unknown or invalid; 401 no admin token; 404 no
+such endpoint; 405 wrong method; 409 a reload that cannot be done; 413 a photo or request over the limits; 415
+not a photo (or not multipart/form-data); 429 over capacity, retry in a second; 503 not ready or the embedder
+is restarting, retry in a few seconds."""
+
+STATUSES = {"400": "A field is missing, unknown or invalid", "413": "A photo or the request is over the limits",
+            "415": "Not a photo the service can read, or not multipart/form-data",
+            "429": "Over capacity: retry in a second", "503": "Not ready, or the embedder is restarting"}
+
+
+def amend(doc: dict[str, Any]) -> dict[str, Any]:
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    error = ErrorBody.model_json_schema()
+    for name in ("InvalidArgument", "NotFound", "InternalServerError"):  # BentoML's own, whose shape we replaced
+        schemas[name] = {**error, "title": name}
+    schemas["ErrorBody"] = error
+    ref = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+    for path, ops in doc.get("paths", {}).items():
+        for op in ops.values():
+            if path in ("/search", "/estimate", "/search_batch", "/reload"):
+                for status, text in STATUSES.items():
+                    op.setdefault("responses", {})[status] = {"description": text, "content": ref}
+    info = IndexInfo.model_json_schema(ref_template="#/components/schemas/{model}")
+    schemas.update(info.pop("$defs", {}))
+    schemas["IndexInfo"] = info
+    doc.setdefault("paths", {})["/index"] = {"get": {
+        "summary": "The served index: version, stage, counts, embedder, categories and build metadata",
+        "responses": {"200": {"description": "Successful Response",
+                              "content": {"application/json": {"schema": {"$ref": "#/components/schemas/IndexInfo"}}}},
+                      "503": {"description": "Not ready", "content": ref}}}}
+    doc.setdefault("info", {})["description"] = DESCRIPTION
+    _mark_nullable(doc)
+    return doc
+
+
+def _mark_nullable(node: Any) -> None:
+    """BentoML drops the null of optional answer fields (`float | None = None` becomes "type": "number"):
+    put it back as OpenAPI 3.0's nullable, so the document matches the answers."""
+    if isinstance(node, dict):
+        if "default" in node and node["default"] is None and "type" in node:
+            node["nullable"] = True
+        for value in node.values():
+            _mark_nullable(value)
+    elif isinstance(node, list):
+        for value in node:
+            _mark_nullable(value)
+
+
+async def serve_amended(app: Any, scope: dict, receive: Any, send: Any) -> None:
+    """Run `app` for GET /docs.json and send its document amended."""
+    held: dict = {}
+    chunks: list[bytes] = []
+
+    async def capture(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            held.update(message)
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    await app(scope, receive, capture)
+    body = b"".join(chunks)
+    if held.get("status") == 200:
+        body = json.dumps(amend(json.loads(body))).encode()
+    headers = [(k, v) for k, v in held.get("headers", []) if k.lower() != b"content-length"]
+    await send({"type": "http.response.start", "status": held.get("status", 500),
+                "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

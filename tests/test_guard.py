@@ -1,0 +1,152 @@
+"""Malformed and hostile requests against a real `bentoml serve`: every one gets a 4xx in the one error shape
+that names the field and says what to send; nothing gets a 5xx; the server keeps answering."""
+
+from __future__ import annotations
+
+import io
+import re
+import socket
+
+import httpx
+import pytest
+from PIL import Image
+
+from index_builder.demo import draw_object
+
+pytestmark = pytest.mark.slow
+
+
+def png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+GOOD = png(draw_object(2, 1, 30))
+PHOTO = ("photo.png", GOOD, "image/png")
+
+
+def raw_multipart(parts: list[tuple[str, str | None, bytes]], boundary: str = "XyZ") -> tuple[bytes, dict]:
+    """A hand-made multipart body: (name, filename or None, content) per part."""
+    out = b""
+    for name, filename, content in parts:
+        disp = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        out += f"--{boundary}\r\nContent-Disposition: {disp}\r\n\r\n".encode() + content + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode(), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+# (name, method, path, request kwargs, status, message pattern, field)
+CASES = [
+    ("photo under another name", "POST", "/search", {"files": {"photo": PHOTO}}, 400,
+     r"unknown field 'photo' \(send the photo as 'image'\)", "photo"),
+    ("text where the photo belongs", "POST", "/search", {"data": {"image": "hello"}, "files": {"x": PHOTO}}, 400,
+     r"unknown field 'x'|image must be a file upload", None),
+    ("only text in image", "POST", "/search", {"content": raw_multipart([("image", None, b"hello")])}, 400,
+     r"image must be a file upload, not text", "image"),
+    ("nan price", "POST", "/search", {"files": {"image": PHOTO}, "data": {"max_price": "nan"}}, 400,
+     r"max_price must be a number from 0 to \d+; got 'nan'", "max_price"),
+    ("infinite price", "POST", "/search", {"files": {"image": PHOTO}, "data": {"min_price": "1e400"}}, 400,
+     r"min_price must be a number", "min_price"),
+    ("negative price", "POST", "/search", {"files": {"image": PHOTO}, "data": {"max_price": "-5"}}, 400,
+     r"max_price must be a number from 0", "max_price"),
+    ("absurd k", "POST", "/search", {"files": {"image": PHOTO}, "data": {"k": "99999999999999999999"}}, 400,
+     r"k must be an integer from 1 to 100", "k"),
+    ("fractional k", "POST", "/search", {"files": {"image": PHOTO}, "data": {"k": "2.5"}}, 400,
+     r"k must be an integer", "k"),
+    ("empty k", "POST", "/search", {"content": raw_multipart([("image", "p.png", GOOD), ("k", None, b"")])}, 400,
+     r"k is empty", "k"),
+    ("binary in a text field", "POST", "/search",
+     {"content": raw_multipart([("image", "p.png", GOOD), ("category", None, b"\x00\x01\xff\xfe")])}, 400,
+     r"category", "category"),
+    ("file where text belongs", "POST", "/search", {"files": {"image": PHOTO, "k": ("k.txt", b"3", "text/plain")}},
+     400, r"k must be a plain form value, not a file", "k"),
+    ("k twice", "POST", "/search", {"content": raw_multipart([("image", "p.png", GOOD), ("k", None, b"3"),
+                                                             ("k", None, b"4")])}, 400, r"k was sent 2 times", "k"),
+    ("two photos in image", "POST", "/search", {"files": [("image", PHOTO), ("image", PHOTO)]}, 400,
+     r"image was sent 2 times", "image"),
+    ("malformed date", "POST", "/estimate", {"files": {"image": PHOTO}, "data": {"sold_before": "yesterday"}}, 400,
+     r"sold_before must be a date as YYYY-MM-DD; got 'yesterday'", "sold_before"),
+    ("long category", "POST", "/search", {"files": {"image": PHOTO}, "data": {"category": "x" * 500}}, 400,
+     r"category must be text of at most 200 characters", "category"),
+    ("empty photo", "POST", "/search", {"files": {"image": ("e.png", b"", "image/png")}}, 415,
+     r"image is empty \(0 bytes\)", "image"),
+    ("photo is text", "POST", "/estimate", {"files": {"image": ("n.txt", b"just text", "text/plain")}}, 415,
+     r"not an image", "image"),
+    ("JSON body", "POST", "/search", {"json": {"image": "http://127.0.0.1:1/x.jpg"}}, 415,
+     r"send the request as multipart/form-data", None),
+    ("no body", "POST", "/search", {}, 400, r"image is missing", "image"),
+    ("form without a file", "POST", "/search", {"data": {"k": "3"}}, 400, r"image is missing", "image"),
+    ("broken multipart", "POST", "/search",
+     {"content": b"--nope\r\ngarbage", "headers": {"Content-Type": "multipart/form-data; boundary=XyZ"}}, 400,
+     r"image is missing|cannot be read", None),
+    ("multipart without boundary", "POST", "/search",
+     {"content": b"abc", "headers": {"Content-Type": "multipart/form-data"}}, 400, r"cannot be read|missing", None),
+    ("17 photos in a batch", "POST", "/search_batch", {"files": [("images", PHOTO)] * 17}, 400,
+     r"send 1 to 16 photos in images; got 17", "images"),
+    ("batch photos under image", "POST", "/search_batch", {"files": {"image": PHOTO}}, 400,
+     r"unknown field 'image' \(send the photo as 'images'\)", "image"),
+    ("wrong method", "GET", "/search", {}, 405, r"/search does not take GET", None),
+    ("unknown endpoint", "POST", "/upload", {"files": {"image": PHOTO}}, 404, r"there is no POST /upload", None),
+    ("reload with a body it does not take", "POST", "/reload", {"content": raw_multipart([("x", None, b"1")])}, 401,
+     r"admin token", None),
+    ("reload without token", "POST", "/reload", {}, 401, r"admin token", None),
+]
+
+
+def send(server, method: str, path: str, kwargs: dict) -> httpx.Response:
+    kwargs = dict(kwargs)
+    if isinstance(kwargs.get("content"), tuple):
+        kwargs["content"], kwargs["headers"] = kwargs["content"]
+    return server.http.request(method, path, **kwargs)
+
+
+def test_every_malformed_request_gets_one_clear_4xx_and_the_server_keeps_serving(server):
+    failures = []
+    for name, method, path, kwargs, status, pattern, field in CASES:
+        r = send(server, method, path, kwargs)
+        try:
+            body = r.json()
+        except ValueError:
+            body = {}
+        shaped = isinstance(body, dict) and set(body) == {"error", "field"} and isinstance(body["error"], str)
+        if r.status_code != status or not shaped or not re.search(pattern, body.get("error", "")) or \
+                (field is not None and body.get("field") != field):
+            failures.append(f"{name}: {r.status_code} {r.text[:300]}")
+    assert not failures, "\n".join(failures)
+    r = server.http.post("/search", files={"image": PHOTO}, data={"k": "2"})
+    assert r.status_code == 200 and len(r.json()["results"]) == 2
+
+
+def test_a_huge_declared_body_is_refused_before_it_is_sent(server):
+    """413 from the headers alone: the client need not upload gigabytes to learn the limit."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=XyZ\r\n"
+                     b"Content-Length: 999999999999\r\n\r\n--XyZ\r\n")
+        answer = b""
+        while b"}" not in answer:
+            answer += sock.recv(65536)
+    text = answer.decode("latin-1")
+    assert text.startswith("HTTP/1.1 413") and '"the request is 999,999,999,999 bytes; the limit is' in text
+
+
+def test_file_names_bentoml_cannot_store_are_accepted(server):
+    """BentoML issue 5532: an upload named with a '/' failed; the guard passes on a safe name."""
+    r = server.http.post("/search", files={"image": ("../../etc/pa\"ss wd.png", GOOD, "image/png")})
+    assert r.status_code == 200, r.text
+
+
+def test_openapi_page_documents_the_error_shape(server):
+    doc = server.http.get("/docs.json").json()
+    assert set(doc["components"]["schemas"]["ErrorBody"]["properties"]) == {"error", "field"}
+    responses = doc["paths"]["/search"]["post"]["responses"]
+    for status in ("400", "413", "415", "429", "503"):
+        assert responses[status]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
+    assert '"field"' in doc["info"]["description"] and "/index" in doc["paths"]
+
+
+def test_cors_is_closed_by_default(server):
+    r = server.http.options("/search", headers={"Origin": "https://elsewhere.example",
+                                                "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in r.headers
+    r = server.http.post("/search", files={"image": PHOTO}, headers={"Origin": "https://elsewhere.example"})
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers

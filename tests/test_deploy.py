@@ -1,0 +1,279 @@
+"""deploy/*.yaml against their schemas, offline.
+
+- Core Kubernetes kinds: the JSON schemas that the `kubernetes-validate` wheel ships (strict: no
+  unknown fields), checked with jsonschema.
+- The KEDA ScaledObject: the CRD's openAPIV3Schema vendored in deploy/schemas/, checked with
+  jsonschema, made strict the way `kubectl apply` (server-side field validation) treats a CRD.
+- deploy/bentocloud.yaml: BentoML's own deployment-config classes, structured and checked the way
+  `bentoml deploy -f` / `bentoml deployment create -f` does before it calls BentoCloud.
+
+Each validator also gets a broken copy that must fail, so none of these can pass vacuously.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import socket
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "deploy" / "k8s.yaml"
+BENTOCLOUD = ROOT / "deploy" / "bentocloud.yaml"
+KEDA_SCHEMA = ROOT / "deploy" / "schemas" / "keda.sh_scaledobjects.v1alpha1.yaml"
+SERVICE_PY = ROOT / "service.py"
+
+K8S_VERSION = "1.37"  # newest schema set in kubernetes-validate 1.37.0
+IN_FLIGHT_METRIC = "bentoml_service_request_in_progress"
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    """Validation must never reach a network: any connection attempt fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("test_deploy tried to open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+def k8s_docs() -> list[dict]:
+    return [d for d in yaml.safe_load_all(K8S.read_text()) if d]
+
+
+def k8s_doc(kind: str) -> dict:
+    found = [d for d in k8s_docs() if d["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind} in {K8S.name}, found {len(found)}"
+    return found[0]
+
+
+def validate_core(doc: dict) -> None:
+    kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def _strict(schema):
+    """additionalProperties: false on every object schema that lists properties and says nothing
+    about extra keys: the API server rejects unknown CRD fields under strict field validation."""
+    if isinstance(schema, dict):
+        schema = {k: _strict(v) for k, v in schema.items()}
+        if ("properties" in schema and "additionalProperties" not in schema
+                and not schema.get("x-kubernetes-preserve-unknown-fields")):
+            schema["additionalProperties"] = False
+        return schema
+    if isinstance(schema, list):
+        return [_strict(v) for v in schema]
+    return schema
+
+
+def keda_validator() -> jsonschema.protocols.Validator:
+    schema = _strict(yaml.safe_load(KEDA_SCHEMA.read_text()))
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def validate_scaledobject(doc: dict) -> None:
+    keda_validator().validate(doc)
+    # The CRD's CEL rule (x-kubernetes-validations), which jsonschema does not run.
+    spec = doc["spec"]
+    assert spec.get("minReplicaCount", 0) <= spec.get("maxReplicaCount", 100), \
+        "minReplicaCount must be less than or equal to maxReplicaCount"
+
+
+def validate_bentocloud(cfg: dict):
+    """What `bentoml deployment create -f` does with the file before any network call:
+    structure it into CreateDeploymentSchema (v2) and fix/validate the scaling bounds.
+    `cluster` is popped by the CLI, not part of the schema. Unknown keys are dropped silently by
+    BentoML's converter, so a round trip must give the file back unchanged."""
+    from bentoml._internal.cloud.deployment import DeploymentAPI
+    from bentoml._internal.cloud.schemas.schemasv2 import CreateDeploymentSchema
+    from bentoml._internal.utils.cattr import bentoml_cattr
+
+    cfg = {k: v for k, v in cfg.items() if k != "cluster"}
+    struct = bentoml_cattr.structure(cfg, CreateDeploymentSchema)
+    assert bentoml_cattr.unstructure(struct) == cfg, "keys BentoML does not know were dropped"
+    DeploymentAPI._fix_and_validate_schema(struct)
+    return struct
+
+
+def service_decorators() -> dict[str, str]:
+    """{class name: text of its @bentoml.service(...) decorator} from service.py, not imported."""
+    src = SERVICE_PY.read_text()
+    found = {m.group(2): m.group(1) for m in re.finditer(
+        r"^(@bentoml\.service\b.*?)^class\s+(\w+)", src, re.S | re.M)}
+    assert found, "no @bentoml.service class found in service.py"
+    return found
+
+
+def service_names() -> set[str]:
+    names = set()
+    for cls, deco in service_decorators().items():
+        m = re.search(r"\bname\s*=\s*[\"']([^\"']+)[\"']", deco)  # @bentoml.service(name=...)
+        names.add(m.group(1) if m else cls)
+    return names
+
+
+# ---------------------------------------------------------------------------------------------
+# Kubernetes core kinds
+
+def test_k8s_schemas_are_bundled_offline():
+    assert kubernetes_validate.latest_version().startswith(K8S_VERSION)
+
+
+def test_k8s_manifest_kinds():
+    kinds = sorted(d["kind"] for d in k8s_docs())
+    assert kinds == ["Deployment", "ScaledObject", "Service"]  # the CPU HPA is gone
+
+
+@pytest.mark.parametrize("kind", ["Deployment", "Service"])
+def test_k8s_core_kinds_validate(kind):
+    validate_core(k8s_doc(kind))
+
+
+def _typo_in_probe(doc):
+    c = doc["spec"]["template"]["spec"]["containers"][0]
+    c["readinesProbe"] = c.pop("readinessProbe")
+
+
+def _port_as_word(doc):
+    doc["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "three-thousand"
+
+
+def _no_selector(doc):
+    del doc["spec"]["selector"]
+
+
+@pytest.mark.parametrize("breakage", [_typo_in_probe, _port_as_word, _no_selector])
+def test_k8s_broken_deployment_fails(breakage):
+    doc = copy.deepcopy(k8s_doc("Deployment"))
+    breakage(doc)
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate_core(doc)
+
+
+def test_k8s_deployment_probes_and_scrape_annotations():
+    dep = k8s_doc("Deployment")
+    pod = dep["spec"]["template"]
+    c = pod["spec"]["containers"][0]
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 3000}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/livez", "port": 3000}
+    assert "replicas" not in dep["spec"], "the ScaledObject owns the replica count"
+    ann = pod["metadata"]["annotations"]
+    assert ann["prometheus.io/scrape"] == "true"
+    assert ann["prometheus.io/port"] == "3000"
+    assert ann["prometheus.io/path"] == "/metrics"
+    assert k8s_doc("Service")["spec"]["selector"] == pod["metadata"]["labels"]
+
+
+# ---------------------------------------------------------------------------------------------
+# KEDA ScaledObject
+
+def test_keda_schema_is_vendored_with_its_source():
+    head = KEDA_SCHEMA.read_text().split("\ndescription:", 1)[0]
+    for needle in ("kedacore/keda", "keda.sh_scaledobjects.yaml", "v2.20.2", "Apache-2.0"):
+        assert needle in head
+
+
+def test_scaledobject_validates():
+    validate_scaledobject(k8s_doc("ScaledObject"))
+
+
+def _threshold_as_int(doc):
+    doc["spec"]["triggers"][0]["metadata"]["threshold"] = 16  # metadata values must be strings
+
+
+def _typo_in_spec(doc):
+    doc["spec"]["maxReplicas"] = doc["spec"].pop("maxReplicaCount")
+
+
+def _no_triggers(doc):
+    doc["spec"]["triggers"] = []
+
+
+def _min_above_max(doc):
+    doc["spec"]["minReplicaCount"] = 11
+
+
+@pytest.mark.parametrize("breakage", [_threshold_as_int, _typo_in_spec, _no_triggers, _min_above_max])
+def test_scaledobject_broken_copy_fails(breakage):
+    doc = copy.deepcopy(k8s_doc("ScaledObject"))
+    breakage(doc)
+    with pytest.raises((jsonschema.ValidationError, AssertionError)):
+        validate_scaledobject(doc)
+
+
+def test_scaledobject_scales_the_deployment_on_requests_in_flight():
+    so = k8s_doc("ScaledObject")
+    dep = k8s_doc("Deployment")
+    spec = so["spec"]
+    assert so["apiVersion"] == "keda.sh/v1alpha1"
+    assert spec["scaleTargetRef"]["name"] == dep["metadata"]["name"]
+    assert spec["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
+    assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (2, 10)
+    (trigger,) = spec["triggers"]
+    assert trigger["type"] == "prometheus"
+    assert trigger.get("metricType", "AverageValue") == "AverageValue"
+    query = trigger["metadata"]["query"]
+    assert IN_FLIGHT_METRIC in query
+    # In a built Bento service_name is the Bento's name; the service class is runner_name.
+    assert 'runner_name="ImageSearch"' in query
+    assert float(trigger["metadata"]["threshold"]) == 16
+
+
+def test_scaledobject_threshold_matches_service_concurrency():
+    """The autoscaler's target per pod is the concurrency the entry service declares to BentoML."""
+    from model_store.settings import Settings
+
+    deco = service_decorators()["ImageSearch"]
+    assert re.search(r"[\"']concurrency[\"']\s*:\s*settings\.search_concurrency", deco), deco
+    threshold = float(k8s_doc("ScaledObject")["spec"]["triggers"][0]["metadata"]["threshold"])
+    assert threshold == Settings().search_concurrency
+
+
+# ---------------------------------------------------------------------------------------------
+# BentoCloud
+
+def test_bentocloud_config_validates():
+    struct = validate_bentocloud(yaml.safe_load(BENTOCLOUD.read_text()))
+    assert struct.bento == "estate-image-search:latest"
+    search = struct.services["ImageSearch"].scaling
+    assert (search.min_replicas, search.max_replicas) == (2, 10)
+
+
+def test_bentocloud_services_match_service_py():
+    cfg = yaml.safe_load(BENTOCLOUD.read_text())
+    assert set(cfg["services"]) == service_names() == {"ImageSearch", "Embedder"}
+
+
+def _typo_in_scaling(cfg):
+    svc = cfg["services"]["ImageSearch"]
+    svc["scalling"] = svc.pop("scaling")
+
+
+def _replicas_as_word(cfg):
+    cfg["services"]["Embedder"]["scaling"]["min_replicas"] = "one"
+
+
+def _min_above_max_bc(cfg):
+    cfg["services"]["Embedder"]["scaling"]["min_replicas"] = 5
+
+
+@pytest.mark.parametrize("breakage, error", [
+    (_typo_in_scaling, "AssertionError"),              # dropped by the converter: round trip
+    (_replicas_as_word, "ClassValidationError"),       # cattrs cannot make an int of it
+    (_min_above_max_bc, "BentoMLException"),           # DeploymentAPI._fix_scaling
+])
+def test_bentocloud_broken_copy_fails(breakage, error):
+    cfg = yaml.safe_load(BENTOCLOUD.read_text())
+    breakage(cfg)
+    with pytest.raises(Exception) as info:
+        validate_bentocloud(cfg)
+    assert type(info.value).__name__ == error, repr(info.value)

@@ -21,15 +21,17 @@ def free_port() -> int:
 
 
 class Server:
-    """`bentoml serve TARGET` on 127.0.0.1 with extra environment; stop() ends every process it started."""
+    """`bentoml serve TARGET` on 127.0.0.1 from `root` (this checkout, or another version of it) with extra
+    environment; stop() ends every process it started."""
 
-    def __init__(self, log: Path, target: str = "service:ImageSearch", port: int | None = None, **env: str):
+    def __init__(self, log: Path, target: str = "service:ImageSearch", port: int | None = None,
+                 root: Path = ROOT, **env: str):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = Path(log)
         self.proc = subprocess.Popen(
             ["bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "BENTOML_DO_NOT_TRACK": "True", **env},
+            cwd=root, env={**os.environ, "PYTHONPATH": str(root), "BENTOML_DO_NOT_TRACK": "True", **env},
             stdout=open(self.log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
         self.http = httpx.Client(base_url=self.url, timeout=60)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -62,6 +63,11 @@ def build_cmd(
     except (BuildError, CatalogueError, EvalError, WeightsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise typer.Exit(2)
+    except OSError as exc:  # a full disk, a read-only store: nothing was registered
+        hint = " (free some space, or point BENTOML_HOME elsewhere)" if exc.errno == errno.ENOSPC else ""
+        print(f"error: {exc.strerror or exc}: {exc.filename or ''}{hint}; no version was registered",
+              file=sys.stderr)
+        raise typer.Exit(1)
     if as_json:
         print(summary.model_dump_json(indent=2))
     else:

@@ -38,3 +38,10 @@ def test_serving(python):
 
 def test_builder_speed(python):
     assert "whole_build_images_per_s" in quick("bench.builder_speed", python)
+
+
+def test_overhead(python):
+    out = subprocess.run([python, "-m", "bench.overhead", "--quick", "--before", ""], cwd=ROOT, env=run_env(),
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert '"served_over_bare"' in out.stdout and '"http_over_bare"' in out.stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -164,3 +165,31 @@ def test_weights_from_a_file_and_clear_errors(tmp_path):
         resolve_weights("efficientnet-lite0", str(path))
     with pytest.raises(ValueError, match="unknown backbone 'resnet'"):
         resolve_weights("resnet")
+
+
+def test_a_full_disk_fails_the_build_and_leaves_the_store_as_it_was(demo_index, demo_catalogue, tmp_path, python):
+    """A real full disk: the store lives on a small tmpfs holding the embedder, then filled up."""
+    home = tmp_path / "small-disk"
+    home.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(home)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        embedder = Path(get_model(demo_index.embedder).path)
+        store = home / "bentoml" / "models" / embedder.parent.name
+        shutil.copytree(embedder, store / embedder.name)
+        (store / "latest").write_text(embedder.name)
+        free = shutil.disk_usage(home).free
+        (home / "filler").write_bytes(b"\0" * (free - 200_000))
+        before = sorted(p.relative_to(home) for p in (home / "bentoml" / "models").rglob("*"))
+        out = subprocess.run([python, "-m", "index_builder", "build", str(demo_catalogue), "--workers", "0",
+                              "--no-progress"], env=run_env(BENTOML_HOME=str(home / "bentoml")),
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 1, out.stderr[-2000:]
+        assert "No space left on device" in out.stderr and "no version was registered" in out.stderr
+        assert "Traceback" not in out.stderr
+        after = sorted(p.relative_to(home) for p in (home / "bentoml" / "models").rglob("*"))
+        assert after == before
+        assert not list((home / "bentoml" / "tmp").glob("staging-*"))
+    finally:
+        subprocess.run(["umount", str(home)], check=True)

@@ -79,11 +79,42 @@ def loadtest_table(d: dict) -> str:
     return "\n".join(lines)
 
 
-SECTIONS = {"embedder": ("embedder_speed.json", embedder_table), "serving": ("serving.json", serving_table),
+def overhead_table(d: dict) -> str:
+    bare = d["bare_embedder_images_per_s"]
+    lines = [f"Machine: {d['machine']}; `{d['command']}`; the demo index, {d['photos']} demo photos (160 px PNG) "
+             f"uploaded; server, embedder and load generator share the 2 cores. Bare embedder back to back in "
+             f"process: {bare['batch 1']} images/s at batch 1, {bare['batch 8']} at batch 8.", "",
+             "| code | HTTP /search p50 ms | bare forward p50 ms | **HTTP / bare** | saturation requests/s "
+             "(concurrency 4 / 8 / 16) | **served / bare** |", "|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        sat = " / ".join(str(x["rps"]) for x in r["saturation"])
+        lines.append(f"| {r['code']} | {r['http_p50_ms']} | {r['bare_forward_p50_ms']} | {r['http_over_bare']} | "
+                     f"{sat} | {r['served_over_bare']:.0%} |")
+    return "\n".join(lines)
+
+
+def soak_table(d: dict) -> str:
+    m = d["memory"]
+    lines = [f"{d['rate']} requests/s started on schedule (open loop) for {d['minutes']:g} minutes after "
+             f"{d['warmup_s']:g} s of warm-up: **{d['requests']:,} requests, {sum(d['errors'].values())} errors**"
+             f"{' ' + str(d['errors']) if d['errors'] else ''}; server RSS (all processes) "
+             f"{m['start']['total_bytes'] / 2**20:,.0f} MiB at start, {m['end']['total_bytes'] / 2**20:,.0f} MiB at "
+             f"the end: **{m['growth_pct']:+.1f}%**.", "",
+             "| window | requests | errors | requests/s | p50 ms | p95 ms | p99 ms | max ms | RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for w in d["windows"]:
+        lat = w["latency"]
+        lines.append(f"| {w['index']} | {w['requests']} | {w['errors']} | {w['rps']} | {lat['p50_ms']} | "
+                     f"{lat['p95_ms']} | {lat['p99_ms']} | {lat['max_ms']} | "
+                     f"{(w['rss_bytes'] or 0) / 2**20:,.0f} |")
+    return "\n".join(lines)
+
+
+SECTIONS = {"overhead": ("overhead.json", overhead_table),"embedder": ("embedder_speed.json", embedder_table), "serving": ("serving.json", serving_table),
             "builder": ("builder_speed.json", builder_table),
             "ann": ("ann_scale.json", ann_table), "loadtest-step": ("loadtest_step.json", loadtest_table),
             "loadtest-5min": ("loadtest_5min.json", loadtest_table),
-            "loadtest-overload": ("loadtest_overload.json", loadtest_table)}
+            "loadtest-overload": ("loadtest_overload.json", loadtest_table), "soak": ("soak.json", soak_table)}
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from index_builder.build import BuildError, BuildSummary, build
+from index_builder.build import DEFAULT_PROJECTION, BuildError, BuildSummary, build
 from index_builder.catalogue import CatalogueError
 from index_builder.demo import make_demo_catalogue
 from index_builder.evaluate import EvalError
@@ -41,9 +41,14 @@ def build_cmd(
     backbone: Annotated[Optional[str], typer.Option(help="efficientnet-lite0 or vgg16 [default: IMAGESEARCH_BACKBONE or efficientnet-lite0]")] = None,
     weights: Annotated[str, typer.Option(help="'default' (ImageNet), 'random' (tests only) or a state-dict file")] = "default",
     descriptor: Annotated[str, typer.Option(help="gem (compact, pooled) or pool5 (flattened conv map)")] = "gem",
-    pca_dim: Annotated[int, typer.Option(help="PCA dimension learned at build time; 0 = none")] = 256,
+    pca_dim: Annotated[int, typer.Option(help="dimension of the projection learned at build time; 0 = none")] = 256,
+    projection: Annotated[str, typer.Option(
+        help="learned (from the catalogue's items, kept only when it beats PCA on held-out items), pca or none"
+    )] = DEFAULT_PROJECTION,
     whiten: Annotated[bool, typer.Option(help="whiten the PCA components")] = False,
-    image_size: Annotated[int, typer.Option(help="network input size; below 224 only for fast tests")] = 224,
+    image_size: Annotated[Optional[int], typer.Option(
+        help="network input size [default: the backbone's: 224 Lite0, 240 Lite1, 260 Lite2, 224 VGG16]; smaller "
+             "only for fast tests")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = DEFAULT_BATCH_SIZE,
     workers: Annotated[int, typer.Option(min=0, help="image-decoding worker processes [default: cores - 1, 1..4]")] = DEFAULT_WORKERS,
     seed: Annotated[int, typer.Option(help="seed of the Annoy trees and samples")] = 0,
@@ -56,9 +61,11 @@ def build_cmd(
     """Build an index from CATALOGUE and register it; the last line printed is the new tag."""
     if descriptor not in ("gem", "pool5"):
         raise typer.BadParameter("choose gem or pool5", param_hint="--descriptor")
+    if projection not in ("learned", "pca", "none"):
+        raise typer.BadParameter("choose learned, pca or none", param_hint="--projection")
     try:
         summary = build(catalogue, backbone=backbone, weights=weights, descriptor=descriptor, image_size=image_size,
-                        pca_dim=pca_dim, whiten=whiten, batch_size=batch_size, workers=workers, seed=seed,
+                        pca_dim=pca_dim, whiten=whiten, projection=projection, batch_size=batch_size, workers=workers, seed=seed,
                         eval_queries=eval, report=report, max_bad_share=max_bad_share, progress=progress)
     except (BuildError, CatalogueError, EvalError, WeightsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

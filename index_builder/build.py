@@ -8,12 +8,12 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import numpy as np
 from pydantic import BaseModel
 
-from index_builder import ann
+from index_builder import ann, learn
 from index_builder.catalogue import BadRow, Catalogue, read_catalogue, write_report
 from index_builder.evaluate import evaluate
 from index_builder.extract import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, extract, work_key
@@ -25,6 +25,9 @@ from model_store.registry import bentoml_home, clean_staging, register
 from model_store.settings import INDEX_MODEL, get_settings
 
 PCA_FIT_SAMPLE = 20_000  # photos used to learn the projection; more changes it little
+ProjectionKind = Literal["learned", "pca", "none"]
+# Chosen on the grocery shop photos, items unseen by the learning (docs/EVALUATION.md).
+DEFAULT_PROJECTION: ProjectionKind = "pca"
 
 
 class BuildError(RuntimeError):
@@ -65,7 +68,8 @@ class _Timer:
 
 
 def build(catalogue_path: Path, *, backbone: str | None = None, weights: str = "default",
-          descriptor: Descriptor = "gem", image_size: int = 224, pca_dim: int = 256, whiten: bool = False,
+          descriptor: Descriptor = "gem", image_size: int | None = None, pca_dim: int = 256, whiten: bool = False,
+          projection: ProjectionKind = DEFAULT_PROJECTION,
           batch_size: int = DEFAULT_BATCH_SIZE, workers: int = DEFAULT_WORKERS, seed: int = 0, eval_queries: Path | None = None,
           report: Path | None = None, max_bad_share: float | None = None, progress: bool = True) -> BuildSummary:
     """Run every stage and register the result; the store is untouched unless every stage succeeds."""
@@ -96,7 +100,8 @@ def build(catalogue_path: Path, *, backbone: str | None = None, weights: str = "
     photos = [cat.photos[i] for i in good]
     vectors = ext.vectors[good]
     with timer.stage("project"):
-        projection = _fit_projection(vectors, pca_dim, whiten, seed)
+        kind, projection, training = _fit_projection(vectors, [p.row.item_id for p in photos], projection,
+                                                     pca_dim, whiten, seed)
         vectors = projection(vectors) if projection else normalize(vectors)
     with timer.stage("build ann"):
         choice = ann.choose(vectors, target=settings.target_recall, seed=seed)
@@ -114,7 +119,7 @@ def build(catalogue_path: Path, *, backbone: str | None = None, weights: str = "
         shutil.copy(report, artifact / REPORT_FILE)
     manifest = IndexManifest(
         embedder=embedder_tag, embedder_config=config, dim=vectors.shape[1],
-        projection="none" if projection is None else "pca-whiten" if whiten else "pca",
+        projection=kind, projection_training=training,
         n_photos=len(photos), n_items=len(items), n_trees=choice.n_trees, search_k=choice.search_k,
         ann_recall_at_10=round(choice.recall, 4), ann_query_ms=round(choice.query_ms, 4),
         catalogue=str(cat.path), catalogue_sha256=cat.sha256, bad_rows=len(bad), seed=seed,
@@ -147,16 +152,28 @@ def _check_bad_share(cat: Catalogue, bad: list[BadRow], limit: float, report: Pa
                          f"{limit:.0%} limit (--max-bad-share); reasons in {report}")
 
 
-def _fit_projection(vectors: np.ndarray, dim: int, whiten: bool, seed: int) -> Projection | None:
-    """PCA to `dim` when it shrinks the vectors and there are at least 2*dim photos to learn it from."""
-    if dim <= 0 or dim >= vectors.shape[1] or len(vectors) < 2 * dim:
-        if 0 < dim < vectors.shape[1]:
-            print(f"[project] skipped: PCA to {dim} needs at least {2 * dim} photos, have {len(vectors)}",
+def _fit_projection(vectors: np.ndarray, item_ids: list[str], kind: ProjectionKind, dim: int, whiten: bool,
+                    seed: int) -> tuple[str, Projection | None, dict | None]:
+    """(what the manifest calls it, the projection or None, the learning figures) for --projection `kind`:
+    PCA to `dim` when it shrinks the vectors and there are at least 2*dim photos; 'learned' when the
+    catalogue's items teach a better one (index_builder/learn.py), else PCA with a message saying why."""
+    if kind == "none" or dim <= 0 or dim >= vectors.shape[1] or len(vectors) < 2 * dim:
+        if kind != "none" and 0 < dim < vectors.shape[1]:
+            print(f"[project] skipped: a {dim}-d projection needs at least {2 * dim} photos, have {len(vectors)}",
                   file=sys.stderr)
-        return None
+        return "none", None, None
+    training = None
+    if kind == "learned":
+        learned, training = learn.learn(vectors, item_ids, dim, seed=seed)
+        if learned is not None:
+            print(f"[project] learned from {training['items']} items: held-out mAP "
+                  f"{training['holdout']['mAP_learned']} against PCA's {training['holdout']['mAP_pca']}",
+                  file=sys.stderr)
+            return "learned", learned, training
+        print(f"[project] kept PCA, not learned: {training['reason']}", file=sys.stderr)
     rng = np.random.default_rng(seed)
     sample = vectors if len(vectors) <= PCA_FIT_SAMPLE else vectors[rng.choice(len(vectors), PCA_FIT_SAMPLE, False)]
-    return Projection.fit(sample, dim, whiten)
+    return "pca-whiten" if whiten else "pca", Projection.fit(sample, dim, whiten), training
 
 
 def _labels(m: IndexManifest) -> dict[str, str]:

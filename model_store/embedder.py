@@ -74,9 +74,10 @@ class Embedder:
 
 
 def new_embedder(backbone: str, weights: str = "default", descriptor: Descriptor = "gem",
-                 image_size: int = 224) -> tuple[EmbedderConfig, torch.nn.Module]:
-    """Build a network and its config; image_size below 224 only to make tests fast."""
+                 image_size: int | None = None) -> tuple[EmbedderConfig, torch.nn.Module]:
+    """Build a network and its config; image_size None is the backbone's own (smaller only for fast tests)."""
     net, info = resolve_weights(backbone, weights)
+    image_size = image_size or get_backbone(backbone).preprocess.crop
     prep = get_backbone(backbone).preprocess.model_copy(update={"resize": image_size, "crop": image_size})
     config = EmbedderConfig(backbone=backbone, descriptor=descriptor, dim=descriptor_dim(backbone, descriptor, image_size),
                             preprocess=prep, weights=info)

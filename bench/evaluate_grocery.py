@@ -77,6 +77,7 @@ def variants(dim: int, quick: bool) -> list[dict]:
         variant("multi-scale 0.7, 1, 1.4 (3 passes)", "source", source="GeM scales 0.7+1+1.4"),
         variant("R-MAC max, 3 levels", "source", source="R-MAC max"),
         variant("R-MAC GeM, 3 levels", "source", source="R-MAC GeM"),
+        variant(f"R-MAC GeM + PCA-{dim} (the builder's default)", "default", source="R-MAC GeM", proj="pca"),
         variant("+ αQE n=3 α=3", "qe", qe=3),
         variant("+ αQE n=5 α=3", "qe", qe=5),
         variant("+ DBA n=3 α=3 (train catalogue only)", "dba", dba=3),

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from tqdm import tqdm
 
 from index_builder.catalogue import COLUMNS
 from model_store.embedder import Embedder
+from model_store.pooling import gem, rmac, rmac_regions
 from model_store.preprocess import PreprocessSpec, image_to_pixels, load_image_file
 
 GROCERY = Path(__file__).resolve().parents[2] / "shared" / "data" / "grocery-store"
@@ -90,34 +90,15 @@ def feature_map(emb: Embedder, batch: np.ndarray, flip: bool = False) -> torch.T
     return emb.net(x.half() if emb.half else x).float()
 
 
-def gem(fmap: torch.Tensor, p: float = 3.0) -> torch.Tensor:
-    """(N, C, h, w) -> (N, C) L2-normalised generalised mean (the Embedder's descriptor)."""
-    return torch.nn.functional.normalize(fmap.clamp(min=1e-6).pow(p).mean(dim=(2, 3)).pow(1.0 / p), dim=1)
-
-
-def rmac_regions(h: int, w: int, levels: int = 3) -> list[tuple[slice, slice]]:
-    """R-MAC grid: at level l, square regions of side 2*min(h,w)/(l+1), l per short side, evenly spaced."""
-    out = []
-    for level in range(1, levels + 1):
-        side = max(1, round(2 * min(h, w) / (level + 1)))
-        ny, nx = (level + round((d - min(h, w)) / side) for d in (h, w))
-        for y in np.linspace(0, h - side, ny).round().astype(int):
-            for x in np.linspace(0, w - side, nx).round().astype(int):
-                out.append((slice(int(y), int(y) + side), slice(int(x), int(x) + side)))
-    return out
-
-
-def rmac(fmap: torch.Tensor, pool: str = "max", levels: int = 3) -> torch.Tensor:
-    """(N, C, h, w) -> (N, C): max or GeM per region, L2 each, summed, L2."""
+def rmac_max(fmap: torch.Tensor, levels: int = 3) -> torch.Tensor:
+    """(N, C, h, w) -> (N, C): R-MAC with max pooling per region, L2 each, summed, L2."""
     total = 0
     for ys, xs in rmac_regions(fmap.shape[2], fmap.shape[3], levels):
-        region = fmap[:, :, ys, xs]
-        v = region.amax(dim=(2, 3)) if pool == "max" else region.clamp(min=1e-6).pow(3).mean(dim=(2, 3)).pow(1 / 3)
-        total = total + torch.nn.functional.normalize(v, dim=1)
+        total = total + torch.nn.functional.normalize(fmap[:, :, ys, xs].amax(dim=(2, 3)), dim=1)
     return torch.nn.functional.normalize(total, dim=1)
 
 
-POOLS = {"gem": gem, "rmac-max": partial(rmac, pool="max"), "rmac-gem": partial(rmac, pool="gem")}
+POOLS = {"gem": gem, "rmac-max": rmac_max, "rmac-gem": rmac}
 
 
 def describe_paths(paths: list[Path], emb: Embedder, scale: float = 1.0, flip: bool = False, batch_size: int = 16,

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from index_builder.build import DEFAULT_PROJECTION, BuildError, BuildSummary, build
+from index_builder.build import DEFAULT_DESCRIPTOR, DEFAULT_PROJECTION, BuildError, BuildSummary, build
 from index_builder.catalogue import CatalogueError
 from index_builder.demo import make_demo_catalogue
 from index_builder.evaluate import EvalError
@@ -38,9 +38,10 @@ def _print_summary(s: BuildSummary) -> None:
 @app.command("build")
 def build_cmd(
     catalogue: Annotated[Path, typer.Argument(help="CSV or JSON Lines: item_id,image_path,title,category,price,currency,sold_at")],
-    backbone: Annotated[Optional[str], typer.Option(help="efficientnet-lite0 or vgg16 [default: IMAGESEARCH_BACKBONE or efficientnet-lite0]")] = None,
+    backbone: Annotated[Optional[str], typer.Option(help="efficientnet-lite0/-lite1/-lite2 or vgg16 [default: IMAGESEARCH_BACKBONE or efficientnet-lite2]")] = None,
     weights: Annotated[str, typer.Option(help="'default' (ImageNet), 'random' (tests only) or a state-dict file")] = "default",
-    descriptor: Annotated[str, typer.Option(help="gem (compact, pooled) or pool5 (flattened conv map)")] = "gem",
+    descriptor: Annotated[str, typer.Option(
+        help="rmac (regional GeM), gem (GeM over the whole map) or pool5 (flattened conv map)")] = DEFAULT_DESCRIPTOR,
     pca_dim: Annotated[int, typer.Option(help="dimension of the projection learned at build time; 0 = none")] = 256,
     projection: Annotated[str, typer.Option(
         help="learned (from the catalogue's items, kept only when it beats PCA on held-out items), pca or none"
@@ -59,8 +60,8 @@ def build_cmd(
     progress: Annotated[bool, typer.Option(help="show the progress bar")] = True,
 ) -> None:
     """Build an index from CATALOGUE and register it; the last line printed is the new tag."""
-    if descriptor not in ("gem", "pool5"):
-        raise typer.BadParameter("choose gem or pool5", param_hint="--descriptor")
+    if descriptor not in ("gem", "rmac", "pool5"):
+        raise typer.BadParameter("choose gem, rmac or pool5", param_hint="--descriptor")
     if projection not in ("learned", "pca", "none"):
         raise typer.BadParameter("choose learned, pca or none", param_hint="--projection")
     try:

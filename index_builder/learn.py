@@ -33,8 +33,8 @@ def trainable(item_ids: list[str], dim: int) -> tuple[np.ndarray, str]:
     return keep, ""
 
 
-def fit(vectors: np.ndarray, labels: np.ndarray, dim: int, *, steps: int = 300, lr: float = 1e-2,
-        seed: int = 0) -> tuple[Projection, dict]:
+def fit(vectors: np.ndarray, labels: np.ndarray, dim: int, *, steps: int = 300, lr: float = 3e-4,  # tuned: bench.learned_projection
+        temperature: float = TEMPERATURE, seed: int = 0) -> tuple[Projection, dict]:
     """(N, D) L2-normalised vectors and (N,) integer item labels -> a Projection to `dim` and its figures."""
     import torch
 
@@ -54,14 +54,14 @@ def fit(vectors: np.ndarray, labels: np.ndarray, dim: int, *, steps: int = 300, 
     for _ in range(steps):
         z = torch.nn.functional.normalize(x @ w, dim=1)
         p = torch.nn.functional.normalize(proxies, dim=1)
-        loss = torch.nn.functional.cross_entropy(z @ p.T / TEMPERATURE, y)
+        loss = torch.nn.functional.cross_entropy(z @ p.T / temperature, y)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
     learned = Projection(pca.mean, w.detach().numpy().T.astype(np.float32).copy(), np.ones(dim, np.float32))
     figures = {"photos": len(vectors), "items": n_items, "dim": dim, "steps": steps, "lr": lr,
-               "temperature": TEMPERATURE, "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
+               "temperature": temperature, "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
                "seconds": round(time.perf_counter() - start, 2)}
     return learned, figures
 
@@ -78,8 +78,8 @@ def mean_ap(vectors: np.ndarray, labels: np.ndarray) -> float:
     return float(ap[n_rel > 0].mean())
 
 
-def learn(vectors: np.ndarray, item_ids: list[str], dim: int, *, seed: int = 0,
-          steps: int = 300) -> tuple[Projection | None, dict]:
+def learn(vectors: np.ndarray, item_ids: list[str], dim: int, *, seed: int = 0, steps: int = 300,
+          lr: float = 3e-4) -> tuple[Projection | None, dict]:
     """The learned projection when it beats PCA on items it never saw, else None; figures say why either way.
 
     A quarter of the items (with all their photos) is held out; one projection is learned on the rest, and
@@ -98,7 +98,7 @@ def learn(vectors: np.ndarray, item_ids: list[str], dim: int, *, seed: int = 0,
     train_v, train_y = vectors[keep][~is_held], labels[~is_held]
     train_y = np.unique(train_y, return_inverse=True)[1]
     test_v, test_y = vectors[keep][is_held][:MAX_SCORED_PHOTOS], labels[is_held][:MAX_SCORED_PHOTOS]
-    learned, _ = fit(train_v, train_y, dim, steps=steps, seed=seed)
+    learned, _ = fit(train_v, train_y, dim, steps=steps, lr=lr, seed=seed)
     pca = Projection.fit(train_v, dim, whiten=False)
     holdout = {"items": int(len(held)), "photos": int(is_held.sum()),
                "mAP_learned": round(mean_ap(learned(test_v), test_y), 4),
@@ -107,5 +107,5 @@ def learn(vectors: np.ndarray, item_ids: list[str], dim: int, *, seed: int = 0,
         return None, {"used": False, "holdout": holdout,
                       "reason": f"on {holdout['items']} held-out items it scored mAP {holdout['mAP_learned']} "
                                 f"against PCA's {holdout['mAP_pca']}"}
-    final, figures = fit(vectors[keep], labels, dim, steps=steps, seed=seed)
+    final, figures = fit(vectors[keep], labels, dim, steps=steps, lr=lr, seed=seed)
     return final, {"used": True, "holdout": holdout, **figures}

@@ -10,12 +10,13 @@ import numpy as np
 import torch
 from pydantic import BaseModel
 
+from model_store import pooling
 from model_store.backbones import WeightsInfo, get_backbone, resolve_weights
 from model_store.preprocess import PreprocessSpec
 from model_store.registry import get_model, list_models, register
 from model_store.settings import EMBEDDER_MODEL
 
-Descriptor = Literal["gem", "pool5"]
+Descriptor = Literal["gem", "rmac", "pool5"]
 CONFIG_FILE = "embedder.json"
 WEIGHTS_FILE = "weights.pt"
 
@@ -32,9 +33,9 @@ class EmbedderConfig(BaseModel):
 
 
 def descriptor_dim(backbone: str, descriptor: Descriptor, crop: int) -> int:
-    """gem: one number per channel; pool5: the whole flattened last feature map (stride 32)."""
+    """gem, rmac: one number per channel; pool5: the whole flattened last feature map (stride 32)."""
     channels = get_backbone(backbone).channels
-    return channels if descriptor == "gem" else channels * (crop // 32) ** 2
+    return channels * (crop // 32) ** 2 if descriptor == "pool5" else channels
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -65,11 +66,11 @@ class Embedder:
         x = (x.float() * self._scale - self._shift).contiguous(memory_format=torch.channels_last)
         fmap = self.net(x.half() if self.half else x).float()
         if self.config.descriptor == "gem":
-            p = self.config.gem_p
-            desc = fmap.clamp(min=1e-6).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
+            desc = pooling.gem(fmap, self.config.gem_p)
+        elif self.config.descriptor == "rmac":
+            desc = pooling.rmac(fmap, self.config.gem_p)
         else:
-            desc = fmap.flatten(1)
-        desc = torch.nn.functional.normalize(desc, dim=1)
+            desc = torch.nn.functional.normalize(fmap.flatten(1), dim=1)
         return desc.cpu().numpy().astype(np.float32, copy=False)
 
 

@@ -54,7 +54,9 @@ class Settings(BaseSettings):
                         "empty: no cross-origin access."
     )
     # --- building ----------------------------------------------------------------
-    backbone: str = Field("efficientnet-lite0", description="Default backbone of new embedders.")
+    backbone: str = Field(
+        "efficientnet-lite2", description="Default backbone of new embedders (chosen on shop photos: docs/EVALUATION.md)."
+    )
     max_bad_row_share: float = Field(
         0.2, ge=0, le=1, description="A build fails when more than this share of rows is unusable."
     )

@@ -49,8 +49,9 @@ def test_demo_build_is_registered_with_its_metadata(demo_index, demo_catalogue):
     assert meta["ann_recall_at_10"] >= 0.95 and meta["n_trees"] > 0 and meta["search_k"] > 0
     assert meta["evaluation"]["queries"] == 24 and meta["evaluation"]["recall_at_5"] >= 0.9
     emb = get_model(s.embedder).info.metadata["config"]
-    assert emb["backbone"] == "efficientnet-lite0" and emb["weights"]["pretrained"] is True
-    assert len(emb["weights"]["sha256"]) == 64 and emb["preprocess"]["crop"] == 224
+    assert emb["backbone"] == "efficientnet-lite2" and emb["weights"]["pretrained"] is True
+    assert emb["descriptor"] == "rmac" and emb["dim"] == 1280
+    assert len(emb["weights"]["sha256"]) == 64 and emb["preprocess"]["crop"] == 260
 
 
 def test_a_catalogue_photo_finds_its_own_item_first(demo_index, demo_catalogue):

@@ -1,4 +1,4 @@
-"""Real photos: EfficientNet-Lite0 retrieval on COIL-100 must beat raw pixels by far (skipped without the data)."""
+"""Real photos: the default embedder's retrieval on COIL-100 must beat raw pixels by far (skipped without the data)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.coil,
               pytest.mark.skipif(not (COIL / "labels.csv").exists(), reason="../shared/data/coil-100 is absent")]
 
 
-def test_lite0_index_beats_raw_pixels_on_other_views(tmp_path):
+def test_default_index_beats_raw_pixels_on_other_views(tmp_path):
     objects = range(1, 51)  # half the objects: 200 indexed photos, 200 queries 45 degrees away
     catalogue, queries = write_split(tmp_path, objects=objects)
     summary = build(catalogue, eval_queries=queries, progress=False, workers=0)

@@ -188,8 +188,8 @@ def test_adaptive_batching_batches_concurrent_requests(server, demo_catalogue, r
         with httpx.Client(base_url=server.url, timeout=60) as c:
             return c.post("/search", files=upload(image), data={"k": 1}).status_code
 
-    with cf.ThreadPoolExecutor(24) as pool:
-        assert set(pool.map(one, range(48))) == {200}
+    with cf.ThreadPoolExecutor(8) as pool:  # within what the embedder takes in its 1 s batching window
+        assert set(pool.map(one, range(40))) == {200}
     metrics = server.http.get("/metrics").text
     sizes = [(float(m.group(1)), float(m.group(2))) for m in re.finditer(
         r'bentoml_service_adaptive_batch_size_bucket\{[^}]*le="([^"]+)"[^}]*\} (\S+)', metrics.replace("+Inf", "inf"))]

@@ -11,10 +11,10 @@ from index_builder.build import build
 
 pytestmark = pytest.mark.slow
 CLASSES = 40  # the first 40 product classes: 13 shop photos each as the catalogue (520), their val photos as queries
-# Measured on this subset with the default configuration (docs/EVALUATION.md), minus a margin for
+# Measured on this subset with the default configuration (Lite2, R-MAC, PCA-256), minus a margin for
 # platform differences; a change that loses more than that fails here.
-FLOOR_TOP1 = 0.60
-FLOOR_MAP = 0.60
+FLOOR_TOP1 = 0.53  # measured 0.579
+FLOOR_MAP = 0.70  # measured 0.750
 
 
 @pytest.mark.skipif(not (GROCERY / "train.txt").exists(), reason="../shared/data/grocery-store is absent")

@@ -131,13 +131,17 @@ class ImageSearch:
     async def __is_ready__(self) -> bool:
         if self.active is None:
             return False
-        if self.embedder_tag is None:
-            self.embedder_tag = (await self._call_embedder(self.embedder.to_async.describe)).get("tag")
-        if self.embedder_tag != self.active.index.manifest.embedder:
+        if await self._embedder_tag() != self.active.index.manifest.embedder:
             self.problem = (f"index {self.active.served.index} needs embedder {self.active.index.manifest.embedder}, "
                             f"the embedder service runs {self.embedder_tag}: redeploy")
             return False
         return True
+
+    async def _embedder_tag(self) -> str | None:
+        """The tag of the embedder the embedder service runs, asked once."""
+        if self.embedder_tag is None:
+            self.embedder_tag = (await self._call_embedder(self.embedder.to_async.describe)).get("tag")
+        return self.embedder_tag
 
     def _require(self) -> Active:
         if self.active is None:
@@ -243,9 +247,7 @@ class ImageSearch:
                 raise ApiError(f"nothing is promoted to {settings.stage}", HTTPStatus.CONFLICT)
             if old is not None and deployment.index == old.deployment.index:
                 return ReloadResponse(changed=False, served=old.served)
-            if self.embedder_tag is None:
-                self.embedder_tag = (await self._call_embedder(self.embedder.to_async.describe)).get("tag")
-            if deployment.embedder != self.embedder_tag:
+            if deployment.embedder != await self._embedder_tag():
                 raise ApiError(f"{deployment.index} needs embedder {deployment.embedder}, but the embedder "
                                f"service runs {self.embedder_tag}: redeploy the service", HTTPStatus.CONFLICT)
             try:

@@ -235,8 +235,11 @@ async def _parse(headers: Headers, body: bytes, fields: EndpointFields, max_file
     async def stream():
         yield body
 
-    n_files = sum(max_files if f.many else 1 for f in fields.files.values()) + 1
-    parser = MultiPartParser(headers, stream(), max_files=n_files + max_files, max_fields=len(fields.texts) + 16,
+    accepted = sum(max_files if f.many else 1 for f in fields.files.values())
+    # Room beyond what is accepted, so that the checks after parsing name the field at fault ("sent 2 times",
+    # "send 1 to 16 photos", "unknown field") instead of the parser refusing the whole body.
+    room = max_files + 1
+    parser = MultiPartParser(headers, stream(), max_files=accepted + room, max_fields=len(fields.texts) + 16,
                              max_part_size=TEXT_PART_BYTES)
     try:
         return await parser.parse()

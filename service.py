@@ -10,38 +10,40 @@ import math
 import time
 from http import HTTPStatus
 from pathlib import Path
-from typing import Annotated, Awaitable, Callable, Optional, TypeVar
+from typing import Awaitable, Callable, Optional, TypeVar
 
 import bentoml
 import aiohttp
 import numpy as np
 from bentoml.exceptions import BentoMLException
-from pydantic import Field
 from starlette.applications import Starlette
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
-from model_store import stages
-from model_store.index_artifact import Match
+from model_store import stages, thumbnails
 from model_store.preprocess import ImageError, ImageTooLarge, decode_image, image_to_pixels
 from model_store.settings import get_settings
 from query.active import Active, load_active, stage_mtime
+from query.assist import ESTIMATE_NEIGHBOURS, assist
+from query.compare import cosine, verdict
 from query.errors import ApiError, error_response
+from query.fields import EndpointFields, read_query_params
 from query.guard import RequestGuard
-from query.models import BatchSearchResponse, EstimateResponse, IndexInfo, ReloadResponse, SearchResponse
+from query.models import (K, AssistResponse, BatchSearchResponse, Category, CompareResponse, CompareThresholds,
+                          EstimateResponse, IndexInfo, Price, ReloadResponse, SearchResponse, SimilarQuery,
+                          SimilarResponse)
 from query.pricing import estimate_price
+from query.search_index import Match
 
 log = logging.getLogger("bentoml.imagesearch")
 settings = get_settings()
 # Reads one small JSON file; None until an index is promoted (the services then start but stay unready).
 SERVED = stages.served(settings.stage)
-K = Annotated[int, Field(ge=1, le=settings.max_k, description=f"distinct items to return, 1..{settings.max_k}")]
-Price = Annotated[Optional[float], Field(ge=0, le=1e12, allow_inf_nan=False, description="a price, 0 or more")]
-Category = Annotated[Optional[str], Field(max_length=200, description="one of GET /index's categories")]
-ESTIMATE_NEIGHBOURS = 20
 T = TypeVar("T")
+STATIC = Path(__file__).resolve().parent / "query" / "static"  # the search page, served at /ui/
 
 
 @bentoml.service(
@@ -91,15 +93,55 @@ class Embedder:
 _instances: list["ImageSearch"] = []  # the service instance of this worker, for GET /index and readiness
 
 
+SIMILAR_FIELDS = EndpointFields.of(SimilarQuery)
+IMMUTABLE = {"Cache-Control": "public, max-age=31536000, immutable"}  # a thumbnail's name is its photo's hash
+
+
+def _answer_errors(route: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    async def answer(request: Request) -> Response:
+        try:
+            return await route(request)
+        except ApiError as exc:
+            return error_response(exc.message, exc.status, exc.field)
+    return answer
+
+
+@_answer_errors
 async def _get_index(request: Request) -> JSONResponse:
-    try:
-        return JSONResponse(_instances[0].index_info().model_dump(mode="json"))
-    except ApiError as exc:
-        return error_response(exc.message, exc.status, exc.field)
+    return JSONResponse(_instances[0].index_info().model_dump(mode="json"))
+
+
+@_answer_errors
+async def _get_similar(request: Request) -> JSONResponse:
+    params = read_query_params(request.query_params.multi_items(), SIMILAR_FIELDS)
+    answer = await _instances[0].similar(request.path_params["item_id"], **params)
+    return JSONResponse(answer.model_dump(mode="json"))
+
+
+@_answer_errors
+async def _get_photo(request: Request) -> FileResponse:
+    """A thumbnail of a photo of the served index, from the thumbnail store only."""
+    name = request.path_params["name"]
+    key = name.removesuffix(thumbnails.SUFFIX)
+    active = _instances[0]._require()
+    if not thumbnails.KEY.match(key) or name == key or not active.index.has_thumbnail(key):
+        raise ApiError(f"no photo {name[:80]!r} in index {active.served.index}", HTTPStatus.NOT_FOUND, "name")
+    path = thumbnails.thumbnail_path(key)
+    if not path.is_file():
+        raise ApiError(f"the thumbnail of {name} is missing from the store: rebuild the index",
+                       HTTPStatus.NOT_FOUND, "name")
+    return FileResponse(path, media_type=thumbnails.MEDIA_TYPE, headers={**IMMUTABLE, "ETag": f'"{key}"'})
+
+
+ROUTES = [Route("/index", _get_index, methods=["GET"]),
+          Route("/similar/{item_id:path}", _get_similar, methods=["GET"]),
+          Route("/photos/{name}", _get_photo, methods=["GET"]),
+          Route("/ui", lambda request: RedirectResponse("/ui/", status_code=308), methods=["GET"]),
+          Mount("/ui", StaticFiles(directory=STATIC, html=True))]
 
 
 @bentoml.service(workers=1, traffic={"timeout": 30, "concurrency": settings.search_concurrency})
-@bentoml.asgi_app(Starlette(routes=[Route("/index", _get_index, methods=["GET"])]), path="/")
+@bentoml.asgi_app(Starlette(routes=ROUTES), path="/")
 class ImageSearch:
     """Photo in, similar sold items and an expected price out. Every error answers
     {"error": "what is wrong and what to send", "field": "the field at fault, or null"}."""
@@ -148,22 +190,23 @@ class ImageSearch:
             raise ApiError(f"not ready: {self.problem}", HTTPStatus.SERVICE_UNAVAILABLE)
         return self.active
 
-    async def _embed(self, active: Active, images: list[Path]) -> np.ndarray:
+    async def _embed(self, active: Active, images: list[Path], names: list[str] | None = None) -> np.ndarray:
+        """Embedder descriptors of uploaded photos; `names` are their fields, for the errors."""
         spec = active.index.manifest.embedder_config.preprocess
+        names = names or (["image"] if len(images) == 1 else [f"images[{i}]" for i in range(len(images))])
 
-        def prepare(i: int, path: Path) -> np.ndarray:
-            field = "image" if len(images) == 1 else f"images[{i}]"
-            img = decode_image(path.read_bytes(), max_bytes=settings.max_image_bytes,
-                               max_pixels=settings.max_image_pixels, name=field)
+        def prepare(path: Path, name: str) -> np.ndarray:
+            field = name.split("[")[0]
+            try:
+                img = decode_image(path.read_bytes(), max_bytes=settings.max_image_bytes,
+                                   max_pixels=settings.max_image_pixels, name=name)
+            except ImageTooLarge as exc:
+                raise ApiError(str(exc), HTTPStatus.REQUEST_ENTITY_TOO_LARGE, field) from None
+            except ImageError as exc:
+                raise ApiError(str(exc), HTTPStatus.UNSUPPORTED_MEDIA_TYPE, field) from None
             return image_to_pixels(img, spec)
 
-        field = "image" if len(images) == 1 else "images"
-        try:
-            pixels = await asyncio.gather(*(asyncio.to_thread(prepare, i, p) for i, p in enumerate(images)))
-        except ImageTooLarge as exc:
-            raise ApiError(str(exc), HTTPStatus.REQUEST_ENTITY_TOO_LARGE, field) from None
-        except ImageError as exc:
-            raise ApiError(str(exc), HTTPStatus.UNSUPPORTED_MEDIA_TYPE, field) from None
+        pixels = await asyncio.gather(*(asyncio.to_thread(prepare, p, n) for p, n in zip(images, names)))
         batch = np.stack(pixels)
         return await self._call_embedder(lambda: self.embedder.to_async.embed(batch))
 
@@ -194,6 +237,10 @@ class ImageSearch:
         descriptor = (await self._embed(active, [image]))[0]
         return active, await asyncio.to_thread(active.index.search, descriptor, k, f)
 
+    async def _vectors(self, active: Active, images: list[Path], names: list[str] | None = None) -> np.ndarray:
+        """The photos' vectors in the index's space (projected, L2-normalised)."""
+        return active.index.project(await self._embed(active, images, names))
+
     @bentoml.api
     async def search(self, image: Path, k: K = 10, category: Category = None, min_price: Price = None,
                      max_price: Price = None, sold_after: Optional[dt.date] = None,
@@ -223,6 +270,46 @@ class ImageSearch:
         descriptors = await self._embed(active, images)
         results = await asyncio.gather(*(asyncio.to_thread(active.index.search, d, k, f) for d in descriptors))
         return BatchSearchResponse(results=list(results), served=active.served, took_ms=_ms(start))
+
+    @bentoml.api
+    async def assist(self, image: Path, k: K = 10, category: Category = None, min_price: Price = None,
+                     max_price: Price = None, sold_after: Optional[dt.date] = None,
+                     sold_before: Optional[dt.date] = None) -> AssistResponse:
+        """For a new item's photo: the category its neighbours vote for, catalogue items so close they may be
+        duplicates, the expected price and the k nearest items (filters apply to those two)."""
+        start = time.perf_counter()
+        active = self._require()
+        f = active.filters(category=category, min_price=min_price, max_price=max_price, sold_after=sold_after,
+                           sold_before=sold_before)
+        query = (await self._vectors(active, [image]))[0]
+        parts = await asyncio.to_thread(assist, active.index, query, k, f, vote_neighbours=settings.vote_neighbours,
+                                        vote_temperature=settings.vote_temperature,
+                                        duplicate_threshold=active.thresholds().duplicate)
+        return AssistResponse(**parts, served=active.served, took_ms=_ms(start))
+
+    @bentoml.api
+    async def compare(self, image_a: Path, image_b: Path) -> CompareResponse:
+        """How similar two photos are: cosine similarity and a verdict (same, similar, different)."""
+        start = time.perf_counter()
+        active = self._require()
+        a, b = await self._vectors(active, [image_a, image_b], ["image_a", "image_b"])
+        measured = active.thresholds()
+        thresholds = CompareThresholds(same=measured.same, similar=measured.similar)
+        similarity = cosine(a, b)
+        return CompareResponse(similarity=similarity, verdict=verdict(similarity, thresholds), thresholds=thresholds,
+                               served=active.served, took_ms=_ms(start))
+
+    async def similar(self, item_id: str, k: int = 10, **filters) -> SimilarResponse:
+        """GET /similar/{item_id}: items like a catalogue item, from its stored photo vectors (no upload)."""
+        start = time.perf_counter()
+        active = self._require()
+        f = active.filters(**filters)
+        vector = active.index.item_vector(item_id)
+        if vector is None:
+            raise ApiError(f"no item {item_id[:100]!r} in index {active.served.index}", HTTPStatus.NOT_FOUND,
+                           "item_id")
+        results = await asyncio.to_thread(active.index.nearest, vector, k, f, item_id)
+        return SimilarResponse(item_id=item_id, results=results, served=active.served, took_ms=_ms(start))
 
     def index_info(self) -> IndexInfo:
         """The served index: version, stage, counts, embedder and build metadata."""

@@ -27,6 +27,8 @@ def _print_summary(s: BuildSummary) -> None:
           f"{s.bad_rows} skipped (report: {s.report})", file=w)
     print(f"  vectors       {s.dim}-d ({s.projection}); embedding {s.images_per_second} images/s"
           f"{f', {s.reused_photos} photos reused from an earlier run' if s.reused_photos else ''}", file=w)
+    print(f"  thumbnails    {s.thumbnails_made} made in {s.thumbnails}" if s.thumbnails != "off"
+          else "  thumbnails    off (photo_url comes from image_url only)", file=w)
     print(f"  ann           n_trees={s.n_trees} search_k={s.search_k} recall@10={s.ann_recall_at_10}", file=w)
     if s.evaluation:
         e = s.evaluation
@@ -58,6 +60,9 @@ def build_cmd(
     max_bad_share: Annotated[Optional[float], typer.Option(min=0, max=1, help="fail above this share of bad rows [default: 0.2]")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON on stdout")] = False,
     progress: Annotated[bool, typer.Option(help="show the progress bar")] = True,
+    thumbnails: Annotated[bool, typer.Option(
+        help="make a thumbnail of each photo without an image_url (shared store $BENTOML_HOME/thumbnails; "
+             "existing ones are reused)")] = True,
 ) -> None:
     """Build an index from CATALOGUE and register it; the last line printed is the new tag."""
     if descriptor not in ("gem", "rmac", "pool5"):
@@ -67,7 +72,8 @@ def build_cmd(
     try:
         summary = build(catalogue, backbone=backbone, weights=weights, descriptor=descriptor, image_size=image_size,
                         pca_dim=pca_dim, whiten=whiten, projection=projection, batch_size=batch_size, workers=workers, seed=seed,
-                        eval_queries=eval, report=report, max_bad_share=max_bad_share, progress=progress)
+                        eval_queries=eval, report=report, max_bad_share=max_bad_share, progress=progress,
+                        thumbnails=thumbnails)
     except (BuildError, CatalogueError, EvalError, WeightsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise typer.Exit(2)

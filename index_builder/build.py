@@ -14,15 +14,17 @@ import numpy as np
 from pydantic import BaseModel
 
 from index_builder import ann, learn
+from index_builder.calibrate import calibrate
 from index_builder.catalogue import BadRow, Catalogue, read_catalogue, write_report
 from index_builder.evaluate import evaluate
 from index_builder.extract import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, extract, work_key
 from model_store.embedder import Descriptor, Embedder, new_embedder, save_embedder
 from model_store.index_artifact import (ANNOY_FILE, MANIFEST_FILE, PROJECTION_FILE, REPORT_FILE, VECTORS_FILE,
-                                        ITEMS_FILE, IndexManifest, Projection, SearchIndex, normalize,
-                                        write_items_db)
+                                        ITEMS_FILE, IndexManifest, Projection, normalize, write_items_db)
 from model_store.registry import bentoml_home, clean_staging, register
 from model_store.settings import INDEX_MODEL, get_settings
+from model_store.thumbnails import store_dir
+from query.search_index import SearchIndex
 
 PCA_FIT_SAMPLE = 20_000  # photos used to learn the projection; more changes it little
 ProjectionKind = Literal["learned", "pca", "none"]
@@ -54,6 +56,8 @@ class BuildSummary(BaseModel):
     ann_recall_at_10: float
     images_per_second: float
     reused_photos: int
+    thumbnails: str = "off"
+    thumbnails_made: int = 0
     seconds: dict[str, float]
     evaluation: dict[str, Any] | None = None
 
@@ -75,8 +79,11 @@ def build(catalogue_path: Path, *, backbone: str | None = None, weights: str = "
           descriptor: Descriptor = DEFAULT_DESCRIPTOR, image_size: int | None = None, pca_dim: int = 256, whiten: bool = False,
           projection: ProjectionKind = DEFAULT_PROJECTION,
           batch_size: int = DEFAULT_BATCH_SIZE, workers: int = DEFAULT_WORKERS, seed: int = 0, eval_queries: Path | None = None,
-          report: Path | None = None, max_bad_share: float | None = None, progress: bool = True) -> BuildSummary:
-    """Run every stage and register the result; the store is untouched unless every stage succeeds."""
+          report: Path | None = None, max_bad_share: float | None = None, progress: bool = True,
+          thumbnails: bool = True) -> BuildSummary:
+    """Run every stage and register the result; the store is untouched unless every stage succeeds.
+    With `thumbnails`, each photo without an image_url gets a thumbnail in the shared thumbnail store
+    (made once per distinct photo, whatever the version)."""
     settings = get_settings()
     backbone = backbone or settings.backbone
     max_bad_share = settings.max_bad_row_share if max_bad_share is None else max_bad_share
@@ -96,12 +103,15 @@ def build(catalogue_path: Path, *, backbone: str | None = None, weights: str = "
     key = work_key(paths, embedder_tag, batch_size)
     work = bentoml_home() / "tmp" / "builds" / key
     with timer.stage("embed"):
-        ext = extract(paths, embedder, work / "batches", batch_size=batch_size, workers=workers, progress=progress)
+        ext = extract(paths, embedder, work / "batches", batch_size=batch_size, workers=workers, progress=progress,
+                      thumbnails=store_dir() if thumbnails else None,
+                      no_thumbnail=frozenset(i for i, p in enumerate(cat.photos) if p.row.image_url))
     good = [i for i in range(len(paths)) if i not in ext.errors]
     bad = cat.bad + [BadRow(cat.photos[i].line, cat.photos[i].row.image_path, r) for i, r in ext.errors.items()]
     write_report(report, bad)
     _check_bad_share(cat, bad, max_bad_share, report)
     photos = [cat.photos[i] for i in good]
+    keys = [ext.keys[i] if thumbnails and not cat.photos[i].row.image_url else None for i in good]
     vectors = ext.vectors[good]
     with timer.stage("project"):
         kind, projection, training = _fit_projection(vectors, [p.row.item_id for p in photos], projection,
@@ -109,6 +119,8 @@ def build(catalogue_path: Path, *, backbone: str | None = None, weights: str = "
         vectors = projection(vectors) if projection else normalize(vectors)
     with timer.stage("build ann"):
         choice = ann.choose(vectors, target=settings.target_recall, seed=seed)
+    with timer.stage("calibrate"):
+        thresholds = calibrate(vectors, [p.row.item_id for p in photos], [p.row.category for p in photos], seed)
     artifact = work / "artifact"
     shutil.rmtree(artifact, ignore_errors=True)
     artifact.mkdir(parents=True)
@@ -118,12 +130,13 @@ def build(catalogue_path: Path, *, backbone: str | None = None, weights: str = "
         if projection:
             projection.save(artifact / PROJECTION_FILE)
         items = {p.row.item_id: p.row.item_fields() for p in photos}
-        write_items_db(artifact / ITEMS_FILE, [(i, p.row.item_id, p.row.image_path) for i, p in enumerate(photos)],
-                       list(items.values()))
+        write_items_db(artifact / ITEMS_FILE,
+                       [(i, p.row.item_id, p.row.image_path, key, p.row.image_url)
+                        for i, (p, key) in enumerate(zip(photos, keys))], list(items.values()))
         shutil.copy(report, artifact / REPORT_FILE)
     manifest = IndexManifest(
         embedder=embedder_tag, embedder_config=config, dim=vectors.shape[1],
-        projection=kind, projection_training=training,
+        projection=kind, projection_training=training, thresholds=thresholds,
         n_photos=len(photos), n_items=len(items), n_trees=choice.n_trees, search_k=choice.search_k,
         ann_recall_at_10=round(choice.recall, 4), ann_query_ms=round(choice.query_ms, 4),
         catalogue=str(cat.path), catalogue_sha256=cat.sha256, bad_rows=len(bad), seed=seed,
@@ -144,7 +157,8 @@ def build(catalogue_path: Path, *, backbone: str | None = None, weights: str = "
         projection=manifest.projection, n_trees=choice.n_trees, search_k=choice.search_k,
         ann_recall_at_10=manifest.ann_recall_at_10,
         images_per_second=round(ext.computed / ext.seconds, 2) if ext.computed else 0.0,
-        reused_photos=len(paths) - ext.computed, seconds=timer.seconds, evaluation=manifest.evaluation)
+        reused_photos=len(paths) - ext.computed, thumbnails=str(store_dir()) if thumbnails else "off",
+        thumbnails_made=ext.thumbnails_made, seconds=timer.seconds, evaluation=manifest.evaluation)
 
 
 def _check_bad_share(cat: Catalogue, bad: list[BadRow], limit: float, report: Path) -> None:

@@ -13,6 +13,7 @@ from typing import Iterator
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 COLUMNS = ("item_id", "image_path", "title", "category", "price", "currency", "sold_at")
+OPTIONAL_COLUMNS = ("image_url",)
 
 
 class CatalogueError(ValueError):
@@ -29,11 +30,19 @@ class CatalogueRow(BaseModel):
     price: float = Field(ge=0, allow_inf_nan=False)
     currency: str = Field(pattern=r"^[A-Z]{3}$", description="ISO 4217 code, e.g. USD")
     sold_at: dt.date
+    image_url: str | None = Field(None, pattern=r"^https?://\S+$", max_length=2000,
+                                  description="optional public URL of the photo (e.g. on a CDN), shown instead of "
+                                              "a thumbnail")
 
     @field_validator("item_id", "image_path", "title", "category", "currency", mode="before")
     @classmethod
     def _strip(cls, v: object) -> object:
         return v.strip() if isinstance(v, str) else v
+
+    @field_validator("image_url", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: object) -> object:
+        return (v.strip() or None) if isinstance(v, str) else v
 
     def item_fields(self) -> tuple:
         return (self.item_id, self.title, self.category, self.price, self.currency, self.sold_at.isoformat())

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from model_store.embedder import Embedder
-from model_store.index_artifact import SearchIndex
+from query.search_index import SearchIndex
 from model_store.preprocess import ImageError, image_to_pixels, load_image_file
 
 RANK_DEPTH = 100  # mAP: an item not in the first 100 distinct items counts as not found

@@ -56,11 +56,16 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, name: str = "i
 
 def load_image_file(path: Path, *, max_bytes: int = 1 << 30, max_pixels: int = 200_000_000) -> Image.Image:
     """Path -> RGB image; raises ImageError naming the file."""
+    data = read_photo_file(path)
+    return decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels, name=str(path))
+
+
+def read_photo_file(path: Path) -> bytes:
+    """The file's bytes; raises ImageError naming the file."""
     try:
-        data = Path(path).read_bytes()
+        return Path(path).read_bytes()
     except OSError as exc:
         raise ImageError(f"{path}: cannot read file ({exc.strerror or exc})") from exc
-    return decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels, name=str(path))
 
 
 def _check_pixels(img: Image.Image, max_pixels: int, name: str) -> None:

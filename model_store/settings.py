@@ -53,6 +53,19 @@ class Settings(BaseSettings):
         [], description='Origins allowed to call the API from a browser (JSON list, e.g. ["https://shop.example"]); '
                         "empty: no cross-origin access."
     )
+    # --- answers ---------------------------------------------------------------
+    # Each index carries thresholds measured on its own catalogue (index_builder/calibrate.py); these are used
+    # only for an index without them (one item, or built before they existed). Values: the default embedder
+    # with PCA-256 on the grocery train photos (docs/EVALUATION.md).
+    duplicate_similarity: float = Field(
+        0.857, ge=-1, le=1, description="Fallback: /assist flags a catalogue photo at least this similar."
+    )
+    same_similarity: float = Field(0.273, ge=-1, le=1, description="Fallback: /compare says 'same' from here.")
+    similar_similarity: float = Field(0.169, ge=-1, le=1, description="Fallback: /compare says 'similar' from here.")
+    vote_neighbours: int = Field(10, ge=1, le=100, description="/assist: nearest items that vote on the category.")
+    vote_temperature: float = Field(
+        0.05, gt=0, description="/assist: a neighbour's vote is exp(-(best similarity - its similarity) / this)."
+    )
     # --- building ----------------------------------------------------------------
     backbone: str = Field(
         "efficientnet-lite2", description="Default backbone of new embedders (chosen on shop photos: docs/EVALUATION.md)."

@@ -6,8 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model_store import stages
-from model_store.index_artifact import Filters, SearchIndex
+from model_store.index_artifact import Thresholds
+from query.search_index import Filters, SearchIndex
 from model_store.registry import get_model
+from model_store.settings import get_settings
 from query.errors import ApiError
 from query.models import IndexInfo, Served
 
@@ -31,6 +33,14 @@ class Active:
         if f.sold_after and f.sold_before and f.sold_after > f.sold_before:
             raise ApiError(f"sold_after {f.sold_after} is later than sold_before {f.sold_before}", field="sold_after")
         return f
+
+    def thresholds(self) -> Thresholds:
+        """Measured on this index's catalogue when it was built; else the configured fallbacks."""
+        if self.index.manifest.thresholds is not None:
+            return self.index.manifest.thresholds
+        s = get_settings()
+        return Thresholds(duplicate=s.duplicate_similarity, same=s.same_similarity, similar=s.similar_similarity,
+                          measured={"source": "IMAGESEARCH_* settings: this index has no measured thresholds"})
 
     def info(self) -> IndexInfo:
         m = self.index.manifest

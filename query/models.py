@@ -3,11 +3,28 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Annotated, Any, Optional
 
 from pydantic import BaseModel, Field
 
-from model_store.index_artifact import Match
+from model_store.settings import get_settings
+from query.search_index import Match
+
+_max_k = get_settings().max_k
+K = Annotated[int, Field(ge=1, le=_max_k, description=f"distinct items to return, 1..{_max_k}")]
+Price = Annotated[Optional[float], Field(ge=0, le=1e12, allow_inf_nan=False, description="a price, 0 or more")]
+Category = Annotated[Optional[str], Field(max_length=200, description="one of GET /index's categories")]
+
+
+class SimilarQuery(BaseModel):
+    """GET /similar/{item_id}'s query parameters."""
+
+    k: K = 10
+    category: Category = None
+    min_price: Price = None
+    max_price: Price = None
+    sold_after: Optional[dt.date] = None
+    sold_before: Optional[dt.date] = None
 
 
 class Served(BaseModel):
@@ -67,3 +84,46 @@ class ReloadResponse(BaseModel):
     changed: bool
     served: Served
     previous: str | None = None
+
+
+class CategoryVote(BaseModel):
+    """The category the nearest sold items vote for, each weighted by its similarity."""
+
+    suggested: str | None = Field(None, description="null when no neighbour is similar at all")
+    confidence: float = Field(0.0, ge=0, le=1, description="share of the vote the suggestion got")
+    runner_up: str | None = None
+    runner_up_confidence: float = Field(0.0, ge=0, le=1)
+    neighbours: int = Field(0, description="how many items voted")
+
+
+class AssistResponse(BaseModel):
+    """Everything a cataloguer's tool needs for one new item, from one photo."""
+
+    category: CategoryVote
+    duplicates: list[Match] = Field(description="catalogue items with a photo at least duplicate_threshold similar: "
+                                                "maybe the same item or the same photo listed again")
+    duplicate_threshold: float
+    estimate: Estimate
+    nearest: list[Match] = Field(description="k distinct sold items, filters applied, most similar first")
+    served: Served
+    took_ms: float
+
+
+class CompareThresholds(BaseModel):
+    same: float = Field(description="verdict 'same' at or above this similarity")
+    similar: float = Field(description="verdict 'similar' at or above this similarity, below 'same'")
+
+
+class CompareResponse(BaseModel):
+    similarity: float = Field(description="cosine similarity of the two photos' vectors, -1..1")
+    verdict: str = Field(description="same (the same item or product), similar (alike), or different")
+    thresholds: CompareThresholds
+    served: Served
+    took_ms: float
+
+
+class SimilarResponse(BaseModel):
+    item_id: str = Field(description="the catalogue item the results are like (never among them)")
+    results: list[Match]
+    served: Served
+    took_ms: float

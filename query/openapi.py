@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from pydantic import BaseModel
+
 from query.errors import ErrorBody
-from query.models import IndexInfo
+from query.models import IndexInfo, SimilarQuery, SimilarResponse
 
 DESCRIPTION = """Reverse image search over sold estate-sale items: upload a photo, get the most similar sold items
 and an expected price.
@@ -31,21 +33,50 @@ def amend(doc: dict[str, Any]) -> dict[str, Any]:
     schemas["ErrorBody"] = error
     ref = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
     for path, ops in doc.get("paths", {}).items():
-        for op in ops.values():
-            if path in ("/search", "/estimate", "/search_batch", "/reload"):
+        for method, op in ops.items():
+            if method == "post":  # every API endpoint
                 for status, text in STATUSES.items():
                     op.setdefault("responses", {})[status] = {"description": text, "content": ref}
-    info = IndexInfo.model_json_schema(ref_template="#/components/schemas/{model}")
-    schemas.update(info.pop("$defs", {}))
-    schemas["IndexInfo"] = info
-    doc.setdefault("paths", {})["/index"] = {"get": {
+    paths = doc.setdefault("paths", {})
+    paths["/index"] = {"get": {
         "summary": "The served index: version, stage, counts, embedder, categories and build metadata",
-        "responses": {"200": {"description": "Successful Response",
-                              "content": {"application/json": {"schema": {"$ref": "#/components/schemas/IndexInfo"}}}},
+        "responses": {"200": _json(_schema(schemas, IndexInfo)), "503": {"description": "Not ready", "content": ref}}}}
+    paths["/similar/{item_id}"] = {"get": {
+        "summary": "More like this: the k items most similar to a catalogue item, from its stored photos",
+        "parameters": [{"name": "item_id", "in": "path", "required": True, "schema": {"type": "string"}},
+                       *_query_parameters(SimilarQuery)],
+        "responses": {"200": _json(_schema(schemas, SimilarResponse)),
+                      "400": {"description": STATUSES["400"], "content": ref},
+                      "404": {"description": "No such item in the served index", "content": ref},
                       "503": {"description": "Not ready", "content": ref}}}}
+    paths["/photos/{name}"] = {"get": {
+        "summary": "A thumbnail of a photo of the served index (a match's photo_url); cached for good",
+        "parameters": [{"name": "name", "in": "path", "required": True,
+                        "schema": {"type": "string", "pattern": "^[0-9a-f]{64}\\.webp$"}}],
+        "responses": {"200": {"description": "WebP image", "content": {"image/webp": {}}},
+                      "404": {"description": "No such photo in the served index", "content": ref}}}}
     doc.setdefault("info", {})["description"] = DESCRIPTION
     _mark_nullable(doc)
     return doc
+
+
+def _schema(schemas: dict[str, Any], model: type[BaseModel]) -> dict[str, Any]:
+    """Put `model`'s schema (and those it uses) among the components; returns a reference to it."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    schemas.update(schema.pop("$defs", {}))
+    schemas[model.__name__] = schema
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _json(schema_ref: dict[str, Any]) -> dict[str, Any]:
+    return {"description": "Successful Response", "content": {"application/json": {"schema": schema_ref}}}
+
+
+def _query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
+    """OpenAPI query parameters from a pydantic model of them."""
+    schema = model.model_json_schema()
+    return [{"name": name, "in": "query", "required": name in schema.get("required", []), "schema": prop}
+            for name, prop in schema["properties"].items()]
 
 
 def _mark_nullable(node: Any) -> None:

@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 
 from query.models import Estimate
-from model_store.index_artifact import Match
+from query.search_index import Match
 
 # Cosine similarities measured with EfficientNet-Lite0 GeM + PCA-256 on COIL-100 (docs/EVALUATION.md):
 # another view of the same object scores >= 0.88 for 95% of queries; the best other object has a median

@@ -23,7 +23,8 @@ from index_builder.catalogue import read_catalogue
 from index_builder.extract import work_key
 from model_store.backbones import WeightsError, resolve_weights
 from model_store.embedder import load_embedder
-from model_store.index_artifact import ANNOY_FILE, SearchIndex
+from model_store.index_artifact import ANNOY_FILE
+from query.search_index import SearchIndex
 from model_store.preprocess import image_to_pixels, load_image_file
 from model_store.registry import bentoml_home, get_model, list_models
 from model_store.settings import INDEX_MODEL
@@ -194,3 +195,63 @@ def test_a_full_disk_fails_the_build_and_leaves_the_store_as_it_was(demo_index, 
         assert not list((home / "bentoml" / "tmp").glob("staging-*"))
     finally:
         subprocess.run(["umount", str(home)], check=True)
+
+
+def _new_catalogue(folder: Path, n: int, image_url: dict[int, str] | None = None, seed: int = 1000) -> Path:
+    """n photos no other test has (new drawings: give each test its own seed), one item each; image_url for
+    some rows."""
+    from index_builder.demo import draw_object
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "catalogue.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["item_id", "image_path", "title", "category", "price", "currency", "sold_at", "image_url"])
+        for i in range(n):
+            draw_object(i % 8, 5, 17 * i, seed=seed + i).save(folder / f"p{i}.png")
+            w.writerow([f"new-{i}", f"p{i}.png", f"Thing {i}", "Misc", 10 + i, "USD", "2025-05-01",
+                        (image_url or {}).get(i, "")])
+    return folder / "catalogue.csv"
+
+
+def _photo_urls(tag: str) -> dict[str, str | None]:
+    index = SearchIndex(Path(get_model(tag).path))
+    return {m.item_id: m.photo_url for m in index.nearest(np.asarray(index.vectors[0]), 100)}
+
+
+def test_thumbnails_are_made_once_and_shared_by_every_version(tmp_path):
+    from model_store.thumbnails import store_dir, store_size, thumbnail_path
+
+    catalogue = _new_catalogue(tmp_path / "cat", 6)
+    before = store_size()
+    first = build(catalogue, progress=False, workers=0)
+    assert first.thumbnails_made == 6 and store_size()[0] == before[0] + 6
+    second = build(catalogue, seed=1, progress=False, workers=0)
+    assert second.thumbnails_made == 0 and store_size() == (before[0] + 6, store_size()[1])  # nothing remade
+    urls = _photo_urls(first.tag)
+    assert urls == _photo_urls(second.tag) and len(urls) == 6
+    for item_id, url in urls.items():
+        key = url.removeprefix("/photos/").removesuffix(".webp")
+        assert key == sha(tmp_path / "cat" / f"p{item_id.split('-')[1]}.png")  # named by the photo's content
+        assert thumbnail_path(key).is_file() and thumbnail_path(key).parent.parent == store_dir()
+    # nothing of the thumbnails is copied into a version
+    assert not list(Path(get_model(second.tag).path).rglob("*.webp"))
+
+
+def test_image_url_is_the_photo_and_thumbnails_can_be_turned_off(tmp_path):
+    cdn = {0: "https://cdn.example.com/p0.jpg", 3: "http://img.example.org/x/p3.webp?v=2"}
+    catalogue = _new_catalogue(tmp_path / "cat", 5, cdn, seed=2000)
+    on = build(catalogue, progress=False, workers=0)
+    urls = _photo_urls(on.tag)
+    assert urls["new-0"] == cdn[0] and urls["new-3"] == cdn[3]
+    assert urls["new-1"].startswith("/photos/") and on.thumbnails_made == 3  # rows with a URL need none
+    off = build(catalogue, progress=False, workers=0, thumbnails=False)
+    urls = _photo_urls(off.tag)
+    assert off.thumbnails == "off" and off.thumbnails_made == 0
+    assert urls["new-0"] == cdn[0] and urls["new-1"] is None
+
+
+def test_a_bad_image_url_is_a_reported_row(tmp_path):
+    catalogue = _new_catalogue(tmp_path / "cat", 4, {1: "ftp://files.example.com/p1.jpg", 2: "not a url"}, seed=3000)
+    cat = read_catalogue(catalogue)
+    assert sorted(b.line for b in cat.bad) == [3, 4]
+    assert all("image_url" in b.reason for b in cat.bad)

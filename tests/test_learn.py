@@ -6,7 +6,8 @@ import numpy as np
 
 from index_builder import learn
 from index_builder.build import build
-from model_store.index_artifact import Projection, SearchIndex
+from model_store.index_artifact import Projection
+from query.search_index import SearchIndex
 from model_store.registry import get_model
 
 

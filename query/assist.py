@@ -1,0 +1,51 @@
+"""Cataloguing assist: the category the neighbours vote for, possible duplicates, a price, the nearest items."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import numpy as np
+
+from query.models import CategoryVote, Estimate
+from query.pricing import estimate_price
+from query.search_index import Filters, Match, SearchIndex
+
+ESTIMATE_NEIGHBOURS = 20  # sold items an estimate looks at (pricing.py keeps the close ones)
+
+
+def vote_category(neighbours: list[Match], temperature: float) -> CategoryVote:
+    """Similarity-weighted vote of the neighbours' categories: each votes exp(-(best - its similarity) / T),
+    so the nearest items weigh most and a close second kind still counts (T chosen in docs/EVALUATION.md)."""
+    if not neighbours:
+        return CategoryVote()
+    best = max(m.score for m in neighbours)
+    weights: dict[str, float] = defaultdict(float)
+    for m in neighbours:
+        weights[m.category] += math.exp((m.score - best) / temperature)
+    total = sum(weights.values())
+    ranked = sorted(weights.items(), key=lambda kv: -kv[1])
+    runner = ranked[1] if len(ranked) > 1 else (None, 0.0)
+    return CategoryVote(suggested=ranked[0][0], confidence=round(ranked[0][1] / total, 3), runner_up=runner[0],
+                        runner_up_confidence=round(runner[1] / total, 3), neighbours=len(neighbours))
+
+
+def duplicates(neighbours: list[Match], threshold: float) -> list[Match]:
+    return [m for m in neighbours if m.score >= threshold]
+
+
+def estimate(index: SearchIndex, query: np.ndarray, filters: Filters) -> Estimate:
+    """The expected price from the nearest items; price filters do not apply (they would bias it)."""
+    f = filters.model_copy(update={"min_price": None, "max_price": None})
+    return estimate_price(index.nearest(query, ESTIMATE_NEIGHBOURS, f))
+
+
+def assist(index: SearchIndex, query: np.ndarray, k: int, filters: Filters, *, vote_neighbours: int,
+           vote_temperature: float, duplicate_threshold: float) -> dict:
+    """The parts of an AssistResponse for one query vector (index space). The vote and the duplicates look
+    at the whole catalogue; the nearest items and the estimate honour the filters."""
+    unfiltered = index.nearest(query, vote_neighbours)
+    return {"category": vote_category(unfiltered, vote_temperature),
+            "duplicates": duplicates(unfiltered, duplicate_threshold),
+            "duplicate_threshold": duplicate_threshold, "estimate": estimate(index, query, filters),
+            "nearest": index.nearest(query, k, filters)}

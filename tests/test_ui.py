@@ -1,0 +1,173 @@
+"""The search page at /ui in a real browser (Debian's Chromium driven by Playwright) against a real server."""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+PHONE = {"width": 390, "height": 844}
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip("no Chromium: `apt-get install chromium` (.ci/run does)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    context = browser.new_context(viewport=PHONE, base_url=server.url)
+    pg = context.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda exc: errors.append(str(exc)))
+    pg.goto("/ui")
+    pg.wait_for_function("document.querySelector('#served-version').textContent.includes('image-index:')")
+    yield pg
+    context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+@pytest.fixture(scope="module")
+def rows(demo_catalogue) -> list[dict]:
+    with open(demo_catalogue) as f:
+        return list(csv.DictReader(f))
+
+
+def choose(page, path: Path | None = None, *, name: str = "photo.png", data: bytes | None = None,
+           mime: str = "image/png") -> None:
+    files = str(path) if path else {"name": name, "mimeType": mime, "buffer": data}
+    page.set_input_files("#file-input", files)
+
+
+def wait_for_results(page, n: int = 1) -> None:
+    page.wait_for_function(f"document.querySelectorAll('#results .result').length >= {n}"
+                           " && getComputedStyle(document.querySelector('#busy')).display === 'none'"
+                           " || document.querySelector('#busy').hidden", timeout=60_000)
+    page.wait_for_function("[...document.querySelectorAll('#results .result')].length > 0", timeout=60_000)
+
+
+def photos_loaded(page) -> list[int]:
+    """naturalWidth of every result photo, once each has finished loading (they load lazily: scroll to each)."""
+    photos = page.locator("#results img.result-photo")
+    for i in range(photos.count()):
+        photos.nth(i).scroll_into_view_if_needed()
+    page.wait_for_function("[...document.querySelectorAll('#results img.result-photo')].every(i => i.complete)",
+                           timeout=30_000)
+    return page.eval_on_selector_all("#results img.result-photo", "imgs => imgs.map(i => i.naturalWidth)")
+
+
+def test_a_photo_gives_result_photos_prices_and_an_expected_price(page, demo_catalogue, rows):
+    row = rows[0]
+    choose(page, demo_catalogue.parent / row["image_path"])
+    wait_for_results(page)
+    widths = photos_loaded(page)
+    assert widths and all(w > 0 for w in widths), widths
+    first = page.locator("#results .result").first
+    assert first.get_attribute("data-item-id") == row["item_id"]
+    assert row["title"] in first.locator(".result-title").inner_text()
+    assert "$" in first.locator(".result-price").inner_text()
+    assert "%" in first.locator(".result-score").inner_text()
+    assert "$" in page.locator("#estimate-price").inner_text()
+    assert "%" in page.locator("#estimate-confidence").inner_text()
+    assert row["category"] in page.locator("#assist-category").inner_text()
+    assert page.locator("#banner-random").is_hidden()
+    # usable at phone width: nothing wider than the screen
+    assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+
+
+def test_cropping_searches_only_the_boxed_item(page, demo_catalogue, rows):
+    left, right = rows[0], next(r for r in rows if r["category"] != rows[0]["category"])
+    a = Image.open(demo_catalogue.parent / left["image_path"]).convert("RGB")
+    b = Image.open(demo_catalogue.parent / right["image_path"]).convert("RGB").resize(a.size)
+    both = Image.new("RGB", (a.width * 2, a.height), "white")
+    both.paste(a, (0, 0))
+    both.paste(b, (a.width, 0))
+    buf = io.BytesIO()
+    both.save(buf, "PNG")
+    choose(page, data=buf.getvalue(), name="two-things.png")
+    wait_for_results(page)
+    box = page.locator("#preview img, #preview canvas").first.bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.52, box["y"] + 2)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.75, box["y"] + box["height"] * 0.5, steps=5)
+    page.mouse.move(box["x"] + box["width"] - 2, box["y"] + box["height"] - 2, steps=5)
+    page.mouse.up()
+    assert page.locator("#crop-box").is_visible()
+    with page.expect_response("**/assist") as answer:
+        page.click("#search-button")
+    assert answer.value.ok
+    wait_for_results(page)
+    assert page.locator("#results .result").first.get_attribute("data-item-id") == right["item_id"]
+    page.click("#crop-clear")
+    assert page.locator("#crop-box").is_hidden()
+
+
+def test_filters_narrow_the_results(page, demo_catalogue, rows):
+    row = rows[0]
+    choose(page, demo_catalogue.parent / row["image_path"])
+    wait_for_results(page)
+    other = next(r["category"] for r in rows if r["category"] != row["category"])
+    page.click("#filters-details summary")  # folded on a phone
+    page.select_option("#filter-category", other)
+    page.fill("#filter-max-price", "10000")
+    with page.expect_response("**/assist") as answer:
+        page.click("#search-button")
+    assert answer.value.ok
+    page.wait_for_function(f"[...document.querySelectorAll('#results .result-category')].length > 0 && "
+                           f"[...document.querySelectorAll('#results .result-category')]"
+                           f".every(e => e.textContent.includes({other!r}))", timeout=30_000)
+
+
+def test_more_like_this_shows_the_items_neighbours(page, demo_catalogue, rows):
+    choose(page, demo_catalogue.parent / rows[0]["image_path"])
+    wait_for_results(page)
+    first = page.locator("#results .result").first
+    item = first.get_attribute("data-item-id")
+    with page.expect_response(lambda r: "/similar/" in r.url) as answer:
+        first.locator(".more-like-this").click()
+    assert answer.value.ok
+    page.wait_for_function("document.querySelector('#results-title').textContent.includes('More like')")
+    wait_for_results(page)
+    ids = page.eval_on_selector_all("#results .result", "els => els.map(e => e.dataset.itemId)")
+    assert ids and item not in ids
+    assert all(w > 0 for w in photos_loaded(page))
+
+
+def test_a_non_image_gives_a_readable_error(page):
+    choose(page, data=b"these are my notes, not a photo", name="notes.txt", mime="text/plain")
+    alert = page.locator("#error")
+    alert.wait_for(state="visible", timeout=30_000)
+    text = alert.inner_text()
+    assert "JPEG" in text or "photo" in text.lower(), text
+    assert "415" not in text and "{" not in text  # plain words, not a status code or a JSON dump
+    assert page.locator("#busy").is_hidden()
+
+
+def test_a_file_over_the_limit_gives_a_readable_error(page):
+    # the server in tests takes at most 2,000,000 bytes per photo
+    choose(page, data=b"\0" * 2_500_000, name="huge.jpg", mime="image/jpeg")
+    alert = page.locator("#error")
+    alert.wait_for(state="visible", timeout=30_000)
+    assert "large" in alert.inner_text().lower(), alert.inner_text()
+
+
+def test_the_page_is_keyboard_usable(page):
+    """Every control is reachable with Tab."""
+    reached = set()
+    for _ in range(40):
+        page.keyboard.press("Tab")
+        reached.add(page.evaluate("document.activeElement && document.activeElement.id"))
+    assert {"file-input", "camera-input", "search-button"} <= reached, reached

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from index_builder.cache import EmbeddingCache
 from index_builder.extract import extract
 from model_store.embedder import Descriptor, Embedder, new_embedder
 
@@ -22,8 +23,10 @@ def embed_paths(paths: list[Path], backbone: str, weights: str = "default", desc
     if cache.exists():
         return np.load(cache)
     config, net = new_embedder(backbone, weights, descriptor)
-    result = extract(paths, Embedder(config, net), OUT / f"batches-{key}", batch_size=batch_size, workers=1,
+    store = EmbeddingCache(f"{backbone}-{weights}-{descriptor}", config.dim, OUT / "embedding-cache")
+    result = extract([str(p) for p in paths], Embedder(config, net), store, batch_size=batch_size, workers=1,
                      progress=progress)
+    store.close()
     if result.errors:
         raise RuntimeError(f"unreadable photos: {result.errors}")
     np.save(cache, result.vectors)

@@ -1,4 +1,4 @@
-"""CLI: python -m index_builder build CATALOGUE [options] | demo FOLDER."""
+"""CLI: python -m index_builder build CATALOGUE [options] | cache [--prune] | demo FOLDER."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ def _print_summary(s: BuildSummary) -> None:
     print(f"  rows          {s.rows}: {s.photos_indexed} photos of {s.items} items indexed, "
           f"{s.bad_rows} skipped (report: {s.report})", file=w)
     print(f"  vectors       {s.dim}-d ({s.projection}); embedding {s.images_per_second} images/s"
-          f"{f', {s.reused_photos} photos reused from an earlier run' if s.reused_photos else ''}", file=w)
+          f" ({s.photos_indexed - s.reused_photos} photos embedded, {s.reused_photos} from the embedding cache)",
+          file=w)
     print(f"  thumbnails    {s.thumbnails_made} made in {s.thumbnails}" if s.thumbnails != "off"
           else "  thumbnails    off (photo_url comes from image_url only)", file=w)
     print(f"  ann           n_trees={s.n_trees} search_k={s.search_k} recall@10={s.ann_recall_at_10}", file=w)
@@ -87,6 +88,26 @@ def build_cmd(
     else:
         _print_summary(summary)
         print(summary.tag)
+
+
+@app.command("cache")
+def cache_cmd(
+    prune: Annotated[bool, typer.Option(help="delete the caches of embedders no stored index version uses")] = False,
+    keep: Annotated[Optional[list[str]], typer.Option(help="with --prune: an embedder tag to keep as well")] = None,
+) -> None:
+    """The embedding cache: vectors and bytes per embedder; --prune deletes what no index needs."""
+    from index_builder import cache
+    from model_store.registry import list_models
+    from model_store.settings import INDEX_MODEL
+
+    if prune:
+        used = {m.info.labels.get("embedder", "") for m in list_models(INDEX_MODEL)} | set(keep or [])
+        for gone in cache.prune(used):
+            print(f"deleted {gone.embedder}: {gone.vectors:,} vectors, {gone.bytes / 1e6:,.1f} MB")
+    sizes = cache.sizes()
+    for s in sizes:
+        print(f"{s.embedder}  {s.vectors:>10,} vectors  {s.bytes / 1e6:>10,.1f} MB")
+    print(f"{len(sizes)} embedder(s), {sum(s.bytes for s in sizes) / 1e6:,.1f} MB in {cache.cache_root()}")
 
 
 @app.command("demo")

@@ -6,6 +6,7 @@ import datetime as dt
 import shutil
 import sys
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -17,7 +18,8 @@ from index_builder import ann, learn
 from index_builder.calibrate import calibrate
 from index_builder.catalogue import BadRow, Catalogue, read_catalogue, write_report
 from index_builder.evaluate import evaluate
-from index_builder.extract import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, extract, work_key
+from index_builder.cache import EmbeddingCache
+from index_builder.extract import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, extract
 from model_store.embedder import Descriptor, Embedder, new_embedder, save_embedder
 from model_store.index_artifact import (ANNOY_FILE, MANIFEST_FILE, PROJECTION_FILE, REPORT_FILE, VECTORS_FILE,
                                         ITEMS_FILE, IndexManifest, Projection, normalize, write_items_db)
@@ -99,14 +101,15 @@ def build(catalogue_path: Path, *, backbone: str | None = None, weights: str = "
     if not config.weights.pretrained:
         print(f"WARNING: {embedder_tag} has RANDOM weights: for tests only, retrieval will be poor",
               file=sys.stderr)
-    paths = [p.path for p in cat.photos]
-    key = work_key(paths, embedder_tag, batch_size)
-    work = bentoml_home() / "tmp" / "builds" / key
+    sources = [p.path for p in cat.photos]
+    work = bentoml_home() / "tmp" / "builds" / uuid.uuid4().hex
+    cache = EmbeddingCache(embedder_tag, config.dim)
     with timer.stage("embed"):
-        ext = extract(paths, embedder, work / "batches", batch_size=batch_size, workers=workers, progress=progress,
+        ext = extract(sources, embedder, cache, batch_size=batch_size, workers=workers, progress=progress,
                       thumbnails=store_dir() if thumbnails else None,
                       no_thumbnail=frozenset(i for i, p in enumerate(cat.photos) if p.row.image_url))
-    good = [i for i in range(len(paths)) if i not in ext.errors]
+    cache.close()
+    good = [i for i in range(len(sources)) if i not in ext.errors]
     bad = cat.bad + [BadRow(cat.photos[i].line, cat.photos[i].row.image_path, r) for i, r in ext.errors.items()]
     write_report(report, bad)
     _check_bad_share(cat, bad, max_bad_share, report)
@@ -157,7 +160,7 @@ def build(catalogue_path: Path, *, backbone: str | None = None, weights: str = "
         projection=manifest.projection, n_trees=choice.n_trees, search_k=choice.search_k,
         ann_recall_at_10=manifest.ann_recall_at_10,
         images_per_second=round(ext.computed / ext.seconds, 2) if ext.computed else 0.0,
-        reused_photos=len(paths) - ext.computed, thumbnails=str(store_dir()) if thumbnails else "off",
+        reused_photos=len(sources) - ext.computed - len(ext.errors), thumbnails=str(store_dir()) if thumbnails else "off",
         thumbnails_made=ext.thumbnails_made, seconds=timer.seconds, evaluation=manifest.evaluation)
 
 

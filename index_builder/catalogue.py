@@ -12,6 +12,8 @@ from typing import Iterator
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
+from index_builder.sources import is_remote
+
 COLUMNS = ("item_id", "image_path", "title", "category", "price", "currency", "sold_at")
 OPTIONAL_COLUMNS = ("image_url",)
 
@@ -52,7 +54,7 @@ class CatalogueRow(BaseModel):
 class Photo:
     line: int  # 1-based line in the file (CSV: the header is line 1)
     row: CatalogueRow
-    path: Path  # absolute
+    path: str  # an absolute local path, or a URL (https://, s3://, gs://) read through fsspec
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,7 @@ def read_catalogue(path: Path) -> Catalogue:
     if not path.is_file():
         raise CatalogueError(f"{path}: no such catalogue file")
     photos, bad = [], []
-    seen_paths: dict[Path, int] = {}
+    seen_paths: dict[str, int] = {}
     items: dict[str, tuple[int, tuple]] = {}
     for line, fields, error in _raw_rows(path):
         image_path = str((fields or {}).get("image_path", ""))
@@ -127,10 +129,11 @@ def read_catalogue(path: Path) -> Catalogue:
             bad.append(BadRow(line, image_path, _validation_reason(exc)))
             continue
         reason = ""
-        full = (path.parent / row.image_path).resolve()
+        remote = is_remote(row.image_path)
+        full = row.image_path if remote else str((path.parent / row.image_path).resolve())
         if full in seen_paths:
             reason = f"duplicate photo: same image_path as line {seen_paths[full]}"
-        elif not full.is_file():
+        elif not remote and not Path(full).is_file():  # remote photos are checked when they are fetched
             reason = f"image file not found: {full}"
         elif row.item_id in items and items[row.item_id][1] != row.item_fields():
             reason = (f"item {row.item_id}: title/category/price/currency/sold_at differ from line "

@@ -43,7 +43,8 @@ def register(name: str, labels: dict[str, str], metadata: dict[str, Any], write:
 def clean_staging(older_than_s: float = 3600) -> None:
     """Remove staging folders a killed registration left behind (never visible as versions); recent ones
     may belong to a registration running now, so they stay."""
-    for stale in (bentoml_home() / "tmp").glob("staging-*"):
+    tmp = bentoml_home() / "tmp"
+    for stale in [*tmp.glob("staging-*"), *tmp.glob("builds/*")]:  # and work folders of killed builds
         if time.time() - stale.stat().st_mtime > older_than_s:
             shutil.rmtree(stale, ignore_errors=True)
 

@@ -20,7 +20,6 @@ from conftest import run_env
 from index_builder import build as build_module
 from index_builder.build import BuildError, build
 from index_builder.catalogue import read_catalogue
-from index_builder.extract import work_key
 from model_store.backbones import WeightsError, resolve_weights
 from model_store.embedder import load_embedder
 from model_store.index_artifact import ANNOY_FILE
@@ -111,29 +110,56 @@ def test_a_crash_during_registration_leaves_no_version(demo_catalogue, monkeypat
     assert not list((bentoml_home() / "tmp").glob("staging-*"))
 
 
-def test_killed_build_resumes_without_recomputing(demo_index, demo_catalogue, python):
-    paths = [p.path for p in read_catalogue(demo_catalogue).photos]
-    batches = bentoml_home() / "tmp" / "builds" / work_key(paths, demo_index.embedder, 4) / "batches"
-    cmd = [python, "-m", "index_builder", "build", str(demo_catalogue), "--batch-size", "4", "--workers", "0",
+def test_killed_build_resumes_from_the_embedding_cache(tmp_path, python):
+    from index_builder.cache import EmbeddingCache
+
+    catalogue = _new_catalogue(tmp_path / "cat", 72, seed=4000)  # photos no other build has embedded
+    embedder = build(_new_catalogue(tmp_path / "probe", 1, seed=4999), progress=False, workers=0).embedder
+    cache = EmbeddingCache(embedder, 1280)
+    start = len(cache)
+    cmd = [python, "-m", "index_builder", "build", str(catalogue), "--batch-size", "4", "--workers", "0",
            "--no-progress", "--seed", "7"]
     before = index_versions()
     proc = subprocess.Popen(cmd, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(batches.glob("batch-*"))) < 4:
+    while time.time() < deadline and len(cache) - start < 16:
         time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = len(list(batches.glob("batch-*")))
-    assert 4 <= done < 18, "the build must be killed halfway for this test to mean anything"
+    done = len(cache) - start
+    cache.close()
+    assert 16 <= done < 72, "the build must be killed halfway for this test to mean anything"
     assert index_versions() == before
     out = subprocess.run(cmd + ["--json"], env=run_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)
-    assert summary["reused_photos"] >= 4 * done - 4  # the batch in flight at the kill may have landed too
-    assert summary["photos_indexed"] == 72
+    assert summary["reused_photos"] >= done and summary["photos_indexed"] == 72
     assert index_versions() == before | {summary["tag"]}
     human = subprocess.run(cmd, env=run_env(), capture_output=True, text=True, timeout=300)
     assert human.stdout.strip().splitlines()[-1].startswith(f"{INDEX_MODEL}:")
+    assert "0 photos embedded, 72 from the embedding cache" in human.stderr
+
+
+def test_a_rebuild_embeds_only_new_and_changed_photos(tmp_path):
+    from index_builder.demo import draw_object
+
+    catalogue = _new_catalogue(tmp_path / "cat", 100, seed=5000)
+    first = build(catalogue, progress=False, workers=0)
+    assert first.reused_photos == 0 and first.photos_indexed == 100
+    with open(catalogue, "a", newline="") as f:  # the night's 1% of new rows
+        draw_object(3, 6, 5, seed=5999).save(tmp_path / "cat" / "new.png")
+        csv.writer(f).writerow(["new-item", "new.png", "New thing", "Misc", 12, "USD", "2025-06-01", ""])
+    draw_object(0, 6, 9, seed=5998).save(tmp_path / "cat" / "p7.png")  # a photo replaced in place
+    second = build(catalogue, progress=False, workers=0)
+    assert second.photos_indexed == 101
+    assert second.reused_photos == 99  # embedded: the new photo and the changed one
+    assert second.thumbnails_made == 2
+    # the same photo under another name is recognised by its content, not embedded again
+    shutil.copy(tmp_path / "cat" / "p3.png", tmp_path / "cat" / "p3-copy.png")
+    with open(catalogue, "a", newline="") as f:
+        csv.writer(f).writerow(["copy-item", "p3-copy.png", "Copy", "Misc", 12, "USD", "2025-06-01", ""])
+    third = build(catalogue, progress=False, workers=0)
+    assert third.photos_indexed == 102 and third.reused_photos == 102  # nothing embedded
 
 
 def test_vgg16_random_weights_are_labelled_and_pool5_is_the_flat_map(demo_catalogue):
@@ -255,3 +281,19 @@ def test_a_bad_image_url_is_a_reported_row(tmp_path):
     cat = read_catalogue(catalogue)
     assert sorted(b.line for b in cat.bad) == [3, 4]
     assert all("image_url" in b.reason for b in cat.bad)
+
+
+def test_the_cache_command_shows_and_prunes(demo_index, python, tmp_path):
+    from index_builder.cache import EmbeddingCache
+
+    orphan = EmbeddingCache("image-embedder:nobodyusesthis", 4)
+    orphan.put([(None, "ab" * 32, np.ones(4, np.float32))])
+    orphan.close()
+    shown = subprocess.run([python, "-m", "index_builder", "cache"], env=run_env(), capture_output=True, text=True)
+    assert shown.returncode == 0 and "image-embedder-nobodyusesthis" in shown.stdout
+    assert demo_index.embedder.replace(":", "-") in shown.stdout
+    pruned = subprocess.run([python, "-m", "index_builder", "cache", "--prune"], env=run_env(), capture_output=True,
+                            text=True)
+    assert pruned.returncode == 0, pruned.stderr
+    assert "deleted image-embedder-nobodyusesthis: 1 vectors" in pruned.stdout
+    assert demo_index.embedder.replace(":", "-") in pruned.stdout  # used by an index: kept

@@ -1,0 +1,92 @@
+"""Catalogues whose photos are URLs: a real local HTTP server and a real local S3 endpoint (moto's server)."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from bench.server import free_port
+from index_builder.build import build
+from index_builder.demo import draw_object
+
+pytestmark = pytest.mark.slow
+
+
+def photos(folder: Path, n: int, seed: int) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in range(n):
+        draw_object(i % 8, 4, 11 * i, seed=seed + i).save(folder / f"r{i}.png")
+        names.append(f"r{i}.png")
+    return names
+
+
+def write_catalogue(path: Path, urls: list[str]) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["item_id", "image_path", "title", "category", "price", "currency", "sold_at"])
+        for i, url in enumerate(urls):
+            w.writerow([f"remote-{i}", url, f"Remote thing {i}", "Misc", 20 + i, "USD", "2025-07-01"])
+    return path
+
+
+def report_rows(report: str) -> dict[str, str]:
+    with open(report) as f:
+        return {r["image_path"]: r["reason"] for r in csv.DictReader(f)}
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(root))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_a_catalogue_of_http_photos_builds_and_reports_what_cannot_be_fetched(http_server, tmp_path):
+    root, url = http_server
+    names = photos(root, 10, seed=7000)
+    dead = f"http://127.0.0.1:{free_port()}/gone.png"  # nothing listens there
+    catalogue = write_catalogue(tmp_path / "cat.csv", [f"{url}/{n}" for n in names] + [f"{url}/missing.png", dead])
+    first = build(catalogue, progress=False, workers=1)  # a forked decoding worker fetches
+    assert first.photos_indexed == 10 and first.bad_rows == 2 and first.reused_photos == 0
+    bad = report_rows(first.report)
+    assert "not found" in bad[f"{url}/missing.png"]
+    assert "cannot fetch" in bad[dead] and "tried 3 times" in bad[dead]
+    # unchanged photos are recognised from one HEAD request each (size and Last-Modified): nothing embedded
+    second = build(catalogue, progress=False, workers=0)
+    assert second.reused_photos == 10 and second.photos_indexed == 10
+
+
+def test_a_catalogue_of_s3_photos_builds(tmp_path, monkeypatch):
+    boto3 = pytest.importorskip("boto3")
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        for name, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+                            "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(name, value)
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket="catalogue-photos")
+        names = photos(tmp_path / "local", 6, seed=7100)
+        for n in names:
+            s3.upload_file(str(tmp_path / "local" / n), "catalogue-photos", f"2025/{n}")
+        urls = [f"s3://catalogue-photos/2025/{n}" for n in names] + ["s3://catalogue-photos/2025/missing.png"]
+        summary = build(write_catalogue(tmp_path / "cat.csv", urls), progress=False, workers=0)
+        assert summary.photos_indexed == 6 and summary.bad_rows == 1
+        assert "not found" in report_rows(summary.report)["s3://catalogue-photos/2025/missing.png"]
+        again = build(write_catalogue(tmp_path / "cat.csv", urls), progress=False, workers=0)
+        assert again.reused_photos == 6  # by ETag, without reading the photos
+    finally:
+        server.stop()

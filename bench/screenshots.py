@@ -4,7 +4,7 @@ Builds a catalogue from the grocery photos (each product an item: its clean cata
 train photos; titles from the data set, prices and dates made up), serves it with `bentoml serve` in a store
 of its own under bench/out, and photographs /ui in Debian's Chromium after searching with a val photo.
 
-    python -m bench.screenshots          # writes docs/screenshots/{phone,desktop}.png
+    python -m bench.screenshots          # writes docs/screenshots/{phone,phone-results,desktop}.jpg
 """
 
 from __future__ import annotations
@@ -66,19 +66,27 @@ def shoot(url: str) -> list[Path]:
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
         for name, viewport, full in (("phone", {"width": 390, "height": 844}, False),
-                                     ("desktop", {"width": 1280, "height": 900}, False)):
+                                     ("desktop", {"width": 1280, "height": 900}, True)):
             page = browser.new_page(viewport=viewport, device_scale_factor=1)
             page.goto(f"{url}/ui/")
             page.wait_for_function("document.querySelector('#served-version').textContent.includes('image-index:')")
             page.set_input_files("#file-input", str(GROCERY / QUERY))
-            page.wait_for_function("document.querySelectorAll('#results img.result-photo').length > 0 && "
-                                   "[...document.querySelectorAll('#results img.result-photo')]"
+            page.wait_for_function("document.querySelectorAll('#results img.result-photo').length > 0", timeout=60_000)
+            photos = page.locator("#results img.result-photo")
+            for i in range(photos.count()):  # they load lazily
+                photos.nth(i).scroll_into_view_if_needed()
+            page.wait_for_function("[...document.querySelectorAll('#results img.result-photo')]"
                                    ".every(i => i.complete && i.naturalWidth > 0)", timeout=60_000)
-            if name == "phone":  # the results, as a phone user sees them after scrolling
-                page.locator("#results-section").scroll_into_view_if_needed()
-            target = DOCS / f"{name}.png"
-            page.screenshot(path=str(target), full_page=full)
-            shots.append(target)
+            page.evaluate("window.scrollTo(0, 0)")
+            views = [(name, "")]
+            if name == "phone":  # the first screen, then the results as a phone user sees them after scrolling
+                views = [("phone", ""), ("phone-results", "document.querySelector('#results-section').scrollIntoView()")]
+            for shot, script in views:
+                if script:
+                    page.evaluate(script)
+                target = DOCS / f"{shot}.jpg"
+                page.screenshot(path=str(target), full_page=full, type="jpeg", quality=80)
+                shots.append(target)
             page.close()
         browser.close()
     return shots

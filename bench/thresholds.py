@@ -198,8 +198,8 @@ def coil() -> dict:
 def markdown(result: dict) -> str:
     g, c = result["grocery"], result["coil"]
     lines = [f"Measured {result['date']} on {result['machine']} with `python -m bench.thresholds` "
-             f"({result['seconds']:.0f} s): the default embedder (EfficientNet-Lite2, regional GeM) and the "
-             "builder's projection, thresholds chosen by the builder on the catalogue alone "
+             f"({result['seconds']:.0f} s with the descriptors cached in bench/out; about 6 min without): the "
+             "default embedder (EfficientNet-Lite2, regional GeM) and the builder's projection, thresholds chosen by the builder on the catalogue alone "
              "(`index_builder/calibrate.py`), judged on held-out photos. " + CREDIT, "",
              "Catalogues: grocery = the 2,640 train photos, one item per product (81), the coarse class as category "
              "(43 kinds: Apple, Milk, ...), held out: the 296 val photos. COIL-100 = views 0/90/180/270 of each "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import shutil
 from pathlib import Path
 
@@ -171,3 +172,41 @@ def test_the_page_is_keyboard_usable(page):
         page.keyboard.press("Tab")
         reached.add(page.evaluate("document.activeElement && document.activeElement.id"))
     assert {"file-input", "camera-input", "search-button"} <= reached, reached
+
+
+def test_not_ready_then_random_weights_are_said_plainly(browser, demo_catalogue, tmp_path):
+    """A service with nothing promoted answers 503: the page says so in words. Once it serves an index whose
+    embedder has random weights, the page carries the banner."""
+    from conftest import Server
+    from index_builder.build import build
+    from model_store import stages
+
+    server = Server(tmp_path / "stages", tmp_path / "serve.log", IMAGESEARCH_FOLLOW_STAGE_S="0")
+    try:
+        server.wait("/livez")
+        context = browser.new_context(viewport=PHONE, base_url=server.url)
+        page = context.new_page()
+        page.goto("/ui")
+        alert = page.locator("#error")
+        alert.wait_for(state="visible", timeout=30_000)
+        assert "starting or unavailable" in alert.inner_text(), alert.inner_text()
+        s = build(demo_catalogue, backbone="efficientnet-lite0", weights="random", image_size=64, pca_dim=0,
+                  progress=False, workers=0)
+        old = os.environ["IMAGESEARCH_STAGES_DIR"]
+        os.environ["IMAGESEARCH_STAGES_DIR"] = str(tmp_path / "stages")
+        stages.get_settings.cache_clear()
+        try:
+            stages.promote(s.tag, "production", force=True)
+        finally:
+            os.environ["IMAGESEARCH_STAGES_DIR"] = old
+            stages.get_settings.cache_clear()
+        server.stop()  # the embedder loads its model at start: a new embedder needs a restart
+        server = Server(tmp_path / "stages", tmp_path / "serve2.log", IMAGESEARCH_FOLLOW_STAGE_S="0").wait()
+        page = context.new_page()
+        page.goto(f"{server.url}/ui")
+        banner = page.locator("#banner-random")
+        banner.wait_for(state="visible", timeout=30_000)
+        assert "RANDOM" in banner.inner_text()
+        context.close()
+    finally:
+        server.stop()

@@ -53,8 +53,13 @@ def show_cmd(tag: str) -> None:
 
 @app.command("promote")
 def promote_cmd(tag: str, stage: StageOpt, force: bool = False, note: str = "") -> None:
-    """Put index TAG on STAGE; refuses low recall or an embedder change unless --force."""
+    """Put index TAG on STAGE, showing how it differs from what STAGE serves; refuses low recall, an embedder
+    change, or a version lacking many of the served items, unless --force."""
     try:
+        served = stages.current(stage)
+        change = stages.served_diff(str(get_model(tag).tag), served.index) if served else None
+        if change is not None:
+            print("\n".join(change.lines()))
         d = stages.promote(tag, stage, force=force, note=note)
     except (LookupError, stages.PromotionError) as exc:
         _fail(exc)

@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     min_promote_recall: float = Field(
         0.9, ge=0, le=1, description="Promotion refuses an index whose measured recall@10 is lower."
     )
+    max_promote_item_loss: float = Field(
+        0.05, ge=0, le=1, description="Promotion refuses a version lacking more than this share of the served items."
+    )
     stages_dir: Path | None = Field(
         None, description="Where stage records live; default $BENTOML_HOME/stages."
     )

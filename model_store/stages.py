@@ -13,6 +13,7 @@ import fcntl
 import getpass
 import os
 import socket
+import sqlite3
 import uuid
 from pathlib import Path
 from typing import Iterator, Literal
@@ -20,6 +21,7 @@ from typing import Iterator, Literal
 import bentoml
 from pydantic import BaseModel
 
+from model_store.diff import IndexDiff, diff
 from model_store.registry import bentoml_home, get_model
 from model_store.settings import INDEX_MODEL, Stage, get_settings
 
@@ -100,10 +102,15 @@ def promote(index_tag: str, stage: Stage, *, force: bool = False, note: str = ""
     meta = model.info.metadata
     embedder, recall = meta["embedder"], float(meta["ann_recall_at_10"])
     get_model(embedder)  # the embedder must still be in the store
-    threshold = get_settings().min_promote_recall
+    threshold, max_loss = get_settings().min_promote_recall, get_settings().max_promote_item_loss
     with _locked_state() as state:
         stack = state.stack.setdefault(stage, [])
         problems = []
+        change = served_diff(str(model.tag), stack[-1].index) if stack else None
+        if change is not None and change.lost_share > max_loss:
+            problems.append(f"it lacks {change.items_removed:,} of the {change.items_old:,} items {stage} serves "
+                            f"({change.lost_share:.1%}, over the {max_loss:.0%} limit of "
+                            "IMAGESEARCH_MAX_PROMOTE_ITEM_LOSS): was its catalogue complete?")
         if recall < threshold:
             problems.append(f"its measured ANN recall@10 is {recall:.3f}, below {threshold} "
                             "(rebuild with more trees, or set IMAGESEARCH_MIN_PROMOTE_RECALL)")
@@ -119,6 +126,20 @@ def promote(index_tag: str, stage: Stage, *, force: bool = False, note: str = ""
         state.history.append(Event(action="promote", stage=stage, index=deployment.index, embedder=embedder,
                                    at=now, by=deployment.by, forced=bool(problems), note=note))
     return deployment
+
+
+def served_diff(index_tag: str, served_tag: str) -> IndexDiff | None:
+    """How `index_tag` differs from the served version (None when they are one, or the served one is gone)."""
+    if index_tag == served_tag:
+        return None
+    try:
+        served = get_model(served_tag)
+    except LookupError:
+        return None
+    try:
+        return diff(served_tag, Path(served.path), index_tag, Path(get_model(index_tag).path))
+    except (OSError, ValueError, sqlite3.Error):  # a version without readable files cannot be compared
+        return None
 
 
 def rollback(stage: Stage, *, note: str = "") -> Deployment:

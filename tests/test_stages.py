@@ -142,3 +142,45 @@ def test_delete_never_removes_what_a_stage_serves(stages_dir, demo_index, python
         with pytest.raises(LookupError):
             get_model(tag)
     assert get_model(newer) and stages.current("staging").index == newer
+
+
+def _partial_catalogue(demo_catalogue, folder, keep_items: int, extra: int = 0):
+    """The demo catalogue with its first `keep_items` items, plus `extra` new ones."""
+    import csv
+
+    from index_builder.demo import draw_object
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(demo_catalogue) as f:
+        rows = list(csv.DictReader(f))
+    kept = sorted({r["item_id"] for r in rows})[:keep_items]
+    with open(folder / "catalogue.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        for r in rows:
+            if r["item_id"] in kept:
+                w.writerow({**r, "image_path": str(demo_catalogue.parent / r["image_path"])})
+        for i in range(extra):
+            draw_object(i % 8, 7, 3 * i, seed=8000 + i).save(folder / f"extra{i}.png")
+            w.writerow({**rows[0], "item_id": f"extra-{i}", "image_path": str(folder / f"extra{i}.png")})
+    return folder / "catalogue.csv"
+
+
+def test_promote_shows_the_change_and_refuses_a_version_that_lost_items(stages_dir, demo_index, demo_catalogue,
+                                                                         tmp_path, python):
+    stages.promote(demo_index.tag, "production")
+    grown = build(_partial_catalogue(demo_catalogue, tmp_path / "grown", 24, extra=2), progress=False, workers=0)
+    change = stages.served_diff(grown.tag, demo_index.tag)
+    assert (change.items_added, change.items_removed, change.photos_added, change.photos_removed) == (2, 0, 2, 0)
+    shrunk = build(_partial_catalogue(demo_catalogue, tmp_path / "shrunk", 18), progress=False, workers=0)
+    cli = subprocess.run([python, "-m", "model_store", "promote", shrunk.tag, "--stage", "production"],
+                         env=run_env(), capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 2 and "lacks 6 of the 24 items" in cli.stderr and "--force" in cli.stderr
+    assert "items   24 -> 18 (+0 -6, 25.0% of the served items gone)" in cli.stdout
+    assert "photos  +0 -18" in cli.stdout
+    assert stages.current("production").index == demo_index.tag
+    forced = subprocess.run([python, "-m", "model_store", "promote", shrunk.tag, "--stage", "production", "--force"],
+                            env=run_env(), capture_output=True, text=True, timeout=120)
+    assert forced.returncode == 0, forced.stderr
+    assert stages.current("production").index == shrunk.tag
+    assert stages.promote(grown.tag, "production").index == grown.tag  # more items: no question asked

@@ -61,6 +61,10 @@ def build_cmd(
     max_bad_share: Annotated[Optional[float], typer.Option(min=0, max=1, help="fail above this share of bad rows [default: 0.2]")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON on stdout")] = False,
     progress: Annotated[bool, typer.Option(help="show the progress bar")] = True,
+    engine: Annotated[str, typer.Option(help="local (this process and its decoding workers) or ray (Ray Data: "
+                                             "pip install '.[ray]')")] = "local",
+    ray_address: Annotated[Optional[str], typer.Option(help="with --engine ray: the cluster to join, e.g. "
+                                                           "ray://head:10001 or auto [default: a local Ray]")] = None,
     thumbnails: Annotated[bool, typer.Option(
         help="make a thumbnail of each photo without an image_url (shared store $BENTOML_HOME/thumbnails; "
              "existing ones are reused)")] = True,
@@ -68,13 +72,15 @@ def build_cmd(
     """Build an index from CATALOGUE and register it; the last line printed is the new tag."""
     if descriptor not in ("gem", "rmac", "pool5"):
         raise typer.BadParameter("choose gem, rmac or pool5", param_hint="--descriptor")
+    if engine not in ("local", "ray"):
+        raise typer.BadParameter("choose local or ray", param_hint="--engine")
     if projection not in ("learned", "pca", "none"):
         raise typer.BadParameter("choose learned, pca or none", param_hint="--projection")
     try:
         summary = build(catalogue, backbone=backbone, weights=weights, descriptor=descriptor, image_size=image_size,
                         pca_dim=pca_dim, whiten=whiten, projection=projection, batch_size=batch_size, workers=workers, seed=seed,
                         eval_queries=eval, report=report, max_bad_share=max_bad_share, progress=progress,
-                        thumbnails=thumbnails)
+                        thumbnails=thumbnails, engine=engine, ray_address=ray_address)
     except (BuildError, CatalogueError, EvalError, WeightsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise typer.Exit(2)

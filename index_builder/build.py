@@ -82,7 +82,8 @@ def build(catalogue_path: Path, *, backbone: str | None = None, weights: str = "
           projection: ProjectionKind = DEFAULT_PROJECTION,
           batch_size: int = DEFAULT_BATCH_SIZE, workers: int = DEFAULT_WORKERS, seed: int = 0, eval_queries: Path | None = None,
           report: Path | None = None, max_bad_share: float | None = None, progress: bool = True,
-          thumbnails: bool = True) -> BuildSummary:
+          thumbnails: bool = True, engine: Literal["local", "ray"] = "local",
+          ray_address: str | None = None) -> BuildSummary:
     """Run every stage and register the result; the store is untouched unless every stage succeeds.
     With `thumbnails`, each photo without an image_url gets a thumbnail in the shared thumbnail store
     (made once per distinct photo, whatever the version)."""
@@ -104,10 +105,17 @@ def build(catalogue_path: Path, *, backbone: str | None = None, weights: str = "
     sources = [p.path for p in cat.photos]
     work = bentoml_home() / "tmp" / "builds" / uuid.uuid4().hex
     cache = EmbeddingCache(embedder_tag, config.dim)
+    thumbs = dict(thumbnails=store_dir() if thumbnails else None,
+                  no_thumbnail=frozenset(i for i, p in enumerate(cat.photos) if p.row.image_url))
     with timer.stage("embed"):
-        ext = extract(sources, embedder, cache, batch_size=batch_size, workers=workers, progress=progress,
-                      thumbnails=store_dir() if thumbnails else None,
-                      no_thumbnail=frozenset(i for i, p in enumerate(cat.photos) if p.row.image_url))
+        if engine == "ray":
+            from index_builder.ray_engine import extract_ray
+
+            ext = extract_ray(sources, embedder, cache, batch_size=batch_size, progress=progress,
+                              address=ray_address, device=settings.device, half=settings.half_precision, **thumbs)
+        else:
+            ext = extract(sources, embedder, cache, batch_size=batch_size, workers=workers, progress=progress,
+                          **thumbs)
     cache.close()
     good = [i for i in range(len(sources)) if i not in ext.errors]
     bad = cat.bad + [BadRow(cat.photos[i].line, cat.photos[i].row.image_path, r) for i, r in ext.errors.items()]

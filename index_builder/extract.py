@@ -70,16 +70,22 @@ class Extraction:
     seconds: float
 
 
-def extract(sources: list[str], embedder: Embedder, cache: EmbeddingCache, *, batch_size: int = DEFAULT_BATCH_SIZE,
-            workers: int = DEFAULT_WORKERS, progress: bool = True, thumbnails: Path | None = None,
-            no_thumbnail: frozenset[int] = frozenset()) -> Extraction:
-    """A vector for every photo: cached ones (whose thumbnail, when wanted, exists) are reused; the others
-    are read, embedded and added to the cache batch by batch."""
-    start = time.perf_counter()
-    n, dim = len(sources), embedder.config.dim
+@dataclass
+class Plan:
+    """What the cache already holds for a build's photos, and which photos must be read and embedded."""
+
+    cheap: list[str | None]  # photo index -> cheap key
+    keys: list[str]  # photo index -> content hash ("" until known)
+    vectors: np.ndarray  # (N, D): cached vectors; zeros for the pending photos
+    pending: list[int]  # photos to read and embed
+
+
+def plan(sources: list[str], dim: int, cache: EmbeddingCache, thumbnails: Path | None,
+         no_thumbnail: frozenset[int]) -> Plan:
+    """A cached photo is reused when its cheap key is known and, if it wants a thumbnail, the store has it."""
     cheap = cheap_keys(sources)
     keys = [k or "" for k in cache.hashes(cheap)]
-    vectors = np.zeros((n, dim), np.float32)
+    vectors = np.zeros((len(sources), dim), np.float32)
     pending = []
     for i, v in enumerate(cache.get(keys)):
         needs_thumbnail = thumbnails is not None and i not in no_thumbnail
@@ -87,6 +93,18 @@ def extract(sources: list[str], embedder: Embedder, cache: EmbeddingCache, *, ba
             pending.append(i)
         else:
             vectors[i] = v
+    return Plan(cheap, keys, vectors, pending)
+
+
+def extract(sources: list[str], embedder: Embedder, cache: EmbeddingCache, *, batch_size: int = DEFAULT_BATCH_SIZE,
+            workers: int = DEFAULT_WORKERS, progress: bool = True, thumbnails: Path | None = None,
+            no_thumbnail: frozenset[int] = frozenset()) -> Extraction:
+    """A vector for every photo: cached ones are reused; the others are read, embedded and added to the
+    cache batch by batch."""
+    start = time.perf_counter()
+    n = len(sources)
+    p = plan(sources, embedder.config.dim, cache, thumbnails, no_thumbnail)
+    cheap, keys, vectors, pending = p.cheap, p.keys, p.vectors, p.pending
     errors: dict[int, str] = {}
     made = computed = 0
     batches = [pending[s:s + batch_size] for s in range(0, len(pending), batch_size)]

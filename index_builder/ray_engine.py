@@ -1,0 +1,105 @@
+"""The builder's embedding stage on Ray Data (`build --engine ray`): for catalogues beyond one machine.
+
+Fetching and decoding run as CPU tasks (`map_batches` over a function), the network in a pool of actors
+(`compute=ActorPoolStrategy`, one GPU each where the cluster has GPUs); the driver writes every batch into the
+same embedding cache as the in-process engine, so a killed build resumes and a rerun reuses, whichever engine
+ran before. Everything after embedding is the in-process builder's. Thumbnails are written by the decoding
+tasks: on a cluster, the thumbnail store must be a folder every node sees (or use image_url).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from index_builder.extract import Extraction, PhotoBatches, plan
+from model_store.embedder import Embedder, EmbedderConfig
+from model_store.backbones import get_backbone
+
+ACTORS = 1  # embedding actors on a one-machine cluster; more only with more GPUs or cores to spare
+
+
+def read_and_decode(batch: dict[str, np.ndarray], *, spec: dict, thumbnails: str | None,
+                    no_thumbnail: frozenset[int]) -> dict[str, np.ndarray]:
+    """Ray task: {"i", "source"} -> {"i", "pixels", "error", "sha", "made"} for one batch of photos."""
+    from model_store.preprocess import PreprocessSpec
+
+    ids = [int(i) for i in batch["i"]]
+    sources = {i: str(s) for i, s in zip(ids, batch["source"])}
+    reader = PhotoBatches(_Sparse(sources), PreprocessSpec.model_validate(spec),
+                          Path(thumbnails) if thumbnails else None, no_thumbnail)
+    samples = reader[ids]
+    return {"i": np.array(ids), "pixels": np.stack([s[1] for s in samples]), "error": np.array([s[2] for s in samples]),
+            "sha": np.array([s[3] for s in samples]), "made": np.array([s[4] for s in samples])}
+
+
+class _Sparse(dict):
+    """Sources by photo index, for a PhotoBatches that only ever sees some indices."""
+
+    def __len__(self) -> int:
+        return max(self, default=-1) + 1
+
+
+class EmbedActor:
+    """Ray actor: the embedder, built once from its config and weights, embedding decoded batches."""
+
+    def __init__(self, config: dict, weights: dict[str, torch.Tensor], device: str, half: bool):
+        cfg = EmbedderConfig.model_validate(config)
+        net = get_backbone(cfg.backbone).build()
+        net.load_state_dict(weights)
+        self.embedder = Embedder(cfg, net, device, half)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        good = np.array([not e for e in batch["error"]])
+        vectors = np.zeros((len(good), self.embedder.config.dim), np.float32)
+        if good.any():
+            vectors[good] = self.embedder.embed(batch["pixels"][good])
+        return {"i": batch["i"], "vector": vectors, "error": batch["error"], "sha": batch["sha"], "made": batch["made"]}
+
+
+def extract_ray(sources: list[str], embedder: Embedder, cache: Any, *, batch_size: int, progress: bool,
+                thumbnails: Path | None, no_thumbnail: frozenset[int], address: str | None,
+                device: str = "auto", half: bool = True) -> Extraction:
+    """The Ray Data twin of extract.extract: same inputs, same Extraction."""
+    import ray
+
+    start = time.perf_counter()
+    p = plan(sources, embedder.config.dim, cache, thumbnails, no_thumbnail)
+    errors: dict[int, str] = {}
+    made = computed = 0
+    if p.pending:
+        if not ray.is_initialized():  # our packages travel to the workers, so any cluster can run them
+            import index_builder
+            import model_store
+
+            ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"py_modules": [index_builder, model_store]})
+        ray.data.DataContext.get_current().enable_progress_bars = progress
+        gpus = 1 if torch.cuda.is_available() else 0
+        ds = ray.data.from_items([{"i": i, "source": sources[i]} for i in p.pending])
+        ds = ds.map_batches(read_and_decode, batch_size=batch_size, batch_format="numpy",
+                            fn_kwargs={"spec": embedder.config.preprocess.model_dump(),
+                                       "thumbnails": str(thumbnails) if thumbnails else None,
+                                       "no_thumbnail": no_thumbnail})
+        ds = ds.map_batches(EmbedActor, batch_size=batch_size, batch_format="numpy", num_gpus=gpus,
+                            compute=ray.data.ActorPoolStrategy(size=ACTORS),
+                            fn_constructor_kwargs={"config": embedder.config.model_dump(mode="json"),
+                                                   "weights": {k: v.cpu() for k, v in embedder.net.state_dict().items()},
+                                                   "device": device, "half": half})
+        for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
+            rows = [(int(i), str(e), str(s), v) for i, e, s, v in zip(batch["i"], batch["error"], batch["sha"],
+                                                                        batch["vector"])]
+            cache.put([(p.cheap[i], s, v) for i, e, s, v in rows if not e])
+            for i, e, s, v in rows:
+                p.keys[i] = s
+                if e:
+                    errors[i] = e
+                else:
+                    p.vectors[i] = v
+            computed += sum(1 for _, e, _, _ in rows if not e)
+            made += int(np.sum(batch["made"]))
+    return Extraction(p.vectors, errors, p.keys, computed, made, time.perf_counter() - start)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Annotated
@@ -28,6 +29,7 @@ def main(quick: Annotated[bool, typer.Option(help="tiny run, no docs")] = False,
     from bench.coil import COIL, write_split
     from bench.embedder_speed import time_batches
     from index_builder.build import build
+    from index_builder.cache import cache_root
     from index_builder.demo import make_demo_catalogue
     from model_store.embedder import Embedder, new_embedder
 
@@ -40,7 +42,8 @@ def main(quick: Annotated[bool, typer.Option(help="tiny run, no docs")] = False,
     rows = []
     for plan in plans.split(","):
         workers, batch = map(int, plan.split(":"))
-        s = build(catalogue, batch_size=batch, workers=workers, pca_dim=0, progress=False)
+        shutil.rmtree(cache_root(), ignore_errors=True)  # every plan embeds every photo: no cache, no thumbnails
+        s = build(catalogue, batch_size=batch, workers=workers, pca_dim=0, progress=False, thumbnails=False)
         rows.append({"workers": workers, "batch": batch, "photos": s.photos_indexed,
                      "embed_images_per_s": s.images_per_second,
                      "whole_build_images_per_s": round(s.photos_indexed / sum(s.seconds.values()), 1),

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from index_builder.demo import draw_object
-from index_builder.extract import PhotoDataset
+from index_builder.extract import PhotoBatches
 from model_store.preprocess import ImageError, PreprocessSpec, decode_image, image_to_pixels, to_rgb
 
 LIMITS = dict(max_bytes=5_000_000, max_pixels=4_000_000)
@@ -108,11 +108,11 @@ def test_pixels_shape_and_crop(photo):
 
 
 def test_builder_and_service_give_the_same_input(tmp_path, photo):
-    """The builder reads files through PhotoDataset; the service decodes uploaded bytes: same array."""
+    """The builder reads files through PhotoBatches; the service decodes uploaded bytes: same array."""
     path = tmp_path / "p.jpg"
     photo.save(path, "JPEG", quality=90)
     spec = PreprocessSpec()
-    _, from_file, error = PhotoDataset([path], spec)[0]
+    _, from_file, error, _, _ = PhotoBatches([str(path)], spec)[[0]][0]
     from_upload = image_to_pixels(decode_image(path.read_bytes(), **LIMITS), spec)
     assert error == ""
     np.testing.assert_array_equal(from_file, from_upload)

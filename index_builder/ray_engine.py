@@ -72,34 +72,49 @@ def extract_ray(sources: list[str], embedder: Embedder, cache: Any, *, batch_siz
     errors: dict[int, str] = {}
     made = computed = 0
     if p.pending:
-        if not ray.is_initialized():  # our packages travel to the workers, so any cluster can run them
+        started = not ray.is_initialized()
+        if started:  # our packages travel to the workers, so any cluster can run them
             import index_builder
             import model_store
 
             ray.init(address=address, include_dashboard=False, log_to_driver=False,
                      runtime_env={"py_modules": [index_builder, model_store]})
-        ray.data.DataContext.get_current().enable_progress_bars = progress
-        gpus = 1 if torch.cuda.is_available() else 0
-        ds = ray.data.from_items([{"i": i, "source": sources[i]} for i in p.pending])
-        ds = ds.map_batches(read_and_decode, batch_size=batch_size, batch_format="numpy",
-                            fn_kwargs={"spec": embedder.config.preprocess.model_dump(),
-                                       "thumbnails": str(thumbnails) if thumbnails else None,
-                                       "no_thumbnail": no_thumbnail})
-        ds = ds.map_batches(EmbedActor, batch_size=batch_size, batch_format="numpy", num_gpus=gpus,
-                            compute=ray.data.ActorPoolStrategy(size=ACTORS),
-                            fn_constructor_kwargs={"config": embedder.config.model_dump(mode="json"),
-                                                   "weights": {k: v.cpu() for k, v in embedder.net.state_dict().items()},
-                                                   "device": device, "half": half})
-        for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
-            rows = [(int(i), str(e), str(s), v) for i, e, s, v in zip(batch["i"], batch["error"], batch["sha"],
-                                                                        batch["vector"])]
-            cache.put([(p.cheap[i], s, v) for i, e, s, v in rows if not e])
-            for i, e, s, v in rows:
-                p.keys[i] = s
-                if e:
-                    errors[i] = e
-                else:
-                    p.vectors[i] = v
-            computed += sum(1 for _, e, _, _ in rows if not e)
-            made += int(np.sum(batch["made"]))
+        try:
+            computed, made = _run(ray, sources, p, embedder, cache, errors, batch_size=batch_size, progress=progress,
+                                  thumbnails=thumbnails, no_thumbnail=no_thumbnail, device=device, half=half)
+        finally:
+            if started:  # a local Ray we started must not outlive the build (its workers hold cores and memory)
+                ray.shutdown()
     return Extraction(p.vectors, errors, p.keys, computed, made, time.perf_counter() - start)
+
+
+def _run(ray: Any, sources: list[str], p: Any, embedder: Embedder, cache: Any, errors: dict[int, str], *,
+         batch_size: int, progress: bool, thumbnails: Path | None, no_thumbnail: frozenset[int], device: str,
+         half: bool) -> tuple[int, int]:
+    """The Ray Data pipeline over the pending photos; fills p and errors, returns (embedded, thumbnails made)."""
+    made = computed = 0
+    ray.data.DataContext.get_current().enable_progress_bars = progress
+    gpus = 1 if torch.cuda.is_available() else 0
+    ds = ray.data.from_items([{"i": i, "source": sources[i]} for i in p.pending])
+    ds = ds.map_batches(read_and_decode, batch_size=batch_size, batch_format="numpy",
+                        fn_kwargs={"spec": embedder.config.preprocess.model_dump(),
+                                   "thumbnails": str(thumbnails) if thumbnails else None,
+                                   "no_thumbnail": no_thumbnail})
+    ds = ds.map_batches(EmbedActor, batch_size=batch_size, batch_format="numpy", num_gpus=gpus,
+                        compute=ray.data.ActorPoolStrategy(size=ACTORS),
+                        fn_constructor_kwargs={"config": embedder.config.model_dump(mode="json"),
+                                               "weights": {k: v.cpu() for k, v in embedder.net.state_dict().items()},
+                                               "device": device, "half": half})
+    for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        rows = [(int(i), str(e), str(s), v) for i, e, s, v in zip(batch["i"], batch["error"], batch["sha"],
+                                                                    batch["vector"])]
+        cache.put([(p.cheap[i], s, v) for i, e, s, v in rows if not e])
+        for i, e, s, v in rows:
+            p.keys[i] = s
+            if e:
+                errors[i] = e
+            else:
+                p.vectors[i] = v
+        computed += sum(1 for _, e, _, _ in rows if not e)
+        made += int(np.sum(batch["made"]))
+    return computed, made

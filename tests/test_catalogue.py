@@ -28,7 +28,7 @@ def test_good_rows_and_several_photos_per_item(folder):
     cat = read_catalogue(write(folder, HEADER + "i1,a.png,Vase,Ceramics,12.5,USD,2024-05-01\n"
                                                  "i1,b.png,Vase,Ceramics,12.5,USD,2024-05-01\n"))
     assert [p.line for p in cat.photos] == [2, 3] and cat.bad == []
-    assert cat.photos[0].path == folder / "a.png" and cat.photos[0].row.price == 12.5
+    assert cat.photos[0].path == str(folder / "a.png") and cat.photos[0].row.price == 12.5
 
 
 @pytest.mark.parametrize("row, reason", [

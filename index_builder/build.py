@@ -123,7 +123,7 @@ def build(catalogue_path: Path, *, backbone: str | None = None, weights: str = "
     _check_bad_share(cat, bad, max_bad_share, report)
     photos = [cat.photos[i] for i in good]
     keys = [ext.keys[i] if thumbnails and not cat.photos[i].row.image_url else None for i in good]
-    vectors = ext.vectors[good]
+    vectors = ext.vectors if len(good) == len(sources) else ext.vectors[good]  # 5 GB at a million: no copy
     with timer.stage("project"):
         kind, projection, training = _fit_projection(vectors, [p.row.item_id for p in photos], projection,
                                                      pca_dim, whiten, seed)

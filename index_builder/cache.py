@@ -67,6 +67,18 @@ class EmbeddingCache:
                            else None)
         return out
 
+    def fill(self, hashes: list[str], out: np.ndarray) -> np.ndarray:
+        """Write the cached vector of each hash into its row of `out` (N, dim); returns which rows were found.
+        No vector is held twice: at a million photos the matrix alone is 5 GB."""
+        found = np.zeros(len(hashes), bool)
+        with self.env.begin(db=self.vectors) as txn:
+            for i, h in enumerate(hashes):
+                raw = txn.get(h.encode()) if h else None
+                if raw is not None and len(raw) == 4 * self.dim:
+                    out[i] = np.frombuffer(raw, np.float32)
+                    found[i] = True
+        return found
+
     def put(self, entries: list[tuple[str | None, str, np.ndarray]]) -> None:
         """(cheap key or None, content hash, vector) for each photo of a batch, in one transaction."""
         try:

@@ -86,13 +86,13 @@ def plan(sources: list[str], dim: int, cache: EmbeddingCache, thumbnails: Path |
     cheap = cheap_keys(sources)
     keys = [k or "" for k in cache.hashes(cheap)]
     vectors = np.zeros((len(sources), dim), np.float32)
+    found = cache.fill(keys, vectors)
     pending = []
-    for i, v in enumerate(cache.get(keys)):
+    for i in range(len(sources)):
         needs_thumbnail = thumbnails is not None and i not in no_thumbnail
-        if v is None or (needs_thumbnail and not thumbnail_path(keys[i], thumbnails).exists()):
+        if not found[i] or (needs_thumbnail and not thumbnail_path(keys[i], thumbnails).exists()):
             pending.append(i)
-        else:
-            vectors[i] = v
+            vectors[i] = 0.0
     return Plan(cheap, keys, vectors, pending)
 
 

@@ -19,6 +19,7 @@ VECTORS_FILE = "vectors.npy"
 PROJECTION_FILE = "projection.npz"
 MANIFEST_FILE = "manifest.json"
 REPORT_FILE = "bad_rows.csv"
+CHUNK = 65_536  # rows projected at a time
 FORMAT_VERSION = 2  # 2: photos carry a thumbnail key and an optional image_url (version 1 is still read)
 
 
@@ -75,8 +76,11 @@ class Projection:
         return cls(mean.astype(np.float32), vt[:dim].astype(np.float32), scale.astype(np.float32))
 
     def __call__(self, vectors: np.ndarray) -> np.ndarray:
-        out = ((vectors - self.mean) @ self.components.T) * self.scale
-        return normalize(out)
+        """(N, D) -> (N, d), in chunks: no temporary copy of a million raw vectors."""
+        out = np.empty((len(vectors), len(self.components)), np.float32)
+        for s in range(0, len(vectors), CHUNK):
+            out[s:s + CHUNK] = normalize(((vectors[s:s + CHUNK] - self.mean) @ self.components.T) * self.scale)
+        return out
 
     def save(self, path: Path) -> None:
         np.savez(path, mean=self.mean, components=self.components, scale=self.scale)

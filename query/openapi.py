@@ -12,7 +12,7 @@ from query.errors import ErrorBody
 from query.models import IndexInfo, SimilarQuery, SimilarResponse
 
 DESCRIPTION = """Reverse image search over sold estate-sale items: upload a photo, get the most similar sold items
-and an expected price.
+and an expected price. The search page for people is at [/ui](/ui/); match photos are at each match's `photo_url`.
 
 **Errors.** Every 4xx and 5xx answer has one shape, `{"error": "what is wrong and what to send", "field":
 "the request field at fault, or null"}`: 400 a field is missing, unknown or invalid; 401 no admin token; 404 no

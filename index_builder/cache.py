@@ -93,6 +93,14 @@ class EmbeddingCache:
                           "No space left on device" if full else f"embedding cache write failed ({exc})",
                           str(self.folder)) from exc
 
+    def forget(self, cheap_keys: list[str], hashes: list[str]) -> None:
+        """Remove these photos' entries (benchmarks use it to embed the same photos again)."""
+        with self.env.begin(write=True) as txn:
+            for k in cheap_keys:
+                txn.delete(k.encode(), db=self.seen)
+            for h in hashes:
+                txn.delete(h.encode(), db=self.vectors)
+
     def __len__(self) -> int:
         with self.env.begin(db=self.vectors) as txn:
             return txn.stat(self.vectors)["entries"]

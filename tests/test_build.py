@@ -75,7 +75,16 @@ def test_same_seed_same_index_and_embedder_reused(demo_index, demo_catalogue):
     assert sha(first) == sha(second)
 
 
-def test_bad_rows_are_reported_and_the_index_still_builds(demo_catalogue, tmp_path):
+def _engine(engine: str):
+    """build() on the given engine; skips the Ray runs when the ray extra is not installed."""
+    if engine == "ray":
+        pytest.importorskip("ray", reason="the ray extra is not installed: pip install '.[ray]'")
+    return functools.partial(build_index, engine=engine)
+
+
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_bad_rows_are_reported_and_the_index_still_builds(demo_catalogue, tmp_path, engine):
+    build = _engine(engine)
     folder = tmp_path / "cat"
     shutil.copytree(demo_catalogue.parent / "photos", folder / "photos")
     good = (demo_catalogue.read_text().splitlines())
@@ -146,11 +155,9 @@ def test_killed_build_resumes_from_the_embedding_cache(tmp_path, python):
 def test_a_rebuild_embeds_only_new_and_changed_photos(tmp_path, engine):
     from index_builder.demo import draw_object
 
-    if engine == "ray":
-        pytest.importorskip("ray", reason="the ray extra is not installed: pip install '.[ray]'")
+    build = _engine(engine)
     seed = 5000 if engine == "local" else 6000
     catalogue = _new_catalogue(tmp_path / "cat", 100, seed=seed)
-    build = functools.partial(build_index, engine=engine)
     first = build(catalogue, progress=False, workers=0)
     assert first.reused_photos == 0 and first.photos_indexed == 100
     with open(catalogue, "a", newline="") as f:  # the night's 1% of new rows
@@ -253,10 +260,12 @@ def _photo_urls(tag: str) -> dict[str, str | None]:
     return {m.item_id: m.photo_url for m in index.nearest(np.asarray(index.vectors[0]), 100)}
 
 
-def test_thumbnails_are_made_once_and_shared_by_every_version(tmp_path):
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_thumbnails_are_made_once_and_shared_by_every_version(tmp_path, engine):
     from model_store.thumbnails import store_dir, store_size, thumbnail_path
 
-    catalogue = _new_catalogue(tmp_path / "cat", 6)
+    build = _engine(engine)
+    catalogue = _new_catalogue(tmp_path / "cat", 6, seed=1000 if engine == "local" else 1500)
     before = store_size()
     first = build(catalogue, progress=False, workers=0)
     after_first = store_size()

@@ -27,7 +27,7 @@ from model_store import stages, thumbnails
 from model_store.preprocess import ImageError, ImageTooLarge, decode_image, image_to_pixels
 from model_store.settings import get_settings
 from query.active import Active, load_active, stage_mtime
-from query.assist import ESTIMATE_NEIGHBOURS, assist
+from query.assist import assist, estimate as estimate_for
 from query.compare import cosine, verdict
 from query.errors import ApiError, error_response
 from query.fields import EndpointFields, read_query_params
@@ -35,7 +35,6 @@ from query.guard import RequestGuard
 from query.models import (K, AssistResponse, BatchSearchResponse, Category, CompareResponse, CompareThresholds,
                           EstimateResponse, IndexInfo, Price, ReloadResponse, SearchResponse, SimilarQuery,
                           SimilarResponse)
-from query.pricing import estimate_price
 from query.search_index import Match
 
 log = logging.getLogger("bentoml.imagesearch")
@@ -256,9 +255,10 @@ class ImageSearch:
                        sold_before: Optional[dt.date] = None) -> EstimateResponse:
         """Expected price from the most similar sold items, with a range and a confidence."""
         start = time.perf_counter()
-        active, matches = await self._neighbours(image, ESTIMATE_NEIGHBOURS, category=category,
-                                                 sold_after=sold_after, sold_before=sold_before)
-        estimate = estimate_price(matches)
+        active = self._require()
+        f = active.filters(category=category, sold_after=sold_after, sold_before=sold_before)
+        query = (await self._vectors(active, [image]))[0]
+        estimate = await asyncio.to_thread(estimate_for, active.index, query, f)
         return EstimateResponse(**estimate.model_dump(), served=active.served, took_ms=_ms(start))
 
     @bentoml.api

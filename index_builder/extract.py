@@ -33,7 +33,7 @@ class PhotoBatches(Dataset):
     """A list of photo indices -> one Sample per photo. A photo that fails gives zeros and the reason. With
     `thumbnails` (a store folder), each photo not in `no_thumbnail` gets its thumbnail unless the store has it."""
 
-    def __init__(self, sources: list[str], spec: PreprocessSpec, thumbnails: Path | None = None,
+    def __init__(self, sources: list[str] | dict[int, str], spec: PreprocessSpec, thumbnails: Path | None = None,
                  no_thumbnail: frozenset[int] = frozenset()):
         self.sources, self.spec, self.thumbnails, self.no_thumbnail = sources, spec, thumbnails, no_thumbnail
 

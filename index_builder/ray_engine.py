@@ -29,19 +29,12 @@ def read_and_decode(batch: dict[str, np.ndarray], *, spec: dict, thumbnails: str
     from model_store.preprocess import PreprocessSpec
 
     ids = [int(i) for i in batch["i"]]
-    sources = {i: str(s) for i, s in zip(ids, batch["source"])}
-    reader = PhotoBatches(_Sparse(sources), PreprocessSpec.model_validate(spec),
-                          Path(thumbnails) if thumbnails else None, no_thumbnail)
+    sources = {i: str(s) for i, s in zip(ids, batch["source"])}  # PhotoBatches only looks sources up by index
+    reader = PhotoBatches(sources, PreprocessSpec.model_validate(spec), Path(thumbnails) if thumbnails else None,
+                          no_thumbnail)
     samples = reader[ids]
     return {"i": np.array(ids), "pixels": np.stack([s[1] for s in samples]), "error": np.array([s[2] for s in samples]),
             "sha": np.array([s[3] for s in samples]), "made": np.array([s[4] for s in samples])}
-
-
-class _Sparse(dict):
-    """Sources by photo index, for a PhotoBatches that only ever sees some indices."""
-
-    def __len__(self) -> int:
-        return max(self, default=-1) + 1
 
 
 class EmbedActor:

@@ -57,16 +57,6 @@ class EmbeddingCache:
         with self.env.begin(db=self.seen) as txn:
             return [(v.decode() if (v := txn.get(k.encode())) else None) if k else None for k in cheap_keys]
 
-    def get(self, hashes: list[str | None]) -> list[np.ndarray | None]:
-        """The cached vector of each content hash, or None."""
-        out: list[np.ndarray | None] = []
-        with self.env.begin(db=self.vectors) as txn:
-            for h in hashes:
-                raw = txn.get(h.encode()) if h else None
-                out.append(np.frombuffer(raw, np.float32).copy() if raw is not None and len(raw) == 4 * self.dim
-                           else None)
-        return out
-
     def fill(self, hashes: list[str], out: np.ndarray) -> np.ndarray:
         """Write the cached vector of each hash into its row of `out` (N, dim); returns which rows were found.
         No vector is held twice: at a million photos the matrix alone is 5 GB."""

@@ -117,15 +117,14 @@ def extract(sources: list[str], embedder: Embedder, cache: EmbeddingCache, *, ba
             ids, pixels, errs, shas, n_made = zip(*samples)
             good = [j for j, e in enumerate(errs) if not e]
             # a photo read under a new name or date may have content the cache knows
-            known = dict(zip(good, cache.get([shas[j] for j in good])))
-            new = [j for j in good if known[j] is None]
-            if new:
-                for j, v in zip(new, embedder.embed(np.stack([pixels[j] for j in new]))):
-                    known[j] = v
+            got = np.zeros((len(good), embedder.config.dim), np.float32)
+            new = np.flatnonzero(~cache.fill([shas[j] for j in good], got))
+            if len(new):
+                got[new] = embedder.embed(np.stack([pixels[good[g]] for g in new]))
                 computed += len(new)
             if good:
-                cache.put([(cheap[ids[j]], shas[j], known[j]) for j in good])
-                vectors[[ids[j] for j in good]] = np.stack([known[j] for j in good])
+                cache.put([(cheap[ids[j]], shas[j], got[g]) for g, j in enumerate(good)])
+                vectors[[ids[j] for j in good]] = got
             for j, e in enumerate(errs):
                 keys[ids[j]] = shas[j]
                 if e:

@@ -68,7 +68,11 @@ class Embedder:
             if settings.torch_compile:
                 import torch
                 self.embedder.net = torch.compile(self.embedder.net, dynamic=True)
-            log.info("embedder %s on %s (half=%s)", self.model.tag, self.embedder.device, self.embedder.half)
+            # Before readiness, every batch size adaptive batching can form: on a GPU the first pass of each
+            # new size takes seconds, longer than the entry's embed deadline (measured: docs/PERFORMANCE.md)
+            warm_s = self.embedder.warm_up(tuple(range(1, settings.embed_max_batch_size + 1)))
+            log.info("embedder %s on %s (half=%s), warmed up in %.1f s", self.model.tag, self.embedder.device,
+                     self.embedder.half, warm_s)
 
     def __is_ready__(self) -> bool:
         return self.embedder is not None
@@ -139,7 +143,7 @@ ROUTES = [Route("/index", _get_index, methods=["GET"]),
           Mount("/ui", StaticFiles(directory=STATIC, html=True))]
 
 
-@bentoml.service(workers=1, traffic={"timeout": 30, "concurrency": settings.search_concurrency})
+@bentoml.service(workers=settings.search_workers, traffic={"timeout": 30, "concurrency": settings.search_concurrency})
 @bentoml.asgi_app(Starlette(routes=ROUTES), path="/")
 class ImageSearch:
     """Photo in, similar sold items and an expected price out. Every error answers

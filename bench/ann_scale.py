@@ -156,7 +156,13 @@ def plot(result: dict, path: Path) -> None:
 
 
 def machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    """This machine in words: processor, cores, Python, and its GPU when torch sees one."""
+    words = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    import torch
+
+    if torch.cuda.is_available():
+        words += f", {torch.cuda.get_device_name()}, torch {torch.__version__}"
+    return words
 
 
 if __name__ == "__main__":

@@ -2,10 +2,12 @@
 
     python -m bench.embedder_speed           # writes docs/embedder_speed.json
     python -m bench.embedder_speed --quick   # tiny sizes: the smoke run the tests use
+    python -m bench.embedder_speed --device cuda --out docs/embedder_speed_gpu.json   # a GPU: fp16 and fp32
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from pathlib import Path
@@ -79,31 +81,37 @@ def interleaved(fns: list[Callable[[np.ndarray], np.ndarray]], batch: int, size:
 
 @app.command()
 def main(quick: Annotated[bool, typer.Option(help="tiny run, no docs")] = False,
-         device: str = "auto") -> None:
+         device: str = "auto",
+         backbones: Annotated[str, typer.Option(help="comma-separated backbones")] = "efficientnet-lite0,vgg16",
+         out: Annotated[Path, typer.Option(help="where the JSON goes")] = DOCS / "embedder_speed.json") -> None:
     dev = str(pick_device(device))
     peak = matmul_peak_gflops(512 if quick else 2048, 3 if quick else 10, dev)
-    size = 64 if quick else 224
-    plans = {"efficientnet-lite0": [1, 4] if quick else [1, 2, 4, 8, 16, 32, 64],
-             "vgg16": [1] if quick else [1, 4, 8, 16, 32, 64]}
+    cuda = dev.startswith("cuda")
+    batches = [1, 4] if quick else ([1, 8, 32, 64, 128, 256] if cuda else [1, 2, 4, 8, 16, 32, 64])
     rows = []
-    for backbone, batches in plans.items():
-        weights = "default" if backbone == "efficientnet-lite0" else "random"  # VGG16 speed needs no real weights
-        config, net = new_embedder(backbone, weights, "gem", size)
+    for backbone in backbones.split(","):
+        # VGG16 speed needs no real weights (none can be had here); each network at its own input size
+        weights = "random" if backbone == "vgg16" else "default"
+        config, net = new_embedder(backbone, weights, "gem", 64 if quick else None)
+        size = config.preprocess.crop
         gflop = flops_per_image(net, size) / 1e9
-        embedder = Embedder(config, net, dev)
-        for batch in batches:
-            s = time_batches(embedder.embed, batch, size, 2 if quick else (2 if backbone == "vgg16" else 5))
-            rows.append({"backbone": backbone, "variant": "default (inference_mode, channels_last)",
-                         "batch": batch, "ms_per_image": round(s * 1000, 2), "images_per_s": round(1 / s, 1),
-                         "gflop_per_image": round(gflop, 2), "share_of_peak": round(gflop / s / peak, 3)})
-            print(json.dumps(rows[-1]), flush=True)
+        for half in ([True, False] if cuda else [False]):
+            embedder = Embedder(config, copy.deepcopy(net), dev, half=half)  # Embedder moves and casts in place
+            for batch in ([1] if quick and backbone == "vgg16" else batches):
+                s = time_batches(embedder.embed, batch, size, 2 if quick else (3 if backbone == "vgg16" else 5))
+                rows.append({"backbone": backbone, "image_size": size, "batch": batch,
+                             "variant": "default (inference_mode, channels_last)" + (", fp16" if half else ""),
+                             "ms_per_image": round(s * 1000, 2), "images_per_s": round(1 / s, 1),
+                             "gflop_per_image": round(gflop, 2), "share_of_peak": round(gflop / s / peak, 3)})
+                print(json.dumps(rows[-1]), flush=True)
+    size = 64 if quick else 224
     rows += variants(size, quick, dev, peak)
     result = {"machine": machine(), "device": dev, "torch": torch.__version__, "threads": torch.get_num_threads(),
               "matmul_peak_gflops": round(peak, 1), "image_size": size, "rows": rows}
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}))
     if not quick:
-        DOCS.mkdir(exist_ok=True)
-        (DOCS / "embedder_speed.json").write_text(json.dumps(result, indent=2))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
 
 
 def variants(size: int, quick: bool, dev: str, peak: float) -> list[dict]:
@@ -112,17 +120,19 @@ def variants(size: int, quick: bool, dev: str, peak: float) -> list[dict]:
     config, net = new_embedder("efficientnet-lite0", "default", "gem", size)
     gflop = flops_per_image(net, size) / 1e9
 
-    def plain(x: np.ndarray) -> np.ndarray:  # no channels_last, no_grad instead of inference_mode
+    plain_net = copy.deepcopy(net).to(dev)
+
+    def plain(x: np.ndarray) -> np.ndarray:  # fp32, no channels_last, no_grad instead of inference_mode
         with torch.no_grad():
-            return net(torch.from_numpy(x)).mean(dim=(2, 3)).numpy()
+            return plain_net(torch.from_numpy(x).to(dev).float()).mean(dim=(2, 3)).cpu().numpy()
 
     pool5_config, pool5_net = new_embedder("efficientnet-lite0", "default", "pool5", size)
-    candidates = [("default (inference_mode, channels_last)", Embedder(config, net, dev).embed),
+    candidates = [("default (inference_mode, channels_last)", Embedder(config, copy.deepcopy(net), dev).embed),
                   ("no_grad, contiguous (no speed-ups)", plain),
                   ("pool5 descriptor", Embedder(pool5_config, pool5_net, dev).embed)]
     threads = torch.get_num_threads()
-    for n in ([1] if threads > 1 else []):
-        def limited(x: np.ndarray, n: int = n, e: Embedder = Embedder(config, net, dev)) -> np.ndarray:
+    for n in ([1] if threads > 1 and not dev.startswith("cuda") else []):
+        def limited(x: np.ndarray, n: int = n, e: Embedder = Embedder(config, copy.deepcopy(net), dev)) -> np.ndarray:
             torch.set_num_threads(n)
             try:
                 return e.embed(x)
@@ -130,7 +140,7 @@ def variants(size: int, quick: bool, dev: str, peak: float) -> list[dict]:
                 torch.set_num_threads(threads)
         candidates.append((f"torch threads={n}", limited))
     if not quick:
-        compiled = Embedder(config, net, dev)
+        compiled = Embedder(config, copy.deepcopy(net), dev)
         compiled.net = torch.compile(compiled.net)
         candidates.append(("torch.compile", compiled.embed))
     medians = interleaved([fn for _, fn in candidates], batch, size, reps)

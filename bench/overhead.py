@@ -4,6 +4,7 @@ throughput at saturation over the bare embedder's, for this checkout and an olde
     python -m bench.overhead                       # this checkout against 0c70920 (before the guard); docs/overhead.json
     python -m bench.overhead --before ''           # this checkout only
     python -m bench.overhead --quick               # seconds-long smoke run the tests use
+    IMAGESEARCH_DEVICE=cuda python -m bench.overhead --before '' --out docs/overhead_gpu.json   # on a GPU
 
 Both servers serve the same demo index from one temporary BentoML home. Latency: one request at a time,
 timed in blocks that alternate with blocks of bare forward passes in this process (an idle torch process
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import statistics
 import subprocess
 import tempfile
@@ -37,10 +39,13 @@ app = typer.Typer(add_completion=False)
 
 
 def bare_embedder(tag: str):
-    """The stored embedder in this process, and its inputs: a (1, 3, H, W) uint8 batch and a batch of 8."""
+    """The stored embedder in this process on the device the service uses (IMAGESEARCH_DEVICE), and its
+    inputs: a (1, 3, H, W) uint8 batch and a batch of 8."""
     from model_store.embedder import load_embedder
+    from model_store.settings import get_settings
 
-    embedder = load_embedder(tag, "cpu")
+    settings = get_settings()
+    embedder = load_embedder(tag, settings.device, settings.half_precision)
     crop = embedder.config.preprocess.crop
     one = np.random.default_rng(0).integers(0, 256, (8, 3, crop, crop), dtype=np.uint8)
     return embedder, one[:1], one
@@ -120,11 +125,11 @@ def measure(root: Path, label: str, tag: str, tmp: Path, photos: list[bytes], qu
     embedder, x1, x8 = bare_embedder(get_model(tag).info.metadata["embedder"])
     bare = bare_throughput(embedder, x1, x8, 2 if quick else 10)
     seconds = 3 if quick else 20
-    with Server(tmp / f"{label[:12]}.log", root=root).wait() as srv:
+    with Server(tmp / (re.sub(r"\W+", "-", label).strip("-") + ".log"), root=root).wait() as srv:
         lat = latency(srv, embedder, x1, photos, 2 if quick else 8, 5 if quick else 25)
         loads = [asyncio.run(closed_loop(srv.url, photos, c, seconds)) for c in ((4,) if quick else (4, 8, 16))]
     best = max(r["rps"] for r in loads)
-    row = {"code": label, **lat, "saturation": loads, "best_rps": best, "bare_images_per_s": bare,
+    row = {"code": label, "device": str(embedder.device), "half": embedder.half, **lat, "saturation": loads, "best_rps": best, "bare_images_per_s": bare,
            "served_over_bare": round(best / max(bare.values()), 3)}
     print(json.dumps(row), flush=True)
     return row
@@ -132,10 +137,13 @@ def measure(root: Path, label: str, tag: str, tmp: Path, photos: list[bytes], qu
 
 @app.command()
 def main(before: Annotated[str, typer.Option(help="git ref to compare with ('' for none)")] = BEFORE,
-         quick: Annotated[bool, typer.Option(help="tiny run, no docs")] = False) -> None:
+         quick: Annotated[bool, typer.Option(help="tiny run, no docs")] = False,
+         out: Annotated[Path, typer.Option(help="where the JSON goes")] = DOCS / "overhead.json",
+         lite0: Annotated[bool, typer.Option(help="also the Lite0 GeM rows")] = True) -> None:
     from index_builder.build import build
     from index_builder.demo import make_demo_catalogue
     from model_store import stages
+    from model_store.settings import get_settings
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
     os.environ.update(BENTOML_HOME=str(tmp / "home"), IMAGESEARCH_STAGES_DIR=str(tmp / "stages"))
@@ -144,7 +152,7 @@ def main(before: Annotated[str, typer.Option(help="git ref to compare with ('' f
     photos = [p.read_bytes() for p in sorted((tmp / "demo" / "photos").glob("*.png"))]
     # The old code knows Lite0 GeM only: code against code on that index, then the default on this checkout.
     old_default = build(catalogue, backbone="efficientnet-lite0", descriptor="gem", progress=False).tag
-    rows = [measure(ROOT, "this checkout, Lite0 GeM", old_default, tmp, photos, quick)]
+    rows = [measure(ROOT, "this checkout, Lite0 GeM", old_default, tmp, photos, quick)] if lite0 or quick else []
     if before:
         rows.append(measure(checkout(before, tmp / "before"), f"before ({before}), Lite0 GeM", old_default, tmp,
                             photos, quick))
@@ -153,9 +161,10 @@ def main(before: Annotated[str, typer.Option(help="git ref to compare with ('' f
         rows.append(measure(ROOT, "this checkout, default (Lite2 R-MAC)", build(catalogue, progress=False).tag, tmp,
                             photos, quick))
     result = {"machine": machine(), "photos": len(photos), "rows": rows,
+              "search_workers": get_settings().search_workers,
               "command": "python -m bench.overhead" + (f" --before {before}" if before != BEFORE else "")}
     if not quick:
-        (DOCS / "overhead.json").write_text(json.dumps(result, indent=2))
+        out.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

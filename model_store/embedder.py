@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -72,6 +73,14 @@ class Embedder:
         else:
             desc = torch.nn.functional.normalize(fmap.flatten(1), dim=1)
         return desc.cpu().numpy().astype(np.float32, copy=False)
+
+    def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> float:
+        """Run each batch size once on blank pixels; seconds taken. The first pass on a GPU loads CUDA's
+        kernels and takes seconds: a service does it before it is ready, not inside a client's deadline."""
+        start, crop = time.perf_counter(), self.config.preprocess.crop
+        for n in batch_sizes:
+            self.embed(np.zeros((n, 3, crop, crop), dtype=np.uint8))
+        return time.perf_counter() - start
 
 
 def new_embedder(backbone: str, weights: str = "default", descriptor: Descriptor = "gem",

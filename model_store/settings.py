@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     )
     request_timeout_s: float = Field(10.0, gt=0, description="Longest an API request may run before a 503.")
     max_concurrency: int = Field(32, ge=1, description="Requests the entry service takes at once; more get 429.")
+    search_workers: int = Field(
+        1, ge=1, le=64, description="Entry service processes. More than one only where spare cores exist (a GPU "
+        "box): each answers /reload for itself, the others follow the stage record within follow_stage_s."
+    )
     search_concurrency: int = Field(
         16, ge=1, description="Requests in flight one entry replica handles well: the autoscaling target."
     )

@@ -32,6 +32,16 @@ def test_cpu_vectors_are_unit_length_and_deterministic(lite0, batch):
     np.testing.assert_allclose(a[:2], b, atol=1e-5)  # a photo's vector does not depend on its batch
 
 
+def test_warm_up_runs_each_batch_size_once(lite0):
+    config, net = lite0
+    e = Embedder(config, net, "cpu")
+    seen = []
+    e.net.register_forward_hook(lambda module, inputs, output: seen.append(tuple(inputs[0].shape)))
+    assert e.warm_up((1, 3)) > 0
+    crop = config.preprocess.crop
+    assert seen == [(1, 3, crop, crop), (3, 3, crop, crop)]
+
+
 def test_auto_device_follows_cuda_availability():
     assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert pick_device("cpu").type == "cpu"

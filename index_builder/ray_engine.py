@@ -20,7 +20,14 @@ from index_builder.extract import Extraction, PhotoBatches, plan
 from model_store.embedder import Embedder, EmbedderConfig
 from model_store.backbones import get_backbone
 
-ACTORS = 1  # embedding actors on a one-machine cluster; more only with more GPUs or cores to spare
+CPU_ACTORS = 1  # embedding actors on a cluster without GPUs: one torch process uses a machine's cores well
+
+
+def embedding_actors(ray: Any) -> tuple[int, int]:
+    """(actors, GPUs per actor): one actor per GPU of the cluster, wherever the driver runs (a CPU head with
+    GPU workers sees no CUDA itself), else CPU_ACTORS without GPUs."""
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    return (gpus, 1) if gpus else (CPU_ACTORS, 0)
 
 
 def read_and_decode(batch: dict[str, np.ndarray], *, spec: dict, thumbnails: str | None,
@@ -87,14 +94,14 @@ def _run(ray: Any, sources: list[str], p: Any, embedder: Embedder, cache: Any, e
     """The Ray Data pipeline over the pending photos; fills p and errors, returns (embedded, thumbnails made)."""
     made = computed = 0
     ray.data.DataContext.get_current().enable_progress_bars = progress
-    gpus = 1 if torch.cuda.is_available() else 0
+    actors, gpus = embedding_actors(ray)
     ds = ray.data.from_items([{"i": i, "source": sources[i]} for i in p.pending])
     ds = ds.map_batches(read_and_decode, batch_size=batch_size, batch_format="numpy",
                         fn_kwargs={"spec": embedder.config.preprocess.model_dump(),
                                    "thumbnails": str(thumbnails) if thumbnails else None,
                                    "no_thumbnail": no_thumbnail})
     ds = ds.map_batches(EmbedActor, batch_size=batch_size, batch_format="numpy", num_gpus=gpus,
-                        compute=ray.data.ActorPoolStrategy(size=ACTORS),
+                        compute=ray.data.ActorPoolStrategy(size=actors),
                         fn_constructor_kwargs={"config": embedder.config.model_dump(mode="json"),
                                                "weights": {k: v.cpu() for k, v in embedder.net.state_dict().items()},
                                                "device": device, "half": half})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -30,3 +32,36 @@ def test_ray_gives_the_same_vectors_as_the_in_process_engine(tmp_path):
     assert remote.keys == local.keys and set(remote.errors) == set(local.errors) == {20}
     assert "not found" in remote.errors[20] or "No such file" in remote.errors[20]
     np.testing.assert_allclose(remote.vectors, local.vectors, atol=1e-5)
+
+
+def test_a_cluster_with_gpus_gets_one_gpu_actor_per_gpu(tmp_path):
+    """The driver may see no CUDA (a CPU head node): the cluster's GPUs decide. A real local Ray that declares
+    two GPUs schedules the actors on them; the network itself runs on this machine's CPU."""
+    from index_builder.ray_engine import embedding_actors, extract_ray
+
+    catalogue = _new_catalogue(tmp_path / "cat", 6, seed=9100)
+    sources = sorted(str(p) for p in catalogue.parent.glob("*.png"))
+    config, net = new_embedder("efficientnet-lite0", "default", "gem", 64)
+    embedder = Embedder(config, net, "cpu", False)
+    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)  # CPUs: 2 actors + decoding
+    try:
+        assert embedding_actors(ray) == (2, 1)
+        out = extract_ray(sources, embedder, EmbeddingCache("g", config.dim, tmp_path / "cache"), batch_size=2,
+                          progress=False, thumbnails=None, no_thumbnail=frozenset(), address=None, device="auto",
+                          half=True)
+    finally:
+        ray.shutdown()
+    assert out.computed == 6 and not out.errors
+    np.testing.assert_allclose(out.vectors, embedder.embed(np.stack([_pixels(s, config) for s in sources])),
+                               atol=1e-5)
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        assert embedding_actors(ray) == (1, 0)
+    finally:
+        ray.shutdown()
+
+
+def _pixels(path: str, config) -> np.ndarray:
+    from model_store.preprocess import image_to_pixels, load_image_file
+
+    return image_to_pixels(load_image_file(Path(path)), config.preprocess)

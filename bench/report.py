@@ -15,14 +15,16 @@ def _load(name: str) -> dict | None:
 
 def embedder_table(d: dict) -> str:
     lines = [f"Machine: {d['machine']}; device {d['device']}; torch {d['torch']}, {d['threads']} threads; "
-             f"measured fp32 matmul peak **{d['matmul_peak_gflops']} GFLOP/s**; input {d['image_size']}x{d['image_size']}.",
-             "", "| backbone | variant | batch | ms/image | images/s | GFLOP/image | share of matmul peak |",
-             "|---|---|---|---|---|---|---|"]
+             f"measured fp32 matmul peak **{d['matmul_peak_gflops']} GFLOP/s**; input {d['image_size']} px unless "
+             "the row says.", "",
+             "| backbone | px | variant | batch | ms/image | images/s | GFLOP/image | share of matmul peak |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in d["rows"]:
+        size = r.get("image_size", d["image_size"])
         if "error" in r:
-            lines.append(f"| {r['backbone']} | {r['variant']} | {r['batch']} | failed: {r['error']} | | | |")
+            lines.append(f"| {r['backbone']} | {size} | {r['variant']} | {r['batch']} | failed: {r['error']} | | | |")
         else:
-            lines.append(f"| {r['backbone']} | {r['variant']} | {r['batch']} | {r['ms_per_image']} | "
+            lines.append(f"| {r['backbone']} | {size} | {r['variant']} | {r['batch']} | {r['ms_per_image']} | "
                          f"{r['images_per_s']} | {r['gflop_per_image']} | {r['share_of_peak']:.0%} |")
     return "\n".join(lines)
 
@@ -80,9 +82,11 @@ def loadtest_table(d: dict) -> str:
 
 
 def overhead_table(d: dict) -> str:
+    shared = ("the embedder on the GPU, server processes and load generator on the CPU cores" if "NVIDIA" in d["machine"]
+              else "server, embedder and load generator share the cores")
     lines = [f"Machine: {d['machine']}; `{d['command']}`; the demo index, {d['photos']} demo photos (160 px PNG) "
-             "uploaded; server, embedder and load generator share the 2 cores. Bare embedder: back to back in "
-             "process, best of batch 1 and 8.", "",
+             f"uploaded; {shared}. Bare embedder: back to back in process on the same device, best of batch 1 "
+             "and 8.", "",
              "| code, index | HTTP /search p50 ms | bare forward p50 ms | **HTTP / bare** | saturation requests/s "
              "(concurrency 4 / 8 / 16) | bare images/s | **served / bare** |", "|---|---|---|---|---|---|---|"]
     for r in d["rows"]:
@@ -109,8 +113,10 @@ def soak_table(d: dict) -> str:
     return "\n".join(lines)
 
 
-SECTIONS = {"overhead": ("overhead.json", overhead_table),"embedder": ("embedder_speed.json", embedder_table), "serving": ("serving.json", serving_table),
-            "builder": ("builder_speed.json", builder_table),
+SECTIONS = {"overhead": ("overhead.json", overhead_table), "embedder": ("embedder_speed.json", embedder_table),
+            "serving": ("serving.json", serving_table), "builder": ("builder_speed.json", builder_table),
+            "embedder-gpu": ("embedder_speed_gpu.json", embedder_table),
+            "builder-gpu": ("builder_speed_gpu.json", builder_table), "overhead-gpu": ("overhead_gpu.json", overhead_table),
             "ann": ("ann_scale.json", ann_table), "loadtest-step": ("loadtest_step.json", loadtest_table),
             "loadtest-5min": ("loadtest_5min.json", loadtest_table),
             "loadtest-overload": ("loadtest_overload.json", loadtest_table), "soak": ("soak.json", soak_table)}

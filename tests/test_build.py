@@ -108,7 +108,11 @@ def test_bad_rows_are_reported_and_the_index_still_builds(demo_catalogue, tmp_pa
     assert "price" in report["77"]
 
 
-def test_a_crash_during_registration_leaves_no_version(demo_catalogue, monkeypatch):
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_a_crash_during_registration_leaves_no_version(tmp_path, monkeypatch, engine):
+    build = _engine(engine)
+    catalogue = _new_catalogue(tmp_path / "cat", 8, seed=3000 if engine == "local" else 3500)  # to embed
+
     def copy_half_then_die(src, dst, **kw):
         shutil.copy(Path(src) / ANNOY_FILE, Path(dst) / ANNOY_FILE)
         raise OSError("disk full")
@@ -116,27 +120,32 @@ def test_a_crash_during_registration_leaves_no_version(demo_catalogue, monkeypat
     monkeypatch.setattr(build_module.shutil, "copytree", copy_half_then_die)
     before = index_versions()
     with pytest.raises(OSError, match="disk full"):
-        build(demo_catalogue, progress=False, workers=0)
+        build(catalogue, progress=False, workers=0)
     assert index_versions() == before
     assert not list((bentoml_home() / "tmp").glob("staging-*"))
 
 
-def test_killed_build_resumes_from_the_embedding_cache(tmp_path, python):
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_killed_build_resumes_from_the_embedding_cache(tmp_path, python, engine):
     from index_builder.cache import EmbeddingCache
 
-    catalogue = _new_catalogue(tmp_path / "cat", 72, seed=4000)  # photos no other build has embedded
+    _engine(engine)
+    seed = 4000 if engine == "local" else 4500
+    catalogue = _new_catalogue(tmp_path / "cat", 72, seed=seed)  # photos no other build has embedded
     embedder = build(_new_catalogue(tmp_path / "probe", 1, seed=4999), progress=False, workers=0).embedder
     cache = EmbeddingCache(embedder, 1280)
     start = len(cache)
     cmd = [python, "-m", "index_builder", "build", str(catalogue), "--batch-size", "4", "--workers", "0",
-           "--no-progress", "--seed", "7"]
+           "--no-progress", "--seed", "7", "--engine", engine]
     before = index_versions()
     proc = subprocess.Popen(cmd, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
+    deadline = time.time() + 180
     while time.time() < deadline and len(cache) - start < 16:
         time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    if engine == "ray":  # the local Ray the killed build started must die with it, not hold the cores
+        _wait_for_no_ray_processes()
     done = len(cache) - start
     cache.close()
     assert 16 <= done < 72, "the build must be killed halfway for this test to mean anything"
@@ -211,8 +220,11 @@ def test_weights_from_a_file_and_clear_errors(tmp_path):
         resolve_weights("resnet")
 
 
-def test_a_full_disk_fails_the_build_and_leaves_the_store_as_it_was(demo_index, demo_catalogue, tmp_path, python):
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_a_full_disk_fails_the_build_and_leaves_the_store_as_it_was(demo_index, demo_catalogue, tmp_path, python,
+                                                                    engine):
     """A real full disk: the store lives on a small tmpfs holding the embedder, then filled up."""
+    _engine(engine)
     home = tmp_path / "small-disk"
     home.mkdir()
     if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(home)],
@@ -227,7 +239,7 @@ def test_a_full_disk_fails_the_build_and_leaves_the_store_as_it_was(demo_index, 
         (home / "filler").write_bytes(b"\0" * (free - 200_000))
         before = sorted(p.relative_to(home) for p in (home / "bentoml" / "models").rglob("*"))
         out = subprocess.run([python, "-m", "index_builder", "build", str(demo_catalogue), "--workers", "0",
-                              "--no-progress"], env=run_env(BENTOML_HOME=str(home / "bentoml")),
+                              "--no-progress", "--engine", engine], env=run_env(BENTOML_HOME=str(home / "bentoml")),
                              capture_output=True, text=True, timeout=300)
         assert out.returncode == 1, out.stderr[-2000:]
         assert "No space left on device" in out.stderr and "no version was registered" in out.stderr
@@ -237,6 +249,16 @@ def test_a_full_disk_fails_the_build_and_leaves_the_store_as_it_was(demo_index, 
         assert not list((home / "bentoml" / "tmp").glob("staging-*"))
     finally:
         subprocess.run(["umount", str(home)], check=True)
+
+
+def _wait_for_no_ray_processes(timeout: float = 30) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        live = subprocess.run(["pgrep", "-f", "raylet|gcs_server"], capture_output=True, text=True).stdout.split()
+        if not live:
+            return
+        time.sleep(0.5)
+    pytest.fail(f"Ray processes outlived the killed build: {live}")
 
 
 def _new_catalogue(folder: Path, n: int, image_url: dict[int, str] | None = None, seed: int = 1000) -> Path:

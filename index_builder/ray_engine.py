@@ -9,6 +9,7 @@ tasks: on a cluster, the thumbnail store must be a folder every node sees (or us
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -32,16 +33,25 @@ def embedding_actors(ray: Any) -> tuple[int, int]:
 
 def read_and_decode(batch: dict[str, np.ndarray], *, spec: dict, thumbnails: str | None,
                     no_thumbnail: frozenset[int]) -> dict[str, np.ndarray]:
-    """Ray task: {"i", "source"} -> {"i", "pixels", "error", "sha", "made"} for one batch of photos."""
+    """Ray task: {"i", "source"} -> {"i", "pixels", "error", "sha", "made", "fatal"} for one batch of photos.
+    "fatal" carries an OSError of the stores (a full disk), not of a photo: Ray keeps only the text of a task's
+    exception, so it travels as data and the driver raises it again."""
     from model_store.preprocess import PreprocessSpec
 
     ids = [int(i) for i in batch["i"]]
     sources = {i: str(s) for i, s in zip(ids, batch["source"])}  # PhotoBatches only looks sources up by index
-    reader = PhotoBatches(sources, PreprocessSpec.model_validate(spec), Path(thumbnails) if thumbnails else None,
-                          no_thumbnail)
-    samples = reader[ids]
+    prep = PreprocessSpec.model_validate(spec)
+    reader = PhotoBatches(sources, prep, Path(thumbnails) if thumbnails else None, no_thumbnail)
+    try:
+        samples = reader[ids]
+    except OSError as exc:
+        fatal = json.dumps([exc.errno, exc.strerror or str(exc), str(exc.filename or "")])
+        return {"i": np.array(ids), "pixels": np.zeros((len(ids), 3, prep.crop, prep.crop), np.uint8),
+                "error": np.array(["fatal"] * len(ids)), "sha": np.array([""] * len(ids)),
+                "made": np.zeros(len(ids), bool), "fatal": np.array([fatal] * len(ids))}
     return {"i": np.array(ids), "pixels": np.stack([s[1] for s in samples]), "error": np.array([s[2] for s in samples]),
-            "sha": np.array([s[3] for s in samples]), "made": np.array([s[4] for s in samples])}
+            "sha": np.array([s[3] for s in samples]), "made": np.array([s[4] for s in samples]),
+            "fatal": np.array([""] * len(ids))}
 
 
 class EmbedActor:
@@ -58,7 +68,8 @@ class EmbedActor:
         vectors = np.zeros((len(good), self.embedder.config.dim), np.float32)
         if good.any():
             vectors[good] = self.embedder.embed(batch["pixels"][good])
-        return {"i": batch["i"], "vector": vectors, "error": batch["error"], "sha": batch["sha"], "made": batch["made"]}
+        return {"i": batch["i"], "vector": vectors, "error": batch["error"], "sha": batch["sha"], "made": batch["made"],
+                "fatal": batch["fatal"]}
 
 
 def extract_ray(sources: list[str], embedder: Embedder, cache: Any, *, batch_size: int, progress: bool,
@@ -106,6 +117,9 @@ def _run(ray: Any, sources: list[str], p: Any, embedder: Embedder, cache: Any, e
                                                "weights": {k: v.cpu() for k, v in embedder.net.state_dict().items()},
                                                "device": device, "half": half})
     for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        fatal = next((str(f) for f in batch["fatal"] if f), None)
+        if fatal:
+            raise OSError(*json.loads(fatal))
         rows = [(int(i), str(e), str(s), v) for i, e, s, v in zip(batch["i"], batch["error"], batch["sha"],
                                                                     batch["vector"])]
         cache.put([(p.cheap[i], s, v) for i, e, s, v in rows if not e])

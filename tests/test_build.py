@@ -112,6 +112,7 @@ def test_bad_rows_are_reported_and_the_index_still_builds(demo_catalogue, tmp_pa
 def test_a_crash_during_registration_leaves_no_version(tmp_path, monkeypatch, engine):
     build = _engine(engine)
     catalogue = _new_catalogue(tmp_path / "cat", 8, seed=3000 if engine == "local" else 3500)  # to embed
+    build_index(_new_catalogue(tmp_path / "probe", 1, seed=4999), progress=False, workers=0)  # the embedder exists
 
     def copy_half_then_die(src, dst, **kw):
         shutil.copy(Path(src) / ANNOY_FILE, Path(dst) / ANNOY_FILE)

@@ -65,3 +65,20 @@ def _pixels(path: str, config) -> np.ndarray:
     from model_store.preprocess import image_to_pixels, load_image_file
 
     return image_to_pixels(load_image_file(Path(path)), config.preprocess)
+
+
+def test_a_store_failure_inside_a_task_fails_the_build_as_the_same_os_error(tmp_path):
+    """Ray keeps only the text of a task's exception; a full disk or a broken thumbnail store must still reach
+    the builder as an OSError naming the file, as it does in process."""
+    from index_builder.ray_engine import extract_ray
+
+    catalogue = _new_catalogue(tmp_path / "cat", 4, seed=9200)
+    sources = sorted(str(p) for p in catalogue.parent.glob("*.png"))
+    config, net = new_embedder("efficientnet-lite0", "default", "gem", 64)
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("the thumbnail store cannot live here")
+    with pytest.raises(OSError) as failure:
+        extract_ray(sources, Embedder(config, net, "cpu", False), EmbeddingCache("s", config.dim, tmp_path / "c"),
+                    batch_size=2, progress=False, thumbnails=blocker, no_thumbnail=frozenset(), address=None,
+                    device="cpu", half=False)
+    assert failure.value.errno is not None and "not-a-folder" in str(failure.value.filename)

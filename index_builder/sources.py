@@ -40,6 +40,8 @@ def _filesystem(protocol: str, pid: int) -> Any:
     if protocol == "s3":  # credentials and endpoint from the usual AWS_* variables (AWS_ENDPOINT_URL too)
         return fsspec.filesystem("s3", config_kwargs={"connect_timeout": TIMEOUT_S, "read_timeout": TIMEOUT_S,
                                                       "retries": {"max_attempts": 1}})
+    if protocol in ("gs", "gcs"):  # credentials: Google's default ones; STORAGE_EMULATOR_HOST for an emulator
+        return fsspec.filesystem("gs", requests_timeout=TIMEOUT_S)
     return fsspec.filesystem(protocol)
 
 

@@ -93,3 +93,32 @@ def test_a_catalogue_of_s3_photos_builds(tmp_path, monkeypatch):
         assert again.reused_photos == 6  # by ETag, without reading the photos
     finally:
         server.stop()
+
+
+def test_a_catalogue_of_gcs_photos_builds(tmp_path, monkeypatch):
+    """gs:// through gcsfs, against a real local Cloud Storage emulator (gcp-storage-emulator) on 127.0.0.1."""
+    pytest.importorskip("gcsfs")
+    emulator = pytest.importorskip("gcp_storage_emulator.server")
+    import fsspec
+
+    from index_builder import sources
+
+    port = free_port()
+    server = emulator.create_server("127.0.0.1", port, in_memory=True, default_bucket="catalogue-photos")
+    server.start()
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+    sources._filesystem.cache_clear()  # a filesystem made before would talk to the real service
+    try:
+        gcs = fsspec.filesystem("gs", skip_instance_cache=True)
+        names = photos(tmp_path / "local", 6, seed=7200)
+        for n in names:
+            gcs.put_file(str(tmp_path / "local" / n), f"catalogue-photos/2025/{n}")
+        urls = [f"gs://catalogue-photos/2025/{n}" for n in names] + ["gs://catalogue-photos/2025/missing.png"]
+        summary = build(write_catalogue(tmp_path / "cat.csv", urls), progress=False, workers=0)
+        assert summary.photos_indexed == 6 and summary.bad_rows == 1
+        assert "not found" in report_rows(summary.report)["gs://catalogue-photos/2025/missing.png"]
+        again = build(write_catalogue(tmp_path / "cat.csv", urls), progress=False, workers=0)
+        assert again.reused_photos == 6  # by the objects' ETags, without reading the photos
+    finally:
+        sources._filesystem.cache_clear()
+        server.stop()

@@ -13,7 +13,7 @@ from index_builder.build import DEFAULT_DESCRIPTOR, DEFAULT_PROJECTION, BuildErr
 from index_builder.catalogue import CatalogueError
 from index_builder.demo import make_demo_catalogue
 from index_builder.evaluate import EvalError
-from index_builder.extract import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS
+from index_builder.extract import CPU_BATCH_SIZE, DEFAULT_WORKERS, GPU_BATCH_SIZE
 from model_store.backbones import WeightsError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -53,7 +53,8 @@ def build_cmd(
     image_size: Annotated[Optional[int], typer.Option(
         help="network input size [default: the backbone's: 224 Lite0, 240 Lite1, 260 Lite2, 224 VGG16]; smaller "
              "only for fast tests")] = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = DEFAULT_BATCH_SIZE,
+    batch_size: Annotated[Optional[int], typer.Option(
+        min=1, help=f"photos per forward pass [default: {CPU_BATCH_SIZE} on a CPU, {GPU_BATCH_SIZE} on a GPU]")] = None,
     workers: Annotated[int, typer.Option(min=0, help="image-decoding worker processes [default: cores - 1, 1..4]")] = DEFAULT_WORKERS,
     seed: Annotated[int, typer.Option(help="seed of the Annoy trees and samples")] = 0,
     eval: Annotated[Optional[Path], typer.Option("--eval", help="queries CSV image_path,item_id to score")] = None,

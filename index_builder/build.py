@@ -19,7 +19,7 @@ from index_builder.calibrate import calibrate
 from index_builder.catalogue import BadRow, Catalogue, read_catalogue, write_report
 from index_builder.evaluate import evaluate
 from index_builder.cache import EmbeddingCache
-from index_builder.extract import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, extract
+from index_builder.extract import DEFAULT_WORKERS, default_batch_size, extract
 from model_store.embedder import Descriptor, Embedder, new_embedder, save_embedder
 from model_store.index_artifact import (ANNOY_FILE, MANIFEST_FILE, PROJECTION_FILE, REPORT_FILE, VECTORS_FILE,
                                         ITEMS_FILE, IndexManifest, Projection, normalize, write_items_db)
@@ -80,7 +80,7 @@ class _Timer:
 def build(catalogue_path: Path, *, backbone: str | None = None, weights: str = "default",
           descriptor: Descriptor = DEFAULT_DESCRIPTOR, image_size: int | None = None, pca_dim: int = 256, whiten: bool = False,
           projection: ProjectionKind = DEFAULT_PROJECTION,
-          batch_size: int = DEFAULT_BATCH_SIZE, workers: int = DEFAULT_WORKERS, seed: int = 0, eval_queries: Path | None = None,
+          batch_size: int | None = None, workers: int = DEFAULT_WORKERS, seed: int = 0, eval_queries: Path | None = None,
           report: Path | None = None, max_bad_share: float | None = None, progress: bool = True,
           thumbnails: bool = True, engine: Literal["local", "ray"] = "local",
           ray_address: str | None = None) -> BuildSummary:
@@ -114,8 +114,8 @@ def build(catalogue_path: Path, *, backbone: str | None = None, weights: str = "
             ext = extract_ray(sources, embedder, cache, batch_size=batch_size, progress=progress,
                               address=ray_address, device=settings.device, half=settings.half_precision, **thumbs)
         else:
-            ext = extract(sources, embedder, cache, batch_size=batch_size, workers=workers, progress=progress,
-                          **thumbs)
+            ext = extract(sources, embedder, cache, batch_size=batch_size or default_batch_size(embedder.device),
+                          workers=workers, progress=progress, **thumbs)
     cache.close()
     good = [i for i in range(len(sources)) if i not in ext.errors]
     bad = cat.bad + [BadRow(cat.photos[i].line, cat.photos[i].row.image_path, r) for i, r in ext.errors.items()]

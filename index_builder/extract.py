@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -24,7 +25,13 @@ from model_store.thumbnails import ensure_thumbnail, photo_key, thumbnail_path
 
 # Measured (docs/PERFORMANCE.md, builder): one decoding worker per spare core; batch 16 beats 32 on CPU.
 DEFAULT_WORKERS = max(1, min(4, (os.cpu_count() or 2) - 1))
-DEFAULT_BATCH_SIZE = 16
+# Photos per forward pass. On a CPU small batches win: Lite2 built 28 photos/s at 4 and 17 at 16 on the 2-core
+# VM (its activations stop fitting the caches); a GPU wants large ones (docs/PERFORMANCE.md).
+CPU_BATCH_SIZE, GPU_BATCH_SIZE = 4, 64
+
+
+def default_batch_size(device: torch.device | str) -> int:
+    return GPU_BATCH_SIZE if torch.device(device).type == "cuda" else CPU_BATCH_SIZE
 
 Sample = tuple[int, np.ndarray, str, str, bool]  # index, (3,H,W) uint8 pixels, error, content hash, thumbnail made
 
@@ -96,7 +103,7 @@ def plan(sources: list[str], dim: int, cache: EmbeddingCache, thumbnails: Path |
     return Plan(cheap, keys, vectors, pending)
 
 
-def extract(sources: list[str], embedder: Embedder, cache: EmbeddingCache, *, batch_size: int = DEFAULT_BATCH_SIZE,
+def extract(sources: list[str], embedder: Embedder, cache: EmbeddingCache, *, batch_size: int = CPU_BATCH_SIZE,
             workers: int = DEFAULT_WORKERS, progress: bool = True, thumbnails: Path | None = None,
             no_thumbnail: frozenset[int] = frozenset()) -> Extraction:
     """A vector for every photo: cached ones are reused; the others are read, embedded and added to the

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from index_builder.extract import Extraction, PhotoBatches, plan
+from index_builder.extract import CPU_BATCH_SIZE, GPU_BATCH_SIZE, Extraction, PhotoBatches, plan
 from model_store.embedder import Embedder, EmbedderConfig
 from model_store.backbones import get_backbone
 
@@ -72,7 +72,7 @@ class EmbedActor:
                 "fatal": batch["fatal"]}
 
 
-def extract_ray(sources: list[str], embedder: Embedder, cache: Any, *, batch_size: int, progress: bool,
+def extract_ray(sources: list[str], embedder: Embedder, cache: Any, *, batch_size: int | None, progress: bool,
                 thumbnails: Path | None, no_thumbnail: frozenset[int], address: str | None,
                 device: str = "auto", half: bool = True) -> Extraction:
     """The Ray Data twin of extract.extract: same inputs, same Extraction."""
@@ -100,12 +100,13 @@ def extract_ray(sources: list[str], embedder: Embedder, cache: Any, *, batch_siz
 
 
 def _run(ray: Any, sources: list[str], p: Any, embedder: Embedder, cache: Any, errors: dict[int, str], *,
-         batch_size: int, progress: bool, thumbnails: Path | None, no_thumbnail: frozenset[int], device: str,
+         batch_size: int | None, progress: bool, thumbnails: Path | None, no_thumbnail: frozenset[int], device: str,
          half: bool) -> tuple[int, int]:
     """The Ray Data pipeline over the pending photos; fills p and errors, returns (embedded, thumbnails made)."""
     made = computed = 0
     ray.data.DataContext.get_current().enable_progress_bars = progress
     actors, gpus = embedding_actors(ray)
+    batch_size = batch_size or (GPU_BATCH_SIZE if gpus else CPU_BATCH_SIZE)
     ds = ray.data.from_items([{"i": i, "source": sources[i]} for i in p.pending])
     ds = ds.map_batches(read_and_decode, batch_size=batch_size, batch_format="numpy",
                         fn_kwargs={"spec": embedder.config.preprocess.model_dump(),

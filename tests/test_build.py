@@ -111,7 +111,7 @@ def test_bad_rows_are_reported_and_the_index_still_builds(demo_catalogue, tmp_pa
 @pytest.mark.parametrize("engine", ["local", "ray"])
 def test_a_crash_during_registration_leaves_no_version(tmp_path, monkeypatch, engine):
     build = _engine(engine)
-    catalogue = _new_catalogue(tmp_path / "cat", 8, seed=3000 if engine == "local" else 3500)  # to embed
+    catalogue = _new_catalogue(tmp_path / "cat", 8, seed=3200 if engine == "local" else 3700)  # to embed
     build_index(_new_catalogue(tmp_path / "probe", 1, seed=4999), progress=False, workers=0)  # the embedder exists
 
     def copy_half_then_die(src, dst, **kw):
@@ -305,9 +305,11 @@ def test_thumbnails_are_made_once_and_shared_by_every_version(tmp_path, engine):
     assert not list(Path(get_model(second.tag).path).rglob("*.webp"))
 
 
-def test_image_url_is_the_photo_and_thumbnails_can_be_turned_off(tmp_path):
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_image_url_is_the_photo_and_thumbnails_can_be_turned_off(tmp_path, engine):
+    build = _engine(engine)
     cdn = {0: "https://cdn.example.com/p0.jpg", 3: "http://img.example.org/x/p3.webp?v=2"}
-    catalogue = _new_catalogue(tmp_path / "cat", 5, cdn, seed=2000)
+    catalogue = _new_catalogue(tmp_path / "cat", 5, cdn, seed=2000 if engine == "local" else 2500)
     on = build(catalogue, progress=False, workers=0)
     urls = _photo_urls(on.tag)
     assert urls["new-0"] == cdn[0] and urls["new-3"] == cdn[3]

@@ -25,8 +25,8 @@ from model_store.thumbnails import ensure_thumbnail, photo_key, thumbnail_path
 
 # Measured (docs/PERFORMANCE.md, builder): one decoding worker per spare core; batch 16 beats 32 on CPU.
 DEFAULT_WORKERS = max(1, min(4, (os.cpu_count() or 2) - 1))
-# Photos per forward pass. On a CPU small batches win: Lite2 built 28 photos/s at 4 and 17 at 16 on the 2-core
-# VM (its activations stop fitting the caches); a GPU wants large ones (docs/PERFORMANCE.md).
+# Photos per forward pass. On a CPU small batches win: Lite2 builds 1.3-1.7x faster at 4 than at 16 on the
+# 2-core VM (its activations stop fitting the caches); a GPU wants large ones (docs/PERFORMANCE.md).
 CPU_BATCH_SIZE, GPU_BATCH_SIZE = 4, 64
 
 

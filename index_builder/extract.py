@@ -23,7 +23,7 @@ from model_store.embedder import Embedder
 from model_store.preprocess import ImageError, PreprocessSpec, decode_image, image_to_pixels
 from model_store.thumbnails import ensure_thumbnail, photo_key, thumbnail_path
 
-# Measured (docs/PERFORMANCE.md, builder): one decoding worker per spare core; batch 16 beats 32 on CPU.
+# Measured (docs/PERFORMANCE.md, builder): one decoding worker per spare core.
 DEFAULT_WORKERS = max(1, min(4, (os.cpu_count() or 2) - 1))
 # Photos per forward pass. On a CPU small batches win: Lite2 builds 1.3-1.7x faster at 4 than at 16 on the
 # 2-core VM (its activations stop fitting the caches); a GPU wants large ones (docs/PERFORMANCE.md).

@@ -114,8 +114,9 @@ def build(catalogue_path: Path, *, backbone: str | None = None, weights: str = "
             ext = extract_ray(sources, embedder, cache, batch_size=batch_size, progress=progress,
                               address=ray_address, device=settings.device, half=settings.half_precision, **thumbs)
         else:
-            ext = extract(sources, embedder, cache, batch_size=batch_size or default_batch_size(embedder.device),
-                          workers=workers, progress=progress, **thumbs)
+            batch_size = batch_size or default_batch_size(embedder.device.type == "cuda")
+            ext = extract(sources, embedder, cache, batch_size=batch_size, workers=workers, progress=progress,
+                          **thumbs)
     cache.close()
     good = [i for i in range(len(sources)) if i not in ext.errors]
     bad = cat.bad + [BadRow(cat.photos[i].line, cat.photos[i].row.image_path, r) for i, r in ext.errors.items()]

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -30,8 +29,8 @@ DEFAULT_WORKERS = max(1, min(4, (os.cpu_count() or 2) - 1))
 CPU_BATCH_SIZE, GPU_BATCH_SIZE = 4, 64
 
 
-def default_batch_size(device: torch.device | str) -> int:
-    return GPU_BATCH_SIZE if torch.device(device).type == "cuda" else CPU_BATCH_SIZE
+def default_batch_size(gpu: bool) -> int:
+    return GPU_BATCH_SIZE if gpu else CPU_BATCH_SIZE
 
 Sample = tuple[int, np.ndarray, str, str, bool]  # index, (3,H,W) uint8 pixels, error, content hash, thumbnail made
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from index_builder.extract import CPU_BATCH_SIZE, GPU_BATCH_SIZE, Extraction, PhotoBatches, plan
+from index_builder.extract import Extraction, PhotoBatches, default_batch_size, plan
 from model_store.embedder import Embedder, EmbedderConfig
 from model_store.backbones import get_backbone
 
@@ -42,16 +42,15 @@ def read_and_decode(batch: dict[str, np.ndarray], *, spec: dict, thumbnails: str
     sources = {i: str(s) for i, s in zip(ids, batch["source"])}  # PhotoBatches only looks sources up by index
     prep = PreprocessSpec.model_validate(spec)
     reader = PhotoBatches(sources, prep, Path(thumbnails) if thumbnails else None, no_thumbnail)
+    fatal = ""
     try:
         samples = reader[ids]
-    except OSError as exc:
+    except OSError as exc:  # every row of the batch becomes an error; the driver stops the build on `fatal`
         fatal = json.dumps([exc.errno, exc.strerror or str(exc), str(exc.filename or "")])
-        return {"i": np.array(ids), "pixels": np.zeros((len(ids), 3, prep.crop, prep.crop), np.uint8),
-                "error": np.array(["fatal"] * len(ids)), "sha": np.array([""] * len(ids)),
-                "made": np.zeros(len(ids), bool), "fatal": np.array([fatal] * len(ids))}
+        samples = [(i, np.zeros((3, prep.crop, prep.crop), np.uint8), "fatal", "", False) for i in ids]
     return {"i": np.array(ids), "pixels": np.stack([s[1] for s in samples]), "error": np.array([s[2] for s in samples]),
             "sha": np.array([s[3] for s in samples]), "made": np.array([s[4] for s in samples]),
-            "fatal": np.array([""] * len(ids))}
+            "fatal": np.array([fatal] * len(ids))}
 
 
 class EmbedActor:
@@ -106,7 +105,7 @@ def _run(ray: Any, sources: list[str], p: Any, embedder: Embedder, cache: Any, e
     made = computed = 0
     ray.data.DataContext.get_current().enable_progress_bars = progress
     actors, gpus = embedding_actors(ray)
-    batch_size = batch_size or (GPU_BATCH_SIZE if gpus else CPU_BATCH_SIZE)
+    batch_size = batch_size or default_batch_size(gpus > 0)
     ds = ray.data.from_items([{"i": i, "source": sources[i]} for i in p.pending])
     ds = ds.map_batches(read_and_decode, batch_size=batch_size, batch_format="numpy",
                         fn_kwargs={"spec": embedder.config.preprocess.model_dump(),

@@ -19,7 +19,7 @@ import torch
 
 from index_builder.extract import Extraction, PhotoBatches, default_batch_size, plan
 from model_store.embedder import Embedder, EmbedderConfig
-from model_store.backbones import get_backbone
+from model_store.backbones import for_inference, get_backbone
 
 CPU_ACTORS = 1  # embedding actors on a cluster without GPUs: one torch process uses a machine's cores well
 
@@ -58,7 +58,7 @@ class EmbedActor:
 
     def __init__(self, config: dict, weights: dict[str, torch.Tensor], device: str, half: bool):
         cfg = EmbedderConfig.model_validate(config)
-        net = get_backbone(cfg.backbone).build()
+        net = for_inference(get_backbone(cfg.backbone).build())  # the driver's embedder sends its folded weights
         net.load_state_dict(weights)
         self.embedder = Embedder(cfg, net, device, half)
 

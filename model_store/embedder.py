@@ -12,7 +12,7 @@ import torch
 from pydantic import BaseModel
 
 from model_store import pooling
-from model_store.backbones import WeightsInfo, get_backbone, resolve_weights
+from model_store.backbones import WeightsInfo, for_inference, get_backbone, resolve_weights
 from model_store.preprocess import PreprocessSpec
 from model_store.registry import get_model, list_models, register
 from model_store.settings import EMBEDDER_MODEL
@@ -52,7 +52,7 @@ class Embedder:
         self.config = config
         self.device = pick_device(device)
         self.half = half and self.device.type == "cuda"
-        net = net.to(self.device, memory_format=torch.channels_last)
+        net = for_inference(net.eval()).to(self.device, memory_format=torch.channels_last)
         self.net = (net.half() if self.half else net).eval()
         # (x / 255 - mean) / std as one multiply and one subtract per pixel, on the device
         std, mean = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in (config.preprocess.std,

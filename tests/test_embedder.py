@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 
 from index_builder.demo import draw_object
+from model_store.backbones import for_inference, get_backbone
 from model_store.embedder import Embedder, new_embedder, pick_device
 from model_store.preprocess import image_to_pixels
 
@@ -74,3 +77,20 @@ def test_embed_refuses_float_input(lite0, batch):
     config, net = lite0
     with pytest.raises(TypeError, match="uint8"):
         Embedder(config, net, "cpu").embed(batch.astype(np.float32))
+
+
+@pytest.mark.parametrize("n", [0, 2])
+def test_folded_network_gives_the_published_networks_vectors(n):
+    config, net = new_embedder(f"efficientnet-lite{n}")
+    published = copy.deepcopy(net).eval().to(memory_format=torch.channels_last)
+    e = Embedder(config, net, "cpu")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in e.net.modules())  # folded into the convs
+    photos = np.stack([image_to_pixels(draw_object(f, 1, 2), config.preprocess) for f in (0, 3, 7)])
+    folded = e.embed(photos)
+    e.net = published
+    np.testing.assert_allclose(folded, e.embed(photos), atol=1e-5)
+    # what the Ray engine does: a new network folded the same way takes the folded weights
+    fresh = for_inference(get_backbone(config.backbone).build())
+    fresh.load_state_dict(net.state_dict())
+    assert for_inference(fresh) is fresh
+    np.testing.assert_allclose(Embedder(config, fresh, "cpu").embed(photos), folded, atol=1e-6)

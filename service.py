@@ -8,6 +8,7 @@ import hmac
 import logging
 import math
 import time
+from contextlib import nullcontext
 from http import HTTPStatus
 from pathlib import Path
 from typing import Awaitable, Callable, Optional, TypeVar
@@ -24,6 +25,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from model_store import stages, thumbnails
+from model_store.core_share import CoreShare, worker_count
+from model_store.embedder import pick_device
 from model_store.preprocess import ImageError, ImageTooLarge, decode_image, image_to_pixels
 from model_store.settings import get_settings
 from query.active import Active, load_active, stage_mtime
@@ -43,11 +46,14 @@ settings = get_settings()
 SERVED = stages.served(settings.stage)
 T = TypeVar("T")
 STATIC = Path(__file__).resolve().parent / "query" / "static"  # the search page, served at /ui/
+EMBED_ON_GPU = pick_device(settings.device).type == "cuda"
+EMBEDDER_WORKERS = worker_count(settings.embedder_workers, EMBED_ON_GPU)
+EMBED_MAX_BATCH = settings.embed_batch_limit(EMBED_ON_GPU)
 
 
 @bentoml.service(
     resources={"gpu": 1, "cpu": "2"},
-    workers=1,  # one model copy per GPU/CPU box; throughput comes from batching, not processes
+    workers=EMBEDDER_WORKERS,  # one per GPU; on a CPU one per core, sharing the cores (model_store/core_share.py)
     # max_concurrency is never the bottleneck: the entry's guard sheds load first.
     traffic={"timeout": 30, "max_concurrency": 256, "concurrency": settings.embedder_concurrency},
 )
@@ -59,7 +65,7 @@ class Embedder:
     def __init__(self) -> None:
         from model_store.embedder import embedder_from_folder
 
-        self.embedder = None
+        self.embedder, self.cores = None, _core_share()
         if self.model is not None:  # BentoML resolves the class attribute to the stored model
             if settings.torch_threads:
                 import torch
@@ -70,20 +76,21 @@ class Embedder:
                 self.embedder.net = torch.compile(self.embedder.net, dynamic=True)
             # Before readiness, every batch size adaptive batching can form: on a GPU the first pass of each
             # new size takes seconds, longer than the entry's embed deadline (measured: docs/PERFORMANCE.md)
-            warm_s = self.embedder.warm_up(tuple(range(1, settings.embed_max_batch_size + 1)))
+            warm_s = self.embedder.warm_up(tuple(range(1, EMBED_MAX_BATCH + 1)))
             log.info("embedder %s on %s (half=%s), warmed up in %.1f s", self.model.tag, self.embedder.device,
                      self.embedder.half, warm_s)
 
     def __is_ready__(self) -> bool:
         return self.embedder is not None
 
-    @bentoml.api(batchable=settings.embed_batching, batch_dim=0, max_batch_size=settings.embed_max_batch_size,
+    @bentoml.api(batchable=settings.embed_batching, batch_dim=0, max_batch_size=EMBED_MAX_BATCH,
                  max_latency_ms=settings.embed_max_latency_ms)
     async def embed(self, batch: np.ndarray) -> np.ndarray:
         # Runs on the process's main thread, where torch's thread pool lives: from BentoML's worker threads
         # the same forward pass took 30 ms instead of 19 (docs/PERFORMANCE.md). Calls that arrive meanwhile
         # wait in the socket and form the next batch.
-        return self.embedder.embed(batch)
+        with self.cores.busy() if self.cores else nullcontext():
+            return self.embedder.embed(batch)
 
     @bentoml.api
     def describe(self) -> dict:
@@ -91,6 +98,14 @@ class Embedder:
         if self.embedder is None:
             return {}
         return {"tag": str(self.model.tag), "config": self.embedder.config.model_dump(mode="json")}
+
+
+def _core_share() -> CoreShare | None:
+    """Embedder workers on a CPU share its cores (unless IMAGESEARCH_TORCH_THREADS fixes the threads)."""
+    worker = bentoml.server_context.worker_index  # 1, 2, ... under `bentoml serve`; None when called directly
+    if EMBED_ON_GPU or EMBEDDER_WORKERS == 1 or worker is None or settings.torch_threads:
+        return None
+    return CoreShare(EMBEDDER_WORKERS, worker - 1)
 
 
 _instances: list["ImageSearch"] = []  # the service instance of this worker, for GET /index and readiness

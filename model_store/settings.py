@@ -38,7 +38,9 @@ class Settings(BaseSettings):
     torch_compile: bool = Field(False, description="torch.compile the embedder network at startup.")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default.")
     embed_batching: bool = Field(True, description="Adaptive batching of embed calls (off: one call per request).")
-    embed_max_batch_size: int = Field(8, ge=2, description="Adaptive batching: most photos per batch.")
+    embed_max_batch_size: int = Field(
+        0, ge=0, description="Adaptive batching: most photos per batch; 0 = 4 on a CPU, 8 on a GPU (measured)."
+    )
     embed_max_latency_ms: int = Field(1000, ge=1, description="Adaptive batching: longest a photo may wait.")
     embed_deadline_s: float = Field(
         1.2, gt=0, description="Deadline of one call to the embedder; a call past it is sent once more, then 503."
@@ -51,6 +53,10 @@ class Settings(BaseSettings):
     )
     search_concurrency: int = Field(
         16, ge=1, description="Requests in flight one entry replica handles well: the autoscaling target."
+    )
+    embedder_workers: int = Field(
+        0, ge=0, le=64, description="Embedder processes; 0 = one on a GPU, one per core (at most 4) on a CPU, "
+        "sharing the cores: a lone request uses them all, concurrent batches one each."
     )
     embedder_concurrency: int = Field(16, ge=1, description="Embed calls in flight one embedder replica handles well.")
     cors_origins: list[str] = Field(
@@ -88,6 +94,12 @@ class Settings(BaseSettings):
     stages_dir: Path | None = Field(
         None, description="Where stage records live; default $BENTOML_HOME/stages."
     )
+
+
+    def embed_batch_limit(self, gpu: bool) -> int:
+        """Most photos in one embedder batch: the setting, else 4 on a CPU (Lite2 runs fastest per photo at 2-4
+        there; 8 was 20-30% slower) and 8 on a GPU."""
+        return self.embed_max_batch_size or (8 if gpu else 4)
 
 
 @lru_cache(maxsize=1)

@@ -296,7 +296,13 @@ def test_corrupt_or_missing_index_is_never_served(tmp_path, demo_index, monkeypa
         assert srv.http.post("/search", files=upload(good)).status_code == 503
         # promoting a good index and reloading makes it ready, with no restart
         stages.promote(demo_index.tag, "production")
-        r = srv.http.post("/reload", headers={"Authorization": f"Bearer {TOKEN}"})
+        deadline = time.time() + 60
+        while True:  # as the 503 says: the embedder workers may still be starting; retry in a few seconds
+            r = srv.http.post("/reload", headers={"Authorization": f"Bearer {TOKEN}"})
+            if r.status_code != 503 or time.time() > deadline:
+                break
+            assert "embedder" in r.json()["error"]
+            time.sleep(2)
         assert r.status_code == 200, r.text
         srv.wait("/readyz", timeout=30)
         assert srv.http.post("/search", files=upload(good)).status_code == 200

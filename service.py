@@ -217,7 +217,7 @@ class ImageSearch:
             field = name.split("[")[0]
             try:
                 img = decode_image(path.read_bytes(), max_bytes=settings.max_image_bytes,
-                                   max_pixels=settings.max_image_pixels, name=name)
+                                   max_pixels=settings.max_image_pixels, name=name, spec=spec)
             except ImageTooLarge as exc:
                 raise ApiError(str(exc), HTTPStatus.REQUEST_ENTITY_TOO_LARGE, field) from None
             except ImageError as exc:

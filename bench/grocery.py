@@ -75,7 +75,7 @@ def scaled_spec(spec: PreprocessSpec, scale: float) -> PreprocessSpec:
 
 def pixels(path: Path, spec: PreprocessSpec) -> np.ndarray:
     """One photo -> (3, crop, crop) uint8, exactly as the builder and the service prepare it."""
-    return image_to_pixels(load_image_file(path), spec)
+    return image_to_pixels(load_image_file(path, spec=spec), spec)
 
 
 @torch.inference_mode()

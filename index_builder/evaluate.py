@@ -62,10 +62,10 @@ def metrics(rank: np.ndarray) -> dict[str, float]:
 def evaluate(queries_file: Path, index: SearchIndex, embedder: Embedder) -> dict:
     """Embed each query photo, search the index, score the ranking; unreadable queries are listed."""
     queries = read_queries(queries_file)
-    ranked, truth, skipped = [], [], []
+    ranked, truth, skipped, spec = [], [], [], embedder.config.preprocess
     for q in queries:
         try:
-            arr = image_to_pixels(load_image_file(q.path), embedder.config.preprocess)
+            arr = image_to_pixels(load_image_file(q.path, spec=spec), spec)
         except ImageError as exc:
             skipped.append(f"line {q.line}: {exc}")
             continue

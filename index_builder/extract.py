@@ -19,7 +19,8 @@ from tqdm import tqdm
 from index_builder.cache import EmbeddingCache
 from index_builder.sources import cheap_keys, read_many
 from model_store.embedder import Embedder
-from model_store.preprocess import ImageError, PreprocessSpec, decode_image, image_to_pixels
+from model_store.preprocess import (BUILD_MAX_BYTES, BUILD_MAX_PIXELS, ImageError, PreprocessSpec, decode_image,
+                                    image_to_pixels)
 from model_store.thumbnails import ensure_thumbnail, photo_key, thumbnail_path
 
 # Measured (docs/PERFORMANCE.md, builder): one decoding worker per spare core.
@@ -54,7 +55,8 @@ class PhotoBatches(Dataset):
         if isinstance(data, OSError):
             return i, blank, f"unreadable photo: {data}", "", False
         try:
-            img = decode_image(data, max_bytes=1 << 30, max_pixels=200_000_000, name=self.sources[i])
+            img = decode_image(data, max_bytes=BUILD_MAX_BYTES, max_pixels=BUILD_MAX_PIXELS, name=self.sources[i],
+                               spec=self.spec)
         except ImageError as exc:
             return i, blank, f"unreadable image: {str(exc).removeprefix(f'{self.sources[i]} ')}", "", False
         key = photo_key(data)

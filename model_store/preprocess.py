@@ -12,6 +12,8 @@ from pydantic import BaseModel
 
 # Transparent areas become white: listing photos are usually shot on light backdrops.
 BACKGROUND = (255, 255, 255)
+# Limits when building from the catalogue's own photos (uploads have IMAGESEARCH_MAX_IMAGE_BYTES/_PIXELS).
+BUILD_MAX_BYTES, BUILD_MAX_PIXELS = 1 << 30, 200_000_000
 
 
 class ImageError(ValueError):
@@ -31,8 +33,12 @@ class PreprocessSpec(BaseModel):
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
 
-def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, name: str = "image") -> Image.Image:
-    """Bytes of any format Pillow reads -> RGB image; raises ImageError with the reason."""
+def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, name: str = "image",
+                 spec: PreprocessSpec | None = None) -> Image.Image:
+    """Bytes of any format Pillow reads -> RGB image; raises ImageError with the reason. With the `spec` the
+    pixels are for, a JPEG is decoded at the smallest scale libjpeg offers (1/2, 1/4, 1/8) whose short side
+    still reaches spec.resize: a 12-megapixel phone photo decodes in a fraction of the time, and builder and
+    service, passing the same spec, get the same pixels."""
     if not data:
         raise ImageError(f"{name} is empty (0 bytes): upload a JPEG, PNG or WebP photo")
     if len(data) > max_bytes:
@@ -42,6 +48,8 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, name: str = "i
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             _check_pixels(img, max_pixels, name)
+            if spec is not None and img.format == "JPEG":
+                img.draft(None, (spec.resize, spec.resize))
             img.load()  # decode now, so truncated files fail here and not later
     except ImageError:
         raise
@@ -54,10 +62,11 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, name: str = "i
     return to_rgb(img)
 
 
-def load_image_file(path: Path, *, max_bytes: int = 1 << 30, max_pixels: int = 200_000_000) -> Image.Image:
-    """Path -> RGB image; raises ImageError naming the file."""
+def load_image_file(path: Path, *, max_bytes: int = BUILD_MAX_BYTES, max_pixels: int = BUILD_MAX_PIXELS,
+                    spec: PreprocessSpec | None = None) -> Image.Image:
+    """Path -> RGB image (see decode_image for `spec`); raises ImageError naming the file."""
     data = read_photo_file(path)
-    return decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels, name=str(path))
+    return decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels, name=str(path), spec=spec)
 
 
 def read_photo_file(path: Path) -> bytes:

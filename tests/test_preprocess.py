@@ -107,12 +107,24 @@ def test_pixels_shape_and_crop(photo):
     np.testing.assert_array_equal(arr.transpose(1, 2, 0), resized[4:60, 20:76])
 
 
-def test_builder_and_service_give_the_same_input(tmp_path, photo):
-    """The builder reads files through PhotoBatches; the service decodes uploaded bytes: same array."""
+@pytest.mark.parametrize("size", [(96, 96), (1600, 1200)])
+def test_builder_and_service_give_the_same_input(tmp_path, photo, size):
+    """The builder reads files through PhotoBatches; the service decodes uploaded bytes: same array, also for
+    a phone-sized JPEG that both decode at a reduced scale."""
     path = tmp_path / "p.jpg"
-    photo.save(path, "JPEG", quality=90)
+    photo.resize(size).save(path, "JPEG", quality=90)
     spec = PreprocessSpec()
     _, from_file, error, _, _ = PhotoBatches([str(path)], spec)[[0]][0]
-    from_upload = image_to_pixels(decode_image(path.read_bytes(), **LIMITS), spec)
+    from_upload = image_to_pixels(decode_image(path.read_bytes(), **LIMITS, spec=spec), spec)
     assert error == ""
     np.testing.assert_array_equal(from_file, from_upload)
+
+
+def test_a_large_jpeg_is_decoded_at_the_smallest_scale_that_keeps_the_networks_resolution(photo):
+    data = encode(photo.resize((1600, 1200)), "JPEG", quality=90)
+    assert decode_image(data, **LIMITS).size == (1600, 1200)
+    assert decode_image(data, **LIMITS, spec=PreprocessSpec(resize=224)).size == (400, 300)  # 1/4: 300 >= 224
+    assert decode_image(data, **LIMITS, spec=PreprocessSpec(resize=400)).size == (800, 600)  # 1/2
+    assert decode_image(data, **LIMITS, spec=PreprocessSpec(resize=700)).size == (1600, 1200)
+    png = encode(photo.resize((1600, 1200)))
+    assert decode_image(png, **LIMITS, spec=PreprocessSpec(resize=224)).size == (1600, 1200)  # JPEG only

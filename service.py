@@ -6,8 +6,8 @@ import asyncio
 import datetime as dt
 import hmac
 import logging
-import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from http import HTTPStatus
 from pathlib import Path
@@ -31,6 +31,7 @@ from model_store.preprocess import ImageError, ImageTooLarge, decode_image, imag
 from model_store.settings import get_settings
 from query.active import Active, load_active, stage_mtime
 from query.assist import assist, estimate as estimate_for
+from query.bentoml_fixes import never_hold_batches_back, tune_client
 from query.compare import cosine, verdict
 from query.errors import ApiError, error_response
 from query.fields import EndpointFields, read_query_params
@@ -63,22 +64,32 @@ class Embedder:
     model = bentoml.models.BentoModel(SERVED.embedder) if SERVED else None
 
     def __init__(self) -> None:
+        self.embedder, self.cores = None, _core_share()
+        never_hold_batches_back()  # BentoML's batching otherwise slows lone searches after a burst
+        # Every torch call of this process runs on this one thread. The event loop stays free during a pass, so
+        # calls that arrive meanwhile are read and queued and leave together as the next batch; and no second
+        # thread ever starts an OpenMP team: once a process holds more OpenMP threads than cores, libgomp
+        # stops spinning and every pass slows down (28 -> 40 ms for one photo on 2 cores, docs/PERFORMANCE.md).
+        self.torch = ThreadPoolExecutor(1, thread_name_prefix="torch")
+        if self.model is not None:  # BentoML resolves the class attribute to the stored model
+            self.torch.submit(self._load).result()
+
+    def _load(self) -> None:
+        import torch
+
         from model_store.embedder import embedder_from_folder
 
-        self.embedder, self.cores = None, _core_share()
-        if self.model is not None:  # BentoML resolves the class attribute to the stored model
-            if settings.torch_threads:
-                import torch
-                torch.set_num_threads(settings.torch_threads)
-            self.embedder = embedder_from_folder(Path(self.model.path), settings.device, settings.half_precision)
-            if settings.torch_compile:
-                import torch
-                self.embedder.net = torch.compile(self.embedder.net, dynamic=True)
-            # Before readiness, every batch size adaptive batching can form: on a GPU the first pass of each
-            # new size takes seconds, longer than the entry's embed deadline (measured: docs/PERFORMANCE.md)
-            warm_s = self.embedder.warm_up(tuple(range(1, EMBED_MAX_BATCH + 1)))
-            log.info("embedder %s on %s (half=%s), warmed up in %.1f s", self.model.tag, self.embedder.device,
-                     self.embedder.half, warm_s)
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        embedder = embedder_from_folder(Path(self.model.path), settings.device, settings.half_precision)
+        if settings.torch_compile:
+            embedder.net = torch.compile(embedder.net, dynamic=True)
+        # Before readiness, every batch size adaptive batching can form: on a GPU the first pass of each
+        # new size takes seconds, longer than the entry's embed deadline (measured: docs/PERFORMANCE.md)
+        warm_s = embedder.warm_up(tuple(range(1, EMBED_MAX_BATCH + 1)))
+        log.info("embedder %s on %s (half=%s), warmed up in %.1f s", self.model.tag, embedder.device,
+                 embedder.half, warm_s)
+        self.embedder = embedder
 
     def __is_ready__(self) -> bool:
         return self.embedder is not None
@@ -86,9 +97,9 @@ class Embedder:
     @bentoml.api(batchable=settings.embed_batching, batch_dim=0, max_batch_size=EMBED_MAX_BATCH,
                  max_latency_ms=settings.embed_max_latency_ms)
     async def embed(self, batch: np.ndarray) -> np.ndarray:
-        # Runs on the process's main thread, where torch's thread pool lives: from BentoML's worker threads
-        # the same forward pass took 30 ms instead of 19 (docs/PERFORMANCE.md). Calls that arrive meanwhile
-        # wait in the socket and form the next batch.
+        return await asyncio.get_running_loop().run_in_executor(self.torch, self._embed, batch)
+
+    def _embed(self, batch: np.ndarray) -> np.ndarray:
         with self.cores.busy() if self.cores else nullcontext():
             return self.embedder.embed(batch)
 
@@ -175,7 +186,7 @@ class ImageSearch:
         self._stage_mtime = stage_mtime()
         _instances[:] = [self]
         _limit_blas_threads()
-        _tune_embedder_client(self.embedder)
+        tune_client(self.embedder)
         if SERVED is None:
             self.problem = f"nothing is promoted to {settings.stage}"
         else:
@@ -391,29 +402,6 @@ def _limit_blas_threads() -> None:
 
     threadpool_limits(1)
 
-
-def _tune_embedder_client(proxy: object) -> None:
-    """Two faults of BentoML 1.4.39's client between services, behind the dropped and stalled embed calls
-    (BentoML issue 4971): it replaces its aiohttp session every 100 calls and closes the old one while calls
-    are still in flight on it (they fail with "Server disconnected"); and aiohttp keeps an idle connection
-    for 15 s where the embedder's server (uvicorn) closes it after 5 s, so a call can be sent on a
-    connection being closed. Here the session is kept, and idle connections are dropped after 1 s."""
-    manager = getattr(getattr(proxy, "to_async", None), "_session_manager", None)
-    if manager is None or not hasattr(manager, "_make_client"):  # in-process use has no HTTP hop
-        return
-    manager.max_requests = manager.max_age = math.inf
-    make = manager._make_client
-
-    def make_with_short_keepalive() -> aiohttp.ClientSession:
-        session = make()
-        if session.connector is not None:
-            session.connector._keepalive_timeout = IDLE_CONNECTION_S
-        return session
-
-    manager._make_client = make_with_short_keepalive
-
-
-IDLE_CONNECTION_S = 1.0
 
 if settings.cors_origins:  # closed by default; the outermost of our middlewares, so errors carry CORS headers too
     ImageSearch.add_asgi_middleware(CORSMiddleware, allow_origins=settings.cors_origins,

@@ -41,7 +41,11 @@ class Settings(BaseSettings):
     embed_max_batch_size: int = Field(
         0, ge=0, description="Adaptive batching: most photos per batch; 0 = 4 on a CPU, 8 on a GPU (measured)."
     )
-    embed_max_latency_ms: int = Field(1000, ge=1, description="Adaptive batching: longest a photo may wait.")
+    embed_max_latency_ms: int = Field(
+        1500, ge=1, description="Adaptive batching: a photo BentoML expects to wait longer is refused (429). Its "
+        "estimate counts every queued photo as one batch, about twice the real wait with batches of 4, so 1500 "
+        "refuses at a real wait of ~0.75-1 s, before the entry's embed deadline (measured: docs/PERFORMANCE.md)."
+    )
     embed_deadline_s: float = Field(
         1.2, gt=0, description="Deadline of one call to the embedder; a call past it is sent once more, then 503."
     )

@@ -1,0 +1,56 @@
+"""Faults of BentoML 1.4.39 behind slow or failed searches, fixed where they start (docs/PERFORMANCE.md, section 6).
+
+Both reach into BentoML's internals, so both are pinned to the version in requirements.txt and covered by
+tests (tests/test_bentoml_fixes.py, and the service tests under load).
+"""
+
+from __future__ import annotations
+
+import math
+
+import aiohttp
+
+IDLE_CONNECTION_S = 1.0
+
+
+def tune_client(proxy: object) -> None:
+    """Two faults of BentoML's client between services, behind the dropped and stalled embed calls (BentoML
+    issue 4971): it replaces its aiohttp session every 100 calls and closes the old one while calls are still
+    in flight on it (they fail with "Server disconnected"); and aiohttp keeps an idle connection for 15 s where
+    the embedder's server (uvicorn) closes it after 5 s, so a call can be sent on a connection being closed.
+    Here the session is kept, and idle connections are dropped after 1 s."""
+    manager = getattr(getattr(proxy, "to_async", None), "_session_manager", None)
+    if manager is None or not hasattr(manager, "_make_client"):  # in-process use has no HTTP hop
+        return
+    manager.max_requests = manager.max_age = math.inf
+    make = manager._make_client
+
+    def make_with_short_keepalive() -> aiohttp.ClientSession:
+        session = make()
+        if session.connector is not None:
+            session.connector._keepalive_timeout = IDLE_CONNECTION_S
+        return session
+
+    manager._make_client = make_with_short_keepalive
+
+
+def never_hold_batches_back() -> None:
+    """BentoML's adaptive batching (CorkDispatcher) holds a lone request back while n x (its age + the
+    per-photo cost) stays under the average wait of the last 50 batches, hoping for company. That average
+    counts the time requests spent queued behind a running batch, so after a burst of load it stays high
+    and a lone search waits for company that does not come: measured 38 ms p50 one at a time before a 15 s
+    burst, 128 ms after it, still 110 ms 20 s later. A worker runs one batch at a time, so photos that arrive
+    during a pass form the next batch anyway; with the learned wait kept at 0 a batch leaves as soon as the
+    worker is free, with whatever has queued (up to max_batch_size)."""
+    from bentoml._internal.marshal.dispatcher import Optimizer
+
+    if getattr(Optimizer, "_holds_nothing_back", False):
+        return
+    refresh = Optimizer.trigger_refresh
+
+    def trigger_refresh(self: Optimizer) -> None:
+        refresh(self)
+        self.wait = 0
+
+    Optimizer.trigger_refresh = trigger_refresh
+    Optimizer._holds_nothing_back = True

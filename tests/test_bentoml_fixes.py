@@ -1,0 +1,62 @@
+"""query/bentoml_fixes.py against BentoML's own batching dispatcher, run in process."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from bentoml._internal.marshal.dispatcher import CorkDispatcher, Optimizer
+
+from query.bentoml_fixes import never_hold_batches_back
+
+PASS_S = 0.02  # one batch's pass, whatever its size, like a network on a busy CPU
+
+
+def burst_then_lone_call() -> tuple[float, float, list[int]]:
+    """A dispatcher like BentoML's embedder endpoint: 80 calls at once, then one call alone. Returns the wait
+    it learned from the burst, the lone call's seconds, and the batch sizes."""
+    sizes: list[int] = []
+
+    async def run() -> tuple[float, float]:
+        async def embed(batch):
+            sizes.append(len(batch))
+            await asyncio.sleep(PASS_S)
+            return batch
+
+        dispatcher = CorkDispatcher(1000, 4, fallback=lambda: None, get_batch_size=lambda x: 1)
+        call = dispatcher(embed)
+        for _ in range(3):  # the dispatcher trains its cost model on its first calls
+            await asyncio.gather(*(call(i) for i in range(4)))
+        await asyncio.gather(*(call(i) for i in range(80)))  # queued behind each other: long waits
+        dispatcher.optimizer.trigger_refresh()
+        start = time.perf_counter()
+        await call(0)
+        lone = time.perf_counter() - start
+        dispatcher.shutdown()
+        return dispatcher.optimizer.wait, lone
+
+    wait, lone = asyncio.run(run())
+    return wait, lone, sizes
+
+
+@pytest.fixture
+def pristine_optimizer(monkeypatch):
+    """BentoML's Optimizer as shipped, restored after the test whatever the test patched."""
+    monkeypatch.setattr(Optimizer, "trigger_refresh", Optimizer.trigger_refresh)
+    monkeypatch.setattr(Optimizer, "_holds_nothing_back", False, raising=False)
+
+
+def test_as_shipped_a_burst_teaches_the_dispatcher_to_hold_lone_calls_back(pristine_optimizer):
+    wait, lone, _ = burst_then_lone_call()
+    assert wait > 2 * PASS_S  # the time the burst spent queued, taken for time worth waiting
+    assert lone > 3 * PASS_S  # so the next lone call waits for company (measured: ~160 ms)
+
+
+def test_after_the_fix_a_lone_call_leaves_at_once_and_bursts_still_batch(pristine_optimizer):
+    never_hold_batches_back()
+    never_hold_batches_back()  # a second call changes nothing
+    wait, lone, sizes = burst_then_lone_call()
+    assert wait == 0
+    assert lone < 3 * PASS_S  # measured: one pass, 20 ms
+    assert max(sizes) == 4  # calls that queue behind a running batch still form full batches

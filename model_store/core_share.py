@@ -34,6 +34,12 @@ def worker_count(setting: int, on_gpu: bool) -> int:
     return 1 if on_gpu else min(available_cores(), MAX_AUTO_WORKERS)
 
 
+# libgomp (torch's OpenMP on Linux) lets an idle team thread spin 300,000 times before it sleeps. Workers that
+# share cores then spin on a core the other worker needs while its pass runs: at 16 clients, with the default
+# 35-36 searches/s, p99 1.0-1.6 s and embed calls past their deadline; with 10,000, 39-40 searches/s and p99
+# 0.65-0.72 s, a lone search as fast (39-40 ms p50). Measured alternating, docs/PERFORMANCE.md. A
+# GOMP_SPINCOUNT set where the service starts wins.
+SPIN_COUNT = {"name": "GOMP_SPINCOUNT", "value": "10000"}
 MAX_AUTO_WORKERS = 4  # each worker holds a copy of the network and torch (~0.9 GB resident on the CPU build)
 
 

@@ -36,6 +36,7 @@ from query.compare import cosine, verdict
 from query.errors import ApiError, error_response
 from query.fields import EndpointFields, read_query_params
 from query.guard import RequestGuard
+from query.retry_budget import RetryBudget
 from query.models import (K, AssistResponse, BatchSearchResponse, Category, CompareResponse, CompareThresholds,
                           EstimateResponse, IndexInfo, Price, ReloadResponse, SearchResponse, SimilarQuery,
                           SimilarResponse)
@@ -184,6 +185,7 @@ class ImageSearch:
         self.problem: str | None = None  # why the service is not ready, for /readyz
         self.embedder_tag: str | None = None
         self._switch_lock = asyncio.Lock()
+        self.retries = RetryBudget(settings.embed_retry_share)
         self._stage_mtime = stage_mtime()
         _instances[:] = [self]
         _limit_blas_threads()
@@ -242,16 +244,20 @@ class ImageSearch:
 
     async def _call_embedder(self, call: Callable[[], Awaitable[T]]) -> T:
         """One call to the embedder service, with a deadline; a call that stalls or drops is sent once
-        more (embedding is idempotent), then the client gets a 503 that says so."""
+        more (embedding is idempotent) while the retry budget allows, then the client gets a 503 that says so."""
         failure: Exception | None = None
+        self.retries.sent()
         for attempt in (1, 2):
             try:
                 return await asyncio.wait_for(call(), settings.embed_deadline_s)
             except (asyncio.TimeoutError, aiohttp.ClientConnectionError, RuntimeError) as exc:
                 # RuntimeError: "Session is closed", when BentoML closes its client at shutdown
                 failure = exc
+                again = attempt == 1 and self.retries.take()
                 log.warning("embedder call %d failed (%s)%s", attempt, type(exc).__name__,
-                            ": sending it again" if attempt == 1 else "")
+                            ": sending it again" if again else "" if attempt == 2 else ": retry budget spent")
+                if not again:
+                    break
             except BentoMLException as exc:
                 if exc.error_code in (HTTPStatus.TOO_MANY_REQUESTS, HTTPStatus.SERVICE_UNAVAILABLE):
                     raise ApiError("the embedder is at capacity: retry in a second",

@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     embed_deadline_s: float = Field(
         1.2, gt=0, description="Deadline of one call to the embedder; a call past it is sent once more, then 503."
     )
+    embed_retry_share: float = Field(
+        0.1, ge=0, le=1, description="Retries of late or dropped embed calls may add at most this share to the "
+        "calls sent (plus a reserve of 10): an embedder that is only behind is not sent its load twice."
+    )
     request_timeout_s: float = Field(10.0, gt=0, description="Longest an API request may run before a 503.")
     max_concurrency: int = Field(32, ge=1, description="Requests the entry service takes at once; more get 429.")
     search_workers: int = Field(

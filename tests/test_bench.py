@@ -45,3 +45,7 @@ def test_overhead(python):
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert '"served_over_bare"' in out.stdout and '"http_over_bare"' in out.stdout
+
+
+def test_decode(python):
+    assert '"reduced_ms"' in quick("bench.decode", python)

@@ -1,0 +1,147 @@
+"""Phone photos into network input: a full JPEG decode against libjpeg's reduced-scale decode, which the builder
+and the service use (model_store.preprocess.decode_image with the embedder's spec). Time, and what it does to
+retrieval.
+
+    python -m bench.decode            # docs/decode.json and its blocks in PERFORMANCE.md and EVALUATION.md
+    python -m bench.decode --quick    # seconds-long smoke run the tests use
+
+Time: photos at phone sizes (demo drawings enlarged, with sensor-like noise, saved as JPEG quality 90), median
+ms of decode + resize + crop to the default embedder's input, one core, each way in alternating blocks.
+Retrieval (needs ../shared/data/grocery-store): the val shop photos enlarged 4x (1392 px, JPEG quality 92) as
+queries against the train photos, exact cosine on the default embedder's descriptor without its projection:
+top-1, recall@5 and mAP with each decode, next to the original 348 px queries, and how close the two vectors
+of each photo are. The test split is never read.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+from PIL import Image
+
+from bench.evaluate_grocery import machine, replace_block, search_metrics
+from bench.grocery import CREDIT, GROCERY, read_split
+from model_store.embedder import Embedder, new_embedder
+from model_store.preprocess import decode_image, image_to_pixels
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+LIMITS = dict(max_bytes=1 << 30, max_pixels=200_000_000)
+app = typer.Typer(add_completion=False)
+
+
+def jpeg(img: Image.Image, size: tuple[int, int] | None = None, quality: int = 90, seed: int = 0) -> bytes:
+    """`img` enlarged to `size` with a little noise (as a sensor leaves), as JPEG bytes."""
+    if size:
+        img = img.resize(size, Image.Resampling.BICUBIC)
+        noisy = np.asarray(img, np.float32) + np.random.default_rng(seed).normal(0, 5, (size[1], size[0], 3))
+        img = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def to_pixels(data: bytes, spec, reduced: bool) -> np.ndarray:
+    return image_to_pixels(decode_image(data, **LIMITS, spec=spec if reduced else None), spec)
+
+
+def speed(spec, sizes: list[tuple[int, int]], photos: int, blocks: int) -> list[dict]:
+    from index_builder.demo import draw_object
+
+    rows = []
+    for size in sizes:
+        data = [jpeg(draw_object(i, 0, 30 * i, size=256).convert("RGB"), size, seed=i) for i in range(photos)]
+        ms = {False: [], True: []}
+        for _ in range(blocks):
+            for reduced in (False, True):
+                for d in data:
+                    start = time.perf_counter()
+                    to_pixels(d, spec, reduced)
+                    ms[reduced].append((time.perf_counter() - start) * 1000)
+        full, fast = statistics.median(ms[False]), statistics.median(ms[True])
+        decoded = decode_image(data[0], **LIMITS, spec=spec).size
+        rows.append({"photo": f"{size[0]}x{size[1]}", "kb": round(statistics.mean(map(len, data)) / 1024),
+                     "full_ms": round(full, 1), "reduced_ms": round(fast, 1), "speedup": round(full / fast, 1),
+                     "reduced_to": f"{decoded[0]}x{decoded[1]}"})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def quality(emb: Embedder, quick: bool) -> dict:
+    spec = emb.config.preprocess
+    gallery, g_labels = read_split("train")
+    queries, q_labels = read_split("val")
+    if quick:
+        gallery, g_labels, queries, q_labels = gallery[::40], g_labels[::40], queries[::20], q_labels[::20]
+
+    def vectors(items: list, prepare) -> np.ndarray:
+        out = [emb.embed(np.stack([prepare(x) for x in items[i:i + 16]])) for i in range(0, len(items), 16)]
+        return np.concatenate(out)
+
+    g = vectors(gallery, lambda p: to_pixels(p.read_bytes(), spec, True))
+    def enlarged(path: Path, seed: int) -> bytes:
+        img = Image.open(path).convert("RGB")
+        return jpeg(img, (img.width * 4, img.height * 4), 92, seed)
+
+    big = [enlarged(p, i) for i, p in enumerate(queries)]
+    rows = {"original (348 px)": vectors(queries, lambda p: to_pixels(p.read_bytes(), spec, True)),
+            "enlarged 4x, full decode": vectors(big, lambda d: to_pixels(d, spec, False)),
+            "enlarged 4x, reduced-scale decode": vectors(big, lambda d: to_pixels(d, spec, True))}
+    out = {name: search_metrics(g, g_labels, q, q_labels) for name, q in rows.items()}
+    cos = np.sum(rows["enlarged 4x, full decode"] * rows["enlarged 4x, reduced-scale decode"], axis=1)
+    print(json.dumps(out), flush=True)
+    return {"metrics": out, "cosine_full_vs_reduced": {"min": round(float(cos.min()), 4),
+                                                         "median": round(float(np.median(cos)), 4)},
+            "gallery": len(gallery), "queries": len(queries)}
+
+
+def write_docs(result: dict) -> None:
+    (DOCS / "decode.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"Measured {result['date']} on {result['machine']} with `{result['command']}`; one core, the default "
+             f"embedder's input ({result['input']} px); median ms per photo, decode + resize + crop.", "",
+             "| photo | JPEG KB | full decode ms | reduced-scale decode ms | faster | decoded at |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['photo']} | {r['kb']} | {r['full_ms']} | {r['reduced_ms']} | {r['speedup']}x | {r['reduced_to']} |"
+              for r in result["speed"]]
+    perf = (DOCS / "PERFORMANCE.md").read_text()
+    (DOCS / "PERFORMANCE.md").write_text(replace_block(perf, "decode", "\n".join(lines), "## Decoding phone photos"))
+    q = result.get("quality")
+    if not q:
+        return
+    lines = [f"{CREDIT}", "", f"Machine: {result['machine']}; `{result['command']}`. The {q['queries']} val photos as "
+             f"queries against the {q['gallery']} train photos; default embedder, exact cosine, no projection. "
+             f"Cosine between the two decodes of each enlarged photo: median {q['cosine_full_vs_reduced']['median']}, "
+             f"lowest {q['cosine_full_vs_reduced']['min']}.", "", "| queries | top-1 | recall@5 | mAP |", "|---|---|---|---|"]
+    lines += [f"| {name} | {m['top1']:.3f} | {m['recall_at_5']:.3f} | {m['mAP']:.3f} |" for name, m in q["metrics"].items()]
+    ev = (DOCS / "EVALUATION.md").read_text()
+    (DOCS / "EVALUATION.md").write_text(replace_block(ev, "decode", "\n".join(lines),
+                                                      "## Phone-sized photos: reduced-scale JPEG decoding"))
+
+
+@app.command()
+def main(quick: Annotated[bool, typer.Option(help="tiny run, no docs")] = False) -> None:
+    config, net = new_embedder("efficientnet-lite2", descriptor="rmac")
+    emb = Embedder(config, net, "cpu")
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # decoding is timed on one core, as a decoding worker or the entry runs it
+    sizes = [(1600, 1200)] if quick else [(1600, 1200), (3024, 4032), (4000, 3000)]
+    result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "command": "python -m bench.decode",
+              "input": config.preprocess.crop, "speed": speed(config.preprocess, sizes, 2 if quick else 6,
+                                                              1 if quick else 5)}
+    torch.set_num_threads(threads)
+    if GROCERY.exists():
+        result["quality"] = quality(emb, quick)
+    if not quick:
+        write_docs(result)
+
+
+if __name__ == "__main__":
+    app()

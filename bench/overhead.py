@@ -1,26 +1,36 @@
-"""What serving costs on top of the network: HTTP search latency over the bare forward pass, and
-throughput at saturation over the bare embedder's, for this checkout and an older one, in one run.
+"""What serving costs on top of the network, as ratios measured in one run, for this checkout and an older one.
 
-    python -m bench.overhead                       # this checkout against 0c70920 (before the guard); docs/overhead.json
-    python -m bench.overhead --before ''           # this checkout only
-    python -m bench.overhead --quick               # seconds-long smoke run the tests use
+    python -m bench.overhead                     # this checkout against f431bba (before this work); docs/overhead.json
+    python -m bench.overhead --before ''         # this checkout only
+    python -m bench.overhead --upload phone      # 1600x1200 JPEG uploads (what the page sends) instead of demo PNGs
+    python -m bench.overhead --quick             # seconds-long smoke run the tests use
     IMAGESEARCH_DEVICE=cuda python -m bench.overhead --before '' --out docs/overhead_gpu.json   # on a GPU
 
-Both servers serve the same demo index from one temporary BentoML home. Latency: one request at a time,
-timed in blocks that alternate with blocks of bare forward passes in this process (an idle torch process
-keeps its threads spinning for a while, so interleaving them one by one would make each slow the other).
-Throughput: a closed loop of N concurrent uploads (httpx, no think time) for a fixed time; the bare
-embedder runs back to back in this process at batch 1 and 8 and its best rate is the reference.
+Every row serves the same demo index (the default embedder) from one temporary BentoML home, with the code
+of that row, and compares it with that code's own bare network:
+- latency: HTTP /search p50, one request at a time, over the bare forward pass p50 (one photo, torch's default
+  threads), timed in blocks that alternate (an idle torch process keeps its threads spinning for a while, so
+  timing them one by one would make each slow the other);
+- throughput: the best of 4, 8 and 16 clients posting back to back over the bare network's best rate on the
+  same cores, in two layouts: one process with torch's default threads (the embedder as bench.embedder_speed
+  times it), and one single-threaded process per core; batches of 1, 2, 4 and 8. The bare networks run in
+  helper processes (bench/bare_worker.py) importing the row's code.
+Rounds alternate bare and served measurements, so the machine's drift hits both; ratios are taken per round
+and the median is reported with every round's. At saturation the CPU each server process and the load
+generator spend per request is read with psutil: where the cores go.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import io
 import json
 import os
 import re
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,64 +38,101 @@ from typing import Annotated
 
 import httpx
 import numpy as np
+import psutil
 import typer
 
 from bench.ann_scale import machine
 from bench.server import ROOT, Server
+from model_store.core_share import available_cores, worker_count
+from model_store.embedder import pick_device
 
 DOCS = ROOT / "docs"
-BEFORE = "0c70920"
+BEFORE = "f431bba"
+BATCHES = (1, 2, 4, 8)
 app = typer.Typer(add_completion=False)
 
 
-def bare_embedder(tag: str):
-    """The stored embedder in this process on the device the service uses (IMAGESEARCH_DEVICE), and its
-    inputs: a (1, 3, H, W) uint8 batch and a batch of 8."""
-    from model_store.embedder import load_embedder
-    from model_store.settings import get_settings
+class BareEmbedders:
+    """`n` bare embedder processes of the code at `root`, each loading embedder `tag`."""
 
-    settings = get_settings()
-    embedder = load_embedder(tag, settings.device, settings.half_precision)
-    crop = embedder.config.preprocess.crop
-    one = np.random.default_rng(0).integers(0, 256, (8, 3, crop, crop), dtype=np.uint8)
-    return embedder, one[:1], one
+    def __init__(self, root: Path, tag: str, n: int):
+        env = {**os.environ, "PYTHONPATH": str(root)}
+        self.procs = [subprocess.Popen([sys.executable, str(ROOT / "bench" / "bare_worker.py"), tag], cwd=root,
+                                       env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                      for _ in range(n)]
+        self.info = [self._reply(p) for p in self.procs][0]
+
+    @staticmethod
+    def _reply(proc: subprocess.Popen) -> dict:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"a bare embedder exited with {proc.wait()}")
+        return json.loads(line)
+
+    def rate(self, processes: int, threads: int, batch: int, seconds: float) -> float:
+        """Images/s of `processes` workers running back to back together, each with `threads` threads."""
+        job = json.dumps({"threads": threads, "batch": batch, "seconds": seconds, "start_at": time.time() + 2.0})
+        for p in self.procs[:processes]:
+            p.stdin.write(job + "\n")
+            p.stdin.flush()
+        return sum(self._reply(p)["images_per_s"] for p in self.procs[:processes])
+
+    def forward_ms(self, calls: int) -> list[float]:
+        """Milliseconds of `calls` forward passes of one photo, torch's default threads."""
+        self.procs[0].stdin.write(json.dumps({"threads": 0, "batch": 1, "calls": calls}) + "\n")
+        self.procs[0].stdin.flush()
+        return self._reply(self.procs[0])["ms"]
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.stdin.close()
+            p.wait(30)
 
 
-def timed(fn, n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - start) * 1000)
+def layouts(cores: int, gpu: bool) -> list[tuple[str, int, int]]:
+    """(name, processes, threads per process) of the bare network; threads 0 = torch's default."""
+    if gpu or cores == 1:
+        return [("one process", 1, 0)]
+    return [("one process", 1, 0), (f"{cores} processes x 1 thread", cores, 1)]
+
+
+def bare_rates(bare: BareEmbedders, cores: int, seconds: float) -> dict[str, dict[int, float]]:
+    out: dict[str, dict[int, float]] = {}
+    for name, processes, threads in layouts(cores, bare.info["device"].startswith("cuda")):
+        out[name] = {b: round(bare.rate(processes, threads, b, seconds), 1) for b in BATCHES}
     return out
 
 
-def latency(srv: Server, embedder, x1: np.ndarray, photos: list[bytes], blocks: int, per_block: int) -> dict:
+def upload(srv: Server, data: bytes, ctype: str) -> None:
+    srv.http.post("/search", files={"image": ("photo", data, ctype)}, data={"k": "10"}).raise_for_status()
+
+
+def latency(srv: Server, bare: BareEmbedders, photos: list[bytes], ctype: str, blocks: int, per_block: int) -> dict:
     """p50 of HTTP /search (one at a time) and of the bare forward pass, timed in alternating blocks."""
     http_ms, bare_ms, i = [], [], 0
+    upload(srv, photos[0], ctype)
     for _ in range(blocks):
         time.sleep(0.3)
-        bare_ms += timed(lambda: embedder.embed(x1), per_block)
+        bare_ms += bare.forward_ms(per_block)
         time.sleep(0.3)
         for _ in range(per_block):
-            data = photos[i % len(photos)]
-            i += 1
             start = time.perf_counter()
-            srv.http.post("/search", files={"image": ("p.png", data, "image/png")}, data={"k": "10"}).raise_for_status()
+            upload(srv, photos[i % len(photos)], ctype)
             http_ms.append((time.perf_counter() - start) * 1000)
+            i += 1
     h, b = statistics.median(http_ms), statistics.median(bare_ms)
     return {"http_p50_ms": round(h, 1), "http_p95_ms": round(float(np.percentile(http_ms, 95)), 1),
             "bare_forward_p50_ms": round(b, 1), "http_over_bare": round(h / b, 2)}
 
 
-async def closed_loop(url: str, photos: list[bytes], concurrency: int, seconds: float) -> dict:
+async def closed_loop(url: str, photos: list[bytes], concurrency: int, seconds: float,
+                      ctype: str = "image/png") -> dict:
     """`concurrency` clients posting photos back to back for `seconds`; answers per second."""
     done, failed, stop = [0], [0], time.perf_counter() + seconds
 
     async def client(c: httpx.AsyncClient, k: int) -> None:
         while time.perf_counter() < stop:
-            r = await c.post("/search", files={"image": ("p.png", photos[k % len(photos)], "image/png")},
-                             data={"k": "10"})
+            r = await c.post("/search", files={"image": ("photo", photos[k % len(photos)], ctype)}, data={"k": "10"})
             done[0] += r.status_code == 200
             failed[0] += r.status_code != 200
             k += concurrency
@@ -97,17 +144,32 @@ async def closed_loop(url: str, photos: list[bytes], concurrency: int, seconds: 
     return {"concurrency": concurrency, "answered": done[0], "failed": failed[0], "rps": round(done[0] / elapsed, 1)}
 
 
-def bare_throughput(embedder, x1: np.ndarray, x8: np.ndarray, seconds: float) -> dict:
-    """Images/s of the bare embedder back to back, at batch 1 and 8."""
-    out = {}
-    for name, x in (("batch 1", x1), ("batch 8", x8)):
-        embedder.embed(x)
-        n, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            embedder.embed(x)
-            n += len(x)
-        out[name] = round(n / (time.perf_counter() - start), 1)
-    return out
+def cpu_seconds(srv: Server) -> dict[str, float]:
+    """CPU seconds so far of the server's processes by role, and of this process (the load generator)."""
+    roles = {"embedder": 0.0, "entry": 0.0, "supervisor": 0.0}
+    root = psutil.Process(srv.proc.pid)
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            cmd, t = " ".join(p.cmdline()), p.cpu_times()
+        except psutil.Error:
+            continue
+        role = "embedder" if "Embedder" in cmd else "entry" if "_bentoml_impl.worker" in cmd else "supervisor"
+        roles[role] += t.user + t.system
+    me = psutil.Process().cpu_times()
+    return {**roles, "load generator": me.user + me.system}
+
+
+def saturation(srv: Server, photos: list[bytes], ctype: str, seconds: float, levels: tuple[int, ...]) -> dict:
+    """Closed loops at each concurrency; the CPU per answered request of each role at the best one."""
+    loads, cpu = [], {}
+    for c in levels:
+        before = cpu_seconds(srv)
+        r = asyncio.run(closed_loop(srv.url, photos, c, seconds, ctype))
+        after = cpu_seconds(srv)
+        r["cpu_ms_per_request"] = {k: round((after[k] - before[k]) / max(r["answered"], 1) * 1000, 1) for k in after}
+        loads.append(r)
+    best = max(loads, key=lambda r: r["rps"])
+    return {"loads": loads, "best_rps": best["rps"], "cpu_ms_per_request": best["cpu_ms_per_request"]}
 
 
 def checkout(ref: str, where: Path) -> Path:
@@ -116,30 +178,89 @@ def checkout(ref: str, where: Path) -> Path:
     return where
 
 
-def measure(root: Path, label: str, tag: str, tmp: Path, photos: list[bytes], quick: bool) -> dict:
-    """One row: `root`'s code serving index `tag`, against the bare embedder of that index."""
+def pinned(root: Path) -> set[str]:
+    """Names of the packages root's requirements.txt pins."""
+    lines = (root / "requirements.txt").read_text().splitlines()
+    return {re.split(r"[=<>\[ ]", line.strip())[0].lower() for line in lines if line.strip() and line[0] != "#"}
+
+
+def hide_newer_packages(root: Path, folder: Path) -> dict[str, str]:
+    """Environment for serving older code as it shipped: packages this checkout added to requirements.txt
+    (uvloop, httptools, which uvicorn uses when it can import them) are hidden from it by stubs that fail to
+    import. Returns the PYTHONPATH to serve `root` with."""
+    for name in sorted(pinned(ROOT) - pinned(root)):
+        if importlib.util.find_spec(name) is None:  # a distribution whose module has another name
+            continue
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        (folder / name / "__init__.py").write_text(f"raise ImportError('{name} is not in this version')\n")
+    return {"PYTHONPATH": f"{root}{os.pathsep}{folder}"}
+
+
+def measure(root: Path, label: str, tag: str, tmp: Path, photos: list[bytes], ctype: str, rounds: int,
+            quick: bool) -> dict:
+    """One row: `root`'s code serving index `tag`, against the bare embedder of that code."""
     from model_store import stages
     from model_store.registry import get_model
 
     stages.promote(tag, "production", force=True)
-    embedder, x1, x8 = bare_embedder(get_model(tag).info.metadata["embedder"])
-    bare = bare_throughput(embedder, x1, x8, 2 if quick else 10)
-    seconds = 3 if quick else 20
-    with Server(tmp / (re.sub(r"\W+", "-", label).strip("-") + ".log"), root=root).wait() as srv:
-        lat = latency(srv, embedder, x1, photos, 2 if quick else 8, 5 if quick else 25)
-        loads = [asyncio.run(closed_loop(srv.url, photos, c, seconds)) for c in ((4,) if quick else (4, 8, 16))]
-    best = max(r["rps"] for r in loads)
-    row = {"code": label, "device": str(embedder.device), "half": embedder.half, **lat, "saturation": loads, "best_rps": best, "bare_images_per_s": bare,
-           "served_over_bare": round(best / max(bare.values()), 3)}
-    print(json.dumps(row), flush=True)
+    cores = available_cores()
+    bare = BareEmbedders(root, get_model(tag).info.metadata["embedder"], 1 if quick else cores)
+    seconds, levels = (2, (4,)) if quick else (15, (4, 8, 16))
+    per_round = []
+    env = hide_newer_packages(root, tmp / f"hidden-{root.name}") if root != ROOT else {}
+    try:
+        with Server(tmp / (re.sub(r"\W+", "-", label).strip("-") + ".log"), root=root, **env).wait() as srv:
+            for _ in range(rounds):
+                rates = bare_rates(bare, 1 if quick else cores, 1 if quick else 6)
+                lat = latency(srv, bare, photos, ctype, 2 if quick else 6, 5 if quick else 20)
+                sat = saturation(srv, photos, ctype, seconds, levels)
+                best = {name: max(r.values()) for name, r in rates.items()}
+                per_round.append({**lat, **sat, "bare_images_per_s": rates,
+                                  "served_over_bare": {name: round(sat["best_rps"] / b, 3) for name, b in best.items()}})
+                print(json.dumps(per_round[-1]), flush=True)
+    finally:
+        bare.close()
+    median = lambda key, name=None: statistics.median(  # noqa: E731
+        r[key][name] if name else r[key] for r in per_round)
+    names = list(per_round[0]["served_over_bare"])
+    row = {"code": label, "device": bare.info["device"], "half": bare.info["half"], "rounds": per_round,
+           "http_over_bare": round(median("http_over_bare"), 2), "http_p50_ms": round(median("http_p50_ms"), 1),
+           "bare_forward_p50_ms": round(median("bare_forward_p50_ms"), 1), "best_rps": round(median("best_rps"), 1),
+           "bare_best_images_per_s": {n: round(statistics.median(max(r["bare_images_per_s"][n].values())
+                                                                 for r in per_round), 1) for n in names},
+           "served_over_bare": {n: round(median("served_over_bare", n), 3) for n in names}}
+    print(json.dumps({k: v for k, v in row.items() if k != "rounds"}), flush=True)
     return row
+
+
+def serving_layout(settings) -> dict:
+    """How this checkout serves on this machine: processes, and the embedder's batch limit."""
+    gpu = pick_device(settings.device).type == "cuda"
+    return {"entry_workers": settings.search_workers, "embedder_workers": worker_count(settings.embedder_workers, gpu),
+            "embed_max_batch": settings.embed_batch_limit(gpu)}
+
+
+def phone_photos(folder: Path, n: int = 24) -> list[bytes]:
+    """Demo drawings as 1600x1200 JPEGs with sensor-like noise: what the page uploads from a phone."""
+    from PIL import Image
+
+    out = []
+    for i, path in enumerate(sorted(folder.glob("*.png"))[:n]):
+        img = Image.open(path).convert("RGB").resize((1600, 1200), Image.Resampling.BICUBIC)
+        noise = np.random.default_rng(i).normal(0, 6, (1200, 1600, 3))
+        img = Image.fromarray(np.clip(np.asarray(img, dtype=np.float32) + noise, 0, 255).astype(np.uint8))
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
 
 
 @app.command()
 def main(before: Annotated[str, typer.Option(help="git ref to compare with ('' for none)")] = BEFORE,
+         upload_kind: Annotated[str, typer.Option("--upload", help="demo (160 px PNG) or phone (1600x1200 JPEG)")] = "demo",
+         rounds: Annotated[int, typer.Option(help="alternating bare/served rounds per row")] = 2,
          quick: Annotated[bool, typer.Option(help="tiny run, no docs")] = False,
-         out: Annotated[Path, typer.Option(help="where the JSON goes")] = DOCS / "overhead.json",
-         lite0: Annotated[bool, typer.Option(help="also the Lite0 GeM rows")] = True) -> None:
+         out: Annotated[Path, typer.Option(help="where the JSON goes")] = DOCS / "overhead.json") -> None:
     from index_builder.build import build
     from index_builder.demo import make_demo_catalogue
     from model_store import stages
@@ -149,20 +270,20 @@ def main(before: Annotated[str, typer.Option(help="git ref to compare with ('' f
     os.environ.update(BENTOML_HOME=str(tmp / "home"), IMAGESEARCH_STAGES_DIR=str(tmp / "stages"))
     stages.get_settings.cache_clear()
     catalogue = make_demo_catalogue(tmp / "demo", items_per_family=2 if quick else 6)
-    photos = [p.read_bytes() for p in sorted((tmp / "demo" / "photos").glob("*.png"))]
-    # The old code knows Lite0 GeM only: code against code on that index, then the default on this checkout.
-    old_default = build(catalogue, backbone="efficientnet-lite0", descriptor="gem", progress=False).tag
-    rows = [measure(ROOT, "this checkout, Lite0 GeM", old_default, tmp, photos, quick)] if lite0 or quick else []
+    demo = sorted((tmp / "demo" / "photos").glob("*.png"))
+    photos, ctype = ([p.read_bytes() for p in demo], "image/png") if upload_kind == "demo" else \
+        (phone_photos(tmp / "demo" / "photos", 4 if quick else 24), "image/jpeg")
+    tag = build(catalogue, backbone="efficientnet-lite0" if quick else None, image_size=64 if quick else None,
+                progress=False).tag
+    rows = [measure(ROOT, "this checkout", tag, tmp, photos, ctype, 1 if quick else rounds, quick)]
     if before:
-        rows.append(measure(checkout(before, tmp / "before"), f"before ({before}), Lite0 GeM", old_default, tmp,
-                            photos, quick))
+        rows.insert(0, measure(checkout(before, tmp / "before"), f"before ({before})", tag, tmp, photos, ctype,
+                               rounds, quick))
         subprocess.run(["git", "worktree", "remove", "--force", str(tmp / "before")], cwd=ROOT, capture_output=True)
-    if not quick:
-        rows.append(measure(ROOT, "this checkout, default (Lite2 R-MAC)", build(catalogue, progress=False).tag, tmp,
-                            photos, quick))
-    result = {"machine": machine(), "photos": len(photos), "rows": rows,
-              "search_workers": get_settings().search_workers,
-              "command": "python -m bench.overhead" + (f" --before {before}" if before != BEFORE else "")}
+    result = {"machine": machine(), "photos": len(photos), "upload": upload_kind, "rows": rows,
+              "layout": serving_layout(get_settings()),
+              "command": "python -m bench.overhead" + (f" --before {before}" if before != BEFORE else "")
+                         + (f" --upload {upload_kind}" if upload_kind != "demo" else "")}
     if not quick:
         out.write_text(json.dumps(result, indent=2))
 

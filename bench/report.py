@@ -82,6 +82,40 @@ def loadtest_table(d: dict) -> str:
 
 
 def overhead_table(d: dict) -> str:
+    """bench.overhead: each row's code against its own bare network, medians of alternating rounds."""
+    upload = "phone photos (1600x1200 JPEG)" if d.get("upload") == "phone" else "demo photos (160 px PNG)"
+    layout = d["layout"]
+    names = list(d["rows"][-1]["served_over_bare"])
+    lines = [f"Machine: {d['machine']}; `{d['command']}`; the demo index (default embedder), {d['photos']} {upload} "
+             f"uploaded; server, embedder and load generator share the cores; this checkout ran "
+             f"{layout['entry_workers']} entry and {layout['embedder_workers']} embedder processes, batches of up "
+             f"to {layout['embed_max_batch']}. Medians of {len(d['rows'][-1]['rounds'])} rounds; bare networks at "
+             "their best batch of 1, 2, 4, 8.", "",
+             "| code | HTTP /search p50 ms | bare forward p50 ms | **HTTP / bare** | served requests/s (best of "
+             f"4, 8, 16 clients) | bare images/s: {' / '.join(names)} | **served / bare**: {' / '.join(names)} |",
+             "|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        bare = " / ".join(str(r["bare_best_images_per_s"][n]) for n in names if n in r["bare_best_images_per_s"])
+        ratio = " / ".join(f"{r['served_over_bare'][n]:.0%}" for n in names if n in r["served_over_bare"])
+        lines.append(f"| {r['code']} | {r['http_p50_ms']} | {r['bare_forward_p50_ms']} | {r['http_over_bare']} | "
+                     f"{r['best_rps']} | {bare} | {ratio} |")
+    lines += ["", "Each round, and the CPU each part took per answered search at the best concurrency "
+              "(ms of CPU; 2 cores give 2,000 ms a second):", "",
+              "| code | round | HTTP / bare | served / bare | served requests/s | bare images/s by batch 1, 2, 4, 8 | "
+              "CPU ms per search: embedder / entry / load generator |", "|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        for i, rd in enumerate(r["rounds"], 1):
+            bare = "; ".join(f"{n}: {', '.join(str(v) for v in rates.values())}"
+                             for n, rates in rd["bare_images_per_s"].items())
+            cpu = rd["cpu_ms_per_request"]
+            ratio = " / ".join(f"{v:.0%}" for v in rd["served_over_bare"].values())
+            lines.append(f"| {r['code']} | {i} | {rd['http_over_bare']} | {ratio} | {rd['best_rps']} | {bare} | "
+                         f"{cpu['embedder']} / {cpu['entry']} / {cpu['load generator']} |")
+    return "\n".join(lines)
+
+
+def overhead_table_one_run(d: dict) -> str:
+    """bench.overhead as it was before rounds (the GPU run of 2026-11-25)."""
     shared = ("the embedder on the GPU, server processes and load generator on the CPU cores" if "NVIDIA" in d["machine"]
               else "server, embedder and load generator share the cores")
     lines = [f"Machine: {d['machine']}; `{d['command']}`; the demo index, {d['photos']} demo photos (160 px PNG) "
@@ -113,10 +147,10 @@ def soak_table(d: dict) -> str:
     return "\n".join(lines)
 
 
-SECTIONS = {"overhead": ("overhead.json", overhead_table), "embedder": ("embedder_speed.json", embedder_table),
+SECTIONS = {"overhead": ("overhead.json", overhead_table), "overhead-phone": ("overhead_phone.json", overhead_table), "embedder": ("embedder_speed.json", embedder_table),
             "serving": ("serving.json", serving_table), "builder": ("builder_speed.json", builder_table),
             "embedder-gpu": ("embedder_speed_gpu.json", embedder_table),
-            "builder-gpu": ("builder_speed_gpu.json", builder_table), "overhead-gpu": ("overhead_gpu.json", overhead_table),
+            "builder-gpu": ("builder_speed_gpu.json", builder_table), "overhead-gpu": ("overhead_gpu.json", overhead_table_one_run),
             "ann": ("ann_scale.json", ann_table), "loadtest-step": ("loadtest_step.json", loadtest_table),
             "loadtest-5min": ("loadtest_5min.json", loadtest_table),
             "loadtest-overload": ("loadtest_overload.json", loadtest_table), "soak": ("soak.json", soak_table)}

@@ -100,7 +100,7 @@ def main(quick: Annotated[bool, typer.Option(help="tiny run, no docs")] = False,
             for batch in ([1] if quick and backbone == "vgg16" else batches):
                 s = time_batches(embedder.embed, batch, size, 2 if quick else (3 if backbone == "vgg16" else 5))
                 rows.append({"backbone": backbone, "image_size": size, "batch": batch,
-                             "variant": "default (inference_mode, channels_last, batch norms folded)" + (", fp16" if half else ""),
+                             "variant": "default (inference_mode, channels_last, Lite's batch norms folded)" + (", fp16" if half else ""),
                              "ms_per_image": round(s * 1000, 2), "images_per_s": round(1 / s, 1),
                              "gflop_per_image": round(gflop, 2), "share_of_peak": round(gflop / s / peak, 3)})
                 print(json.dumps(rows[-1]), flush=True)
@@ -129,7 +129,7 @@ def variants(size: int, quick: bool, dev: str, peak: float) -> list[dict]:
     pool5_config, pool5_net = new_embedder("efficientnet-lite0", "default", "pool5", size)
     published = Embedder(config, copy.deepcopy(net), dev)
     published.net = copy.deepcopy(net).to(dev, memory_format=torch.channels_last).eval()
-    candidates = [("default (inference_mode, channels_last, batch norms folded)",
+    candidates = [("default (inference_mode, channels_last, Lite's batch norms folded)",
                    Embedder(config, copy.deepcopy(net), dev).embed),
                   ("batch norms not folded (the network as published)", published.embed),
                   ("no_grad, contiguous (no speed-ups)", plain),

@@ -3,9 +3,9 @@
 A worker that is the only one busy runs its batch on every core (one photo answers fastest that way);
 workers busy at the same time take one share each, so two single-threaded passes run side by side
 instead of one two-threaded pass (no thread waiting at a barrier for a core another process holds).
-Measured on a 2-core VM (docs/PERFORMANCE.md): one process with 2 threads embeds ~31 photos/s at its
-best batch size, two processes with 1 thread each ~39; one photo alone takes ~40 ms on 2 threads and
-~56 ms on 1. Busy flags live in a few shared bytes, one per worker, named after the parent process
+Measured on a 2-core VM (docs/PERFORMANCE.md, `bench.overhead`): one process with 2 threads embeds ~50
+photos/s at its best batch size, two single-threaded processes ~62; one photo alone takes ~26 ms on 2
+threads and ~48 ms on 1. Busy flags live in a few shared bytes, one per worker, named after the parent process
 (the `bentoml serve` that started the workers), so they need no server of their own.
 """
 

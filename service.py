@@ -36,10 +36,10 @@ from query.compare import cosine, verdict
 from query.errors import ApiError, error_response
 from query.fields import EndpointFields, read_query_params
 from query.guard import RequestGuard
-from query.retry_budget import RetryBudget
 from query.models import (K, AssistResponse, BatchSearchResponse, Category, CompareResponse, CompareThresholds,
                           EstimateResponse, IndexInfo, Price, ReloadResponse, SearchResponse, SimilarQuery,
                           SimilarResponse)
+from query.retry_budget import RetryBudget
 from query.search_index import Match
 
 log = logging.getLogger("bentoml.imagesearch")
@@ -253,11 +253,12 @@ class ImageSearch:
             except (asyncio.TimeoutError, aiohttp.ClientConnectionError, RuntimeError) as exc:
                 # RuntimeError: "Session is closed", when BentoML closes its client at shutdown
                 failure = exc
-                again = attempt == 1 and self.retries.take()
+                if attempt == 1 and self.retries.take():
+                    log.warning("embedder call 1 failed (%s): sending it again", type(exc).__name__)
+                    continue
                 log.warning("embedder call %d failed (%s)%s", attempt, type(exc).__name__,
-                            ": sending it again" if again else "" if attempt == 2 else ": retry budget spent")
-                if not again:
-                    break
+                            ": retry budget spent" if attempt == 1 else "")
+                break
             except BentoMLException as exc:
                 if exc.error_code in (HTTPStatus.TOO_MANY_REQUESTS, HTTPStatus.SERVICE_UNAVAILABLE):
                     raise ApiError("the embedder is at capacity: retry in a second",

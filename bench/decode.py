@@ -29,18 +29,20 @@ from PIL import Image
 from bench.evaluate_grocery import machine, replace_block, search_metrics
 from bench.grocery import CREDIT, GROCERY, read_split
 from model_store.embedder import Embedder, new_embedder
-from model_store.preprocess import decode_image, image_to_pixels
+from model_store.preprocess import BUILD_MAX_BYTES, BUILD_MAX_PIXELS, decode_image, image_to_pixels
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-LIMITS = dict(max_bytes=1 << 30, max_pixels=200_000_000)
+LIMITS = dict(max_bytes=BUILD_MAX_BYTES, max_pixels=BUILD_MAX_PIXELS)
 app = typer.Typer(add_completion=False)
 
 
-def jpeg(img: Image.Image, size: tuple[int, int] | None = None, quality: int = 90, seed: int = 0) -> bytes:
-    """`img` enlarged to `size` with a little noise (as a sensor leaves), as JPEG bytes."""
+def jpeg(img: Image.Image, size: tuple[int, int] | None = None, quality: int = 90, seed: int = 0,
+         noise: float = 5) -> bytes:
+    """`img` enlarged to `size` with a little noise (as a sensor leaves, standard deviation `noise`), as JPEG
+    bytes."""
     if size:
         img = img.resize(size, Image.Resampling.BICUBIC)
-        noisy = np.asarray(img, np.float32) + np.random.default_rng(seed).normal(0, 5, (size[1], size[0], 3))
+        noisy = np.asarray(img, np.float32) + np.random.default_rng(seed).normal(0, noise, (size[1], size[0], 3))
         img = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=quality)

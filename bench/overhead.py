@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import io
 import json
 import os
 import re
@@ -161,7 +160,7 @@ def cpu_seconds(srv: Server) -> dict[str, float]:
 
 def saturation(srv: Server, photos: list[bytes], ctype: str, seconds: float, levels: tuple[int, ...]) -> dict:
     """Closed loops at each concurrency; the CPU per answered request of each role at the best one."""
-    loads, cpu = [], {}
+    loads = []
     for c in levels:
         before = cpu_seconds(srv)
         r = asyncio.run(closed_loop(srv.url, photos, c, seconds, ctype))
@@ -244,15 +243,10 @@ def phone_photos(folder: Path, n: int = 24) -> list[bytes]:
     """Demo drawings as 1600x1200 JPEGs with sensor-like noise: what the page uploads from a phone."""
     from PIL import Image
 
-    out = []
-    for i, path in enumerate(sorted(folder.glob("*.png"))[:n]):
-        img = Image.open(path).convert("RGB").resize((1600, 1200), Image.Resampling.BICUBIC)
-        noise = np.random.default_rng(i).normal(0, 6, (1200, 1600, 3))
-        img = Image.fromarray(np.clip(np.asarray(img, dtype=np.float32) + noise, 0, 255).astype(np.uint8))
-        buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
+    from bench.decode import jpeg
+
+    return [jpeg(Image.open(path).convert("RGB"), (1600, 1200), 90, seed=i, noise=6)
+            for i, path in enumerate(sorted(folder.glob("*.png"))[:n])]
 
 
 @app.command()

@@ -147,10 +147,12 @@ def soak_table(d: dict) -> str:
     return "\n".join(lines)
 
 
-SECTIONS = {"overhead": ("overhead.json", overhead_table), "overhead-phone": ("overhead_phone.json", overhead_table), "embedder": ("embedder_speed.json", embedder_table),
+SECTIONS = {"overhead": ("overhead.json", overhead_table), "overhead-phone": ("overhead_phone.json", overhead_table),
+            "embedder": ("embedder_speed.json", embedder_table),
             "serving": ("serving.json", serving_table), "builder": ("builder_speed.json", builder_table),
             "embedder-gpu": ("embedder_speed_gpu.json", embedder_table),
-            "builder-gpu": ("builder_speed_gpu.json", builder_table), "overhead-gpu": ("overhead_gpu.json", overhead_table_one_run),
+            "builder-gpu": ("builder_speed_gpu.json", builder_table),
+            "overhead-gpu": ("overhead_gpu.json", overhead_table_one_run),
             "ann": ("ann_scale.json", ann_table), "loadtest-step": ("loadtest_step.json", loadtest_table),
             "loadtest-5min": ("loadtest_5min.json", loadtest_table),
             "loadtest-overload": ("loadtest_overload.json", loadtest_table), "soak": ("soak.json", soak_table)}

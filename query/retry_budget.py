@@ -5,9 +5,10 @@ or stalled connection (BentoML issue 4971). But a call is also late when the emb
 then the first copy is still queued there and will be computed anyway: sending every late call again
 doubles the load at the moment the embedder can least take it. Measured in a 10-minute soak at 27
 searches/s on 2 cores (docs/PERFORMANCE.md, section 6): a few seconds of slowdown made ~30 calls late, each
-was sent twice, and the last 100 s of the run failed 146 requests with 503s and 429s. With a budget, a lone lost call is still retried, and an overloaded embedder gets at most `share`
-more calls than it was sent (the answer is a 503 at the first deadline instead), the usual cure for retry
-storms (Google SRE book, "Handling Overload").
+was sent twice, and the last 100 s of the run failed 146 requests with 503s and 429s. With a budget, a lone
+lost call is still retried, and an overloaded embedder gets at most `share` more calls than it was sent
+(the answer is a 503 at the first deadline instead), the usual cure for retry storms (Google SRE book,
+"Handling Overload").
 """
 
 from __future__ import annotations

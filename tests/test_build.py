@@ -243,7 +243,7 @@ def test_a_full_disk_fails_the_build_and_leaves_the_store_as_it_was(demo_index, 
                               "--no-progress", "--engine", engine], env=run_env(BENTOML_HOME=str(home / "bentoml")),
                              capture_output=True, text=True, timeout=300)
         assert out.returncode == 1, out.stderr[-2000:]
-        assert "No space left on device" in out.stderr and "no version was registered" in out.stderr
+        assert "No space left on device" in out.stderr and "no version was registered" in out.stderr, out.stderr[-4000:]
         assert "Traceback" not in out.stderr
         after = sorted(p.relative_to(home) for p in (home / "bentoml" / "models").rglob("*"))
         assert after == before

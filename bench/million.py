@@ -158,8 +158,9 @@ def run(*args: str) -> str:
 def server_rss_mb(server: Server) -> float:
     import psutil
 
-    root = psutil.Process(server.proc.pid)
-    return round(sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 1e6, 1)
+    from loadtests.soak import sample_rss  # skips a worker that exits while it is read
+
+    return round(sample_rss(psutil.Process(server.proc.pid), 0.0).total_bytes / 1e6, 1)
 
 
 def time_searches(servers: dict[str, Server], photo: bytes, n: int) -> dict[str, dict[str, float]]:

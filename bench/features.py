@@ -10,7 +10,8 @@ from PIL import Image
 
 from index_builder.cache import EmbeddingCache
 from index_builder.extract import extract
-from model_store.embedder import Descriptor, Embedder, new_embedder
+from model_store.embedder import Embedder, new_embedder
+from model_store.embedder_config import Descriptor
 
 OUT = Path(__file__).resolve().parent / "out"
 

@@ -20,7 +20,8 @@ from index_builder.catalogue import BadRow, Catalogue, read_catalogue, write_rep
 from index_builder.evaluate import evaluate
 from index_builder.cache import EmbeddingCache
 from index_builder.extract import DEFAULT_WORKERS, default_batch_size, extract
-from model_store.embedder import Descriptor, Embedder, new_embedder, save_embedder
+from model_store.embedder_config import Descriptor
+from model_store.embedder import Embedder, new_embedder, save_embedder
 from model_store.index_artifact import (ANNOY_FILE, MANIFEST_FILE, PROJECTION_FILE, REPORT_FILE, VECTORS_FILE,
                                         ITEMS_FILE, IndexManifest, Projection, normalize, write_items_db)
 from model_store.registry import bentoml_home, clean_staging, register

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from index_builder.extract import Extraction, PhotoBatches, default_batch_size, plan
-from model_store.embedder import Embedder, EmbedderConfig
+from model_store.embedder import Embedder
+from model_store.embedder_config import EmbedderConfig
 from model_store.backbones import for_inference, get_backbone
 
 CPU_ACTORS = 1  # embedding actors on a cluster without GPUs: one torch process uses a machine's cores well

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from pydantic import BaseModel
 from torch import nn
 
+from model_store.embedder_config import WeightsInfo
 from model_store.preprocess import PreprocessSpec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -19,14 +19,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class WeightsError(RuntimeError):
     """Weights that cannot be had; the message says which --weights to pass instead."""
-
-
-class WeightsInfo(BaseModel):
-    """Where a network's weights came from. pretrained=False means random: answers must say so."""
-
-    source: str
-    pretrained: bool
-    sha256: str
 
 
 class _LiteFeatures(nn.Module):

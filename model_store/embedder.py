@@ -5,32 +5,18 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel
 
 from model_store import pooling
-from model_store.backbones import WeightsInfo, for_inference, get_backbone, resolve_weights
-from model_store.preprocess import PreprocessSpec
+from model_store.backbones import for_inference, get_backbone, resolve_weights
+from model_store.embedder_config import Descriptor, EmbedderConfig
 from model_store.registry import get_model, list_models, register
 from model_store.settings import EMBEDDER_MODEL
 
-Descriptor = Literal["gem", "rmac", "pool5"]
 CONFIG_FILE = "embedder.json"
 WEIGHTS_FILE = "weights.pt"
-
-
-class EmbedderConfig(BaseModel):
-    """Everything that decides which vector a photo gets."""
-
-    backbone: str
-    descriptor: Descriptor
-    gem_p: float = 3.0
-    dim: int
-    preprocess: PreprocessSpec
-    weights: WeightsInfo
 
 
 def descriptor_dim(backbone: str, descriptor: Descriptor, crop: int) -> int:

@@ -11,7 +11,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
-from model_store.embedder import EmbedderConfig
+from model_store.embedder_config import EmbedderConfig
 
 ANNOY_FILE = "index.ann"
 ITEMS_FILE = "items.sqlite"

@@ -118,6 +118,13 @@ def test_cli(stages_dir, demo_index, second_index, python):
     assert shown["stages"] == ["production"] and shown["metadata"]["embedder"] == demo_index.embedder
 
 
+def test_the_registry_cli_starts_without_torch(python):
+    """Promotions and listings answer in about a second: manifests are read without loading the network."""
+    code = "import sys, model_store.__main__; assert 'torch' not in sys.modules, 'the CLI imported torch'"
+    done = subprocess.run([python, "-c", code], env=run_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_delete_never_removes_what_a_stage_serves(stages_dir, demo_index, python):
     env = run_env()
 

@@ -1,0 +1,185 @@
+"""How well /estimate prices a photo, and how often it prices what the catalogue never sold: shop photos
+(grocery) and COIL-100.
+
+Neither data set has prices. Each product (object) gets a made-up price level, log-uniform from $2 to $500,
+and each catalogue photo is a one-of-a-kind sold item at its product's level times a lognormal spread
+(sigma 0.2): an item sells near what its kind sells for. Half of the products are in the catalogue: photos
+of those (held out from it) should get a price near their level; photos of the other half show things the
+catalogue never sold, and their estimates should be refused or come with a low confidence.
+What is compared is the similarity floor comparables must reach (query/pricing.py): a fixed cosine of 0.6
+around the default of 0.6, the thresholds the builder measures on the index's own catalogue
+(index_builder/calibrate.py), and the median similarity of a catalogue photo to its nearest photo of another
+product (how close a product the catalogue never sold typically comes). Vectors and projection are the builder's defaults
+(bench.thresholds); neighbours are the 20 nearest items, as /estimate looks at.
+
+    python -m bench.pricing          # docs/EVALUATION.md's pricing section (~6 min; seconds with bench/out cached)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import typer
+
+from bench.coil import COIL, QUERIES_4, coil_path
+from bench.evaluate_grocery import machine, replace_block
+from bench.features import OUT, embed_paths
+from bench.grocery import CREDIT, GROCERY, read_split
+from bench.thresholds import BACKBONE, DESCRIPTOR, DOCS, coarse_names, projection
+from index_builder.calibrate import calibrate
+from model_store.index_artifact import Thresholds
+from query.assist import ESTIMATE_NEIGHBOURS
+from query.models import Estimate
+from query.pricing import estimate_price
+from query.search_index import Match
+
+SPREAD = 0.2  # sigma of log(item price / its product's level)
+GOOD = 0.25  # an estimate within 25% of the level is good
+
+
+@dataclass
+class Setup:
+    """A catalogue of one-of-a-kind sold items and two sets of query photos, in index space."""
+
+    catalogue: np.ndarray
+    categories: np.ndarray
+    prices: np.ndarray
+    thresholds: Thresholds
+    known: np.ndarray  # photos of products the catalogue sold
+    known_levels: np.ndarray
+    unknown: np.ndarray  # photos of products it never sold
+    nearest_other: float  # median over catalogue photos of the best similarity to another product's photo
+
+
+def levels(products: np.ndarray, seed: int) -> dict[int, float]:
+    rng = np.random.default_rng(seed)
+    return {int(p): float(np.exp(rng.uniform(np.log(2), np.log(500)))) for p in np.unique(products)}
+
+
+def make_setup(cat_vecs: np.ndarray, cat_products: np.ndarray, cat_kinds: np.ndarray, q_vecs: np.ndarray,
+               q_products: np.ndarray, seed: int = 0) -> Setup:
+    """Half of the products (drawn with `seed`) form the catalogue; queries of the rest are the unknown."""
+    rng = np.random.default_rng(seed)
+    products = np.unique(cat_products)
+    sold = set(rng.choice(products, len(products) // 2, replace=False).tolist())
+    in_cat, known = np.isin(cat_products, list(sold)), np.isin(q_products, list(sold))
+    project = projection(cat_vecs[in_cat])
+    catalogue, level = project(cat_vecs[in_cat]), levels(products, seed)
+    prices = np.array([level[int(p)] for p in cat_products[in_cat]]) * np.exp(rng.normal(0, SPREAD, in_cat.sum()))
+    # calibrated as bench.thresholds does: photos of one product count as one item
+    thresholds = calibrate(catalogue, [str(p) for p in cat_products[in_cat]], list(cat_kinds[in_cat]))
+    queries = project(q_vecs)
+    own = cat_products[in_cat]
+    sims = np.where(own[:, None] == own[None, :], -np.inf, catalogue @ catalogue.T)
+    return Setup(catalogue, cat_kinds[in_cat], prices, thresholds, queries[known],
+                 np.array([level[int(p)] for p in q_products[known]]), queries[~known],
+                 float(np.median(sims.max(axis=1))))
+
+
+def grocery() -> Setup:
+    """Catalogue: train photos, the coarse class as category; queries: val photos."""
+    (train, t_lab), (val, v_lab) = read_split("train"), read_split("val")
+    coarse = coarse_names()
+    return make_setup(embed_paths(train, BACKBONE, "default", DESCRIPTOR), t_lab,
+                      np.array([coarse[c] for c in t_lab]), embed_paths(val, BACKBONE, "default", DESCRIPTOR), v_lab)
+
+
+def coil() -> Setup:
+    """Catalogue: every 10th degree of each object, one category for all (COIL has none); queries: views
+    45/135/225/315."""
+    g_keys = [(o, a) for o in range(1, 101) for a in range(0, 360, 10)]
+    q_keys = [(o, a) for o in range(1, 101) for a in QUERIES_4]
+    feats = embed_paths([coil_path(o, a) for o, a in g_keys + q_keys], BACKBONE, "default", DESCRIPTOR)
+    g_obj, q_obj = np.array([o for o, _ in g_keys]), np.array([o for o, _ in q_keys])
+    return make_setup(feats[:len(g_keys)], g_obj, np.array(["coil"] * len(g_obj)), feats[len(g_keys):], q_obj)
+
+
+def neighbours(queries: np.ndarray, s: Setup) -> list[list[Match]]:
+    """The nearest ESTIMATE_NEIGHBOURS items of each query, best first, as the index answers them."""
+    sims = queries @ s.catalogue.T
+    order = np.argsort(-sims, axis=1)[:, :ESTIMATE_NEIGHBOURS]
+    return [[Match(item_id=str(j), title="", category=str(s.categories[j]), price=float(s.prices[j]),
+                   currency="USD", sold_at="2024-01-01", score=float(sims[i, j]), image_path="") for j in row]
+            for i, row in enumerate(order)]
+
+
+def floors(s: Setup) -> dict[str, float]:
+    """Fixed cosines around the default, the index's calibrated thresholds, and a per-catalogue candidate."""
+    t = s.thresholds
+    return {"0.5": 0.5, "0.6 (default)": 0.6, "0.65": 0.65, "0.7": 0.7,
+            f"index: similar ({t.similar:.3f})": t.similar, f"index: same ({t.same:.3f})": t.same,
+            f"catalogue: median best other product ({s.nearest_other:.3f})": s.nearest_other}
+
+
+def judge(known: list[Estimate], known_levels: np.ndarray, unknown: list[Estimate]) -> dict:
+    """Coverage and error of the estimates of known products; how often unknown ones were priced."""
+    priced = np.array([e.price is not None for e in known])
+    est = np.array([e.price if e.price is not None else np.nan for e in known])
+    error = np.abs(est - known_levels) / known_levels
+    in_range = np.array([e.price is not None and e.low <= lvl <= e.high for e, lvl in zip(known, known_levels)])
+    conf_known = [e.confidence for e in known if e.price is not None]
+    conf_unknown = [e.confidence for e in unknown if e.price is not None]
+    return {"known_priced": round(float(priced.mean()), 3),
+            "median_error": round(float(np.nanmedian(error)), 3) if priced.any() else None,
+            "good": round(float(np.mean(error[priced] <= GOOD)), 3) if priced.any() else None,
+            "good_of_all": round(float(np.sum(error[priced] <= GOOD) / len(known)), 3),
+            "level_in_range": round(float(in_range[priced].mean()), 3) if priced.any() else None,
+            "unknown_priced": round(float(np.mean([e.price is not None for e in unknown])), 3),
+            "median_confidence_known": round(float(np.median(conf_known)), 3) if conf_known else None,
+            "median_confidence_unknown": round(float(np.median(conf_unknown)), 3) if conf_unknown else None}
+
+
+def evaluate(s: Setup) -> list[dict]:
+    known, unknown = neighbours(s.known, s), neighbours(s.unknown, s)
+    return [{"floor": name, "value": round(value, 4),
+             **judge([estimate_price(n, value) for n in known], s.known_levels,
+                     [estimate_price(n, value) for n in unknown])}
+            for name, value in floors(s).items()]
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0%}"
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def markdown(result: dict) -> str:
+    setup = ("Grocery: catalogue = train photos of 40 products (coarse class as category), known = their val "
+             "photos, unknown = val photos of the other 41. COIL-100: catalogue = every 10th degree of 50 objects "
+             "(one category), known / unknown = views 45/135/225/315 of those and of the other 50.")
+    header = (f"Measured {result['date']} on {result['machine']} with `python -m bench.pricing`: the default "
+              f"embedder ({BACKBONE}, regional GeM) and the builder's projection; made-up prices (log-uniform "
+              f"$2-$500 per product, each sold item x lognormal sigma {SPREAD}); half the products in the "
+              f"catalogue, each catalogue photo its own sold item. {CREDIT}")
+    lines = [header, "", setup, "",
+             ("| data | comparables' floor | known: priced | median error | within 25% (of priced) "
+              "| within 25% (of all) | level in low-high | unknown: priced | median confidence: known / unknown |"),
+             "|---|---|---|---|---|---|---|---|---|"]
+    for data, rows in result["rows"].items():
+        for r in rows:
+            lines.append(f"| {data} | {r['floor']} | {_pct(r['known_priced'])} | {_pct(r['median_error'])} | "
+                         f"{_pct(r['good'])} | {_pct(r['good_of_all'])} | {_pct(r['level_in_range'])} | "
+                         f"{_pct(r['unknown_priced'])} | {_num(r['median_confidence_known'])} / "
+                         f"{_num(r['median_confidence_unknown'])} |")
+    return "\n".join(lines)
+
+
+def main(docs: bool = typer.Option(True, help="write the section of docs/EVALUATION.md")) -> None:
+    if not (GROCERY.exists() and COIL.exists()):
+        raise SystemExit("needs ../shared/data/grocery-store and ../shared/data/coil-100")
+    start = time.perf_counter()
+    result = {"rows": {"grocery": evaluate(grocery()), "COIL-100": evaluate(coil())}}
+    result.update(seconds=round(time.perf_counter() - start, 1), machine=machine(), date=time.strftime("%Y-%m-%d"))
+    print(json.dumps(result, indent=2))
+    (OUT / "pricing.json").write_text(json.dumps(result, indent=2))
+    if docs:
+        DOCS.write_text(replace_block(DOCS.read_text(), "pricing", markdown(result), "## Price estimates"))
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -6,6 +6,7 @@ import asyncio
 import datetime as dt
 import hmac
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -26,7 +27,6 @@ from starlette.staticfiles import StaticFiles
 
 from model_store import stages, thumbnails
 from model_store.core_share import SPIN_COUNT, CoreShare, worker_count
-from model_store.embedder import pick_device
 from model_store.preprocess import ImageError, ImageTooLarge, decode_image, image_to_pixels
 from model_store.settings import get_settings
 from query.active import Active, load_active, stage_mtime
@@ -48,7 +48,23 @@ settings = get_settings()
 SERVED = stages.served(settings.stage)
 T = TypeVar("T")
 STATIC = Path(__file__).resolve().parent / "query" / "static"  # the search page, served at /ui/
-EMBED_ON_GPU = pick_device(settings.device).type == "cuda"
+GPU_PROBE = "_IMAGESEARCH_EMBEDS_ON_GPU"  # the supervisor's answer, inherited by every worker it starts
+
+
+def _embeds_on_gpu() -> bool:
+    """Whether the embedder runs on a GPU. Only torch can tell, and importing it costs a process ~470 MB and
+    ~3 s: `bentoml serve` asks once, in the supervisor that reads this file first, and its workers find the
+    answer in the environment they inherit, so the entry's workers never import torch (tests/test_service.py)."""
+    key = f"{settings.device}="
+    probed = os.environ.get(GPU_PROBE, "")
+    if not probed.startswith(key):
+        from model_store.embedder import pick_device
+
+        probed = os.environ[GPU_PROBE] = key + str(int(pick_device(settings.device).type == "cuda"))
+    return probed == key + "1"
+
+
+EMBED_ON_GPU = _embeds_on_gpu()
 EMBEDDER_WORKERS = worker_count(settings.embedder_workers, EMBED_ON_GPU)
 EMBED_MAX_BATCH = settings.embed_batch_limit(EMBED_ON_GPU)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
@@ -342,3 +343,18 @@ def test_loadtest_runner_judges_the_slo(server, demo_catalogue, tmp_path, python
     strict = subprocess.run(cmd + ["--slo-ms", "1"], cwd=ROOT, env=run_env(), capture_output=True, text=True,
                             timeout=120)
     assert strict.returncode == 1 and "FAIL" in strict.stdout
+
+
+def test_the_entry_workers_never_load_torch(server):
+    """Only the supervisor asks torch whether there is a GPU; entry workers inherit the answer (service.py)."""
+    torch_loaded: dict[str, list[bool]] = {"entry": [], "embedder": []}
+    for p in psutil.Process(server.proc.pid).children(recursive=True):
+        try:
+            cmd = " ".join(p.cmdline())
+            if "_bentoml_impl.worker" in cmd:
+                role = "embedder" if "Embedder" in cmd else "entry"
+                torch_loaded[role].append(any("libtorch" in m.path for m in p.memory_maps()))
+        except psutil.Error:  # a child that has just exited
+            continue
+    assert torch_loaded["entry"] and not any(torch_loaded["entry"]), torch_loaded
+    assert torch_loaded["embedder"] and all(torch_loaded["embedder"]), torch_loaded

@@ -7,6 +7,8 @@ import datetime as dt
 import hmac
 import logging
 import os
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -53,14 +55,19 @@ GPU_PROBE = "_IMAGESEARCH_EMBEDS_ON_GPU"  # the supervisor's answer, inherited b
 
 def _embeds_on_gpu() -> bool:
     """Whether the embedder runs on a GPU. Only torch can tell, and importing it costs a process ~470 MB and
-    ~3 s: `bentoml serve` asks once, in the supervisor that reads this file first, and its workers find the
-    answer in the environment they inherit, so the entry's workers never import torch (tests/test_service.py)."""
+    ~3 s: a short-lived child process asks once, for the supervisor of `bentoml serve` (which reads this
+    file first), and its workers find the answer in the environment they inherit, so neither the supervisor
+    nor the entry's workers ever import torch (tests/test_service.py)."""
     key = f"{settings.device}="
     probed = os.environ.get(GPU_PROBE, "")
     if not probed.startswith(key):
-        from model_store.embedder import pick_device
-
-        probed = os.environ[GPU_PROBE] = key + str(int(pick_device(settings.device).type == "cuda"))
+        ask = "import sys; from model_store.embedder import pick_device; print(pick_device(sys.argv[1]).type)"
+        answer = subprocess.run([sys.executable, "-c", ask, settings.device], cwd=Path(__file__).resolve().parent,
+                                capture_output=True, text=True)
+        if answer.returncode != 0:
+            raise RuntimeError(f"cannot tell whether the embedder has a GPU (IMAGESEARCH_DEVICE="
+                               f"{settings.device!r}): {answer.stderr.strip()[-2000:]}")
+        probed = os.environ[GPU_PROBE] = key + str(int(answer.stdout.strip() == "cuda"))
     return probed == key + "1"
 
 

@@ -346,7 +346,7 @@ def test_loadtest_runner_judges_the_slo(server, demo_catalogue, tmp_path, python
 
 
 def test_the_entry_workers_never_load_torch(server):
-    """Only the supervisor asks torch whether there is a GPU; entry workers inherit the answer (service.py)."""
+    """A child process asks torch whether there is a GPU; supervisor and entry workers inherit the answer."""
     torch_loaded: dict[str, list[bool]] = {"entry": [], "embedder": []}
     for p in psutil.Process(server.proc.pid).children(recursive=True):
         try:
@@ -358,3 +358,5 @@ def test_the_entry_workers_never_load_torch(server):
             continue
     assert torch_loaded["entry"] and not any(torch_loaded["entry"]), torch_loaded
     assert torch_loaded["embedder"] and all(torch_loaded["embedder"]), torch_loaded
+    supervisor = psutil.Process(server.proc.pid)
+    assert not any("libtorch" in m.path for m in supervisor.memory_maps())

@@ -17,6 +17,7 @@ product (how close a product the catalogue never sold typically comes). Vectors 
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from dataclasses import dataclass
@@ -33,11 +34,12 @@ from index_builder.calibrate import calibrate
 from model_store.index_artifact import Thresholds
 from query.assist import ESTIMATE_NEIGHBOURS
 from query.models import Estimate
-from query.pricing import estimate_price
+from query.pricing import MIN_SIMILARITY, estimate_price
 from query.search_index import Match
 
 SPREAD = 0.2  # sigma of log(item price / its product's level)
 GOOD = 0.25  # an estimate within 25% of the level is good
+CONFIDENCE_EDGES = (0, 0.05, 0.1, 0.2, 0.4, 1)
 
 
 @dataclass
@@ -132,12 +134,30 @@ def judge(known: list[Estimate], known_levels: np.ndarray, unknown: list[Estimat
             "median_confidence_unknown": round(float(np.median(conf_unknown)), 3) if conf_unknown else None}
 
 
-def evaluate(s: Setup) -> list[dict]:
+def confidence_bins(known: list[Estimate], known_levels: np.ndarray, unknown: list[Estimate]) -> list[dict]:
+    """What a confidence means: of the prices given (known and unknown products), how many are good per bin."""
+    conf, good = [], []
+    for e, level in [*zip(known, known_levels), *((e, None) for e in unknown)]:
+        if e.price is not None:
+            conf.append(e.confidence)
+            good.append(level is not None and abs(e.price - level) / level <= GOOD)
+    conf, good = np.array(conf), np.array(good)
+    rows = []
+    for low, high in itertools.pairwise(CONFIDENCE_EDGES):
+        inside = (conf >= low) & (conf < high) if high < 1 else (conf >= low)
+        rows.append({"confidence": f"{low:g}-{high:g}", "estimates": int(inside.sum()),
+                     "good": round(float(good[inside].mean()), 3) if inside.any() else None})
+    return rows
+
+
+def evaluate(s: Setup) -> dict:
     known, unknown = neighbours(s.known, s), neighbours(s.unknown, s)
-    return [{"floor": name, "value": round(value, 4),
+    rows = [{"floor": name, "value": round(value, 4),
              **judge([estimate_price(n, value) for n in known], s.known_levels,
                      [estimate_price(n, value) for n in unknown])}
             for name, value in floors(s).items()]
+    return {"floors": rows, "confidence": confidence_bins([estimate_price(n) for n in known], s.known_levels,
+                                                          [estimate_price(n) for n in unknown])}
 
 
 def _pct(x: float | None) -> str:
@@ -161,11 +181,19 @@ def markdown(result: dict) -> str:
               "| within 25% (of all) | level in low-high | unknown: priced | median confidence: known / unknown |"),
              "|---|---|---|---|---|---|---|---|---|"]
     for data, rows in result["rows"].items():
-        for r in rows:
+        for r in rows["floors"]:
             lines.append(f"| {data} | {r['floor']} | {_pct(r['known_priced'])} | {_pct(r['median_error'])} | "
                          f"{_pct(r['good'])} | {_pct(r['good_of_all'])} | {_pct(r['level_in_range'])} | "
                          f"{_pct(r['unknown_priced'])} | {_num(r['median_confidence_known'])} / "
                          f"{_num(r['median_confidence_unknown'])} |")
+    bins = [r["confidence"] for r in next(iter(result["rows"].values()))["confidence"]]
+    meaning = (f"What the confidence means at the default floor ({MIN_SIMILARITY}): of the prices given (photos "
+               "of sold and never-sold products together), the share within 25% of the product's level.")
+    lines += ["", meaning, "",
+              "| data | " + " | ".join(f"confidence {b}" for b in bins) + " |", "|---|" + "---|" * len(bins)]
+    for data, rows in result["rows"].items():
+        lines.append(f"| {data} | " + " | ".join(f"{_pct(r['good'])} good of {r['estimates']}"
+                                                  for r in rows["confidence"]) + " |")
     return "\n".join(lines)
 
 

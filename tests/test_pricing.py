@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.pricing import judge, make_setup, neighbours
+from bench.pricing import confidence_bins, judge, make_setup, neighbours
 from query.models import Estimate
 from query.pricing import estimate_price
 from query.search_index import Match
@@ -66,3 +66,13 @@ def test_judge_counts_refusals_and_misses():
     r = judge([priced, wrong, refused], np.array([100.0, 100.0, 100.0]), [refused, wrong])
     assert r["known_priced"] == 0.667 and r["good"] == 0.5 and r["good_of_all"] == 0.333
     assert r["level_in_range"] == 0.5 and r["unknown_priced"] == 0.5 and r["median_confidence_unknown"] == 0.2
+
+
+def test_confidence_bins_count_every_price_given_once():
+    sure = Estimate(price=100, low=95, high=105, currency="USD", confidence=0.9, comparables=[])
+    unsure = Estimate(price=300, low=100, high=500, currency="USD", confidence=0.02, comparables=[])
+    refused = Estimate(reason="no sold item is similar enough")
+    bins = {b["confidence"]: b for b in confidence_bins([sure, unsure, refused], np.array([100.0] * 3), [unsure])}
+    assert sum(b["estimates"] for b in bins.values()) == 3  # the refusal is no price
+    assert bins["0.4-1"] == {"confidence": "0.4-1", "estimates": 1, "good": 1.0}
+    assert bins["0-0.05"]["estimates"] == 2 and bins["0-0.05"]["good"] == 0.0 and bins["0.1-0.2"]["good"] is None

@@ -1,0 +1,99 @@
+"""Saturation throughput of this checkout against another commit, servers alternating round by round.
+
+    python -m bench.ab_serving --before HEAD~1             # 4 rounds, 8 and 16 clients; docs/ab_serving.json
+    python -m bench.ab_serving --before HEAD~1 --rounds 2 --out /tmp/ab.json
+
+bench.overhead measures each version's ratios to its own bare network, one version after the other; this
+one answers "is the change faster?" on a machine whose speed drifts (this VM: 10-35% between runs, and
+CPU time taken by the hypervisor varies from 0 to 20%): each round serves the demo index with one version,
+then the other, so drift hits both; every closed loop records the searches/s, failures, CPU per search
+of each server role and the share of CPU the hypervisor stole meanwhile (/proc/stat).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from bench.ann_scale import machine
+from bench.overhead import DOCS, checkout, closed_loop, cpu_seconds, hide_newer_packages
+from bench.server import ROOT, Server
+
+LEVELS = (8, 16)
+
+
+def steal_ticks() -> tuple[int, int]:
+    """(all CPU ticks, ticks stolen by the hypervisor) so far, from /proc/stat (zeros where it is absent)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except OSError:
+        return 0, 0
+    return sum(fields), fields[7] if len(fields) > 7 else 0
+
+
+def loads(srv: Server, photos: list[bytes], seconds: float) -> list[dict]:
+    asyncio.run(closed_loop(srv.url, photos, 16, 5))  # warm up
+    out = []
+    for clients in LEVELS:
+        cpu0, (all0, stolen0) = cpu_seconds(srv), steal_ticks()
+        r = asyncio.run(closed_loop(srv.url, photos, clients, seconds))
+        cpu1, (all1, stolen1) = cpu_seconds(srv), steal_ticks()
+        r["cpu_ms_per_request"] = {k: round((cpu1[k] - cpu0[k]) / max(r["answered"], 1) * 1000, 1) for k in cpu1}
+        r["stolen"] = round((stolen1 - stolen0) / max(all1 - all0, 1), 3)
+        out.append(r)
+    return out
+
+
+def summary(rounds: list[dict], label: str) -> dict:
+    by_level = {}
+    for clients in LEVELS:
+        runs = [r for rnd in rounds for r in rnd[label] if r["concurrency"] == clients]
+        by_level[clients] = {"median_rps": round(statistics.median(r["rps"] for r in runs), 1),
+                             "median_embedder_cpu_ms": round(statistics.median(
+                                 r["cpu_ms_per_request"]["embedder"] for r in runs), 1),
+                             "failed": sum(r["failed"] for r in runs)}
+    return by_level
+
+
+def main(before: Annotated[str, typer.Option(help="git ref to compare this checkout with")] = "HEAD",
+         rounds: Annotated[int, typer.Option(help="rounds, each serving both versions in turn")] = 4,
+         seconds: Annotated[float, typer.Option(help="length of each closed loop")] = 20,
+         out: Annotated[Path, typer.Option(help="where the JSON goes")] = DOCS / "ab_serving.json") -> None:
+    from index_builder.build import build
+    from index_builder.demo import make_demo_catalogue
+    from model_store import stages
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-ab-"))
+    os.environ.update(BENTOML_HOME=str(tmp / "home"), IMAGESEARCH_STAGES_DIR=str(tmp / "stages"))
+    stages.get_settings.cache_clear()
+    catalogue = make_demo_catalogue(tmp / "demo", items_per_family=6)
+    photos = [p.read_bytes() for p in sorted((tmp / "demo" / "photos").glob("*.png"))]
+    stages.promote(build(catalogue, progress=False).tag, "production", force=True)
+    old = checkout(before, tmp / "before")
+    versions = {f"before ({before})": (old, hide_newer_packages(old, tmp / "hidden")), "this checkout": (ROOT, {})}
+    results = []
+    try:
+        for i in range(rounds):
+            results.append({})
+            for label, (root, env) in versions.items():
+                with Server(tmp / f"serve-{i}-{root.name}.log", root=root, **env).wait() as srv:
+                    results[-1][label] = loads(srv, photos, seconds)
+                print(json.dumps({"round": i, label: results[-1][label]}), flush=True)
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=ROOT, capture_output=True, check=False)
+    result = {"machine": machine(), "command": f"python -m bench.ab_serving --before {before} --rounds {rounds}",
+              "summary": {label: summary(results, label) for label in versions}, "rounds": results}
+    print(json.dumps(result["summary"], indent=2))
+    out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    typer.run(main)

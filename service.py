@@ -33,7 +33,7 @@ from model_store.preprocess import ImageError, ImageTooLarge, decode_image, imag
 from model_store.settings import get_settings
 from query.active import Active, load_active, stage_mtime
 from query.assist import assist, estimate as estimate_for
-from query.bentoml_fixes import batch_as_soon_as_free, tune_client
+from query.bentoml_fixes import never_hold_batches_back, tune_client
 from query.compare import cosine, verdict
 from query.errors import ApiError, error_response
 from query.fields import EndpointFields, read_query_params
@@ -63,7 +63,7 @@ def _embeds_on_gpu() -> bool:
     if not probed.startswith(key):
         ask = "import sys; from model_store.embedder import pick_device; print(pick_device(sys.argv[1]).type)"
         answer = subprocess.run([sys.executable, "-c", ask, settings.device], cwd=Path(__file__).resolve().parent,
-                                capture_output=True, text=True, check=False)
+                                capture_output=True, text=True)
         if answer.returncode != 0:
             raise RuntimeError(f"cannot tell whether the embedder has a GPU (IMAGESEARCH_DEVICE="
                                f"{settings.device!r}): {answer.stderr.strip()[-2000:]}")
@@ -90,7 +90,7 @@ class Embedder:
 
     def __init__(self) -> None:
         self.embedder, self.cores = None, _core_share()
-        batch_as_soon_as_free()  # BentoML's batching loop otherwise holds lone searches back and polls
+        never_hold_batches_back()  # BentoML's batching otherwise slows lone searches after a burst
         # Every torch call of this process runs on this one thread. The event loop stays free during a pass, so
         # calls that arrive meanwhile are read and queued and leave together as the next batch; and no second
         # thread ever starts an OpenMP team: once a process holds more OpenMP threads than cores, libgomp

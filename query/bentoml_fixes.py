@@ -1,19 +1,14 @@
 """Faults of BentoML 1.4.39 behind slow or failed searches, fixed where they start (docs/PERFORMANCE.md, section 6).
 
-All reach into BentoML's internals, so both are pinned to the version in requirements.txt and covered by
+Both reach into BentoML's internals, so both are pinned to the version in requirements.txt and covered by
 tests (tests/test_bentoml_fixes.py, and the service tests under load).
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import math
-import time
 
 import aiohttp
-
-log = logging.getLogger("bentoml.imagesearch")
 
 IDLE_CONNECTION_S = 1.0
 
@@ -39,72 +34,23 @@ def tune_client(proxy: object) -> None:
     manager._make_client = make_with_short_keepalive
 
 
-def batch_as_soon_as_free() -> None:
-    """Two faults of BentoML's adaptive batching loop (CorkDispatcher.controller), fixed by running it without
-    them (the rest is BentoML's: its first calls train its cost model, and calls that waited past
-    max_latency are cancelled):
-    - it holds a lone request back while n x (its age + the per-photo cost) stays under the average wait of
-      the last 50 batches, hoping for company. That average counts the time requests spent queued behind a
-      running batch, so after a burst of load a lone search waits for company that does not come: measured
-      38 ms p50 one at a time before a 15 s burst, 128 ms after it, still 110 ms 20 s later. A worker runs
-      one batch at a time, so photos that arrive during a pass form the next batch anyway: here a batch
-      leaves as soon as the worker is free, with whatever has queued (up to max_batch_size);
-    - while a batch runs and calls wait, it wakes every 1 ms to look again: ~1,000 timer wake-ups a second
-      in each busy embedder worker, on the core its torch thread computes on (on this VM, where every timer
-      costs a trip to the hypervisor, the embedder spent ~20% more CPU per search). Here it sleeps until the
-      running batch ends; calls past max_latency are then cancelled when a batch ends, not every millisecond."""
-    from bentoml._internal.marshal.dispatcher import CorkDispatcher
+def never_hold_batches_back() -> None:
+    """BentoML's adaptive batching (CorkDispatcher) holds a lone request back while n x (its age + the
+    per-photo cost) stays under the average wait of the last 50 batches, hoping for company. That average
+    counts the time requests spent queued behind a running batch, so after a burst of load it stays high
+    and a lone search waits for company that does not come: measured 38 ms p50 one at a time before a 15 s
+    burst, 128 ms after it, still 110 ms 20 s later. A worker runs one batch at a time, so photos that arrive
+    during a pass form the next batch anyway; with the learned wait kept at 0 a batch leaves as soon as the
+    worker is free, with whatever has queued (up to max_batch_size)."""
+    from bentoml._internal.marshal.dispatcher import Optimizer
 
-    if getattr(CorkDispatcher, "_waits_for_batches", False):
+    if getattr(Optimizer, "_holds_nothing_back", False):
         return
-    outbound = CorkDispatcher.outbound_call
+    refresh = Optimizer.trigger_refresh
 
-    async def outbound_call(self: CorkDispatcher, inputs_info: tuple, training: bool = False) -> None:
-        """BentoML's, then wakes the loop: the batch has ended."""
-        try:
-            await outbound(self, inputs_info, training)
-        finally:
-            _batch_done(self).set()
+    def trigger_refresh(self: Optimizer) -> None:
+        refresh(self)
+        self.wait = 0
 
-    CorkDispatcher.controller = _controller
-    CorkDispatcher.outbound_call = outbound_call
-    CorkDispatcher._waits_for_batches = True
-
-
-def _batch_done(dispatcher: object) -> asyncio.Event:
-    event = getattr(dispatcher, "_batch_done", None)
-    if event is None:
-        event = dispatcher._batch_done = asyncio.Event()
-    return event
-
-
-async def _controller(self) -> None:  # noqa: ANN001 -- a CorkDispatcher
-    """CorkDispatcher.controller of BentoML 1.4.39 without holding calls back and without polling."""
-    try:
-        skipped = self.optimizer.N_SKIPPED_SAMPLE
-        await self.train_optimizer(skipped, skipped + 6, 1)
-        for required, size in ((6, 1), (5, 2), (3, 3)):
-            await self.train_optimizer(required, 1, size)
-            self.optimizer.trigger_refresh()
-    except Exception:  # noqa: BLE001
-        log.exception("Error training optimizer")
-    while True:
-        try:
-            async with self._wake_event:  # until a call is queued
-                await self._wake_event.wait_for(self._queue.__len__)
-            n, waited = len(self._queue), time.time() - self._queue[0].enqueue_time
-            if n > 1 and waited + self.optimizer.o_a * n + self.optimizer.o_b >= self.max_latency:
-                self._queue.popleft().future.cancel()
-                continue
-            if self._sema.is_locked():
-                if n == 1 and waited >= self.max_latency:
-                    self._queue.popleft().future.cancel()
-                    continue
-                done = _batch_done(self)
-                done.clear()
-                await done.wait()
-                continue
-            self._sema.acquire()
-            self._loop.create_task(self.outbound_call(tuple(self._get_inputs())))
-        except Exception:  # noqa: BLE001 -- as BentoML's loop: log and keep dispatching
-            log.exception("Error processing batch requests")
+    Optimizer.trigger_refresh = trigger_refresh
+    Optimizer._holds_nothing_back = True

@@ -2,6 +2,7 @@
 
     python -m bench.ab_serving --before HEAD~1             # 4 rounds, 8 and 16 clients; docs/ab_serving.json
     python -m bench.ab_serving --before HEAD~1 --rounds 2 --out /tmp/ab.json
+    python -m bench.ab_serving --quick                     # seconds-long smoke run against HEAD (the tests')
 
 bench.overhead measures each version's ratios to its own bare network, one version after the other; this
 one answers "is the change faster?" on a machine whose speed drifts (this VM: 10-35% between runs, and
@@ -40,7 +41,7 @@ def steal_ticks() -> tuple[int, int]:
 
 
 def loads(srv: Server, photos: list[bytes], seconds: float) -> list[dict]:
-    asyncio.run(closed_loop(srv.url, photos, 16, 5))  # warm up
+    asyncio.run(closed_loop(srv.url, photos, 16, min(seconds, 5)))  # warm up
     out = []
     for clients in LEVELS:
         cpu0, (all0, stolen0) = cpu_seconds(srv), steal_ticks()
@@ -66,6 +67,7 @@ def summary(rounds: list[dict], label: str) -> dict:
 def main(before: Annotated[str, typer.Option(help="git ref to compare this checkout with")] = "HEAD",
          rounds: Annotated[int, typer.Option(help="rounds, each serving both versions in turn")] = 4,
          seconds: Annotated[float, typer.Option(help="length of each closed loop")] = 20,
+         quick: Annotated[bool, typer.Option(help="one short round, a tiny index, no docs")] = False,
          out: Annotated[Path, typer.Option(help="where the JSON goes")] = DOCS / "ab_serving.json") -> None:
     from index_builder.build import build
     from index_builder.demo import make_demo_catalogue
@@ -74,9 +76,12 @@ def main(before: Annotated[str, typer.Option(help="git ref to compare this check
     tmp = Path(tempfile.mkdtemp(prefix="bench-ab-"))
     os.environ.update(BENTOML_HOME=str(tmp / "home"), IMAGESEARCH_STAGES_DIR=str(tmp / "stages"))
     stages.get_settings.cache_clear()
-    catalogue = make_demo_catalogue(tmp / "demo", items_per_family=6)
+    catalogue = make_demo_catalogue(tmp / "demo", items_per_family=2 if quick else 6)
     photos = [p.read_bytes() for p in sorted((tmp / "demo" / "photos").glob("*.png"))]
-    stages.promote(build(catalogue, progress=False).tag, "production", force=True)
+    tag = build(catalogue, backbone="efficientnet-lite0" if quick else None, image_size=64 if quick else None,
+                progress=False).tag
+    stages.promote(tag, "production", force=True)
+    rounds, seconds = (1, 2) if quick else (rounds, seconds)
     old = checkout(before, tmp / "before")
     versions = {f"before ({before})": (old, hide_newer_packages(old, tmp / "hidden")), "this checkout": (ROOT, {})}
     results = []
@@ -92,7 +97,8 @@ def main(before: Annotated[str, typer.Option(help="git ref to compare this check
     result = {"machine": machine(), "command": f"python -m bench.ab_serving --before {before} --rounds {rounds}",
               "summary": {label: summary(results, label) for label in versions}, "rounds": results}
     print(json.dumps(result["summary"], indent=2))
-    out.write_text(json.dumps(result, indent=2))
+    if not quick:
+        out.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -47,5 +47,10 @@ def test_overhead(python):
     assert '"served_over_bare"' in out.stdout and '"http_over_bare"' in out.stdout
 
 
+def test_ab_serving(python):
+    out = quick("bench.ab_serving", python)
+    assert '"before (HEAD)"' in out and '"this checkout"' in out and '"median_embedder_cpu_ms"' in out
+
+
 def test_decode(python):
     assert '"reduced_ms"' in quick("bench.decode", python)

@@ -63,11 +63,12 @@ def _embeds_on_gpu() -> bool:
     if not probed.startswith(key):
         ask = "import sys; from model_store.embedder import pick_device; print(pick_device(sys.argv[1]).type)"
         answer = subprocess.run([sys.executable, "-c", ask, settings.device], cwd=Path(__file__).resolve().parent,
-                                capture_output=True, text=True)
+                                capture_output=True, text=True, check=False)
         if answer.returncode != 0:
             raise RuntimeError(f"cannot tell whether the embedder has a GPU (IMAGESEARCH_DEVICE="
                                f"{settings.device!r}): {answer.stderr.strip()[-2000:]}")
-        probed = os.environ[GPU_PROBE] = key + str(int(answer.stdout.strip() == "cuda"))
+        on_gpu = answer.stdout.split()[-1:] == ["cuda"]  # the last word: whatever else an import may print
+        probed = os.environ[GPU_PROBE] = key + str(int(on_gpu))
     return probed == key + "1"
 
 

@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import statistics
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from bench.ann_scale import machine
-from bench.overhead import DOCS, checkout, closed_loop, cpu_seconds, hide_newer_packages
+from bench.overhead import (DOCS, checkout, closed_loop, cpu_ms_per_request, cpu_seconds, demo_index,
+                            hide_newer_packages)
 from bench.server import ROOT, Server
 
 LEVELS = (8, 16)
@@ -47,7 +46,7 @@ def loads(srv: Server, photos: list[bytes], seconds: float) -> list[dict]:
         cpu0, (all0, stolen0) = cpu_seconds(srv), steal_ticks()
         r = asyncio.run(closed_loop(srv.url, photos, clients, seconds))
         cpu1, (all1, stolen1) = cpu_seconds(srv), steal_ticks()
-        r["cpu_ms_per_request"] = {k: round((cpu1[k] - cpu0[k]) / max(r["answered"], 1) * 1000, 1) for k in cpu1}
+        r["cpu_ms_per_request"] = cpu_ms_per_request(cpu0, cpu1, r["answered"])
         r["stolen"] = round((stolen1 - stolen0) / max(all1 - all0, 1), 3)
         out.append(r)
     return out
@@ -69,17 +68,10 @@ def main(before: Annotated[str, typer.Option(help="git ref to compare this check
          seconds: Annotated[float, typer.Option(help="length of each closed loop")] = 20,
          quick: Annotated[bool, typer.Option(help="one short round, a tiny index, no docs")] = False,
          out: Annotated[Path, typer.Option(help="where the JSON goes")] = DOCS / "ab_serving.json") -> None:
-    from index_builder.build import build
-    from index_builder.demo import make_demo_catalogue
     from model_store import stages
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-ab-"))
-    os.environ.update(BENTOML_HOME=str(tmp / "home"), IMAGESEARCH_STAGES_DIR=str(tmp / "stages"))
-    stages.get_settings.cache_clear()
-    catalogue = make_demo_catalogue(tmp / "demo", items_per_family=2 if quick else 6)
-    photos = [p.read_bytes() for p in sorted((tmp / "demo" / "photos").glob("*.png"))]
-    tag = build(catalogue, backbone="efficientnet-lite0" if quick else None, image_size=64 if quick else None,
-                progress=False).tag
+    tmp, folder, tag = demo_index("bench-ab-", quick)
+    photos = [p.read_bytes() for p in sorted(folder.glob("*.png"))]
     stages.promote(tag, "production", force=True)
     rounds, seconds = (1, 2) if quick else (rounds, seconds)
     old = checkout(before, tmp / "before")

@@ -145,17 +145,22 @@ async def closed_loop(url: str, photos: list[bytes], concurrency: int, seconds: 
 
 def cpu_seconds(srv: Server) -> dict[str, float]:
     """CPU seconds so far of the server's processes by role, and of this process (the load generator)."""
-    roles = {"embedder": 0.0, "entry": 0.0, "supervisor": 0.0}
-    root = psutil.Process(srv.proc.pid)
-    for p in [root, *root.children(recursive=True)]:
-        try:
-            cmd, t = " ".join(p.cmdline()), p.cpu_times()
-        except psutil.Error:
-            continue
-        role = "embedder" if "Embedder" in cmd else "entry" if "_bentoml_impl.worker" in cmd else "supervisor"
-        roles[role] += t.user + t.system
+    roles = {}
+    for role, procs in srv.processes().items():
+        roles[role] = 0.0
+        for p in procs:
+            try:
+                t = p.cpu_times()
+            except psutil.Error:
+                continue
+            roles[role] += t.user + t.system
     me = psutil.Process().cpu_times()
     return {**roles, "load generator": me.user + me.system}
+
+
+def cpu_ms_per_request(before: dict[str, float], after: dict[str, float], answered: int) -> dict[str, float]:
+    """Milliseconds of CPU per answered request of each role, from two cpu_seconds readings."""
+    return {k: round((after[k] - before[k]) / max(answered, 1) * 1000, 1) for k in after}
 
 
 def saturation(srv: Server, photos: list[bytes], ctype: str, seconds: float, levels: tuple[int, ...]) -> dict:
@@ -165,7 +170,7 @@ def saturation(srv: Server, photos: list[bytes], ctype: str, seconds: float, lev
         before = cpu_seconds(srv)
         r = asyncio.run(closed_loop(srv.url, photos, c, seconds, ctype))
         after = cpu_seconds(srv)
-        r["cpu_ms_per_request"] = {k: round((after[k] - before[k]) / max(r["answered"], 1) * 1000, 1) for k in after}
+        r["cpu_ms_per_request"] = cpu_ms_per_request(before, after, r["answered"])
         loads.append(r)
     best = max(loads, key=lambda r: r["rps"])
     return {"loads": loads, "best_rps": best["rps"], "cpu_ms_per_request": best["cpu_ms_per_request"]}
@@ -239,6 +244,22 @@ def serving_layout(settings) -> dict:
             "embed_max_batch": settings.embed_batch_limit(gpu)}
 
 
+def demo_index(prefix: str, quick: bool) -> tuple[Path, Path, str]:
+    """A temporary BentoML home and stage records holding the demo catalogue's index (a tiny one when quick):
+    (the temporary folder, the demo photos' folder, the index tag)."""
+    from index_builder.build import build
+    from index_builder.demo import make_demo_catalogue
+    from model_store import stages
+
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    os.environ.update(BENTOML_HOME=str(tmp / "home"), IMAGESEARCH_STAGES_DIR=str(tmp / "stages"))
+    stages.get_settings.cache_clear()
+    catalogue = make_demo_catalogue(tmp / "demo", items_per_family=2 if quick else 6)
+    tag = build(catalogue, backbone="efficientnet-lite0" if quick else None, image_size=64 if quick else None,
+                progress=False).tag
+    return tmp, tmp / "demo" / "photos", tag
+
+
 def phone_photos(folder: Path, n: int = 24) -> list[bytes]:
     """Demo drawings as 1600x1200 JPEGs with sensor-like noise: what the page uploads from a phone."""
     from PIL import Image
@@ -255,20 +276,11 @@ def main(before: Annotated[str, typer.Option(help="git ref to compare with ('' f
          rounds: Annotated[int, typer.Option(help="alternating bare/served rounds per row")] = 2,
          quick: Annotated[bool, typer.Option(help="tiny run, no docs")] = False,
          out: Annotated[Path, typer.Option(help="where the JSON goes")] = DOCS / "overhead.json") -> None:
-    from index_builder.build import build
-    from index_builder.demo import make_demo_catalogue
-    from model_store import stages
     from model_store.settings import get_settings
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
-    os.environ.update(BENTOML_HOME=str(tmp / "home"), IMAGESEARCH_STAGES_DIR=str(tmp / "stages"))
-    stages.get_settings.cache_clear()
-    catalogue = make_demo_catalogue(tmp / "demo", items_per_family=2 if quick else 6)
-    demo = sorted((tmp / "demo" / "photos").glob("*.png"))
-    photos, ctype = ([p.read_bytes() for p in demo], "image/png") if upload_kind == "demo" else \
-        (phone_photos(tmp / "demo" / "photos", 4 if quick else 24), "image/jpeg")
-    tag = build(catalogue, backbone="efficientnet-lite0" if quick else None, image_size=64 if quick else None,
-                progress=False).tag
+    tmp, folder, tag = demo_index("bench-overhead-", quick)
+    photos, ctype = ([p.read_bytes() for p in sorted(folder.glob("*.png"))], "image/png") if upload_kind == "demo" \
+        else (phone_photos(folder, 4 if quick else 24), "image/jpeg")
     rows = [measure(ROOT, "this checkout", tag, tmp, photos, ctype, 1 if quick else rounds, quick)]
     if before:
         rows.insert(0, measure(checkout(before, tmp / "before"), f"before ({before})", tag, tmp, photos, ctype,

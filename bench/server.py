@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,6 +48,23 @@ class Server:
                 pass
             time.sleep(0.5)
         raise TimeoutError(f"{path} not 200 after {timeout}s:\n{self.log.read_text()[-3000:]}")
+
+    def processes(self) -> dict[str, list[psutil.Process]]:
+        """The live processes of this server by role: supervisor (`bentoml serve` itself and any helper it
+        runs), entry (ImageSearch workers), embedder (Embedder workers). A child that has just exited (a
+        zombie not yet reaped, whose command line cannot be read) is left out."""
+        roles: dict[str, list[psutil.Process]] = {"supervisor": [], "entry": [], "embedder": []}
+        root = psutil.Process(self.proc.pid)
+        for p in [root, *root.children(recursive=True)]:
+            try:
+                if p.status() == psutil.STATUS_ZOMBIE:
+                    continue
+                cmd = " ".join(p.cmdline())
+            except psutil.Error:
+                continue
+            role = "embedder" if "Embedder" in cmd else "entry" if "_bentoml_impl.worker" in cmd else "supervisor"
+            roles[role].append(p)
+        return roles
 
     def stop(self) -> None:
         self.http.close()

@@ -149,13 +149,7 @@ def test_a_corrupt_version_is_never_switched_to(fault_server, fault_stages, demo
 
 def embedder_processes(srv: Server) -> list[psutil.Process]:
     """The embedder's worker processes (one per core on a CPU: model_store/core_share.py)."""
-    procs = []
-    for p in psutil.Process(srv.proc.pid).children(recursive=True):
-        try:  # a child that has just exited (a zombie not yet reaped) has no command line
-            if p.status() != psutil.STATUS_ZOMBIE and "Embedder" in " ".join(p.cmdline()):
-                procs.append(p)
-        except psutil.Error:
-            pass
+    procs = srv.processes()["embedder"]
     assert procs
     return procs
 

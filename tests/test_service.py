@@ -347,16 +347,11 @@ def test_loadtest_runner_judges_the_slo(server, demo_catalogue, tmp_path, python
 
 def test_the_entry_workers_never_load_torch(server):
     """A child process asks torch whether there is a GPU; supervisor and entry workers inherit the answer."""
-    torch_loaded: dict[str, list[bool]] = {"entry": [], "embedder": []}
-    for p in psutil.Process(server.proc.pid).children(recursive=True):
-        try:
-            cmd = " ".join(p.cmdline())
-            if "_bentoml_impl.worker" in cmd:
-                role = "embedder" if "Embedder" in cmd else "entry"
-                torch_loaded[role].append(any("libtorch" in m.path for m in p.memory_maps()))
-        except psutil.Error:  # a child that has just exited
-            continue
+    def loads_torch(p: psutil.Process) -> bool:
+        return any("libtorch" in m.path for m in p.memory_maps())
+
+    procs = server.processes()
+    torch_loaded = {role: [loads_torch(p) for p in procs[role]] for role in ("entry", "embedder")}
     assert torch_loaded["entry"] and not any(torch_loaded["entry"]), torch_loaded
     assert torch_loaded["embedder"] and all(torch_loaded["embedder"]), torch_loaded
-    supervisor = psutil.Process(server.proc.pid)
-    assert not any("libtorch" in m.path for m in supervisor.memory_maps())
+    assert not loads_torch(psutil.Process(server.proc.pid))  # the supervisor

@@ -2,7 +2,8 @@
 
     python -m bench.overhead                     # this checkout against f431bba (before this work); docs/overhead.json
     python -m bench.overhead --before ''         # this checkout only
-    python -m bench.overhead --upload phone      # 1600x1200 JPEG uploads (what the page sends) instead of demo PNGs
+    python -m bench.overhead --upload phone      # 1600x1200 JPEG uploads (a phone photo sent as is) instead of demo PNGs
+    python -m bench.overhead --upload page       # the same photos as the search page sends them (upload_px)
     python -m bench.overhead --quick             # seconds-long smoke run the tests use
     IMAGESEARCH_DEVICE=cuda python -m bench.overhead --before '' --out docs/overhead_gpu.json   # on a GPU
 
@@ -261,7 +262,7 @@ def demo_index(prefix: str, quick: bool) -> tuple[Path, Path, str]:
 
 
 def phone_photos(folder: Path, n: int = 24) -> list[bytes]:
-    """Demo drawings as 1600x1200 JPEGs with sensor-like noise: what the page uploads from a phone."""
+    """Demo drawings as 1600x1200 JPEGs with sensor-like noise: a phone photo sent as is."""
     from PIL import Image
 
     from bench.decode import jpeg
@@ -270,17 +271,35 @@ def phone_photos(folder: Path, n: int = 24) -> list[bytes]:
             for i, path in enumerate(sorted(folder.glob("*.png"))[:n])]
 
 
+def uploads(kind: str, folder: Path, tag: str, quick: bool) -> tuple[list[bytes], str]:
+    """The photos a run posts, and their content type."""
+    if kind == "demo":
+        return [p.read_bytes() for p in sorted(folder.glob("*.png"))], "image/png"
+    photos = phone_photos(folder, 4 if quick else 24)
+    if kind == "page":
+        from bench.decode import as_page_sends
+        from model_store.index_artifact import MANIFEST_FILE, IndexManifest
+        from model_store.preprocess import upload_px
+        from model_store.registry import get_model
+
+        manifest = IndexManifest.model_validate_json((Path(get_model(tag).path) / MANIFEST_FILE).read_text())
+        photos = [as_page_sends(p, upload_px(manifest.embedder_config.preprocess)) for p in photos]
+    elif kind != "phone":
+        raise typer.BadParameter(f"--upload {kind!r}: use demo, phone or page")
+    return photos, "image/jpeg"
+
+
 @app.command()
 def main(before: Annotated[str, typer.Option(help="git ref to compare with ('' for none)")] = BEFORE,
-         upload_kind: Annotated[str, typer.Option("--upload", help="demo (160 px PNG) or phone (1600x1200 JPEG)")] = "demo",
+         upload_kind: Annotated[str, typer.Option("--upload", help="demo (160 px PNG), phone (1600x1200 JPEG) "
+                                                                      "or page (phone, as the page sends it)")] = "demo",
          rounds: Annotated[int, typer.Option(help="alternating bare/served rounds per row")] = 2,
          quick: Annotated[bool, typer.Option(help="tiny run, no docs")] = False,
          out: Annotated[Path, typer.Option(help="where the JSON goes")] = DOCS / "overhead.json") -> None:
     from model_store.settings import get_settings
 
     tmp, folder, tag = demo_index("bench-overhead-", quick)
-    photos, ctype = ([p.read_bytes() for p in sorted(folder.glob("*.png"))], "image/png") if upload_kind == "demo" \
-        else (phone_photos(folder, 4 if quick else 24), "image/jpeg")
+    photos, ctype = uploads(upload_kind, folder, tag, quick)
     rows = [measure(ROOT, "this checkout", tag, tmp, photos, ctype, 1 if quick else rounds, quick)]
     if before:
         rows.insert(0, measure(checkout(before, tmp / "before"), f"before ({before})", tag, tmp, photos, ctype,

@@ -83,7 +83,8 @@ def loadtest_table(d: dict) -> str:
 
 def overhead_table(d: dict) -> str:
     """bench.overhead: each row's code against its own bare network, medians of alternating rounds."""
-    upload = "phone photos (1600x1200 JPEG)" if d.get("upload") == "phone" else "demo photos (160 px PNG)"
+    upload = {"phone": "phone photos (1600x1200 JPEG)", "page": "phone photos as the page sends them (693x520 JPEG)"
+              }.get(d.get("upload"), "demo photos (160 px PNG)")
     layout = d["layout"]
     names = list(d["rows"][-1]["served_over_bare"])
     lines = [f"Machine: {d['machine']}; `{d['command']}`; the demo index (default embedder), {d['photos']} {upload} "
@@ -148,6 +149,7 @@ def soak_table(d: dict) -> str:
 
 
 SECTIONS = {"overhead": ("overhead.json", overhead_table), "overhead-phone": ("overhead_phone.json", overhead_table),
+            "overhead-page": ("overhead_page.json", overhead_table),
             "embedder": ("embedder_speed.json", embedder_table),
             "serving": ("serving.json", serving_table), "builder": ("builder_speed.json", builder_table),
             "embedder-gpu": ("embedder_speed_gpu.json", embedder_table),

@@ -33,6 +33,13 @@ class PreprocessSpec(BaseModel):
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
 
+def upload_px(spec: PreprocessSpec) -> int:
+    """The short side an upload needs: twice what the network sees. decode_image reads such a JPEG at half
+    scale and the resize then averages each output pixel over several; more pixels are decoded only to be
+    thrown away (a 1600x1200 phone JPEG is ~10x the bytes and ~7x the decoding time, docs/PERFORMANCE.md)."""
+    return 2 * spec.resize
+
+
 def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, name: str = "image",
                  spec: PreprocessSpec | None = None) -> Image.Image:
     """Bytes of any format Pillow reads -> RGB image; raises ImageError with the reason. With the `spec` the

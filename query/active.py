@@ -7,6 +7,7 @@ from pathlib import Path
 
 from model_store import stages
 from model_store.index_artifact import Thresholds
+from model_store.preprocess import upload_px
 from query.search_index import Filters, SearchIndex
 from model_store.registry import get_model
 from model_store.settings import get_settings
@@ -47,6 +48,7 @@ class Active:
         return IndexInfo(served=self.served, photos=m.n_photos, items=m.n_items, dim=m.dim, n_trees=m.n_trees,
                          search_k=m.search_k, ann_recall_at_10=m.ann_recall_at_10, built_at=m.built_at,
                          categories=sorted(self.index.category_names),
+                         upload_px=upload_px(m.embedder_config.preprocess),
                          build=m.model_dump(mode="json", exclude={"embedder_config"}))
 
 

@@ -77,6 +77,8 @@ class IndexInfo(BaseModel):
     ann_recall_at_10: float
     built_at: dt.datetime
     categories: list[str]
+    upload_px: int = Field(description="the short side, in pixels, past which a photo gains nothing: clients "
+                                       "save bandwidth and time by downscaling uploads to it (the page does)")
     build: dict[str, Any] = Field(description="the index manifest: build parameters, timings, evaluation")
 
 

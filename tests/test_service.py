@@ -22,6 +22,7 @@ from model_store import stages
 from model_store.index_artifact import ANNOY_FILE
 from model_store.registry import get_model, register
 from model_store.settings import INDEX_MODEL
+from query.search_index import SearchIndex
 
 from conftest import TOKEN, Server
 
@@ -124,6 +125,8 @@ def test_index_info(server, demo_index):
     assert info["served"]["index"] == demo_index.tag and info["served"]["stage"] == "production"
     assert (info["photos"], info["items"]) == (72, 24)
     assert "Furniture" in info["categories"] and info["build"]["evaluation"]["queries"] == 24
+    spec = SearchIndex(Path(demo_index.path), demo_index.tag).manifest.embedder_config.preprocess
+    assert info["upload_px"] == 2 * spec.resize
 
 
 def _bad_requests(good: bytes) -> list[tuple[str, dict, dict, int, str]]:

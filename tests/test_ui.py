@@ -116,6 +116,33 @@ def test_cropping_searches_only_the_boxed_item(page, demo_catalogue, rows):
     assert page.locator("#crop-box").is_hidden()
 
 
+def test_a_phone_photo_is_sent_at_the_size_the_index_needs(page, server, demo_catalogue, rows):
+    upload_px = server.http.get("/index").json()["upload_px"]
+    photo = Image.open(demo_catalogue.parent / rows[0]["image_path"]).convert("RGB").resize((1600, 1200))
+    buf = io.BytesIO()
+    photo.save(buf, "JPEG", quality=90)
+    # Chromium does not show a test the files of a multipart body: the page's own fetch reports what it sends
+    page.evaluate("""() => {
+        const send = window.fetch;
+        window.sentPhotos = [];
+        window.fetch = async (url, init) => {
+            const photo = init && init.body instanceof FormData && init.body.get('image');
+            if (photo) {
+                const bitmap = await createImageBitmap(photo);
+                window.sentPhotos.push({bytes: photo.size, type: photo.type, w: bitmap.width, h: bitmap.height});
+            }
+            return send(url, init);
+        };
+    }""")
+    choose(page, data=buf.getvalue(), name="phone.jpg", mime="image/jpeg")
+    wait_for_results(page)
+    sent = page.evaluate("window.sentPhotos")
+    assert sent, "the page sent no photo"
+    assert (min(sent[0]["w"], sent[0]["h"]), sent[0]["type"]) == (upload_px, "image/jpeg"), sent
+    assert sent[0]["w"] > sent[0]["h"] and sent[0]["bytes"] < len(buf.getvalue()) / 3, sent
+    assert page.locator("#results .result").first.get_attribute("data-item-id") == rows[0]["item_id"]
+
+
 def test_filters_narrow_the_results(page, demo_catalogue, rows):
     row = rows[0]
     choose(page, demo_catalogue.parent / row["image_path"])

@@ -3,7 +3,7 @@
 
 (() => {
   const K = 12;                // results per search
-  const MAX_SIDE = 1600;       // longest side sent, in pixels; larger photos are downscaled
+  const MAX_SIDE = 1600;       // longest side sent, in pixels, until the index says what it needs (upload_px)
   const JPEG_QUALITY = 0.9;
   const SENT_AS_IS = ['image/jpeg', 'image/png', 'image/webp'];  // what the service reads
   const MIN_CROP_PX = 12;      // a smaller drag is a tap, not a crop
@@ -53,6 +53,7 @@
     searchSource: null,  // what it is: 'assist' | 'similar'
     hasAnswer: false,
     errorSource: null,   // 'index' | 'assist' | 'similar' | 'client'
+    uploadPx: null,      // the short side the served index needs (GET /index); more is only decoded away
   };
 
   // ---------- small helpers ----------
@@ -261,6 +262,7 @@
       const data = await api('/index', { method: 'GET', signal: ctl.signal }, 'index');
       applyServed(data.served);
       fillCategories(data.categories);
+      if (isNum(data.upload_px) && data.upload_px > 0) state.uploadPx = data.upload_px;
       if (isNum(data.items)) {
         el.catalogueSize.textContent = ` · ${new Intl.NumberFormat(LOCALE).format(data.items)} items`;
       }
@@ -473,7 +475,10 @@
       sw = Math.max(1, Math.min(nw - sx, Math.round(c.w * nw)));
       sh = Math.max(1, Math.min(nh - sy, Math.round(c.h * nh)));
     }
-    const scale = Math.min(1, MAX_SIDE / Math.max(sw, sh));
+    // A phone photo is sent at the size the index uses, not at full size: ~10x fewer bytes on a mobile
+    // uplink, and the service decodes it ~7x faster (docs/PERFORMANCE.md, "What the page uploads").
+    const shortSide = state.uploadPx ? state.uploadPx / Math.min(sw, sh) : Infinity;
+    const scale = Math.min(1, MAX_SIDE / Math.max(sw, sh), shortSide);
     const readable = SENT_AS_IS.includes((file.type || '').toLowerCase());
     if (!state.crop && scale === 1 && readable) return original;
 

@@ -2,6 +2,7 @@
 
     python -m bench.ab_serving --before HEAD~1             # 4 rounds, 8 and 16 clients; docs/ab_serving.json
     python -m bench.ab_serving --before HEAD~1 --rounds 2 --out /tmp/ab.json
+    python -m bench.ab_serving --env IMAGESEARCH_TORCH_THREADS=1   # this checkout with a setting, against without
     python -m bench.ab_serving --quick                     # seconds-long smoke run against HEAD (the tests')
 
 bench.overhead measures each version's ratios to its own bare network, one version after the other; this
@@ -63,7 +64,15 @@ def summary(rounds: list[dict], label: str) -> dict:
     return by_level
 
 
+def setting(pair: str) -> tuple[str, str]:
+    name, sep, value = pair.partition("=")
+    if not sep or not name:
+        raise typer.BadParameter(f"--env {pair!r}: write NAME=VALUE, e.g. IMAGESEARCH_TORCH_THREADS=1")
+    return name, value
+
+
 def main(before: Annotated[str, typer.Option(help="git ref to compare this checkout with")] = "HEAD",
+         env: Annotated[list[str], typer.Option(help="NAME=VALUE for this checkout's server only (repeatable)")] = [],
          rounds: Annotated[int, typer.Option(help="rounds, each serving both versions in turn")] = 4,
          seconds: Annotated[float, typer.Option(help="length of each closed loop")] = 20,
          quick: Annotated[bool, typer.Option(help="one short round, a tiny index, no docs")] = False,
@@ -75,18 +84,22 @@ def main(before: Annotated[str, typer.Option(help="git ref to compare this check
     stages.promote(tag, "production", force=True)
     rounds, seconds = (1, 2) if quick else (rounds, seconds)
     old = checkout(before, tmp / "before")
-    versions = {f"before ({before})": (old, hide_newer_packages(old, tmp / "hidden")), "this checkout": (ROOT, {})}
+    settings = dict(setting(pair) for pair in env)
+    versions = {f"before ({before})": (old, hide_newer_packages(old, tmp / "hidden")),
+                " ".join(["this checkout", *env]): (ROOT, settings)}
     results = []
     try:
         for i in range(rounds):
             results.append({})
-            for label, (root, env) in versions.items():
-                with Server(tmp / f"serve-{i}-{root.name}.log", root=root, **env).wait() as srv:
+            for label, (root, server_env) in versions.items():
+                with Server(tmp / f"serve-{i}-{root.name}.log", root=root, **server_env).wait() as srv:
                     results[-1][label] = loads(srv, photos, seconds)
                 print(json.dumps({"round": i, label: results[-1][label]}), flush=True)
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=ROOT, capture_output=True, check=False)
-    result = {"machine": machine(), "command": f"python -m bench.ab_serving --before {before} --rounds {rounds}",
+    command = " ".join(["python -m bench.ab_serving", f"--before {before}", f"--rounds {rounds}",
+                        *(f"--env {pair}" for pair in env)])
+    result = {"machine": machine(), "command": command,
               "summary": {label: summary(results, label) for label in versions}, "rounds": results}
     print(json.dumps(result["summary"], indent=2))
     if not quick:

@@ -5,8 +5,9 @@
 It imports the embedder from whatever code PYTHONPATH names (this checkout or an older one), so each row of
 the overhead benchmark is compared with its own network. Jobs:
     {"threads": 0 or n, "batch": b, "seconds": s, "start_at": unix time}  -> {"images_per_s": ...}
-    {"threads": 0 or n, "batch": b, "calls": n}                           -> {"ms": [per call]}
+    {"threads": 0 or n, "batch": b, "calls": n, "gap_ms": g}              -> {"ms": [per call]}
 threads 0 is torch's default (one per core). A job waits for start_at, so that several workers start together.
+gap_ms (default 0): idle time before each call, as a server's network idles between lone searches.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def main() -> None:
             time.sleep(0.002)
         ms, start = [], time.perf_counter()
         while len(ms) < job.get("calls", 1 << 30) and time.perf_counter() - start < job.get("seconds", 1e9):
+            if job.get("gap_ms"):
+                time.sleep(job["gap_ms"] / 1000)
             t = time.perf_counter()
             embedder.embed(x)
             ms.append((time.perf_counter() - t) * 1000)

@@ -28,6 +28,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -77,9 +78,9 @@ class BareEmbedders:
             p.stdin.flush()
         return sum(self._reply(p)["images_per_s"] for p in self.procs[:processes])
 
-    def forward_ms(self, calls: int) -> list[float]:
-        """Milliseconds of `calls` forward passes of one photo, torch's default threads."""
-        self.procs[0].stdin.write(json.dumps({"threads": 0, "batch": 1, "calls": calls}) + "\n")
+    def forward_ms(self, calls: int, gap_ms: float = 0) -> list[float]:
+        """Milliseconds of `calls` forward passes of one photo, torch's default threads, each after `gap_ms` idle."""
+        self.procs[0].stdin.write(json.dumps({"threads": 0, "batch": 1, "calls": calls, "gap_ms": gap_ms}) + "\n")
         self.procs[0].stdin.flush()
         return self._reply(self.procs[0])["ms"]
 
@@ -108,21 +109,29 @@ def upload(srv: Server, data: bytes, ctype: str) -> None:
 
 
 def latency(srv: Server, bare: BareEmbedders, photos: list[bytes], ctype: str, blocks: int, per_block: int) -> dict:
-    """p50 of HTTP /search (one at a time) and of the bare forward pass, timed in alternating blocks."""
-    http_ms, bare_ms, i = [], [], 0
+    """p50 of HTTP /search (one at a time) and of the bare forward pass, timed in alternating blocks. The bare
+    pass twice: back to back, and spaced: each pass after as much idle time as a lone search leaves the
+    server's network (the last HTTP block's median less the bare pass's), since on this VM a pass after a
+    pause runs slower than one right after another (caches, sleeping threads and cores)."""
+    http_ms, bare_ms, spaced_ms, i = [], [], [], 0
     upload(srv, photos[0], ctype)
     for _ in range(blocks):
         time.sleep(0.3)
         bare_ms += bare.forward_ms(per_block)
         time.sleep(0.3)
+        block = []
         for _ in range(per_block):
             start = time.perf_counter()
             upload(srv, photos[i % len(photos)], ctype)
-            http_ms.append((time.perf_counter() - start) * 1000)
+            block.append((time.perf_counter() - start) * 1000)
             i += 1
-    h, b = statistics.median(http_ms), statistics.median(bare_ms)
+        http_ms += block
+        gap = max(0.0, statistics.median(block) - statistics.median(bare_ms[-per_block:]))
+        spaced_ms += bare.forward_ms(per_block, gap)
+    h, b, s = statistics.median(http_ms), statistics.median(bare_ms), statistics.median(spaced_ms)
     return {"http_p50_ms": round(h, 1), "http_p95_ms": round(float(np.percentile(http_ms, 95)), 1),
-            "bare_forward_p50_ms": round(b, 1), "http_over_bare": round(h / b, 2)}
+            "bare_forward_p50_ms": round(b, 1), "http_over_bare": round(h / b, 2),
+            "bare_spaced_p50_ms": round(s, 1), "http_over_bare_spaced": round(h / s, 2)}
 
 
 async def closed_loop(url: str, photos: list[bytes], concurrency: int, seconds: float,
@@ -231,6 +240,8 @@ def measure(root: Path, label: str, tag: str, tmp: Path, photos: list[bytes], ct
     row = {"code": label, "device": bare.info["device"], "half": bare.info["half"], "rounds": per_round,
            "http_over_bare": round(median("http_over_bare"), 2), "http_p50_ms": round(median("http_p50_ms"), 1),
            "bare_forward_p50_ms": round(median("bare_forward_p50_ms"), 1), "best_rps": round(median("best_rps"), 1),
+           "bare_spaced_p50_ms": round(median("bare_spaced_p50_ms"), 1),
+           "http_over_bare_spaced": round(median("http_over_bare_spaced"), 2),
            "bare_best_images_per_s": {n: round(statistics.median(max(r["bare_images_per_s"][n].values())
                                                                  for r in per_round), 1) for n in names},
            "served_over_bare": {n: round(median("served_over_bare", n), 3) for n in names}}
@@ -307,8 +318,10 @@ def main(before: Annotated[str, typer.Option(help="git ref to compare with ('' f
         subprocess.run(["git", "worktree", "remove", "--force", str(tmp / "before")], cwd=ROOT, capture_output=True)
     result = {"machine": machine(), "photos": len(photos), "upload": upload_kind, "rows": rows,
               "layout": serving_layout(get_settings()),
-              "command": "python -m bench.overhead" + (f" --before {before}" if before != BEFORE else "")
-                         + (f" --upload {upload_kind}" if upload_kind != "demo" else "")}
+              "command": "python -m bench.overhead" + (f" --before {shlex.quote(before)}" if before != BEFORE else "")
+                         + (f" --upload {upload_kind}" if upload_kind != "demo" else "")
+                         + (f" --out {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}"
+                            if out != DOCS / "overhead.json" else "")}
     if not quick:
         out.write_text(json.dumps(result, indent=2))
 

@@ -8,7 +8,11 @@ from pathlib import Path
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
-def _load(name: str) -> dict | None:
+def _load(name: str | tuple[str, ...]) -> dict | list[dict] | None:
+    """One JSON file, or several (those present, None when none is)."""
+    if isinstance(name, tuple):
+        found = [d for d in map(_load, name) if d is not None]
+        return found or None
     path = DOCS / name
     return json.loads(path.read_text()) if path.exists() else None
 
@@ -87,19 +91,22 @@ def overhead_table(d: dict) -> str:
               }.get(d.get("upload"), "demo photos (160 px PNG)")
     layout = d["layout"]
     names = list(d["rows"][-1]["served_over_bare"])
+    has_spaced = all("bare_spaced_p50_ms" in r for r in d["rows"])  # measured since 2026-12-03
+    spaced_head = ("bare forward p50 ms, spaced as lone searches | **HTTP / spaced bare** | " if has_spaced else "")
     lines = [f"Machine: {d['machine']}; `{d['command']}`; the demo index (default embedder), {d['photos']} {upload} "
              f"uploaded; server, embedder and load generator share the cores; this checkout ran "
              f"{layout['entry_workers']} entry and {layout['embedder_workers']} embedder processes, batches of up "
              f"to {layout['embed_max_batch']}. Medians of {len(d['rows'][-1]['rounds'])} rounds; bare networks at "
              "their best batch of 1, 2, 4, 8.", "",
-             "| code | HTTP /search p50 ms | bare forward p50 ms | **HTTP / bare** | served requests/s (best of "
-             f"4, 8, 16 clients) | bare images/s: {' / '.join(names)} | **served / bare**: {' / '.join(names)} |",
-             "|---|---|---|---|---|---|---|"]
+             "| code | HTTP /search p50 ms | bare forward p50 ms | **HTTP / bare** | " + spaced_head +
+             f"served requests/s (best of 4, 8, 16 clients) | bare images/s: {' / '.join(names)} | "
+             f"**served / bare**: {' / '.join(names)} |", "|---|---|---|---|---|---|---|" + "---|" * (2 * has_spaced)]
     for r in d["rows"]:
         bare = " / ".join(str(r["bare_best_images_per_s"][n]) for n in names if n in r["bare_best_images_per_s"])
         ratio = " / ".join(f"{r['served_over_bare'][n]:.0%}" for n in names if n in r["served_over_bare"])
+        spaced = f"{r['bare_spaced_p50_ms']} | {r['http_over_bare_spaced']} | " if has_spaced else ""
         lines.append(f"| {r['code']} | {r['http_p50_ms']} | {r['bare_forward_p50_ms']} | {r['http_over_bare']} | "
-                     f"{r['best_rps']} | {bare} | {ratio} |")
+                     f"{spaced}{r['best_rps']} | {bare} | {ratio} |")
     lines += ["", "Each round, and the CPU each part took per answered search at the best concurrency "
               "(ms of CPU; 2 cores give 2,000 ms a second):", "",
               "| code | round | HTTP / bare | served / bare | served requests/s | bare images/s by batch 1, 2, 4, 8 | "
@@ -112,6 +119,25 @@ def overhead_table(d: dict) -> str:
             ratio = " / ".join(f"{v:.0%}" for v in rd["served_over_bare"].values())
             lines.append(f"| {r['code']} | {i} | {rd['http_over_bare']} | {ratio} | {rd['best_rps']} | {bare} | "
                          f"{cpu['embedder']} / {cpu['entry']} / {cpu['load generator']} |")
+    return "\n".join(lines)
+
+
+def lone_search_table(runs: list[dict]) -> str:
+    """bench.overhead of this checkout alone, one run per upload kind: a lone search against the bare pass,
+    back to back and spaced as lone searches are; every round shown (the machine's noise is in the spread)."""
+    lines = [f"Machine: {runs[0]['machine']}; the demo index (default embedder); the runs one after another.", "",
+             "| upload | round | HTTP /search p50 ms | bare forward p50 ms, back to back | **HTTP / bare** | "
+             "bare forward p50 ms, spaced as lone searches | **HTTP / spaced bare** | served / bare throughput "
+             "(one process / 2 x 1 thread) |", "|---|---|---|---|---|---|---|---|"]
+    kinds = {"demo": "demo (160 px PNG)", "phone": "phone photo as is (1600x1200 JPEG)",
+             "page": "phone photo as the page sends it (693x520 JPEG)"}
+    for d in runs:
+        for i, r in enumerate(d["rows"][-1]["rounds"], 1):
+            ratio = " / ".join(f"{v:.0%}" for v in r["served_over_bare"].values())
+            lines.append(f"| {kinds.get(d.get('upload', 'demo'), d.get('upload'))} | {i} | {r['http_p50_ms']} | "
+                         f"{r['bare_forward_p50_ms']} | {r['http_over_bare']} | {r['bare_spaced_p50_ms']} | "
+                         f"{r['http_over_bare_spaced']} | {ratio} |")
+    lines += ["", "Commands: " + "; ".join(f"`{d['command']}`" for d in runs) + "; then `python -m bench.report`."]
     return "\n".join(lines)
 
 
@@ -150,6 +176,7 @@ def soak_table(d: dict) -> str:
 
 SECTIONS = {"overhead": ("overhead.json", overhead_table), "overhead-phone": ("overhead_phone.json", overhead_table),
             "overhead-page": ("overhead_page.json", overhead_table),
+            "lone-search": (("lone_demo.json", "lone_page.json", "lone_phone.json"), lone_search_table),
             "embedder": ("embedder_speed.json", embedder_table),
             "serving": ("serving.json", serving_table), "builder": ("builder_speed.json", builder_table),
             "embedder-gpu": ("embedder_speed_gpu.json", embedder_table),

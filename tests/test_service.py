@@ -125,7 +125,7 @@ def test_index_info(server, demo_index):
     assert info["served"]["index"] == demo_index.tag and info["served"]["stage"] == "production"
     assert (info["photos"], info["items"]) == (72, 24)
     assert "Furniture" in info["categories"] and info["build"]["evaluation"]["queries"] == 24
-    spec = SearchIndex(Path(demo_index.path), demo_index.tag).manifest.embedder_config.preprocess
+    spec = SearchIndex(Path(get_model(demo_index.tag).path), demo_index.tag).manifest.embedder_config.preprocess
     assert info["upload_px"] == 2 * spec.resize
 
 

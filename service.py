@@ -33,7 +33,7 @@ from model_store.preprocess import ImageError, ImageTooLarge, decode_image, imag
 from model_store.settings import get_settings
 from query.active import Active, load_active, stage_mtime
 from query.assist import assist, estimate as estimate_for
-from query.bentoml_fixes import never_hold_batches_back, tune_client
+from query.bentoml_fixes import keep_answering_after_sigterm, never_hold_batches_back, tune_client
 from query.compare import cosine, verdict
 from query.errors import ApiError, error_response
 from query.fields import EndpointFields, read_query_params
@@ -92,6 +92,8 @@ class Embedder:
     def __init__(self) -> None:
         self.embedder, self.cores = None, _core_share()
         never_hold_batches_back()  # BentoML's batching otherwise slows lone searches after a burst
+        if bentoml.server_context.worker_index is not None:  # under `bentoml serve`: the entry drains first
+            keep_answering_after_sigterm(settings.embedder_drain_s)
         # Every torch call of this process runs on this one thread. The event loop stays free during a pass, so
         # calls that arrive meanwhile are read and queued and leave together as the next batch; and no second
         # thread ever starts an OpenMP team: once a process holds more OpenMP threads than cores, libgomp

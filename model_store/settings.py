@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     embed_deadline_s: float = Field(
         1.2, gt=0, description="Deadline of one call to the embedder; a call past it is sent once more, then 503."
     )
+    embedder_drain_s: float = Field(
+        3.0, ge=0, description="After SIGTERM the embedder answers this long before it stops, so searches the "
+                               "entry received still finish (two embed deadlines and some)."
+    )
     embed_retry_share: float = Field(
         0.1, ge=0, le=1, description="Retries of late or dropped embed calls may add at most this share to the "
         "calls sent (plus a reserve of 10): an embedder that is only behind is not sent its load twice."

@@ -6,9 +6,14 @@ tests (tests/test_bentoml_fixes.py, and the service tests under load).
 
 from __future__ import annotations
 
+import logging
 import math
+import signal
+import threading
 
 import aiohttp
+
+log = logging.getLogger("bentoml.imagesearch")
 
 IDLE_CONNECTION_S = 1.0
 
@@ -54,3 +59,26 @@ def never_hold_batches_back() -> None:
 
     Optimizer.trigger_refresh = trigger_refresh
     Optimizer._holds_nothing_back = True
+
+
+def keep_answering_after_sigterm(grace_s: float) -> None:
+    """On SIGTERM, `bentoml serve` (circus) stops every worker of every service at once, so the embedder stopped
+    listening while the entry still finished the searches it had received: those whose embed call was not yet
+    sent waited out their deadline and answered 503 (tests/test_faults.py, SIGTERM under load, failed so in a
+    CI run on 2026-12-03). Called in an embedder worker, after uvicorn took SIGTERM: uvicorn hears of it `grace_s`
+    later, so the entry drains first; a second SIGTERM stops at once. Needs the main thread (BentoML creates
+    the service instance there); elsewhere it logs and does nothing."""
+    previous = signal.getsignal(signal.SIGTERM)
+    if not callable(previous) or grace_s <= 0:
+        return
+
+    def later(sig: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, previous)
+        timer = threading.Timer(grace_s, previous, (sig, frame))
+        timer.daemon = True
+        timer.start()
+
+    try:
+        signal.signal(signal.SIGTERM, later)
+    except ValueError:  # not the main thread
+        log.warning("embedder: cannot delay SIGTERM outside the main thread; it stops at once")

@@ -197,12 +197,31 @@ def test_killed_embedder_gives_503_meanwhile_and_comes_back_by_itself(fault_serv
     print(f"recovered {recovered:.1f} s after the kill; answers {dict(statuses)}")
 
 
+def exit_times(processes: list, since: float, timeout: float = 30) -> dict[int, float]:
+    """Seconds after `since` at which each process exited (or became a zombie), polled every 50 ms."""
+    out: dict[int, float] = {}
+    while len(out) < len(processes) and time.time() - since < timeout:
+        for p in processes:
+            try:
+                alive = p.pid not in out and p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                alive = False
+            if not alive and p.pid not in out:
+                out[p.pid] = time.time() - since
+        time.sleep(0.05)
+    return out
+
+
 def test_sigterm_under_load_lets_requests_in_flight_finish(fault_server):
+    roles = fault_server.processes()
     with Load(fault_server.url, clients=6) as load:
         time.sleep(2)
         term_at = time.time()
         os.kill(fault_server.proc.pid, signal.SIGTERM)
+        exited = exit_times(roles["entry"] + roles["embedder"], term_at)
         fault_server.proc.wait(60)
+    # the embedder keeps answering while the entry drains (IMAGESEARCH_EMBEDDER_DRAIN_S, 3 s by default)
+    assert min(exited[p.pid] for p in roles["embedder"]) > max(exited[p.pid] for p in roles["entry"]) + 1, exited
     # Requests the server had received: sent at least 50 ms before SIGTERM and not answered by then. One sent
     # in the last instant may still sit in the socket on a keep-alive connection the server closes as idle.
     in_flight = [a for a in load.answers if a[0] < term_at - 0.05 and term_at < a[0] + a[1]]

@@ -289,11 +289,11 @@ def uploads(kind: str, folder: Path, tag: str, quick: bool) -> tuple[list[bytes]
     photos = phone_photos(folder, 4 if quick else 24)
     if kind == "page":
         from bench.decode import as_page_sends
-        from model_store.index_artifact import MANIFEST_FILE, IndexManifest
+        from model_store.index_artifact import IndexManifest
         from model_store.preprocess import upload_px
         from model_store.registry import get_model
 
-        manifest = IndexManifest.model_validate_json((Path(get_model(tag).path) / MANIFEST_FILE).read_text())
+        manifest = IndexManifest.read(Path(get_model(tag).path))
         photos = [as_page_sends(p, upload_px(manifest.embedder_config.preprocess)) for p in photos]
     return photos, "image/jpeg"
 

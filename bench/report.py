@@ -85,10 +85,14 @@ def loadtest_table(d: dict) -> str:
     return "\n".join(lines)
 
 
+# bench.overhead --upload: what each kind of run posted (runs before 2026-12-03 have no "upload": demo)
+UPLOADS = {"demo": "demo photos (160 px PNG)", "phone": "phone photos as is (1600x1200 JPEG)",
+           "page": "phone photos as the page sends them (693x520 JPEG)"}
+
+
 def overhead_table(d: dict) -> str:
     """bench.overhead: each row's code against its own bare network, medians of alternating rounds."""
-    upload = {"phone": "phone photos (1600x1200 JPEG)", "page": "phone photos as the page sends them (693x520 JPEG)"
-              }.get(d.get("upload"), "demo photos (160 px PNG)")
+    upload = UPLOADS[d.get("upload", "demo")]
     layout = d["layout"]
     names = list(d["rows"][-1]["served_over_bare"])
     has_spaced = all("bare_spaced_p50_ms" in r for r in d["rows"])  # measured since 2026-12-03
@@ -129,12 +133,10 @@ def lone_search_table(runs: list[dict]) -> str:
              "| upload | round | HTTP /search p50 ms | bare forward p50 ms, back to back | **HTTP / bare** | "
              "bare forward p50 ms, spaced as lone searches | **HTTP / spaced bare** | served / bare throughput "
              "(one process / 2 x 1 thread) |", "|---|---|---|---|---|---|---|---|"]
-    kinds = {"demo": "demo (160 px PNG)", "phone": "phone photo as is (1600x1200 JPEG)",
-             "page": "phone photo as the page sends it (693x520 JPEG)"}
     for d in runs:
         for i, r in enumerate(d["rows"][-1]["rounds"], 1):
             ratio = " / ".join(f"{v:.0%}" for v in r["served_over_bare"].values())
-            lines.append(f"| {kinds.get(d.get('upload', 'demo'), d.get('upload'))} | {i} | {r['http_p50_ms']} | "
+            lines.append(f"| {UPLOADS[d.get('upload', 'demo')]} | {i} | {r['http_p50_ms']} | "
                          f"{r['bare_forward_p50_ms']} | {r['http_over_bare']} | {r['bare_spaced_p50_ms']} | "
                          f"{r['http_over_bare_spaced']} | {ratio} |")
     lines += ["", "Commands: " + "; ".join(f"`{d['command']}`" for d in runs) + "; then `python -m bench.report`."]

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from model_store.index_artifact import ITEMS_FILE, MANIFEST_FILE, IndexManifest
+from model_store.index_artifact import ITEMS_FILE, IndexManifest
 
 
 class IndexDiff(BaseModel):
@@ -45,7 +45,7 @@ class IndexDiff(BaseModel):
 
 def diff(old_tag: str, old: Path, new_tag: str, new: Path) -> IndexDiff:
     """Compare two artifact folders; set arithmetic runs inside SQLite, so a million rows take seconds."""
-    m_old, m_new = (IndexManifest.model_validate_json((p / MANIFEST_FILE).read_text()) for p in (old, new))
+    m_old, m_new = IndexManifest.read(old), IndexManifest.read(new)
     conn = sqlite3.connect(f"file:{new / ITEMS_FILE}?mode=ro", uri=True)
     try:
         conn.execute("ATTACH DATABASE ? AS old", (f"file:{old / ITEMS_FILE}?mode=ro",))

@@ -60,6 +60,14 @@ class IndexManifest(BaseModel):
     thresholds: Thresholds | None = Field(None, description="similarity thresholds measured on this catalogue")
     built_at: dt.datetime
 
+    @classmethod
+    def read(cls, folder: Path) -> "IndexManifest":
+        """The manifest of the artifact in `folder`; ArtifactError names the file when it is missing or unreadable."""
+        try:
+            return cls.model_validate_json((Path(folder) / MANIFEST_FILE).read_text())
+        except (OSError, ValueError) as exc:
+            raise ArtifactError(f"{folder}: unreadable {MANIFEST_FILE} ({exc})") from exc
+
 
 class Projection:
     """Optional PCA learned at build time: (D,) descriptor -> (d,) L2-normalised vector."""

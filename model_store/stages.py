@@ -22,6 +22,7 @@ import bentoml
 from pydantic import BaseModel
 
 from model_store.diff import IndexDiff, diff
+from model_store.index_artifact import ArtifactError
 from model_store.registry import bentoml_home, get_model
 from model_store.settings import INDEX_MODEL, Stage, get_settings
 
@@ -138,7 +139,7 @@ def served_diff(index_tag: str, served_tag: str) -> IndexDiff | None:
         return None
     try:
         return diff(served_tag, Path(served.path), index_tag, Path(get_model(index_tag).path))
-    except (OSError, ValueError, sqlite3.Error):  # a version without readable files cannot be compared
+    except (OSError, ValueError, sqlite3.Error, ArtifactError):  # a version without readable files cannot be compared
         return None
 
 

@@ -13,7 +13,7 @@ import numpy as np
 from annoy import AnnoyIndex
 from pydantic import BaseModel, Field
 
-from model_store.index_artifact import (ANNOY_FILE, ITEMS_FILE, MANIFEST_FILE, PROJECTION_FILE, VECTORS_FILE,
+from model_store.index_artifact import (ANNOY_FILE, ITEMS_FILE, PROJECTION_FILE, VECTORS_FILE,
                                         ArtifactError, IndexManifest, Projection, normalize)
 from model_store.thumbnails import SUFFIX
 
@@ -68,11 +68,7 @@ class SearchIndex:
 
     def __init__(self, folder: Path, tag: str = ""):
         self.folder, self.tag = Path(folder), tag
-        try:
-            self.manifest = IndexManifest.model_validate_json((self.folder / MANIFEST_FILE).read_text())
-        except (OSError, ValueError) as exc:
-            raise ArtifactError(f"{self.folder}: unreadable {MANIFEST_FILE} ({exc})") from exc
-        m = self.manifest
+        self.manifest = m = IndexManifest.read(self.folder)
         self.projection = Projection.load(self.folder / PROJECTION_FILE) if m.projection != "none" else None
         self.annoy = AnnoyIndex(m.dim, "angular")
         try:

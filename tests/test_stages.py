@@ -191,3 +191,21 @@ def test_promote_shows_the_change_and_refuses_a_version_that_lost_items(stages_d
     assert forced.returncode == 0, forced.stderr
     assert stages.current("production").index == shrunk.tag
     assert stages.promote(grown.tag, "production").index == grown.tag  # more items: no question asked
+
+
+def test_a_version_with_an_unreadable_manifest_is_named_and_not_compared(stages_dir, demo_index, tmp_path):
+    import shutil
+    from pathlib import Path
+
+    from model_store.diff import diff
+    from model_store.index_artifact import MANIFEST_FILE, ArtifactError, IndexManifest
+
+    broken = shutil.copytree(Path(get_model(demo_index.tag).path), tmp_path / "broken")
+    (broken / MANIFEST_FILE).write_text('{"format_version": 2, "embedder": ')
+    with pytest.raises(ArtifactError, match=f"broken: unreadable {MANIFEST_FILE}"):
+        IndexManifest.read(broken)
+    with pytest.raises(ArtifactError, match="broken"):
+        diff(demo_index.tag, Path(get_model(demo_index.tag).path), "broken", broken)
+    (broken / MANIFEST_FILE).unlink()
+    with pytest.raises(ArtifactError, match="No such file"):
+        IndexManifest.read(broken)

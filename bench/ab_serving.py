@@ -3,6 +3,7 @@
     python -m bench.ab_serving --before HEAD~1             # 4 rounds, 8 and 16 clients; docs/ab_serving.json
     python -m bench.ab_serving --before HEAD~1 --rounds 2 --out /tmp/ab.json
     python -m bench.ab_serving --env IMAGESEARCH_TORCH_THREADS=1   # this checkout with a setting, against without
+    python -m bench.ab_serving --clients 2 --clients 4 --clients 16  # other client levels (p50, p99 at each)
     python -m bench.ab_serving --quick                     # seconds-long smoke run against HEAD (the tests')
 
 bench.overhead measures each version's ratios to its own bare network, one version after the other; this
@@ -40,10 +41,10 @@ def steal_ticks() -> tuple[int, int]:
     return sum(fields), fields[7] if len(fields) > 7 else 0
 
 
-def loads(srv: Server, photos: list[bytes], seconds: float) -> list[dict]:
+def loads(srv: Server, photos: list[bytes], seconds: float, levels: tuple[int, ...]) -> list[dict]:
     asyncio.run(closed_loop(srv.url, photos, 16, min(seconds, 5)))  # warm up
     out = []
-    for clients in LEVELS:
+    for clients in levels:
         cpu0, (all0, stolen0) = cpu_seconds(srv), steal_ticks()
         r = asyncio.run(closed_loop(srv.url, photos, clients, seconds))
         cpu1, (all1, stolen1) = cpu_seconds(srv), steal_ticks()
@@ -53,11 +54,13 @@ def loads(srv: Server, photos: list[bytes], seconds: float) -> list[dict]:
     return out
 
 
-def summary(rounds: list[dict], label: str) -> dict:
+def summary(rounds: list[dict], label: str, levels: tuple[int, ...]) -> dict:
     by_level = {}
-    for clients in LEVELS:
+    for clients in levels:
         runs = [r for rnd in rounds for r in rnd[label] if r["concurrency"] == clients]
         by_level[clients] = {"median_rps": round(statistics.median(r["rps"] for r in runs), 1),
+                             "median_p50_ms": round(statistics.median(r["p50_ms"] for r in runs), 1),
+                             "median_p99_ms": round(statistics.median(r["p99_ms"] for r in runs), 1),
                              "median_embedder_cpu_ms": round(statistics.median(
                                  r["cpu_ms_per_request"]["embedder"] for r in runs), 1),
                              "failed": sum(r["failed"] for r in runs)}
@@ -75,6 +78,7 @@ def main(before: Annotated[str, typer.Option(help="git ref to compare this check
          env: Annotated[list[str], typer.Option(help="NAME=VALUE for this checkout's server only (repeatable)")] = [],
          rounds: Annotated[int, typer.Option(help="rounds, each serving both versions in turn")] = 4,
          seconds: Annotated[float, typer.Option(help="length of each closed loop")] = 20,
+         clients: Annotated[list[int], typer.Option(help="closed-loop clients, each level in turn (repeatable)")] = [],
          quick: Annotated[bool, typer.Option(help="one short round, a tiny index, no docs")] = False,
          out: Annotated[Path, typer.Option(help="where the JSON goes")] = DOCS / "ab_serving.json") -> None:
     from model_store import stages
@@ -83,6 +87,7 @@ def main(before: Annotated[str, typer.Option(help="git ref to compare this check
     photos = [p.read_bytes() for p in sorted(folder.glob("*.png"))]
     stages.promote(tag, "production", force=True)
     rounds, seconds = (1, 2) if quick else (rounds, seconds)
+    levels = tuple(clients) or LEVELS
     old = checkout(before, tmp / "before")
     settings = dict(setting(pair) for pair in env)
     versions = {f"before ({before})": (old, hide_newer_packages(old, tmp / "hidden")),
@@ -93,14 +98,14 @@ def main(before: Annotated[str, typer.Option(help="git ref to compare this check
             results.append({})
             for label, (root, server_env) in versions.items():
                 with Server(tmp / f"serve-{i}-{root.name}.log", root=root, **server_env).wait() as srv:
-                    results[-1][label] = loads(srv, photos, seconds)
+                    results[-1][label] = loads(srv, photos, seconds, levels)
                 print(json.dumps({"round": i, label: results[-1][label]}), flush=True)
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=ROOT, capture_output=True, check=False)
     command = " ".join(["python -m bench.ab_serving", f"--before {before}", f"--rounds {rounds}",
-                        *(f"--env {pair}" for pair in env)])
+                        *(f"--env {pair}" for pair in env), *(f"--clients {n}" for n in clients)])
     result = {"machine": machine(), "command": command,
-              "summary": {label: summary(results, label) for label in versions}, "rounds": results}
+              "summary": {label: summary(results, label, levels) for label in versions}, "rounds": results}
     print(json.dumps(result["summary"], indent=2))
     if not quick:
         out.write_text(json.dumps(result, indent=2))

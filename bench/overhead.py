@@ -136,12 +136,14 @@ def latency(srv: Server, bare: BareEmbedders, photos: list[bytes], ctype: str, b
 
 async def closed_loop(url: str, photos: list[bytes], concurrency: int, seconds: float,
                       ctype: str = "image/png") -> dict:
-    """`concurrency` clients posting photos back to back for `seconds`; answers per second."""
-    done, failed, stop = [0], [0], time.perf_counter() + seconds
+    """`concurrency` clients posting photos back to back for `seconds`; answers per second and latencies."""
+    done, failed, ms, stop = [0], [0], [], time.perf_counter() + seconds
 
     async def client(c: httpx.AsyncClient, k: int) -> None:
         while time.perf_counter() < stop:
+            sent = time.perf_counter()
             r = await c.post("/search", files={"image": ("photo", photos[k % len(photos)], ctype)}, data={"k": "10"})
+            ms.append((time.perf_counter() - sent) * 1000)
             done[0] += r.status_code == 200
             failed[0] += r.status_code != 200
             k += concurrency
@@ -150,7 +152,9 @@ async def closed_loop(url: str, photos: list[bytes], concurrency: int, seconds: 
     async with httpx.AsyncClient(base_url=url, timeout=30, limits=httpx.Limits(max_connections=concurrency)) as c:
         await asyncio.gather(*(client(c, k) for k in range(concurrency)))
     elapsed = time.perf_counter() - start
-    return {"concurrency": concurrency, "answered": done[0], "failed": failed[0], "rps": round(done[0] / elapsed, 1)}
+    p50, p99 = np.percentile(ms, [50, 99]) if ms else (0.0, 0.0)
+    return {"concurrency": concurrency, "answered": done[0], "failed": failed[0], "rps": round(done[0] / elapsed, 1),
+            "p50_ms": round(float(p50), 1), "p99_ms": round(float(p99), 1)}
 
 
 def cpu_seconds(srv: Server) -> dict[str, float]:

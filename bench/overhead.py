@@ -70,19 +70,25 @@ class BareEmbedders:
             raise RuntimeError(f"a bare embedder exited with {proc.wait()}")
         return json.loads(line)
 
+    def send(self, worker: int, **job) -> None:
+        """Start a job (bench/bare_worker.py's keys) on one worker; `reply(worker)` waits for its result."""
+        self.procs[worker].stdin.write(json.dumps(job) + "\n")
+        self.procs[worker].stdin.flush()
+
+    def reply(self, worker: int) -> dict:
+        return self._reply(self.procs[worker])
+
     def rate(self, processes: int, threads: int, batch: int, seconds: float) -> float:
         """Images/s of `processes` workers running back to back together, each with `threads` threads."""
-        job = json.dumps({"threads": threads, "batch": batch, "seconds": seconds, "start_at": time.time() + 2.0})
-        for p in self.procs[:processes]:
-            p.stdin.write(job + "\n")
-            p.stdin.flush()
-        return sum(self._reply(p)["images_per_s"] for p in self.procs[:processes])
+        start_at = time.time() + 2.0
+        for w in range(processes):
+            self.send(w, threads=threads, batch=batch, seconds=seconds, start_at=start_at)
+        return sum(self.reply(w)["images_per_s"] for w in range(processes))
 
     def forward_ms(self, calls: int, gap_ms: float = 0) -> list[float]:
         """Milliseconds of `calls` forward passes of one photo, torch's default threads, each after `gap_ms` idle."""
-        self.procs[0].stdin.write(json.dumps({"threads": 0, "batch": 1, "calls": calls, "gap_ms": gap_ms}) + "\n")
-        self.procs[0].stdin.flush()
-        return self._reply(self.procs[0])["ms"]
+        self.send(0, threads=0, batch=1, calls=calls, gap_ms=gap_ms)
+        return self.reply(0)["ms"]
 
     def close(self) -> None:
         for p in self.procs:

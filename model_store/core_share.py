@@ -5,15 +5,26 @@ workers busy at the same time take one share each, so two single-threaded passes
 instead of one two-threaded pass (no thread waiting at a barrier for a core another process holds).
 Measured on a 2-core VM (docs/PERFORMANCE.md, `bench.overhead`): one process with 2 threads embeds ~50
 photos/s at its best batch size, two single-threaded processes ~62; one photo alone takes ~26 ms on 2
-threads and ~48 ms on 1. Busy flags live in a few shared bytes, one per worker, named after the parent process
-(the `bentoml serve` that started the workers), so they need no server of their own.
+threads and ~48 ms on 1.
+
+Cores are never given out twice. A pass holds one lock per torch thread it runs, byte-range locks on a
+shared file, one byte per core, which the kernel drops when the process holding them dies; a worker that
+finds every core taken waits (flagged as waiting) until a pass ends, and a pass that starts while others
+wait takes only its share. Before 2026-12-03 a worker chose its threads from busy flags alone, so a pass
+that started on every core kept them while another worker started beside it: 3 threads on 2 cores, and
+the 2-thread pass ran 4x slower (60 ms against 14 on this VM, `bench/oversubscribe.py`), behind embed
+calls of 300-450 ms at 4 clients and the 2 s searches of the promote/rollback test.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import mmap
 import os
+import struct
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -43,8 +54,14 @@ SPIN_COUNT = {"name": "GOMP_SPINCOUNT", "value": "10000"}
 MAX_AUTO_WORKERS = 4  # each worker holds a copy of the network and torch (~0.9 GB resident on the CPU build)
 
 
+# A worker waits at most this long for a core; then it runs on one thread anyway, so that a pass held up
+# elsewhere can never stall it (the embed deadline is 1.2 s; a pass of 4 photos on one core ~0.2 s here).
+MAX_WAIT_S = 0.5
+POLL_S = 0.0005
+
+
 class CoreShare:
-    """Busy flags of `workers` worker processes; `threads_for_batch()` sets torch's threads for the next pass."""
+    """Cores shared by `workers` worker processes; `busy()` holds cores for one pass and sets torch's threads."""
 
     def __init__(self, workers: int, index: int, cores: int | None = None, key: str | None = None):
         if not 0 <= index < workers:
@@ -52,28 +69,72 @@ class CoreShare:
         self.workers, self.index, self.cores = workers, index, cores or available_cores()
         folder = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
         self.path = folder / f"imagesearch-embedder-cores-{key or os.getppid()}"
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            if os.fstat(fd).st_size < workers:
-                os.ftruncate(fd, workers)
-            self._flags = mmap.mmap(fd, workers)
-        finally:
-            os.close(fd)
-        self._flags[index] = 0  # a worker restarted after a crash clears the flag it may have left set
+        # bytes 0..cores-1: one lock each (never written); then one waiting flag per worker
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        if os.fstat(self._fd).st_size < self.cores + workers:
+            os.ftruncate(self._fd, self.cores + workers)
+        self._flags = mmap.mmap(self._fd, self.cores + workers)
+        self._waiting = self.cores + index
+        self._flags[self._waiting] = 0  # a worker restarted after a crash clears the flag it may have left set
 
-    def busy_workers(self) -> int:
-        return sum(self._flags[:self.workers])
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)  # drops any lock still held
+
+    def waiting_workers(self) -> int:
+        """Other workers waiting for a core."""
+        return sum(self._flags[self.cores:self.cores + self.workers]) - self._flags[self._waiting]
+
+    def held_elsewhere(self) -> int:
+        """Cores that other passes hold now."""
+        return sum(not _lock(self._fd, core, fcntl.F_WRLCK, test=True) for core in range(self.cores))
 
     @contextmanager
     def busy(self) -> Iterator[int]:
-        """Mark this worker busy for one pass; yields the torch threads it should use, already set."""
+        """Hold cores for one pass; yields the torch threads it should use (one per core held), already set."""
         import torch
 
-        self._flags[self.index] = 1
-        threads = max(1, self.cores // max(1, self.busy_workers()))
+        held = self._grab()
+        if not held:
+            held = self._wait_for_a_core()
+        share = max(1, len(held) // (1 + self.waiting_workers()))
+        for core in held[share:]:
+            _lock(self._fd, core, fcntl.F_UNLCK)
+        held, threads = held[:share], max(1, share)
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
         try:
             yield threads
         finally:
-            self._flags[self.index] = 0
+            for core in held:
+                _lock(self._fd, core, fcntl.F_UNLCK)
+
+    def _wait_for_a_core(self) -> list[int]:
+        self._flags[self._waiting] = 1
+        try:
+            deadline = time.monotonic() + MAX_WAIT_S
+            while time.monotonic() < deadline:
+                time.sleep(POLL_S)
+                if held := self._grab():
+                    return held
+            return []  # held up elsewhere: run on one thread without a lock
+        finally:
+            self._flags[self._waiting] = 0
+
+    def _grab(self) -> list[int]:
+        """Lock every free core; their numbers."""
+        return [core for core in range(self.cores) if _lock(self._fd, core, fcntl.F_WRLCK)]
+
+
+def _lock(fd: int, byte: int, kind: int, test: bool = False) -> bool:
+    """Lock (F_WRLCK) or unlock (F_UNLCK) one byte without waiting; False when another holder has it (with
+    `test`, only say whether the lock could be taken). Linux's open-file-description locks: two CoreShares
+    conflict even in one process, and the kernel drops a lock when its holder dies."""
+    flock = struct.pack("hhqqi4x", kind, os.SEEK_SET, byte, 1, 0)
+    try:
+        got = fcntl.fcntl(fd, fcntl.F_OFD_GETLK if test else fcntl.F_OFD_SETLK, flock)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return not test or struct.unpack("hhqqi4x", got)[0] == fcntl.F_UNLCK

@@ -48,7 +48,12 @@ def test_overhead(python):
 def test_ab_serving(python):
     out = quick("bench.ab_serving", python, "--env", "IMAGESEARCH_EMBED_DEADLINE_S=2")
     assert '"before (HEAD)"' in out and '"this checkout IMAGESEARCH_EMBED_DEADLINE_S=2"' in out
-    assert '"median_embedder_cpu_ms"' in out
+    assert '"median_embedder_cpu_ms"' in out and '"median_p99_ms"' in out
+
+
+def test_oversubscribe(python):
+    out = quick("bench.oversubscribe", python)
+    assert "| 2 threads, another worker busy on 1 |" in out and "| 1 thread, alone |" in out
 
 
 def test_decode(python):

@@ -28,7 +28,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from model_store import stages, thumbnails
-from model_store.core_share import SPIN_COUNT, CoreShare, worker_count
+from model_store.core_share import SHARING, SPIN_COUNT, CoreShare, worker_count
 from model_store.preprocess import ImageError, ImageTooLarge, decode_image, image_to_pixels
 from model_store.settings import get_settings
 from query.active import Active, load_active, stage_mtime
@@ -142,7 +142,7 @@ class Embedder:
 def _core_share() -> CoreShare | None:
     """Embedder workers on a CPU share its cores (unless IMAGESEARCH_TORCH_THREADS fixes the threads)."""
     worker = bentoml.server_context.worker_index  # 1, 2, ... under `bentoml serve`; None when called directly
-    if EMBED_ON_GPU or EMBEDDER_WORKERS == 1 or worker is None or settings.torch_threads:
+    if EMBED_ON_GPU or EMBEDDER_WORKERS == 1 or worker is None or settings.torch_threads or not SHARING:
         return None
     return CoreShare(EMBEDDER_WORKERS, worker - 1)
 

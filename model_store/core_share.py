@@ -8,12 +8,13 @@ photos/s at its best batch size, two single-threaded processes ~62; one photo al
 threads and ~48 ms on 1.
 
 Cores are never given out twice. A pass holds one lock per torch thread it runs, byte-range locks on a
-shared file, one byte per core, which the kernel drops when the process holding them dies; a worker that
-finds every core taken waits (flagged as waiting) until a pass ends, and a pass that starts while others
-wait takes only its share. Before 2026-12-03 a worker chose its threads from busy flags alone, so a pass
-that started on every core kept them while another worker started beside it: 3 threads on 2 cores, and
-the 2-thread pass ran 4x slower (60 ms against 14 on this VM, `bench/oversubscribe.py`), behind embed
-calls of 300-450 ms at 4 clients and the 2 s searches of the promote/rollback test.
+shared file, one byte per core, which the kernel drops when the process holding them dies. A worker that
+finds every core taken waits (flagged as waiting) until a pass ends; a pass takes only its share of the
+free cores while other workers are busy, waiting, or ran a pass within the last RECENT_S. Until 2026-12-03
+a worker chose its threads from busy flags alone, so a pass that started alone on both cores kept them
+when the other worker started beside it on one: 3 threads on 2 cores, and the default network's 2-thread
+pass took 158 ms instead of 48 (66 on one thread; `python -m bench.oversubscribe`, docs/oversubscribe.json).
+That was behind embed calls of 300-450 ms at 4 clients, and the 2 s searches of the promote/rollback test.
 """
 
 from __future__ import annotations
@@ -38,11 +39,15 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+# Sharing needs Linux's open-file-description locks; elsewhere a CPU gets one worker on every core.
+SHARING = hasattr(fcntl, "F_OFD_SETLK")
+
+
 def worker_count(setting: int, on_gpu: bool) -> int:
     """Embedder worker processes: the setting, else one on a GPU and one per core (at most 4) on a CPU."""
     if setting:
         return setting
-    return 1 if on_gpu else min(available_cores(), MAX_AUTO_WORKERS)
+    return 1 if on_gpu or not SHARING else min(available_cores(), MAX_AUTO_WORKERS)
 
 
 # libgomp (torch's OpenMP on Linux) lets an idle team thread spin 300,000 times before it sleeps. Workers that
@@ -58,6 +63,12 @@ MAX_AUTO_WORKERS = 4  # each worker holds a copy of the network and torch (~0.9 
 # elsewhere can never stall it (the embed deadline is 1.2 s; a pass of 4 photos on one core ~0.2 s here).
 MAX_WAIT_S = 0.5
 POLL_S = 0.0005
+# A worker whose last pass ended this recently still counts as busy: under load it is only between two
+# batches (answering one, taking the next), and a pass that took every core then would make it wait. Tried
+# 0.05 and 0.5 s (bench.ab_serving, 2026-12-03): with 0.05, 20-30% fewer searches/s at 4 clients than the
+# busy flags before; with 0.5, lone searches as fast and p99 at 4 clients lower (docs/PERFORMANCE.md).
+RECENT_S = 0.5
+IDLE, WAITING, BUSY = 0, 1, 2
 
 
 class CoreShare:
@@ -69,21 +80,46 @@ class CoreShare:
         self.workers, self.index, self.cores = workers, index, cores or available_cores()
         folder = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
         self.path = folder / f"imagesearch-embedder-cores-{key or os.getppid()}"
-        # bytes 0..cores-1: one lock each (never written); then one waiting flag per worker
+        # bytes 0..cores-1: one lock each (never written); per worker a state byte (locked while the worker
+        # lives) and, 8 bytes each, when its last pass ended
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        if os.fstat(self._fd).st_size < self.cores + workers:
-            os.ftruncate(self._fd, self.cores + workers)
-        self._flags = mmap.mmap(self._fd, self.cores + workers)
-        self._waiting = self.cores + index
-        self._flags[self._waiting] = 0  # a worker restarted after a crash clears the flag it may have left set
+        size = self.cores + 9 * workers
+        if os.fstat(self._fd).st_size < size:
+            os.ftruncate(self._fd, size)
+        self._shared = mmap.mmap(self._fd, size)
+        if not _lock(self._fd, self.cores + index, fcntl.F_WRLCK):  # held for this worker's life
+            raise RuntimeError(f"{self.path}: embedder worker {index} is already running")
+        self._set(IDLE, ended=0.0)  # a worker restarted after a crash clears what it may have left
 
     def __del__(self) -> None:
         if getattr(self, "_fd", None) is not None:
             os.close(self._fd)  # drops any lock still held
 
-    def waiting_workers(self) -> int:
-        """Other workers waiting for a core."""
-        return sum(self._flags[self.cores:self.cores + self.workers]) - self._flags[self._waiting]
+    def _state(self, worker: int) -> tuple[int, float]:
+        return self._shared[self.cores + worker], struct.unpack_from("d", self._shared,
+                                                                     self.cores + self.workers + 8 * worker)[0]
+
+    def _set(self, state: int, ended: float | None = None) -> None:
+        self._shared[self.cores + self.index] = state
+        if ended is not None:
+            struct.pack_into("d", self._shared, self.cores + self.workers + 8 * self.index, ended)
+
+    def alive(self, worker: int) -> bool:
+        """Whether `worker`'s process is running: each holds a lock on its state byte while it lives."""
+        return worker == self.index or not _lock(self._fd, self.cores + worker, fcntl.F_WRLCK, test=True)
+
+    def others(self, state: int) -> int:
+        """Other running workers in `state` (IDLE, WAITING, BUSY)."""
+        return sum(self._state(w)[0] == state for w in range(self.workers) if w != self.index and self.alive(w))
+
+    def others_active(self) -> int:
+        """Other running workers busy, waiting for a core, or between two passes."""
+        now, active = time.monotonic(), 0
+        for w in range(self.workers):
+            if w != self.index and self.alive(w):
+                state, ended = self._state(w)
+                active += state != IDLE or now - ended < RECENT_S
+        return active
 
     def held_elsewhere(self) -> int:
         """Cores that other passes hold now."""
@@ -94,10 +130,9 @@ class CoreShare:
         """Hold cores for one pass; yields the torch threads it should use (one per core held), already set."""
         import torch
 
-        held = self._grab()
-        if not held:
-            held = self._wait_for_a_core()
-        share = max(1, len(held) // (1 + self.waiting_workers()))
+        held = self._grab() or self._wait_for_a_core()
+        self._set(BUSY)
+        share = max(1, len(held) // (1 + self.others_active()))
         for core in held[share:]:
             _lock(self._fd, core, fcntl.F_UNLCK)
         held, threads = held[:share], max(1, share)
@@ -108,18 +143,16 @@ class CoreShare:
         finally:
             for core in held:
                 _lock(self._fd, core, fcntl.F_UNLCK)
+            self._set(IDLE, ended=time.monotonic())
 
     def _wait_for_a_core(self) -> list[int]:
-        self._flags[self._waiting] = 1
-        try:
-            deadline = time.monotonic() + MAX_WAIT_S
-            while time.monotonic() < deadline:
-                time.sleep(POLL_S)
-                if held := self._grab():
-                    return held
-            return []  # held up elsewhere: run on one thread without a lock
-        finally:
-            self._flags[self._waiting] = 0
+        self._set(WAITING)
+        deadline = time.monotonic() + MAX_WAIT_S
+        while time.monotonic() < deadline:
+            time.sleep(POLL_S)
+            if held := self._grab():
+                return held
+        return []  # held up elsewhere: run on one thread without a lock
 
     def _grab(self) -> list[int]:
         """Lock every free core; their numbers."""

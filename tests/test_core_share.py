@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
 
 from model_store import core_share
-from model_store.core_share import MAX_AUTO_WORKERS, CoreShare, available_cores, worker_count
+from model_store.core_share import MAX_AUTO_WORKERS, RECENT_S, WAITING, CoreShare, available_cores, worker_count
 
 
 @pytest.fixture
@@ -22,7 +24,8 @@ def key():
     threads = torch.get_num_threads()
     yield key
     torch.set_num_threads(threads)
-    (CoreShare(2, 0, cores=2, key=key).path).unlink(missing_ok=True)
+    for folder in (Path("/dev/shm"), Path(tempfile.gettempdir())):
+        (folder / f"imagesearch-embedder-cores-{key}").unlink(missing_ok=True)
 
 
 def pass_in_thread(share: CoreShare, hold: threading.Event | None = None) -> tuple[threading.Thread, list]:
@@ -53,12 +56,15 @@ def test_a_lone_worker_uses_every_core_and_a_second_waits_for_one(key):
         assert alone == 2 and torch.get_num_threads() == 2
         assert b.held_elsewhere() == 2 and a.held_elsewhere() == 0
         t, got = pass_in_thread(b)
-        until(lambda: a.waiting_workers() == 1)
+        until(lambda: a.others(WAITING) == 1)
         time.sleep(0.05)
         assert got == [], "b started a pass on cores a holds: 3 threads on 2 cores"
     t.join(5)
-    assert got == [2]  # a is done and nobody waits: b takes both
-    assert a.held_elsewhere() == b.held_elsewhere() == 0 and a.waiting_workers() == 0
+    assert got == [1]  # a has just finished a pass: under load it takes the next one at once, on the other core
+    assert a.held_elsewhere() == b.held_elsewhere() == 0 and a.others(WAITING) == 0
+    time.sleep(RECENT_S)
+    with a.busy() as idle_since:  # b has been idle a while: a takes both again
+        assert idle_since == 2
 
 
 def test_a_pass_that_starts_while_another_worker_waits_takes_its_share(key, monkeypatch):
@@ -67,7 +73,7 @@ def test_a_pass_that_starts_while_another_worker_waits_takes_its_share(key, monk
     release_b = threading.Event()
     with a.busy():
         t, got = pass_in_thread(b, hold=release_b)
-        until(lambda: a.waiting_workers() == 1)
+        until(lambda: a.others(WAITING) == 1)
     with a.busy() as again:  # b still waits: a leaves it a core
         assert again == 1
         until(lambda: got == [1])
@@ -83,7 +89,7 @@ def test_a_wait_is_bounded(key, monkeypatch):
         start = time.monotonic()
         with b.busy() as threads:  # a never finishes: b runs on one thread after the wait
             assert threads == 1 and 0.1 <= time.monotonic() - start < 1
-    assert b.waiting_workers() == 0
+    assert b.others(WAITING) == 0
 
 
 def test_cores_held_by_a_killed_worker_are_free_again(key):
@@ -103,12 +109,19 @@ def test_cores_held_by_a_killed_worker_are_free_again(key):
         assert threads == 2
 
 
-def test_a_worker_restarted_after_a_crash_clears_its_waiting_flag(key):
+def test_a_dead_worker_counts_as_idle_and_its_index_can_start_again(key):
     a, b = CoreShare(2, 0, cores=2, key=key), CoreShare(2, 1, cores=2, key=key)
-    b._flags[b._waiting] = 1  # killed while it waited for a core
-    assert a.waiting_workers() == 1
-    CoreShare(2, 1, cores=2, key=key)  # the same worker, started again
-    assert a.waiting_workers() == 0
+    b._set(WAITING)  # killed while it waited for a core
+    assert a.others(WAITING) == 1 and a.others_active() == 1
+    with pytest.raises(RuntimeError, match="worker 1 is already running"):
+        CoreShare(2, 1, cores=2, key=key)
+    del b  # its process ends: the kernel drops its locks
+    assert a.others(WAITING) == 0 and a.others_active() == 0
+    with a.busy() as threads:
+        assert threads == 2
+    restarted = CoreShare(2, 1, cores=2, key=key)  # the same worker, started again: its stale state is gone
+    time.sleep(RECENT_S)
+    assert a.others_active() == 0 and restarted.others_active() == 0
 
 
 def test_an_index_outside_the_workers_is_refused():

@@ -62,7 +62,8 @@ def main(rounds: Annotated[int, typer.Option(help="rounds, each running every ca
         bare.close()
     rows = {case: {"p50_ms": round(statistics.median(v), 1), "p90_ms": round(float(np.percentile(v, 90)), 1),
                    "max_ms": round(max(v), 1), "passes": len(v)} for case, v in ms.items()}
-    result = {"machine": machine(), "command": "python -m bench.oversubscribe" + (" --quick" if quick else f" --rounds {rounds} --calls {calls}"),
+    command = "python -m bench.oversubscribe " + ("--quick" if quick else f"--rounds {rounds} --calls {calls}")
+    result = {"machine": machine(), "command": command,
               "embedder": embedder, "spin_count": os.environ[SPIN_COUNT["name"]], "rounds": rounds, "cases": rows}
     print("| worker A's pass of one photo | p50 ms | p90 ms | max ms |\n|---|---|---|---|")
     for case, r in rows.items():

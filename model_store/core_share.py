@@ -87,7 +87,7 @@ class CoreShare:
         if os.fstat(self._fd).st_size < size:
             os.ftruncate(self._fd, size)
         self._shared = mmap.mmap(self._fd, size)
-        if not _lock(self._fd, self.cores + index, fcntl.F_WRLCK):  # held for this worker's life
+        if not _lock(self._fd, self._state_byte(index), fcntl.F_WRLCK):  # held for this worker's life
             raise RuntimeError(f"{self.path}: embedder worker {index} is already running")
         self._set(IDLE, ended=0.0)  # a worker restarted after a crash clears what it may have left
 
@@ -95,31 +95,32 @@ class CoreShare:
         if getattr(self, "_fd", None) is not None:
             os.close(self._fd)  # drops any lock still held
 
-    def _state(self, worker: int) -> tuple[int, float]:
-        return self._shared[self.cores + worker], struct.unpack_from("d", self._shared,
-                                                                     self.cores + self.workers + 8 * worker)[0]
+    def _state_byte(self, worker: int) -> int:
+        return self.cores + worker
+
+    def _ended_at(self, worker: int) -> int:
+        return self.cores + self.workers + 8 * worker
 
     def _set(self, state: int, ended: float | None = None) -> None:
-        self._shared[self.cores + self.index] = state
+        self._shared[self._state_byte(self.index)] = state
         if ended is not None:
-            struct.pack_into("d", self._shared, self.cores + self.workers + 8 * self.index, ended)
+            struct.pack_into("d", self._shared, self._ended_at(self.index), ended)
 
-    def alive(self, worker: int) -> bool:
-        """Whether `worker`'s process is running: each holds a lock on its state byte while it lives."""
-        return worker == self.index or not _lock(self._fd, self.cores + worker, fcntl.F_WRLCK, test=True)
+    def _others(self) -> Iterator[tuple[int, float]]:
+        """(state, when its last pass ended) of each other running worker: each holds a lock on its state
+        byte while it lives, so a dead worker's stale state is skipped."""
+        for w in range(self.workers):
+            if w != self.index and not _lock(self._fd, self._state_byte(w), fcntl.F_WRLCK, test=True):
+                yield self._shared[self._state_byte(w)], struct.unpack_from("d", self._shared, self._ended_at(w))[0]
 
     def others(self, state: int) -> int:
         """Other running workers in `state` (IDLE, WAITING, BUSY)."""
-        return sum(self._state(w)[0] == state for w in range(self.workers) if w != self.index and self.alive(w))
+        return sum(st == state for st, _ in self._others())
 
     def others_active(self) -> int:
         """Other running workers busy, waiting for a core, or between two passes."""
-        now, active = time.monotonic(), 0
-        for w in range(self.workers):
-            if w != self.index and self.alive(w):
-                state, ended = self._state(w)
-                active += state != IDLE or now - ended < RECENT_S
-        return active
+        now = time.monotonic()
+        return sum(st != IDLE or now - ended < RECENT_S for st, ended in self._others())
 
     def held_elsewhere(self) -> int:
         """Cores that other passes hold now."""
@@ -135,11 +136,11 @@ class CoreShare:
         share = max(1, len(held) // (1 + self.others_active()))
         for core in held[share:]:
             _lock(self._fd, core, fcntl.F_UNLCK)
-        held, threads = held[:share], max(1, share)
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
+        held = held[:share]
+        if torch.get_num_threads() != share:
+            torch.set_num_threads(share)
         try:
-            yield threads
+            yield share
         finally:
             for core in held:
                 _lock(self._fd, core, fcntl.F_UNLCK)

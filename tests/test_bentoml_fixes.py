@@ -44,6 +44,7 @@ def burst_then_lone_call() -> tuple[float, float, list[int]]:
 def pristine_optimizer(monkeypatch):
     """BentoML's Optimizer as shipped, restored after the test whatever the test patched."""
     monkeypatch.setattr(Optimizer, "trigger_refresh", Optimizer.trigger_refresh)
+    monkeypatch.setattr(CorkDispatcher, "train_optimizer", CorkDispatcher.train_optimizer)
     monkeypatch.setattr(Optimizer, "_holds_nothing_back", False, raising=False)
 
 
@@ -60,3 +61,55 @@ def test_after_the_fix_a_lone_call_leaves_at_once_and_bursts_still_batch(pristin
     assert wait == 0
     assert lone < 3 * PASS_S  # measured: one pass, 20 ms
     assert max(sizes) == 4  # calls that queue behind a running batch still form full batches
+
+
+FIRST_CALLS = 12
+LONG_PASS_S = 0.1
+
+
+def a_new_workers_first_calls(burst: int = 0) -> tuple[list[float], list[int], int]:
+    """A new dispatcher like the embedder's: `burst` calls at once (if any), then FIRST_CALLS calls one at a
+    time. Returns each lone call's seconds in the queue before its batch started, the batch sizes, and how
+    many calls got no answer (BentoML cancels a call its cost model expects to wait too long)."""
+    waits: list[float] = []
+    sizes: list[int] = []
+    starts: list[float] = []
+
+    async def run() -> int:
+        async def embed(batch):
+            starts.append(time.perf_counter())
+            sizes.append(len(batch))
+            await asyncio.sleep(LONG_PASS_S)
+            return batch
+
+        dispatcher = CorkDispatcher(3000, 4, fallback=lambda: None, get_batch_size=lambda x: 1)
+        call = dispatcher(embed)
+        answers = list(await asyncio.gather(*(call(i) for i in range(burst))))
+        for i in range(FIRST_CALLS):
+            sent = time.perf_counter()
+            answers.append(await call(i))
+            waits.append(starts[-1] - sent)
+        dispatcher.shutdown()
+        return answers.count(None)
+
+    unanswered = asyncio.run(run())
+    return waits, sizes, unanswered
+
+
+def test_as_shipped_a_new_worker_holds_lone_calls_back_while_it_trains(pristine_optimizer):
+    waits, _, _ = a_new_workers_first_calls()
+    assert max(waits) > LONG_PASS_S  # calls 10 and 11 wait for company that does not come (measured: 0.15-0.2 s)
+
+
+def test_after_the_fix_a_new_worker_sends_every_lone_call_at_once(pristine_optimizer):
+    never_hold_batches_back()
+    waits, sizes, _ = a_new_workers_first_calls()
+    assert max(waits) < LONG_PASS_S / 2  # measured: ~1 ms, one tick of the dispatcher
+    assert sizes == [1] * FIRST_CALLS
+
+
+def test_after_the_fix_a_burst_at_start_batches_and_drops_nothing(pristine_optimizer):
+    never_hold_batches_back()
+    _, sizes, unanswered = a_new_workers_first_calls(burst=40)
+    assert unanswered == 0
+    assert max(sizes) == 4 and sum(sizes) == 40 + FIRST_CALLS

@@ -231,7 +231,12 @@ class ImageSearch:
     async def __is_ready__(self) -> bool:
         if self.active is None:
             return False
-        if await self._embedder_tag() != self.active.index.manifest.embedder:
+        try:
+            tag = await self._embedder_tag()
+        except ApiError as exc:  # the embedder is still starting, or gone: not ready, and /readyz says why
+            self.problem = exc.message
+            return False
+        if tag != self.active.index.manifest.embedder:
             self.problem = (f"index {self.active.served.index} needs embedder {self.active.index.manifest.embedder}, "
                             f"the embedder service runs {self.embedder_tag}: redeploy")
             return False

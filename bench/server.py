@@ -35,6 +35,7 @@ class Server:
             cwd=root, env={**os.environ, "PYTHONPATH": str(root), "BENTOML_DO_NOT_TRACK": "True", **env},
             stdout=open(self.log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
         self.http = httpx.Client(base_url=self.url, timeout=60)
+        self.while_starting: list[tuple[int, str]] = []  # what wait() was answered: status, body
 
     def wait(self, path: str = "/readyz", timeout: float = 180) -> "Server":
         deadline = time.time() + timeout
@@ -42,7 +43,9 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited:\n{self.log.read_text()[-3000:]}")
             try:
-                if self.http.get(path).status_code == 200:
+                r = self.http.get(path)
+                self.while_starting.append((r.status_code, r.text))
+                if r.status_code == 200:
                     return self
             except httpx.TransportError:
                 pass

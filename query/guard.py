@@ -167,16 +167,16 @@ class ErrorShaper:
         await self._send({"type": "http.response.body", "body": body})
 
     def reshape(self, status: int, body: bytes) -> ErrorBody:
+        method, path = self.scope["method"], self.scope["path"]
+        if status == 503 and path == "/readyz":
+            return ErrorBody(error=f"not ready: {self.not_ready_reason() or 'starting up'}")
         mine = next((e for e in reversed(self.raised) if e.status == status), None)
         if mine is not None:
             return ErrorBody(error=mine.message, field=mine.field)
-        method, path = self.scope["method"], self.scope["path"]
         if status == 404:
             return ErrorBody(error=f"there is no {method} {path}: the API is listed at /")
         if status == 405:
             return ErrorBody(error=f"{path} does not take {method}: the API at / lists the methods")
-        if status == 503 and path == "/readyz":
-            return ErrorBody(error=f"not ready: {self.not_ready_reason() or 'starting up'}")
         found = _message_in(body)
         if found is not None and status < 500:
             return found

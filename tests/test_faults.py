@@ -3,6 +3,7 @@ SIGTERM under load. One server for the module, in this order; the last test stop
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -36,7 +37,8 @@ class Load:
     url: str
     clients: int = 4
     idle_gaps: bool = False  # pause about 5 s now and then: idle keep-alive connections expire then
-    answers: list[tuple[float, float, object, str]] = field(default_factory=list)  # start, seconds, status, body
+    # start, seconds at the client, status, body, took_ms (the server's own time, from a 200's answer)
+    answers: list[tuple[float, float, object, str, float | None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.stop = threading.Event()
@@ -50,9 +52,10 @@ class Load:
                 try:
                     r = http.post("/search", files={"image": ("p.png", rnd.choice(PHOTOS), "image/png")},
                                   data={"k": "3"})
-                    self.answers.append((start, time.time() - start, r.status_code, r.text[:300]))
+                    took = r.json().get("took_ms") if r.status_code == 200 else None
+                    self.answers.append((start, time.time() - start, r.status_code, r.text[:300], took))
                 except httpx.HTTPError as exc:
-                    self.answers.append((start, time.time() - start, type(exc).__name__, ""))
+                    self.answers.append((start, time.time() - start, type(exc).__name__, "", None))
                     time.sleep(0.2)
                 if self.idle_gaps and rnd.random() < 0.05:
                     self.stop.wait(rnd.uniform(4.5, 5.5))
@@ -97,6 +100,16 @@ def fault_server(fault_stages, tmp_path_factory):
         srv.stop()
 
 
+def test_readiness_while_starting_answers_503_with_the_reason(fault_server):
+    """Until the embedder answers, /readyz says why it is not ready (it answered 500 with a traceback in the log
+    when the entry's first call to the embedder timed out while the embedder was still warming up)."""
+    statuses = [status for status, _ in fault_server.while_starting]
+    assert statuses[-1] == 200 and set(statuses) <= {200, 503}, statuses
+    reasons = {json.loads(body)["error"] for status, body in fault_server.while_starting if status == 503}
+    assert reasons and all(r.startswith("not ready: ") for r in reasons), reasons
+    assert "GET /readyz failed" not in fault_server.log.read_text()
+
+
 def test_cors_opens_only_to_configured_origins(fault_server):
     ask = {"Access-Control-Request-Method": "POST"}
     ok = fault_server.http.options("/search", headers={"Origin": "https://shop.example", **ask})
@@ -123,11 +136,14 @@ def test_promote_and_rollback_for_minutes_under_load_fail_nothing_and_stall_noth
                 assert fault_server.http.post("/reload", headers=AUTH).status_code in (200, 409)
             switches += 1
     failed = [a for a in load.answers if a[2] != 200]
-    slowest = max(a[1] for a in load.answers)
+    worst = max(load.answers, key=lambda a: a[1])
+    slowest = worst[1]
     retries = len(re.findall("embedder call 1 failed", fault_server.log.read_text()))
-    print(f"{len(load.answers)} requests, {switches} switches, slowest {slowest:.2f} s, {retries} embed retries")
+    print(f"{len(load.answers)} requests, {switches} switches, slowest {slowest:.2f} s (server: {worst[4]} ms), "
+          f"{retries} embed retries")
     assert not failed, failed[:5]
-    assert slowest < 2.0, sorted(a[1] for a in load.answers)[-5:]
+    # seconds at the client and the server's took_ms: a slow server, or a slow client on a busy machine
+    assert slowest < 2.0, [(round(a[1], 2), a[4]) for a in sorted(load.answers, key=lambda a: a[1])[-5:]]
     assert len(load.answers) > 20 * switches
     index = fault_server.http.get("/index").json()["served"]["index"]
     assert index in (demo_index.tag, second_index.tag)

@@ -69,6 +69,7 @@ POLL_S = 0.0005
 # busy flags before; with 0.5, lone searches as fast and p99 at 4 clients lower (docs/PERFORMANCE.md).
 RECENT_S = 0.5
 IDLE, WAITING, BUSY = 0, 1, 2
+FILE_PREFIX = "imagesearch-embedder-cores-"  # then the process id of the server's supervisor
 
 
 class CoreShare:
@@ -79,7 +80,8 @@ class CoreShare:
             raise ValueError(f"worker index {index} is outside 0..{workers - 1}")
         self.workers, self.index, self.cores = workers, index, cores or available_cores()
         folder = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
-        self.path = folder / f"imagesearch-embedder-cores-{key or os.getppid()}"
+        remove_stale_files(folder)
+        self.path = folder / f"{FILE_PREFIX}{key or os.getppid()}"
         # bytes 0..cores-1: one lock each (never written); per worker a state byte (locked while the worker
         # lives) and, 8 bytes each, when its last pass ended
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -158,6 +160,25 @@ class CoreShare:
     def _grab(self) -> list[int]:
         """Lock every free core; their numbers."""
         return [core for core in range(self.cores) if _lock(self._fd, core, fcntl.F_WRLCK)]
+
+
+def remove_stale_files(folder: Path) -> None:
+    """The files of servers whose supervisor is gone (they are named after its process id): a few bytes
+    each, but one per server start, and /dev/shm is memory."""
+    for path in folder.glob(f"{FILE_PREFIX}*"):
+        pid = path.name.removeprefix(FILE_PREFIX)
+        if pid.isdigit() and not _process_exists(int(pid)):
+            path.unlink(missing_ok=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _lock(fd: int, byte: int, kind: int, test: bool = False) -> bool:

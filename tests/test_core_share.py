@@ -3,6 +3,7 @@ and no core is ever given to two passes at once."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -133,3 +134,22 @@ def test_worker_count_setting_wins_else_one_per_gpu_or_one_per_core():
     assert worker_count(3, on_gpu=True) == 3
     assert worker_count(0, on_gpu=True) == 1
     assert worker_count(0, on_gpu=False) == min(available_cores(), MAX_AUTO_WORKERS)
+
+
+def test_a_new_worker_removes_the_files_of_servers_that_are_gone(key):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    folder = CoreShare(2, 0, cores=2, key=key).path.parent
+    stale = folder / f"{core_share.FILE_PREFIX}{gone.stdout.strip()}"
+    live = folder / f"{core_share.FILE_PREFIX}{os.getpid()}"  # a server still running: this process
+    stale.write_bytes(b"\0" * 8)
+    live_existed = live.exists()
+    live.write_bytes(b"\0" * 8)
+    try:
+        CoreShare(2, 1, cores=2, key=key)
+        assert not stale.exists()
+        assert live.exists()
+        assert (folder / f"{core_share.FILE_PREFIX}{key}").exists()  # not named after a process: kept
+    finally:
+        stale.unlink(missing_ok=True)
+        if not live_existed:
+            live.unlink(missing_ok=True)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 
+import aiohttp
 import pytest
+from aiohttp import web
 from bentoml._internal.marshal.dispatcher import CorkDispatcher, Optimizer
 
-from query.bentoml_fixes import never_hold_batches_back
+from query.bentoml_fixes import never_hold_batches_back, reuse_newest_first
 
 PASS_S = 0.02  # one batch's pass, whatever its size, like a network on a busy CPU
 
@@ -113,3 +115,44 @@ def test_after_the_fix_a_burst_at_start_batches_and_drops_nothing(pristine_optim
     _, sizes, unanswered = a_new_workers_first_calls(burst=40)
     assert unanswered == 0
     assert max(sizes) == 4 and sum(sizes) == 40 + FIRST_CALLS
+
+
+def connections_used_one_at_a_time(newest_first: bool) -> list[int]:
+    """A real aiohttp server on 127.0.0.1 and a client as BentoML makes it: 4 calls at once open 4
+    connections, then 12 calls one at a time. Returns the client port that carried each lone call."""
+
+    async def run() -> list[int]:
+        async def handler(request: web.Request) -> web.Response:
+            await asyncio.sleep(0.02 if request.query.get("slow") else 0)
+            return web.Response(text=str(request.transport.get_extra_info("peername")[1]))
+
+        app = web.Application()
+        app.router.add_get("/", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        connector = aiohttp.TCPConnector(keepalive_timeout=5)
+        if newest_first:
+            reuse_newest_first(connector)
+        try:
+            async with aiohttp.ClientSession(connector=connector) as session:
+                async def get(path: str) -> int:
+                    async with session.get(f"http://127.0.0.1:{port}{path}") as r:
+                        return int(await r.text())
+
+                assert len(set(await asyncio.gather(*(get("/?slow=1") for _ in range(4))))) == 4
+                return [await get("/") for _ in range(12)]
+        finally:
+            await runner.cleanup()
+
+    return asyncio.run(run())
+
+
+def test_as_shipped_calls_one_at_a_time_cycle_through_every_idle_connection():
+    assert len(set(connections_used_one_at_a_time(newest_first=False))) == 4
+
+
+def test_after_the_fix_calls_one_at_a_time_keep_to_one_connection():
+    assert len(set(connections_used_one_at_a_time(newest_first=True))) == 1

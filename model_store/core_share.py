@@ -30,6 +30,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import psutil
+
 
 def available_cores() -> int:
     """Cores this process may run on (its CPU affinity, which container limits usually set)."""
@@ -167,18 +169,8 @@ def remove_stale_files(folder: Path) -> None:
     each, but one per server start, and /dev/shm is memory."""
     for path in folder.glob(f"{FILE_PREFIX}*"):
         pid = path.name.removeprefix(FILE_PREFIX)
-        if pid.isdigit() and not _process_exists(int(pid)):
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
             path.unlink(missing_ok=True)
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def _lock(fd: int, byte: int, kind: int, test: bool = False) -> bool:

@@ -1,7 +1,8 @@
 """Faults of BentoML 1.4.39 behind slow or failed searches, fixed where they start (docs/PERFORMANCE.md, section 6).
 
-Both reach into BentoML's internals, so both are pinned to the version in requirements.txt and covered by
-tests (tests/test_bentoml_fixes.py, and the service tests under load).
+Each reaches into BentoML's internals (or aiohttp's, its client between the services), so both are pinned in
+requirements.txt, and each fix is tested against the real part, as shipped and fixed (tests/test_bentoml_fixes.py,
+and the service tests under load).
 """
 
 from __future__ import annotations

@@ -71,6 +71,7 @@ POLL_S = 0.0005
 # busy flags before; with 0.5, lone searches as fast and p99 at 4 clients lower (docs/PERFORMANCE.md).
 RECENT_S = 0.5
 IDLE, WAITING, BUSY = 0, 1, 2
+FOLDER = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())  # memory, where there is one
 FILE_PREFIX = "imagesearch-embedder-cores-"  # then the process id of the server's supervisor
 
 
@@ -81,9 +82,8 @@ class CoreShare:
         if not 0 <= index < workers:
             raise ValueError(f"worker index {index} is outside 0..{workers - 1}")
         self.workers, self.index, self.cores = workers, index, cores or available_cores()
-        folder = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
-        remove_stale_files(folder)
-        self.path = folder / f"{FILE_PREFIX}{key or os.getppid()}"
+        remove_stale_files(FOLDER)
+        self.path = FOLDER / f"{FILE_PREFIX}{key or os.getppid()}"
         # bytes 0..cores-1: one lock each (never written); per worker a state byte (locked while the worker
         # lives) and, 8 bytes each, when its last pass ended
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)

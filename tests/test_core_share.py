@@ -6,11 +6,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,8 +23,7 @@ def key():
     threads = torch.get_num_threads()
     yield key
     torch.set_num_threads(threads)
-    for folder in (Path("/dev/shm"), Path(tempfile.gettempdir())):
-        (folder / f"imagesearch-embedder-cores-{key}").unlink(missing_ok=True)
+    (core_share.FOLDER / f"{core_share.FILE_PREFIX}{key}").unlink(missing_ok=True)
 
 
 def pass_in_thread(share: CoreShare, hold: threading.Event | None = None) -> tuple[threading.Thread, list]:
@@ -138,9 +135,9 @@ def test_worker_count_setting_wins_else_one_per_gpu_or_one_per_core():
 
 def test_a_new_worker_removes_the_files_of_servers_that_are_gone(key):
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    folder = CoreShare(2, 0, cores=2, key=key).path.parent
-    stale = folder / f"{core_share.FILE_PREFIX}{gone.stdout.strip()}"
-    live = folder / f"{core_share.FILE_PREFIX}{os.getpid()}"  # a server still running: this process
+    CoreShare(2, 0, cores=2, key=key)
+    stale = core_share.FOLDER / f"{core_share.FILE_PREFIX}{gone.stdout.strip()}"
+    live = core_share.FOLDER / f"{core_share.FILE_PREFIX}{os.getpid()}"  # a server still running: this process
     stale.write_bytes(b"\0" * 8)
     live_existed = live.exists()
     live.write_bytes(b"\0" * 8)
@@ -148,7 +145,7 @@ def test_a_new_worker_removes_the_files_of_servers_that_are_gone(key):
         CoreShare(2, 1, cores=2, key=key)
         assert not stale.exists()
         assert live.exists()
-        assert (folder / f"{core_share.FILE_PREFIX}{key}").exists()  # not named after a process: kept
+        assert (core_share.FOLDER / f"{core_share.FILE_PREFIX}{key}").exists()  # not named after a process: kept
     finally:
         stale.unlink(missing_ok=True)
         if not live_existed:

@@ -27,6 +27,7 @@ pytestmark = pytest.mark.slow
 # How long stage switches alternate under load; the issue asks for several minutes.
 SWITCH_SECONDS = float(os.environ.get("IMAGESEARCH_TEST_SWITCH_S", "180"))
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+SERVER_KEEPALIVE_S = 5  # uvicorn's keep-alive timeout, which `bentoml serve` keeps
 PHOTOS = [png(draw_object(f, 0, 30)) for f in range(8)]
 
 
@@ -46,7 +47,11 @@ class Load:
 
     def _client(self, seed: int) -> None:
         rnd = random.Random(seed)
-        with httpx.Client(base_url=self.url, timeout=30) as http:
+        # Idle connections dropped before the server drops them (uvicorn: after 5 s; httpx's default is also 5 s),
+        # as any client of a keep-alive server must: with equal limits a POST sent at ~5 s idle met a connection
+        # the server had just closed (RemoteProtocolError after 1 ms, once in a CI run on 2026-12-03).
+        limits = httpx.Limits(keepalive_expiry=SERVER_KEEPALIVE_S - 1)
+        with httpx.Client(base_url=self.url, timeout=30, limits=limits) as http:
             while not self.stop.is_set():
                 start = time.time()
                 try:

@@ -7,12 +7,21 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
 import psutil
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "deploy" / "k8s.yaml"
+
+
+def deployed_serve_args() -> list[str]:
+    """The `bentoml serve` options the Kubernetes container runs with (deploy/k8s.yaml), to serve as deployed."""
+    deployment = next(d for d in yaml.safe_load_all(K8S.read_text()) if d and d["kind"] == "Deployment")
+    return list(deployment["spec"]["template"]["spec"]["containers"][0].get("args", []))
 
 
 def free_port() -> int:
@@ -22,16 +31,16 @@ def free_port() -> int:
 
 
 class Server:
-    """`bentoml serve TARGET` on 127.0.0.1 from `root` (this checkout, or another version of it) with extra
-    environment; stop() ends every process it started."""
+    """`bentoml serve TARGET [SERVE_ARGS]` on 127.0.0.1 from `root` (this checkout, or another version of it) with
+    extra environment; stop() ends every process it started."""
 
     def __init__(self, log: Path, target: str = "service:ImageSearch", port: int | None = None,
-                 root: Path = ROOT, **env: str):
+                 root: Path = ROOT, serve_args: Sequence[str] = (), **env: str):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = Path(log)
         self.proc = subprocess.Popen(
-            ["bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(self.port)],
+            ["bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(self.port), *serve_args],
             cwd=root, env={**os.environ, "PYTHONPATH": str(root), "BENTOML_DO_NOT_TRACK": "True", **env},
             stdout=open(self.log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
         self.http = httpx.Client(base_url=self.url, timeout=60)

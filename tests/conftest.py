@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 # Before anything imports bentoml: tests never touch the user's real store.
@@ -15,7 +16,7 @@ os.environ["IMAGESEARCH_STAGES_DIR"] = str(_HOME / "stages")
 
 import pytest  # noqa: E402
 
-from bench.server import Server as BenchServer  # noqa: E402
+from bench.server import Server as BenchServer, deployed_serve_args  # noqa: E402
 from index_builder.build import build  # noqa: E402
 from index_builder.demo import make_demo_catalogue  # noqa: E402
 from model_store import stages  # noqa: E402
@@ -72,9 +73,10 @@ def python() -> str:
 class Server(BenchServer):
     """The service with its own stage record and the test admin token."""
 
-    def __init__(self, stages_dir: Path, log: Path, bento: str = "service:ImageSearch", **env: str):
-        super().__init__(log, bento, IMAGESEARCH_STAGES_DIR=str(stages_dir), IMAGESEARCH_ADMIN_TOKEN=TOKEN,
-                         BENTOML_HOME=os.environ["BENTOML_HOME"], **env)
+    def __init__(self, stages_dir: Path, log: Path, bento: str = "service:ImageSearch",
+                 serve_args: Sequence[str] = (), **env: str):
+        super().__init__(log, bento, serve_args=serve_args, IMAGESEARCH_STAGES_DIR=str(stages_dir),
+                         IMAGESEARCH_ADMIN_TOKEN=TOKEN, BENTOML_HOME=os.environ["BENTOML_HOME"], **env)
 
 
 @pytest.fixture(scope="session")
@@ -90,7 +92,8 @@ def served_stages(tmp_path_factory, demo_index):
 
 @pytest.fixture(scope="session")
 def server(served_stages, tmp_path_factory):
-    srv = Server(served_stages, tmp_path_factory.mktemp("logs") / "serve.log", IMAGESEARCH_FOLLOW_STAGE_S="0",
+    srv = Server(served_stages, tmp_path_factory.mktemp("logs") / "serve.log", serve_args=deployed_serve_args(),
+                 IMAGESEARCH_FOLLOW_STAGE_S="0",
                  IMAGESEARCH_MAX_IMAGE_BYTES="2000000", IMAGESEARCH_MAX_IMAGE_PIXELS="4000000")
     try:
         srv.wait()

@@ -22,6 +22,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from bench.server import deployed_serve_args
+from model_store.settings import Settings
+
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s.yaml"
 BENTOCLOUD = ROOT / "deploy" / "bentocloud.yaml"
@@ -171,6 +174,28 @@ def test_k8s_deployment_probes_and_scrape_annotations():
     assert ann["prometheus.io/port"] == "3000"
     assert ann["prometheus.io/path"] == "/metrics"
     assert k8s_doc("Service")["spec"]["selector"] == pod["metadata"]["labels"]
+
+
+def test_k8s_readiness_probe_waits_for_the_embedders_answer():
+    """/readyz asks the embedder: one deadline and one retry while it starts. A probe that gives up sooner
+    reads a timeout instead of the reason."""
+    probe = k8s_doc("Deployment")["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
+    assert probe["timeoutSeconds"] > 2 * Settings.model_fields["embed_deadline_s"].default  # not set in the pod
+
+
+def serve_options(args: list[str]) -> dict:
+    """`bentoml serve`'s options as its own command line parser reads them (it raises on an unknown one)."""
+    from bentoml_cli.cli import cli
+
+    return cli.commands["serve"].make_context("serve", ["service:ImageSearch", *args]).params
+
+
+def test_k8s_entry_keeps_idle_connections_longer_than_load_balancers():
+    """Longer than AWS ALB's and ingress-nginx's 60 s and Google's load balancers' 600 s: the server closing an
+    idle connection first can fail a request sent on it (tests/test_service.py serves with these options)."""
+    assert serve_options(deployed_serve_args())["timeout_keep_alive"] > 600
+    with pytest.raises(Exception, match="No such option"):
+        serve_options(["--timeout-keep-alives", "620"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import csv
+import http.client
 import io
 import re
 import shutil
@@ -359,3 +360,23 @@ def test_the_entry_workers_never_load_torch(server):
     assert torch_loaded["entry"] and not any(torch_loaded["entry"]), torch_loaded
     assert torch_loaded["embedder"] and all(torch_loaded["embedder"]), torch_loaded
     assert not loads_torch(psutil.Process(server.proc.pid))  # the supervisor
+
+
+def test_idle_connections_outlive_uvicorns_keep_alive(server):
+    """Served as deployed (deploy/k8s.yaml's `bentoml serve` options), an idle connection is still open after
+    uvicorn's default keep-alive of 5 s: a load balancer keeping it longer must not send a request into a close."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    answers = []
+    try:
+        for idle_s in (0, 6):
+            time.sleep(idle_s)
+            try:
+                conn.request("GET", "/livez")
+                answers.append(conn.getresponse().read() and 200)
+            except (http.client.HTTPException, OSError) as exc:
+                answers.append(f"after {idle_s} s idle: {exc!r}")
+            if idle_s == 0:
+                first = conn.sock
+        assert answers == [200, 200] and conn.sock is first, answers
+    finally:
+        conn.close()

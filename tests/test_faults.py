@@ -18,6 +18,7 @@ import httpx
 import psutil
 import pytest
 
+from bench.server import deployed_serve_args
 from conftest import TOKEN, Server
 from index_builder.demo import draw_object
 from model_store import stages
@@ -27,7 +28,6 @@ pytestmark = pytest.mark.slow
 # How long stage switches alternate under load; the issue asks for several minutes.
 SWITCH_SECONDS = float(os.environ.get("IMAGESEARCH_TEST_SWITCH_S", "180"))
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-SERVER_KEEPALIVE_S = 5  # uvicorn's keep-alive timeout, which `bentoml serve` keeps
 PHOTOS = [png(draw_object(f, 0, 30)) for f in range(8)]
 
 
@@ -47,11 +47,10 @@ class Load:
 
     def _client(self, seed: int) -> None:
         rnd = random.Random(seed)
-        # Idle connections dropped before the server drops them (uvicorn: after 5 s; httpx's default is also 5 s),
-        # as any client of a keep-alive server must: with equal limits a POST sent at ~5 s idle met a connection
-        # the server had just closed (RemoteProtocolError after 1 ms, once in a CI run on 2026-12-03).
-        limits = httpx.Limits(keepalive_expiry=SERVER_KEEPALIVE_S - 1)
-        with httpx.Client(base_url=self.url, timeout=30, limits=limits) as http:
+        # httpx drops idle connections after 5 s, long before the server does (served as deployed: 620 s). With
+        # uvicorn's default 5 s on both sides a POST sent at ~5 s idle met a connection the server had just
+        # closed (RemoteProtocolError after 1 ms, once in a CI run on 2026-12-03).
+        with httpx.Client(base_url=self.url, timeout=30) as http:
             while not self.stop.is_set():
                 start = time.time()
                 try:
@@ -96,7 +95,8 @@ def with_stages(folder: Path, action):
 
 @pytest.fixture(scope="module")
 def fault_server(fault_stages, tmp_path_factory):
-    srv = Server(fault_stages, tmp_path_factory.mktemp("fault-logs") / "serve.log", IMAGESEARCH_FOLLOW_STAGE_S="1",
+    srv = Server(fault_stages, tmp_path_factory.mktemp("fault-logs") / "serve.log", serve_args=deployed_serve_args(),
+                 IMAGESEARCH_FOLLOW_STAGE_S="1",
                  IMAGESEARCH_CORS_ORIGINS='["https://shop.example"]')
     try:
         srv.wait()

@@ -22,11 +22,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from bench.server import deployed_serve_args
+from bench.server import K8S, deployed_serve_args
 from model_store.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
-K8S = ROOT / "deploy" / "k8s.yaml"
 BENTOCLOUD = ROOT / "deploy" / "bentocloud.yaml"
 KEDA_SCHEMA = ROOT / "deploy" / "schemas" / "keda.sh_scaledobjects.v1alpha1.yaml"
 SERVICE_PY = ROOT / "service.py"

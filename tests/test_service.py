@@ -372,7 +372,9 @@ def test_idle_connections_outlive_uvicorns_keep_alive(server):
             time.sleep(idle_s)
             try:
                 conn.request("GET", "/livez")
-                answers.append(conn.getresponse().read() and 200)
+                answer = conn.getresponse()
+                answer.read()
+                answers.append(answer.status)
             except (http.client.HTTPException, OSError) as exc:
                 answers.append(f"after {idle_s} s idle: {exc!r}")
             if idle_s == 0:

@@ -7,6 +7,7 @@ import datetime as dt
 import hmac
 import logging
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -215,6 +216,7 @@ class ImageSearch:
         self._stage_mtime = stage_mtime()
         _instances[:] = [self]
         _limit_blas_threads()
+        _open_files_up_to_the_hard_limit()
         tune_client(self.embedder)
         if SERVED is None:
             self.problem = f"nothing is promoted to {settings.stage}"
@@ -440,6 +442,15 @@ def _limit_blas_threads() -> None:
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(1)
+
+
+def _open_files_up_to_the_hard_limit() -> None:
+    """Each client connection is an open file, and as deployed idle ones are kept 620 s (deploy/k8s.yaml). The
+    soft limit can be 1,024 in a container whose hard limit is far higher; past it the entry accepts no new
+    connection. Like nginx and Go's runtime, the entry raises its soft limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 if settings.cors_origins:  # closed by default; the outermost of our middlewares, so errors carry CORS headers too

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -32,17 +33,19 @@ def free_port() -> int:
 
 class Server:
     """`bentoml serve TARGET [SERVE_ARGS]` on 127.0.0.1 from `root` (this checkout, or another version of it) with
-    extra environment; stop() ends every process it started."""
+    extra environment, and `open_files` as its soft limit on open files if given (a container's may be 1,024);
+    stop() ends every process it started."""
 
     def __init__(self, log: Path, target: str = "service:ImageSearch", port: int | None = None,
-                 root: Path = ROOT, serve_args: Sequence[str] = (), **env: str):
+                 root: Path = ROOT, serve_args: Sequence[str] = (), open_files: int | None = None, **env: str):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = Path(log)
         self.proc = subprocess.Popen(
             ["bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(self.port), *serve_args],
             cwd=root, env={**os.environ, "PYTHONPATH": str(root), "BENTOML_DO_NOT_TRACK": "True", **env},
-            stdout=open(self.log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=open(self.log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=(lambda: _soft_open_files(open_files)) if open_files else None)
         self.http = httpx.Client(base_url=self.url, timeout=60)
         self.while_starting: list[tuple[int, str]] = []  # what wait() was answered: status, body
 
@@ -93,3 +96,7 @@ class Server:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _soft_open_files(n: int) -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (n, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))

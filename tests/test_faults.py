@@ -3,6 +3,7 @@ SIGTERM under load. One server for the module, in this order; the last test stop
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import random
@@ -29,6 +30,7 @@ pytestmark = pytest.mark.slow
 SWITCH_SECONDS = float(os.environ.get("IMAGESEARCH_TEST_SWITCH_S", "180"))
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 PHOTOS = [png(draw_object(f, 0, 30)) for f in range(8)]
+OPEN_FILES = 256  # the fault server's soft limit on open files (a container's can be 1,024)
 
 
 @dataclass
@@ -96,7 +98,7 @@ def with_stages(folder: Path, action):
 @pytest.fixture(scope="module")
 def fault_server(fault_stages, tmp_path_factory):
     srv = Server(fault_stages, tmp_path_factory.mktemp("fault-logs") / "serve.log", serve_args=deployed_serve_args(),
-                 IMAGESEARCH_FOLLOW_STAGE_S="1",
+                 open_files=OPEN_FILES, IMAGESEARCH_FOLLOW_STAGE_S="1",
                  IMAGESEARCH_CORS_ORIGINS='["https://shop.example"]')
     try:
         srv.wait()
@@ -113,6 +115,33 @@ def test_readiness_while_starting_answers_503_with_the_reason(fault_server):
     reasons = {json.loads(body)["error"] for status, body in fault_server.while_starting if status == 503}
     assert reasons and all(r.startswith("not ready: ") for r in reasons), reasons
     assert "GET /readyz failed" not in fault_server.log.read_text()
+
+
+def test_idle_connections_past_the_soft_open_file_limit_lock_no_search_out(fault_server):
+    """Served as deployed, idle connections are kept 620 s, each an open file of the entry; where the soft limit
+    on open files is low (1,024 in some containers) idle clients could use it up and new ones could not connect.
+    The entry takes its hard limit, as nginx and Go's runtime do."""
+    n = 3 * OPEN_FILES // 2
+    idle, answers = [], []
+    try:
+        for _ in range(n):
+            conn = http.client.HTTPConnection("127.0.0.1", fault_server.port, timeout=5)
+            idle.append(conn)
+            try:
+                conn.request("GET", "/livez")
+                answers.append(conn.getresponse().status)
+            except OSError as exc:
+                answers.append(f"connection {len(idle)}: {exc!r}")
+                break
+        try:
+            search = httpx.post(f"{fault_server.url}/search", files={"image": ("p.png", PHOTOS[0], "image/png")},
+                                data={"k": "3"}, timeout=10).status_code
+        except httpx.HTTPError as exc:
+            search = repr(exc)
+        assert answers == [200] * n and search == 200, (Counter(map(str, answers)), search)
+    finally:
+        for conn in idle:
+            conn.close()
 
 
 def test_cors_opens_only_to_configured_origins(fault_server):

@@ -449,8 +449,11 @@ def _open_files_up_to_the_hard_limit() -> None:
     soft limit can be 1,024 in a container whose hard limit is far higher; past it the entry accepts no new
     connection. Like nginx and Go's runtime, the entry raises its soft limit to the hard one."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    try:
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:  # e.g. an unlimited hard limit above the kernel's nr_open
+        log.warning("open files: soft limit stays %s (%s)", soft, exc)
 
 
 if settings.cors_origins:  # closed by default; the outermost of our middlewares, so errors carry CORS headers too

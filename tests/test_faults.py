@@ -23,7 +23,7 @@ from bench.server import deployed_serve_args
 from conftest import TOKEN, Server
 from index_builder.demo import draw_object
 from model_store import stages
-from test_service import corrupt_copy, png
+from test_service import corrupt_copy, livez_on, png
 
 pytestmark = pytest.mark.slow
 # How long stage switches alternate under load; the issue asks for several minutes.
@@ -128,8 +128,7 @@ def test_idle_connections_past_the_soft_open_file_limit_lock_no_search_out(fault
             conn = http.client.HTTPConnection("127.0.0.1", fault_server.port, timeout=5)
             idle.append(conn)
             try:
-                conn.request("GET", "/livez")
-                answers.append(conn.getresponse().status)
+                answers.append(livez_on(conn))
             except OSError as exc:
                 answers.append(f"connection {len(idle)}: {exc!r}")
                 break

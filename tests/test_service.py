@@ -362,6 +362,14 @@ def test_the_entry_workers_never_load_torch(server):
     assert not loads_torch(psutil.Process(server.proc.pid))  # the supervisor
 
 
+def livez_on(conn: http.client.HTTPConnection) -> int:
+    """GET /livez on this one connection (never a new one behind the caller's back): its status."""
+    conn.request("GET", "/livez")
+    answer = conn.getresponse()
+    answer.read()
+    return answer.status
+
+
 def test_idle_connections_outlive_uvicorns_keep_alive(server):
     """Served as deployed (deploy/k8s.yaml's `bentoml serve` options), an idle connection is still open after
     uvicorn's default keep-alive of 5 s: a load balancer keeping it longer must not send a request into a close."""
@@ -371,10 +379,7 @@ def test_idle_connections_outlive_uvicorns_keep_alive(server):
         for idle_s in (0, 6):
             time.sleep(idle_s)
             try:
-                conn.request("GET", "/livez")
-                answer = conn.getresponse()
-                answer.read()
-                answers.append(answer.status)
+                answers.append(livez_on(conn))
             except (http.client.HTTPException, OSError) as exc:
                 answers.append(f"after {idle_s} s idle: {exc!r}")
             if idle_s == 0:

@@ -12,8 +12,9 @@ import torch
 from model_store import pooling
 from model_store.backbones import for_inference, get_backbone, resolve_weights
 from model_store.embedder_config import Descriptor, EmbedderConfig
+from model_store.malloc import keep_freed_memory
 from model_store.registry import get_model, list_models, register
-from model_store.settings import EMBEDDER_MODEL
+from model_store.settings import EMBEDDER_MODEL, get_settings
 
 CONFIG_FILE = "embedder.json"
 WEIGHTS_FILE = "weights.pt"
@@ -38,6 +39,8 @@ class Embedder:
         self.config = config
         self.device = pick_device(device)
         self.half = half and self.device.type == "cuda"
+        if self.device.type == "cpu" and get_settings().keep_freed_memory:
+            keep_freed_memory()  # process-wide: its activations are what a CPU process allocates most
         net = for_inference(net.eval()).to(self.device, memory_format=torch.channels_last)
         self.net = (net.half() if self.half else net).eval()
         # (x / 255 - mean) / std as one multiply and one subtract per pixel, on the device

@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     half_precision: bool = Field(True, description="Use fp16 on a CUDA device.")
     torch_compile: bool = Field(False, description="torch.compile the embedder network at startup.")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default.")
+    keep_freed_memory: bool = Field(
+        True, description="On a CPU, a process running the network keeps the memory a pass frees for the next one "
+        "(model_store/malloc.py): without it, page faults took 29-35% of a pass (docs/PERFORMANCE.md)."
+    )
     embed_batching: bool = Field(True, description="Adaptive batching of embed calls (off: one call per request).")
     embed_max_batch_size: int = Field(
         0, ge=0, description="Adaptive batching: most photos per batch; 0 = 4 on a CPU, 8 on a GPU (measured)."

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import copy
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +17,8 @@ from index_builder.demo import draw_object
 from model_store.backbones import for_inference, get_backbone
 from model_store.embedder import Embedder, new_embedder, pick_device
 from model_store.preprocess import image_to_pixels
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +101,29 @@ def test_folded_network_gives_the_published_networks_vectors(n):
     fresh.load_state_dict(net.state_dict())
     assert for_inference(fresh) is fresh
     np.testing.assert_allclose(Embedder(config, fresh, "cpu").embed(photos), folded, atol=1e-6)
+
+
+FAULTS_PER_PASS = """
+import resource
+import numpy as np, torch
+from model_store.embedder import Embedder, new_embedder
+torch.set_num_threads(1)
+embedder = Embedder(*new_embedder("efficientnet-lite0"), "cpu")
+x = np.zeros((4, 3, 224, 224), np.uint8)
+embedder.warm_up((4, 4, 4))  # the heap settles in two or three passes
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    embedder.embed(x)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_a_cpu_pass_reuses_the_memory_the_last_one_freed():
+    """Measured: ~13,500 page faults per batch of 4 when glibc hands freed activations back, 29-35% of a pass."""
+    def faults(keep: bool) -> float:
+        run = subprocess.run([sys.executable, "-c", FAULTS_PER_PASS], cwd=ROOT, capture_output=True, text=True,
+                             env={**os.environ, "IMAGESEARCH_KEEP_FREED_MEMORY": str(keep).lower()}, check=True)
+        return float(run.stdout.split()[-1])
+
+    assert faults(keep=True) < 100 < 1000 < faults(keep=False)

@@ -1,0 +1,34 @@
+"""Keep the memory a forward pass frees for the next one, instead of handing it back to the kernel.
+
+On a CPU every pass allocates its activations afresh and frees them at the end. glibc's malloc gives large
+freed blocks back to the kernel: a block above its mmap threshold is a mapping of its own and is unmapped
+when freed, and free memory at the top of a heap beyond its trim threshold is released. The next pass then
+faults the same pages back in, and the kernel zeroes each one: measured on this project's default network,
+one thread, ~3,000 page faults per pass of one photo and ~13,500 per batch of 4, 29-35% of the pass's time
+(docs/PERFORMANCE.md, "Memory the network frees"). With a fixed mmap threshold at glibc's largest (32 MiB)
+and a trim threshold far above what a pass holds, freed activations stay in the process and are reused:
+no page faults once each batch size has run (Embedder.warm_up runs them before a service is ready).
+
+The process keeps its peak memory instead of shrinking after each pass; activations above 32 MiB (a large
+network at a large batch) are still mapped and unmapped each time.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+
+log = logging.getLogger(__name__)
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+MMAP_THRESHOLD = 32 << 20  # glibc's largest on 64-bit (HEAP_MAX_SIZE / 2); a fixed value stops its adjusting
+TRIM_THRESHOLD = 512 << 20
+
+
+def keep_freed_memory() -> bool:
+    """Set this process's malloc to keep freed blocks (glibc only); whether it was set."""
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # absent outside glibc (musl, macOS)
+    if mallopt is None:
+        log.info("malloc: no mallopt here; freed memory goes back to the system as before")
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))

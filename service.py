@@ -30,6 +30,7 @@ from starlette.staticfiles import StaticFiles
 
 from model_store import stages, thumbnails
 from model_store.core_share import SHARING, SPIN_COUNT, CoreShare, worker_count
+from model_store.malloc import ONE_ARENA
 from model_store.preprocess import ImageError, ImageTooLarge, decode_image, image_to_pixels
 from model_store.settings import get_settings
 from query.active import Active, load_active, stage_mtime
@@ -83,7 +84,9 @@ EMBED_MAX_BATCH = settings.embed_batch_limit(EMBED_ON_GPU)
     workers=EMBEDDER_WORKERS,  # one per GPU; on a CPU one per core, sharing the cores (model_store/core_share.py)
     # max_concurrency is never the bottleneck: the entry's guard sheds load first.
     traffic={"timeout": 30, "max_concurrency": 256, "concurrency": settings.embedder_concurrency},
-    envs=[SPIN_COUNT],  # idle torch threads stop spinning sooner: the workers share the cores
+    # Idle torch threads stop spinning sooner (the workers share the cores); the torch thread allocates from
+    # the main arena, which keeps the memory a pass frees for the next one (model_store/malloc.py).
+    envs=[SPIN_COUNT, *([ONE_ARENA] if settings.keep_freed_memory else [])],
 )
 class Embedder:
     """(N, 3, H, W) uint8 photos, resized and cropped -> (N, D) L2-normalised descriptors."""

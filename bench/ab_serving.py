@@ -15,7 +15,6 @@ of each server role and the share of CPU the hypervisor stole meanwhile (/proc/s
 
 from __future__ import annotations
 
-import asyncio
 import json
 import statistics
 import subprocess
@@ -25,9 +24,9 @@ from typing import Annotated
 import typer
 
 from bench.ann_scale import machine
-from bench.overhead import (DOCS, checkout, closed_loop, cpu_ms_per_request, cpu_seconds, demo_index,
-                            hide_newer_packages)
+from bench.overhead import DOCS, checkout, cpu_ms_per_request, cpu_seconds, demo_index, hide_newer_packages
 from bench.server import ROOT, Server
+from bench.wrk import closed_loop
 
 LEVELS = (8, 16)
 
@@ -42,13 +41,13 @@ def steal_ticks() -> tuple[int, int]:
 
 
 def loads(srv: Server, photos: list[bytes], seconds: float, levels: tuple[int, ...]) -> list[dict]:
-    asyncio.run(closed_loop(srv.url, photos, 16, min(seconds, 5)))  # warm up
+    closed_loop(srv.url, photos, 16, min(seconds, 5))  # warm up
     out = []
     for clients in levels:
         cpu0, (all0, stolen0) = cpu_seconds(srv), steal_ticks()
-        r = asyncio.run(closed_loop(srv.url, photos, clients, seconds))
+        r = closed_loop(srv.url, photos, clients, seconds)
         cpu1, (all1, stolen1) = cpu_seconds(srv), steal_ticks()
-        r["cpu_ms_per_request"] = cpu_ms_per_request(cpu0, cpu1, r["answered"])
+        r["cpu_ms_per_request"] = cpu_ms_per_request(cpu0, cpu1, r)
         r["stolen"] = round((stolen1 - stolen0) / max(all1 - all0, 1), 3)
         out.append(r)
     return out

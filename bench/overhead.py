@@ -12,18 +12,17 @@ of that row, and compares it with that code's own bare network:
 - latency: HTTP /search p50, one request at a time, over the bare forward pass p50 (one photo, torch's default
   threads), timed in blocks that alternate (an idle torch process keeps its threads spinning for a while, so
   timing them one by one would make each slow the other);
-- throughput: the best of 4, 8 and 16 clients posting back to back over the bare network's best rate on the
-  same cores, in two layouts: one process with torch's default threads (the embedder as bench.embedder_speed
+- throughput: the best of 4, 8 and 16 clients posting back to back (wrk, bench/wrk.py: a load generator in C,
+  whose own CPU is not taken from the server) over the bare network's best rate on the same cores, in two layouts: one process with torch's default threads (the embedder as bench.embedder_speed
   times it), and one single-threaded process per core; batches of 1, 2, 4 and 8. The bare networks run in
   helper processes (bench/bare_worker.py) importing the row's code.
 Rounds alternate bare and served measurements, so the machine's drift hits both; ratios are taken per round
-and the median is reported with every round's. At saturation the CPU each server process and the load
-generator spend per request is read with psutil: where the cores go.
+and the median is reported with every round's. At saturation the CPU each server process spends per request is read
+with psutil, and wrk's own from its resource usage: where the cores go.
 """
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import json
 import os
@@ -37,13 +36,13 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-import httpx
 import numpy as np
 import psutil
 import typer
 
 from bench.ann_scale import machine
 from bench.server import ROOT, Server
+from bench.wrk import closed_loop
 from model_store.core_share import available_cores, worker_count
 from model_store.embedder import pick_device
 
@@ -140,31 +139,8 @@ def latency(srv: Server, bare: BareEmbedders, photos: list[bytes], ctype: str, b
             "bare_spaced_p50_ms": round(s, 1), "http_over_bare_spaced": round(h / s, 2)}
 
 
-async def closed_loop(url: str, photos: list[bytes], concurrency: int, seconds: float,
-                      ctype: str = "image/png") -> dict:
-    """`concurrency` clients posting photos back to back for `seconds`; answers per second and latencies."""
-    done, failed, ms, stop = [0], [0], [], time.perf_counter() + seconds
-
-    async def client(c: httpx.AsyncClient, k: int) -> None:
-        while time.perf_counter() < stop:
-            sent = time.perf_counter()
-            r = await c.post("/search", files={"image": ("photo", photos[k % len(photos)], ctype)}, data={"k": "10"})
-            ms.append((time.perf_counter() - sent) * 1000)
-            done[0] += r.status_code == 200
-            failed[0] += r.status_code != 200
-            k += concurrency
-
-    start = time.perf_counter()
-    async with httpx.AsyncClient(base_url=url, timeout=30, limits=httpx.Limits(max_connections=concurrency)) as c:
-        await asyncio.gather(*(client(c, k) for k in range(concurrency)))
-    elapsed = time.perf_counter() - start
-    p50, p99 = np.percentile(ms, [50, 99]) if ms else (0.0, 0.0)
-    return {"concurrency": concurrency, "answered": done[0], "failed": failed[0], "rps": round(done[0] / elapsed, 1),
-            "p50_ms": round(float(p50), 1), "p99_ms": round(float(p99), 1)}
-
-
 def cpu_seconds(srv: Server) -> dict[str, float]:
-    """CPU seconds so far of the server's processes by role, and of this process (the load generator)."""
+    """CPU seconds so far of the server's processes by role."""
     roles = {}
     for role, procs in srv.processes().items():
         roles[role] = 0.0
@@ -174,13 +150,14 @@ def cpu_seconds(srv: Server) -> dict[str, float]:
             except psutil.Error:
                 continue
             roles[role] += t.user + t.system
-    me = psutil.Process().cpu_times()
-    return {**roles, "load generator": me.user + me.system}
+    return roles
 
 
-def cpu_ms_per_request(before: dict[str, float], after: dict[str, float], answered: int) -> dict[str, float]:
-    """Milliseconds of CPU per answered request of each role, from two cpu_seconds readings."""
-    return {k: round((after[k] - before[k]) / max(answered, 1) * 1000, 1) for k in after}
+def cpu_ms_per_request(before: dict[str, float], after: dict[str, float], loop: dict) -> dict[str, float]:
+    """Milliseconds of CPU per answered request of each server role, from two cpu_seconds readings around a
+    closed loop, and of the loop's load generator."""
+    spent = {**{k: after[k] - before[k] for k in after}, "load generator": loop["load_generator_cpu_s"]}
+    return {k: round(v / max(loop["answered"], 1) * 1000, 1) for k, v in spent.items()}
 
 
 def saturation(srv: Server, photos: list[bytes], ctype: str, seconds: float, levels: tuple[int, ...]) -> dict:
@@ -188,9 +165,9 @@ def saturation(srv: Server, photos: list[bytes], ctype: str, seconds: float, lev
     loads = []
     for c in levels:
         before = cpu_seconds(srv)
-        r = asyncio.run(closed_loop(srv.url, photos, c, seconds, ctype))
+        r = closed_loop(srv.url, photos, c, seconds, ctype)
         after = cpu_seconds(srv)
-        r["cpu_ms_per_request"] = cpu_ms_per_request(before, after, r["answered"])
+        r["cpu_ms_per_request"] = cpu_ms_per_request(before, after, r)
         loads.append(r)
     best = max(loads, key=lambda r: r["rps"])
     return {"loads": loads, "best_rps": best["rps"], "cpu_ms_per_request": best["cpu_ms_per_request"]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 import pytest
@@ -49,6 +50,7 @@ def test_ab_serving(python):
     out = quick("bench.ab_serving", python, "--env", "IMAGESEARCH_EMBED_DEADLINE_S=2")
     assert '"before (HEAD)"' in out and '"this checkout IMAGESEARCH_EMBED_DEADLINE_S=2"' in out
     assert '"median_embedder_cpu_ms"' in out and '"median_p99_ms"' in out
+    assert '"failed": 0' in out and not re.search(r'"failed": [1-9]', out)  # wrk's non-2xx answers, socket errors
 
 
 def test_oversubscribe(python):
@@ -56,6 +58,46 @@ def test_oversubscribe(python):
     assert "| 2 threads, another worker busy on 1 |" in out and "| 1 thread, alone |" in out
 
 
+def test_freed_memory(python):
+    out = quick("bench.freed_memory", python)
+    assert "| efficientnet-lite0 | 64 | 1 | 1 |" in out and "kept / handed back" in out
+
+
 def test_decode(python):
     out = quick("bench.decode", python)
     assert '"reduced_ms"' in out and '"page_ms"' in out
+
+
+def test_wrk_counts_failed_searches_as_failures():
+    """bench/wrk.py against a real HTTP server that fails every third search: failures counted, not answers."""
+    import http.server
+    import threading
+
+    from bench.wrk import closed_loop
+
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            seen.append(self.path == "/search" and b'name="image"' in body and b"PHOTO" in body)
+            status = 500 if len(seen) % 3 == 0 else 200
+            self.send_response(status)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        r = closed_loop(f"http://127.0.0.1:{srv.server_port}", [b"PHOTO"], 2, 1)
+    finally:
+        srv.shutdown()
+    assert seen and all(seen)
+    assert r["answered"] > 0 and r["failed"] > 0 and abs(r["failed"] - r["answered"] / 2) <= 2
+    assert r["p50_ms"] > 0 and r["load_generator_cpu_s"] >= 0

@@ -5,7 +5,7 @@ and time per photo with IMAGESEARCH_KEEP_FREED_MEMORY on (model_store/malloc.py)
     python -m bench.freed_memory --quick   # a tiny network, a few passes (the tests')
 
 Every measurement is a fresh process (the setting is process-wide): it loads the embedder, runs three passes
-(the heap settles in two or three), then times `passes` passes and counts the page faults they take. Cases:
+of each size (the heap settles in two or three), then times `passes` passes and counts the page faults they take. Cases:
 batches of 1, 2 and 4 on one thread (a served worker beside a busy one), and one photo on torch's default
 threads (a lone search). The two settings alternate case by case and round by round, so the VM's drift hits
 both; the table gives medians of rounds.
@@ -31,30 +31,43 @@ from bench.server import ROOT
 CASES = ((1, 1), (2, 1), (4, 1), (1, 0))  # (batch, torch threads; 0 = torch's default)
 ONE_PROCESS = """
 import json, resource, sys, time
+from concurrent.futures import ThreadPoolExecutor
 import numpy as np, torch
 from model_store.embedder import Embedder, new_embedder
-backbone, size, batch, threads, passes = sys.argv[1], int(sys.argv[2]), *map(int, sys.argv[3:])
+backbone, size, cycle = sys.argv[1], int(sys.argv[2]), [int(n) for n in sys.argv[3].split(",")]
+threads, passes, where = int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
 if threads:
     torch.set_num_threads(threads)
-config, net = new_embedder(backbone, image_size=size or None)
-embedder, crop = Embedder(config, net, "cpu"), config.preprocess.crop
-x = np.random.default_rng(0).integers(0, 256, (batch, 3, crop, crop), dtype=np.uint8)
-embedder.warm_up((batch,) * 3)
-faults, ms = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, []
-for _ in range(passes):
-    start = time.perf_counter()
-    embedder.embed(x)
-    ms.append((time.perf_counter() - start) * 1000 / batch)
-faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / passes
-print(json.dumps({"faults_per_pass": faults, "ms_per_photo": sorted(ms)[len(ms) // 2], "crop": crop}))
+
+def measure():
+    config, net = new_embedder(backbone, image_size=size or None)
+    embedder, crop = Embedder(config, net, "cpu"), config.preprocess.crop
+    x = np.random.default_rng(0).integers(0, 256, (max(cycle), 3, crop, crop), dtype=np.uint8)
+    for _ in range(4):  # the heap settles in a few passes of each size
+        for n in cycle:
+            embedder.embed(x[:n])
+    faults, ms = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, []
+    for _ in range(passes):
+        for n in cycle:
+            start = time.perf_counter()
+            embedder.embed(x[:n])
+            ms.append((time.perf_counter() - start) * 1000 / n)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / len(ms)
+    return {"faults_per_pass": faults, "ms_per_photo": sorted(ms)[len(ms) // 2], "crop": crop}
+
+# "thread": on a thread of its own, as the embedder service runs its passes
+print(json.dumps(ThreadPoolExecutor(1).submit(measure).result() if where == "thread" else measure()))
 """
 app = typer.Typer(add_completion=False)
 
 
-def one_process(keep: bool, backbone: str, size: int, batch: int, threads: int, passes: int) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "IMAGESEARCH_KEEP_FREED_MEMORY": str(keep).lower()}
-    run = subprocess.run([sys.executable, "-c", ONE_PROCESS, backbone, str(size), str(batch), str(threads),
-                          str(passes)], cwd=ROOT, env=env, capture_output=True, text=True)
+def one_process(keep: bool, backbone: str, size: int, batches: str, threads: int, passes: int,
+                where: str = "main", **env: str) -> dict:
+    """Page faults and median ms per photo of `passes` cycles of `batches` ("4", or mixed: "4,1,3,2") in a fresh
+    process, on its main thread or a thread of its own (`where`), with the setting `keep` and extra `env`."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "IMAGESEARCH_KEEP_FREED_MEMORY": str(keep).lower(), **env}
+    run = subprocess.run([sys.executable, "-c", ONE_PROCESS, backbone, str(size), batches, str(threads), str(passes),
+                          where], cwd=ROOT, env=env, capture_output=True, text=True)
     if run.returncode != 0:
         raise RuntimeError(f"the measuring process failed:\n{run.stderr[-2000:]}")
     return json.loads(run.stdout.splitlines()[-1])
@@ -86,7 +99,7 @@ def main(backbones: Annotated[str, typer.Option(help="comma-separated")] = "effi
         for name in names[:1] if quick else names:
             for batch, threads in cases:
                 for keep in ((False, True) if rnd % 2 == 0 else (True, False)):
-                    r = one_process(keep, name, size, batch, threads, passes)
+                    r = one_process(keep, name, size, str(batch), threads, passes)
                     runs.setdefault((name, batch, threads), {}).setdefault("kept" if keep else "handed back",
                                                                           []).append(r)
                     print(json.dumps({"round": rnd, "backbone": name, "batch": batch, "threads": threads,

@@ -7,12 +7,14 @@ faults the same pages back in, and the kernel zeroes each one: measured on this 
 one thread, ~3,000 page faults per pass of one photo and ~13,500 per batch of 4, 29-35% of the pass's time
 (docs/PERFORMANCE.md, "Memory the network frees"). With a fixed mmap threshold at glibc's largest (32 MiB)
 and a trim threshold far above what a pass holds, freed activations stay in the process and are reused:
-no page faults once each batch size has run (Embedder.warm_up runs them before a service is ready).
+few page faults once each batch size has run a few times (Embedder.warm_up runs each before a service
+is ready).
 
 Only on the main thread's arena. The service runs torch on a thread of its own (service.py), and glibc gives
 a thread an arena of its own, made of heaps of at most 64 MiB, each deleted once all of it is free whatever
 the trim threshold: with the thresholds alone a served worker still took 1,400-3,600 page faults per search at
-16 clients, and passes on a thread 2,374 per pass where glibc's own adjusting left 1.5. So the embedder service
+16 clients; on a thread's own arena glibc's default faulted 1.5 times a pass in one script and 4,153 in
+another (bench/freed_memory.py's), and the thresholds alone 2,374 in the first. So the embedder service
 starts its workers with ONE_ARENA in their environment (every thread then allocates from the main heap, which
 only the trim threshold shrinks: 4-32 faults per search), and elsewhere keep_freed_memory applies only when
 called on the main thread, where the builder and the benchmarks run the network. glibc reads the arena limit

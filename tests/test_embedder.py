@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import copy
-import os
 import platform
-import subprocess
-import sys
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
 
+from bench.freed_memory import one_process
 from index_builder.demo import draw_object
 from model_store.backbones import for_inference, get_backbone
 from model_store.embedder import Embedder, new_embedder, pick_device
-from model_store.malloc import ONE_ARENA
+from model_store.malloc import ONE_ARENA, keep_freed_memory
 from model_store.preprocess import image_to_pixels
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -104,46 +100,31 @@ def test_folded_network_gives_the_published_networks_vectors(n):
     np.testing.assert_allclose(Embedder(config, fresh, "cpu").embed(photos), folded, atol=1e-6)
 
 
-FAULTS_PER_PASS = """
-import resource, sys
-from concurrent.futures import ThreadPoolExecutor
-import numpy as np, torch
-from model_store.embedder import Embedder, new_embedder
-torch.set_num_threads(1)
-
-def faults_per_pass():
-    embedder = Embedder(*new_embedder("efficientnet-lite0"), "cpu")
-    x, cycle = np.zeros((4, 3, 224, 224), np.uint8), [int(n) for n in sys.argv[2].split(",")]
-    for _ in range(4):  # the heap settles in a few passes of each size
-        for n in cycle:
-            embedder.embed(x[:n])
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(2):
-        for n in cycle:
-            embedder.embed(x[:n])
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / (2 * len(cycle))
-
-on_thread = sys.argv[1] == "thread"  # as the embedder service runs its passes
-print(ThreadPoolExecutor(1).submit(faults_per_pass).result() if on_thread else faults_per_pass())
-"""
-
-
-def faults_per_pass(where: str, batches: str, **env: str) -> float:
-    run = subprocess.run([sys.executable, "-c", FAULTS_PER_PASS, where, batches], cwd=ROOT, capture_output=True,
-                         text=True, env={**os.environ, **env}, check=True)
-    return float(run.stdout.split()[-1])
+def faults_per_pass(where: str, batches: str, keep: bool = True, **env: str) -> float:
+    """In a fresh process (the setting is process-wide), Lite0 at 224 px on one thread (bench/freed_memory.py)."""
+    return one_process(keep, "efficientnet-lite0", 0, batches, 1, 2, where, **env)["faults_per_pass"]
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_a_cpu_pass_reuses_the_memory_the_last_one_freed():
     """Measured: ~13,500 page faults per batch of 4 when glibc hands freed activations back, 29-35% of a pass."""
-    assert faults_per_pass("main", "4") < 100 < 1000 < faults_per_pass("main", "4", IMAGESEARCH_KEEP_FREED_MEMORY="false")
+    assert faults_per_pass("main", "4") < 100 < 1000 < faults_per_pass("main", "4", keep=False)
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
-@pytest.mark.parametrize("env", [{}, {ONE_ARENA["name"]: ONE_ARENA["value"]}], ids=["own arena", "one arena"])
-def test_passes_on_a_thread_of_their_own_take_few_page_faults(env):
-    """As the service runs them, batch sizes mixed. On a thread's own arena a fixed mmap threshold made it worse
-    (~2,400 faults a pass, where glibc's own adjusting left ~2), so it is set only with one arena (the
-    embedder service's environment: tests/test_service.py checks the workers')."""
-    assert faults_per_pass("thread", "4,1,3,2", **env) < 200
+def test_passes_on_a_thread_of_their_own_with_one_arena_take_few_page_faults():
+    """As the service runs them (tests/test_service.py checks its workers start with ONE_ARENA), batch sizes mixed.
+    Without the arena, on the thread's own one, 4,153 faults a pass were measured with glibc's default."""
+    assert faults_per_pass("thread", "4,1,3,2", **{ONE_ARENA["name"]: ONE_ARENA["value"]}) < 200
+
+
+def test_freed_memory_is_kept_only_where_the_thread_allocates_from_the_main_arena(monkeypatch):
+    """On a thread's own arena fixed thresholds made it worse (2,374 faults a pass where glibc's default had 1.5
+    in that script): keep_freed_memory declines there unless the process started with one arena."""
+    def on_a_thread() -> bool:
+        return ThreadPoolExecutor(1).submit(keep_freed_memory).result()
+
+    monkeypatch.delenv(ONE_ARENA["name"], raising=False)
+    assert on_a_thread() is False
+    monkeypatch.setenv(ONE_ARENA["name"], ONE_ARENA["value"])
+    assert on_a_thread() is (platform.libc_ver()[0] == "glibc")

@@ -101,7 +101,7 @@ def main(before: Annotated[str, typer.Option(help="git ref to compare this check
                 print(json.dumps({"round": i, label: results[-1][label]}), flush=True)
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=ROOT, capture_output=True, check=False)
-    command = " ".join(["python -m bench.ab_serving", f"--before {before}", f"--rounds {rounds}",
+    command = " ".join(["python -m bench.ab_serving", f"--before {before}", f"--rounds {rounds}", f"--seconds {seconds:g}",
                         *(f"--env {pair}" for pair in env), *(f"--clients {n}" for n in clients)])
     result = {"machine": machine(), "command": command,
               "summary": {label: summary(results, label, levels) for label in versions}, "rounds": results}

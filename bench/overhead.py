@@ -13,12 +13,13 @@ of that row, and compares it with that code's own bare network:
   threads), timed in blocks that alternate (an idle torch process keeps its threads spinning for a while, so
   timing them one by one would make each slow the other);
 - throughput: the best of 4, 8 and 16 clients posting back to back (wrk, bench/wrk.py: a load generator in C,
-  whose own CPU is not taken from the server) over the bare network's best rate on the same cores, in two layouts: one process with torch's default threads (the embedder as bench.embedder_speed
-  times it), and one single-threaded process per core; batches of 1, 2, 4 and 8. The bare networks run in
-  helper processes (bench/bare_worker.py) importing the row's code.
+  whose own CPU is not taken from the server) over the bare network's best rate on the same cores, in two
+  layouts: one process with torch's default threads (the embedder as bench.embedder_speed times it), and one
+  single-threaded process per core; batches of 1, 2, 4 and 8. The bare networks run in helper processes
+  (bench/bare_worker.py) importing the row's code.
 Rounds alternate bare and served measurements, so the machine's drift hits both; ratios are taken per round
-and the median is reported with every round's. At saturation the CPU each server process spends per request is read
-with psutil, and wrk's own from its resource usage: where the cores go.
+and the median is reported with every round's. At saturation the CPU each server process spends per request
+is read with psutil, and wrk's own from its resource usage: where the cores go.
 """
 
 from __future__ import annotations

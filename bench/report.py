@@ -90,6 +90,11 @@ UPLOADS = {"demo": "demo photos (160 px PNG)", "phone": "phone photos as is (160
            "page": "phone photos as the page sends them (693x520 JPEG)"}
 
 
+def load_generator(d: dict) -> str:
+    """Which load generator drove a bench.overhead run's closed loops: wrk since 2026-12-03, httpx before."""
+    return "wrk" if "load_generator_cpu_s" in d["rows"][-1]["rounds"][0]["loads"][0] else "httpx"
+
+
 def overhead_table(d: dict) -> str:
     """bench.overhead: each row's code against its own bare network, medians of alternating rounds."""
     upload = UPLOADS[d.get("upload", "demo")]
@@ -98,7 +103,8 @@ def overhead_table(d: dict) -> str:
     has_spaced = all("bare_spaced_p50_ms" in r for r in d["rows"])  # measured since 2026-12-03
     spaced_head = ("bare forward p50 ms, spaced as lone searches | **HTTP / spaced bare** | " if has_spaced else "")
     lines = [f"Machine: {d['machine']}; `{d['command']}`; the demo index (default embedder), {d['photos']} {upload} "
-             f"uploaded; server, embedder and load generator share the cores; this checkout ran "
+             f"uploaded; server, embedder and load generator ({load_generator(d)}) share the cores; this checkout "
+             f"ran "
              f"{layout['entry_workers']} entry and {layout['embedder_workers']} embedder processes, batches of up "
              f"to {layout['embed_max_batch']}. Medians of {len(d['rows'][-1]['rounds'])} rounds; bare networks at "
              "their best batch of 1, 2, 4, 8.", "",
@@ -129,7 +135,8 @@ def overhead_table(d: dict) -> str:
 def lone_search_table(runs: list[dict]) -> str:
     """bench.overhead of this checkout alone, one run per upload kind: a lone search against the bare pass,
     back to back and spaced as lone searches are; every round shown (the machine's noise is in the spread)."""
-    lines = [f"Machine: {runs[0]['machine']}; the demo index (default embedder); the runs one after another.", "",
+    lines = [f"Machine: {runs[0]['machine']}; the demo index (default embedder); the runs one after another; "
+             f"closed loops driven by {load_generator(runs[0])}.", "",
              "| upload | round | HTTP /search p50 ms | bare forward p50 ms, back to back | **HTTP / bare** | "
              "bare forward p50 ms, spaced as lone searches | **HTTP / spaced bare** | served / bare throughput "
              "(one process / 2 x 1 thread) |", "|---|---|---|---|---|---|---|---|"]
@@ -178,6 +185,7 @@ def soak_table(d: dict) -> str:
 
 SECTIONS = {"overhead": ("overhead.json", overhead_table), "overhead-phone": ("overhead_phone.json", overhead_table),
             "overhead-page": ("overhead_page.json", overhead_table),
+            "overhead-freed": ("overhead_freed.json", overhead_table),
             "lone-search": (("lone_demo.json", "lone_page.json", "lone_phone.json"), lone_search_table),
             "embedder": ("embedder_speed.json", embedder_table),
             "serving": ("serving.json", serving_table), "builder": ("builder_speed.json", builder_table),

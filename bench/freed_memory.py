@@ -4,9 +4,9 @@ and time per photo with IMAGESEARCH_KEEP_FREED_MEMORY on (model_store/malloc.py)
     python -m bench.freed_memory           # docs/freed_memory.json and its block in docs/PERFORMANCE.md
     python -m bench.freed_memory --quick   # a tiny network, a few passes (the tests')
 
-Every measurement is a fresh process (the setting is process-wide): it loads the embedder, runs three passes
-of each size (the heap settles in two or three), then times `passes` passes and counts the page faults they take. Cases:
-batches of 1, 2 and 4 on one thread (a served worker beside a busy one), and one photo on torch's default
+Every measurement is a fresh process (the setting is process-wide): it loads the embedder, runs four passes
+of each size (the heap settles in two or three), then times `passes` more and counts the page faults they
+take. Cases: batches of 1, 2 and 4 on one thread (a served worker beside a busy one), and one photo on torch's default
 threads (a lone search). The two settings alternate case by case and round by round, so the VM's drift hits
 both; the table gives medians of rounds.
 """

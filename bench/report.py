@@ -186,6 +186,7 @@ def soak_table(d: dict) -> str:
 SECTIONS = {"overhead": ("overhead.json", overhead_table), "overhead-phone": ("overhead_phone.json", overhead_table),
             "overhead-page": ("overhead_page.json", overhead_table),
             "overhead-freed": ("overhead_freed.json", overhead_table),
+            "overhead-dispatch": ("overhead_dispatch.json", overhead_table),
             "lone-search": (("lone_demo.json", "lone_page.json", "lone_phone.json"), lone_search_table),
             "embedder": ("embedder_speed.json", embedder_table),
             "serving": ("serving.json", serving_table), "builder": ("builder_speed.json", builder_table),

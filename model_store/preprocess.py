@@ -97,7 +97,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """Any mode (L, P, RGBA, CMYK, I;16, F...) -> upright 8-bit RGB; animated images give frame 0."""
     if getattr(img, "n_frames", 1) > 1:
         img.seek(0)
-    img = ImageOps.exif_transpose(img) or img
+    ImageOps.exif_transpose(img, in_place=True)  # in place: no copy of a photo already upright
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         img = _high_bit_depth_to_l(img)
     if img.mode == "P":
@@ -106,7 +106,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         canvas = Image.new("RGB", img.size, BACKGROUND)
         canvas.paste(img.convert("RGBA"), mask=img.convert("RGBA").getchannel("A"))
         return canvas
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")  # convert would copy an RGB image
 
 
 def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:

@@ -6,11 +6,13 @@ import asyncio
 import time
 
 import aiohttp
+import bentoml
+import numpy as np
 import pytest
 from aiohttp import web
 from bentoml._internal.marshal.dispatcher import CorkDispatcher, Optimizer
 
-from query.bentoml_fixes import never_hold_batches_back, reuse_newest_first
+from query.bentoml_fixes import media_types_worked_out_once, never_hold_batches_back, reuse_newest_first
 
 PASS_S = 0.02  # one batch's pass, whatever its size, like a network on a busy CPU
 
@@ -211,3 +213,45 @@ def test_as_shipped_calls_one_at_a_time_cycle_through_every_idle_connection():
 
 def test_after_the_fix_calls_one_at_a_time_keep_to_one_connection():
     assert len(set(connections_used_one_at_a_time(newest_first=True))) == 1
+
+
+def array_service():
+    """A BentoML service whose API answers an array, as the embedder's does; a new class each call."""
+
+    @bentoml.service
+    class Arrays:
+        @bentoml.api
+        def double(self, batch: np.ndarray) -> np.ndarray:
+            return batch * 2
+
+    return Arrays
+
+
+def schemas_built_for(spec, responses: int) -> tuple[int, list[str]]:
+    """How many JSON schemas BentoML builds to answer `responses` responses' media types, and the types."""
+    built = []
+    schema = spec.model_json_schema
+
+    def counted(*args, **kwargs):
+        built.append(1)
+        return schema(*args, **kwargs)
+
+    spec.model_json_schema = counted
+    try:
+        types = [spec.mime_type() for _ in range(responses)]
+    finally:
+        spec.model_json_schema = schema
+    return len(built), types
+
+
+def test_as_shipped_each_array_response_builds_a_json_schema():
+    spec = array_service().apis["double"].output_spec
+    built, types = schemas_built_for(spec, 5)
+    assert built == 5 and set(types) == {"application/json"}
+
+
+def test_after_the_fix_the_media_type_is_worked_out_once():
+    service = array_service()
+    media_types_worked_out_once(service)
+    built, types = schemas_built_for(service.apis["double"].output_spec, 5)
+    assert built == 0 and set(types) == {"application/json"}  # the same answer, no schema built

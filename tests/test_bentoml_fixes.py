@@ -10,7 +10,7 @@ import bentoml
 import numpy as np
 import pytest
 from aiohttp import web
-from bentoml._internal.marshal.dispatcher import CorkDispatcher, Optimizer
+from bentoml._internal.marshal.dispatcher import CorkDispatcher
 
 from query.bentoml_fixes import media_types_worked_out_once, never_hold_batches_back, reuse_newest_first
 
@@ -45,19 +45,19 @@ def burst_then_lone_call() -> tuple[float, float, list[int]]:
 
 
 @pytest.fixture
-def pristine_optimizer(monkeypatch):
-    """BentoML's Optimizer as shipped, restored after the test whatever the test patched."""
+def pristine_dispatcher(monkeypatch):
+    """BentoML's dispatcher as shipped, restored after the test whatever the test patched."""
     monkeypatch.setattr(CorkDispatcher, "controller", CorkDispatcher.controller)
     monkeypatch.setattr(CorkDispatcher, "_holds_nothing_back", False, raising=False)
 
 
-def test_as_shipped_a_burst_teaches_the_dispatcher_to_hold_lone_calls_back(pristine_optimizer):
+def test_as_shipped_a_burst_teaches_the_dispatcher_to_hold_lone_calls_back(pristine_dispatcher):
     wait, lone, _ = burst_then_lone_call()
     assert wait > 2 * PASS_S  # the time the burst spent queued, taken for time worth waiting
     assert lone > 3 * PASS_S  # so the next lone call waits for company (measured: ~160 ms)
 
 
-def test_after_the_fix_a_lone_call_leaves_at_once_and_bursts_still_batch(pristine_optimizer):
+def test_after_the_fix_a_lone_call_leaves_at_once_and_bursts_still_batch(pristine_dispatcher):
     never_hold_batches_back()
     never_hold_batches_back()  # a second call changes nothing
     _, lone, sizes = burst_then_lone_call()
@@ -98,19 +98,19 @@ def a_new_workers_first_calls(burst: int = 0) -> tuple[list[float], list[int], i
     return waits, sizes, unanswered
 
 
-def test_as_shipped_a_new_worker_holds_lone_calls_back_while_it_trains(pristine_optimizer):
+def test_as_shipped_a_new_worker_holds_lone_calls_back_while_it_trains(pristine_dispatcher):
     waits, _, _ = a_new_workers_first_calls()
     assert max(waits) > LONG_PASS_S  # calls 10 and 11 wait for company that does not come (measured: 0.15-0.2 s)
 
 
-def test_after_the_fix_a_new_worker_sends_every_lone_call_at_once(pristine_optimizer):
+def test_after_the_fix_a_new_worker_sends_every_lone_call_at_once(pristine_dispatcher):
     never_hold_batches_back()
     waits, sizes, _ = a_new_workers_first_calls()
     assert max(waits) < LONG_PASS_S / 2  # measured: well under 1 ms
     assert sizes == [1] * FIRST_CALLS
 
 
-def test_after_the_fix_a_burst_at_start_batches_and_drops_nothing(pristine_optimizer):
+def test_after_the_fix_a_burst_at_start_batches_and_drops_nothing(pristine_dispatcher):
     never_hold_batches_back()
     _, sizes, unanswered = a_new_workers_first_calls(burst=40)
     assert unanswered == 0
@@ -156,19 +156,19 @@ def gaps_between_batches(rounds: int = 3, max_latency_ms: int = 3000) -> tuple[l
     return gaps, answers
 
 
-def test_as_shipped_the_next_batch_waits_for_the_dispatchers_poll(pristine_optimizer):
+def test_as_shipped_the_next_batch_waits_for_the_dispatchers_poll(pristine_dispatcher):
     gaps, _ = gaps_between_batches()
     assert max(gaps) > POLL_S / 4  # it finds the worker free at its next poll (BentoML's: every ms)
 
 
-def test_after_the_fix_the_next_batch_leaves_when_the_running_one_ends(pristine_optimizer):
+def test_after_the_fix_the_next_batch_leaves_when_the_running_one_ends(pristine_dispatcher):
     never_hold_batches_back()
     gaps, answers = gaps_between_batches()
     assert max(gaps) < POLL_S / 10  # measured: well under a millisecond
     assert answers == ["held", "queued", "queued"] * 3  # the two queued calls left together, none refused
 
 
-def test_after_the_fix_calls_queued_past_max_latency_are_still_refused(pristine_optimizer):
+def test_after_the_fix_calls_queued_past_max_latency_are_still_refused(pristine_dispatcher):
     never_hold_batches_back()
     _, answers = gaps_between_batches(rounds=1, max_latency_ms=100)  # queued 150 ms: past 100
     assert answers == ["held", None, "queued"]  # the oldest refused (BentoML answers 503), the newest sent

@@ -5,6 +5,9 @@
     python -m bench.overhead --upload phone      # 1600x1200 JPEG uploads (a phone photo sent as is) instead of demo PNGs
     python -m bench.overhead --upload page       # the same photos as the search page sends them (upload_px)
     python -m bench.overhead --quick             # seconds-long smoke run the tests use
+    python -m bench.overhead --before '' --layout 1x1 --layout 8x4 --clients 8 --clients 32 --clients 64
+                                                 # rows of this checkout served by 1 entry and 1 embedder process,
+                                                 # then 8 and 4 (a GPU box's spare cores), driven harder
     IMAGESEARCH_DEVICE=cuda python -m bench.overhead --before '' --out docs/overhead_gpu.json   # on a GPU
 
 Every row serves the same demo index (the default embedder) from one temporary BentoML home, with the code
@@ -12,10 +15,11 @@ of that row, and compares it with that code's own bare network:
 - latency: HTTP /search p50, one request at a time, over the bare forward pass p50 (one photo, torch's default
   threads), timed in blocks that alternate (an idle torch process keeps its threads spinning for a while, so
   timing them one by one would make each slow the other);
-- throughput: the best of 4, 8 and 16 clients posting back to back (wrk, bench/wrk.py: a load generator in C,
+- throughput: the best of 4, 8 and 16 clients (`--clients`) posting back to back (wrk, bench/wrk.py: a load generator in C,
   whose own CPU is not taken from the server) over the bare network's best rate on the same cores, in two
   layouts: one process with torch's default threads (the embedder as bench.embedder_speed times it), and one
-  single-threaded process per core; batches of 1, 2, 4 and 8. The bare networks run in helper processes
+  single-threaded process per core (on a GPU: as many processes as the row's embedder workers, when more than
+  one, sharing the GPU and the cores); batches of 1, 2, 4 and 8. The bare networks run in helper processes
   (bench/bare_worker.py) importing the row's code.
 Rounds alternate bare and served measurements, so the machine's drift hits both; ratios are taken per round
 and the median is reported with every round's. At saturation the CPU each server process spends per request
@@ -34,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -42,7 +47,7 @@ import psutil
 import typer
 
 from bench.ann_scale import machine
-from bench.server import ROOT, Server
+from bench.server import ROOT, Server, python_path
 from bench.wrk import closed_loop
 from model_store.core_share import available_cores, worker_count
 from model_store.embedder import pick_device
@@ -57,7 +62,7 @@ class BareEmbedders:
     """`n` bare embedder processes of the code at `root`, each loading embedder `tag`."""
 
     def __init__(self, root: Path, tag: str, n: int):
-        env = {**os.environ, "PYTHONPATH": str(root)}
+        env = {**os.environ, "PYTHONPATH": python_path(root)}
         self.procs = [subprocess.Popen([sys.executable, str(ROOT / "bench" / "bare_worker.py"), tag], cwd=root,
                                        env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
                       for _ in range(n)]
@@ -96,18 +101,46 @@ class BareEmbedders:
             p.wait(30)
 
 
-def layouts(cores: int, gpu: bool) -> list[tuple[str, int, int]]:
+@dataclass(frozen=True)
+class Plan:
+    """What every row of one run posts and how hard: the photos, rounds, client counts and seconds per loop."""
+    photos: list[bytes]
+    ctype: str
+    rounds: int
+    quick: bool
+    clients: tuple[int, ...] = (4, 8, 16)
+    seconds: float = 15
+    bare_seconds: float = 6
+
+
+def bare_processes(cores: int, gpu: bool, embedder_workers: int) -> int:
+    """Bare embedder processes a row needs: one per core on a CPU, one per served embedder worker on a GPU."""
+    return max(1, embedder_workers) if gpu else cores
+
+
+def layouts(cores: int, gpu: bool, processes: int) -> list[tuple[str, int, int]]:
     """(name, processes, threads per process) of the bare network; threads 0 = torch's default."""
-    if gpu or cores == 1:
+    if gpu:  # each process drives the GPU from its share of the cores
+        more = [(f"{processes} processes", processes, max(1, cores // processes))] if processes > 1 else []
+        return [("one process", 1, 0), *more]
+    if cores == 1:
         return [("one process", 1, 0)]
     return [("one process", 1, 0), (f"{cores} processes x 1 thread", cores, 1)]
 
 
 def bare_rates(bare: BareEmbedders, cores: int, seconds: float) -> dict[str, dict[int, float]]:
     out: dict[str, dict[int, float]] = {}
-    for name, processes, threads in layouts(cores, bare.info["device"].startswith("cuda")):
+    for name, processes, threads in layouts(cores, bare.info["device"].startswith("cuda"), len(bare.procs)):
         out[name] = {b: round(bare.rate(processes, threads, b, seconds), 1) for b in BATCHES}
     return out
+
+
+def parse_layout(text: str) -> dict[str, str]:
+    """'ENTRYxEMBEDDER' (8x4: 8 entry and 4 embedder processes) -> the environment that serves so."""
+    m = re.fullmatch(r"(\d+)x(\d+)", text)
+    if not m or "0" in (m[1], m[2]):
+        raise typer.BadParameter(f"--layout {text!r}: give entry x embedder processes, both from 1, e.g. 8x4")
+    return {"IMAGESEARCH_SEARCH_WORKERS": m[1], "IMAGESEARCH_EMBEDDER_WORKERS": m[2]}
 
 
 def upload(srv: Server, data: bytes, ctype: str) -> None:
@@ -195,26 +228,30 @@ def hide_newer_packages(root: Path, folder: Path) -> dict[str, str]:
             continue
         (folder / name).mkdir(parents=True, exist_ok=True)
         (folder / name / "__init__.py").write_text(f"raise ImportError('{name} is not in this version')\n")
-    return {"PYTHONPATH": f"{root}{os.pathsep}{folder}"}
+    return {"PYTHONPATH": python_path(root, folder)}
 
 
-def measure(root: Path, label: str, tag: str, tmp: Path, photos: list[bytes], ctype: str, rounds: int,
-            quick: bool) -> dict:
-    """One row: `root`'s code serving index `tag`, against the bare embedder of that code."""
+def measure(root: Path, label: str, tag: str, tmp: Path, plan: Plan, layout: dict[str, str]) -> dict:
+    """One row: `root`'s code serving index `tag` with the environment `layout` (parse_layout; {} for the
+    settings' own), against the bare embedder of that code."""
     from model_store import stages
     from model_store.registry import get_model
+    from model_store.settings import Settings
 
     stages.promote(tag, "production", force=True)
-    cores = available_cores()
-    bare = BareEmbedders(root, get_model(tag).info.metadata["embedder"], 1 if quick else cores)
-    seconds, levels = (2, (4,)) if quick else (15, (4, 8, 16))
-    per_round = []
-    env = hide_newer_packages(root, tmp / f"hidden-{root.name}") if root != ROOT else {}
+    cores = 1 if plan.quick else available_cores()
+    served = serving_layout(Settings(**{k.removeprefix("IMAGESEARCH_").lower(): v for k, v in layout.items()}))
+    gpu = pick_device(served["device"]).type == "cuda"
+    bare = BareEmbedders(root, get_model(tag).info.metadata["embedder"],
+                         bare_processes(cores, gpu, served["embedder_workers"]))
+    seconds, levels = (2, (4,)) if plan.quick else (plan.seconds, plan.clients)
+    photos, ctype, per_round = plan.photos, plan.ctype, []
+    env = {**(hide_newer_packages(root, tmp / f"hidden-{root.name}") if root != ROOT else {}), **layout}
     try:
         with Server(tmp / (re.sub(r"\W+", "-", label).strip("-") + ".log"), root=root, **env).wait() as srv:
-            for _ in range(rounds):
-                rates = bare_rates(bare, 1 if quick else cores, 1 if quick else 6)
-                lat = latency(srv, bare, photos, ctype, 2 if quick else 6, 5 if quick else 20)
+            for _ in range(plan.rounds):
+                rates = bare_rates(bare, cores, 1 if plan.quick else plan.bare_seconds)
+                lat = latency(srv, bare, photos, ctype, 2 if plan.quick else 6, 5 if plan.quick else 20)
                 sat = saturation(srv, photos, ctype, seconds, levels)
                 best = {name: max(r.values()) for name, r in rates.items()}
                 per_round.append({**lat, **sat, "bare_images_per_s": rates,
@@ -225,7 +262,8 @@ def measure(root: Path, label: str, tag: str, tmp: Path, photos: list[bytes], ct
     median = lambda key, name=None: statistics.median(  # noqa: E731
         r[key][name] if name else r[key] for r in per_round)
     names = list(per_round[0]["served_over_bare"])
-    row = {"code": label, "device": bare.info["device"], "half": bare.info["half"], "rounds": per_round,
+    row = {"code": label, "device": bare.info["device"], "half": bare.info["half"], "layout": served,
+           "clients": list(levels), "rounds": per_round,
            "http_over_bare": round(median("http_over_bare"), 2), "http_p50_ms": round(median("http_p50_ms"), 1),
            "bare_forward_p50_ms": round(median("bare_forward_p50_ms"), 1), "best_rps": round(median("best_rps"), 1),
            "bare_spaced_p50_ms": round(median("bare_spaced_p50_ms"), 1),
@@ -238,10 +276,10 @@ def measure(root: Path, label: str, tag: str, tmp: Path, photos: list[bytes], ct
 
 
 def serving_layout(settings) -> dict:
-    """How this checkout serves on this machine: processes, and the embedder's batch limit."""
+    """How this checkout serves on this machine: processes, the embedder's device and batch limit."""
     gpu = pick_device(settings.device).type == "cuda"
     return {"entry_workers": settings.search_workers, "embedder_workers": worker_count(settings.embedder_workers, gpu),
-            "embed_max_batch": settings.embed_batch_limit(gpu)}
+            "embed_max_batch": settings.embed_batch_limit(gpu), "device": settings.device}
 
 
 def demo_index(prefix: str, quick: bool) -> tuple[Path, Path, str]:
@@ -287,29 +325,43 @@ def uploads(kind: str, folder: Path, tag: str, quick: bool) -> tuple[list[bytes]
 
 
 @app.command()
-def main(before: Annotated[str, typer.Option(help="git ref to compare with ('' for none)")] = BEFORE,
+def main(before: Annotated[str, typer.Option(help="git ref, or the folder of an older checkout, to compare with "
+                                                  "('' for none)")] = BEFORE,
          upload_kind: Annotated[str, typer.Option("--upload", help="demo (160 px PNG), phone (1600x1200 JPEG) "
                                                                       "or page (phone, as the page sends it)")] = "demo",
+         layout: Annotated[list[str], typer.Option(help="ENTRYxEMBEDDER processes: a row of this checkout each "
+                                                        "(default: the settings' own)")] = [],  # noqa: B006
+         clients: Annotated[list[int], typer.Option(help="closed loops' client counts")] = [4, 8, 16],  # noqa: B006
+         seconds: Annotated[float, typer.Option(help="seconds per closed loop")] = 15,
+         bare_seconds: Annotated[float, typer.Option(help="seconds per bare rate (layout and batch)")] = 6,
          rounds: Annotated[int, typer.Option(help="alternating bare/served rounds per row")] = 2,
          quick: Annotated[bool, typer.Option(help="tiny run, no docs")] = False,
-         out: Annotated[Path, typer.Option(help="where the JSON goes")] = DOCS / "overhead.json") -> None:
+         out: Annotated[Path, typer.Option(help="where the JSON goes (written after each row)")] = DOCS / "overhead.json"
+         ) -> None:
     from model_store.settings import get_settings
 
     if upload_kind not in ("demo", "phone", "page"):  # before the minute the demo index takes
         raise typer.BadParameter(f"--upload {upload_kind!r}: use demo, phone or page")
+    layouts_env = [parse_layout(text) for text in layout] or [{}]
     tmp, folder, tag = demo_index("bench-overhead-", quick)
     photos, ctype = uploads(upload_kind, folder, tag, quick)
-    rows = [measure(ROOT, "this checkout", tag, tmp, photos, ctype, 1 if quick else rounds, quick)]
+    plan = Plan(photos, ctype, 1 if quick else rounds, quick, tuple(clients), seconds, bare_seconds)
+    result = {"machine": machine(), "photos": len(photos), "upload": upload_kind, "rows": [],
+              "layout": serving_layout(get_settings()), "command": " ".join(["python -m bench.overhead", *map(shlex.quote, sys.argv[1:])])}
     if before:
-        rows.insert(0, measure(checkout(before, tmp / "before"), f"before ({before})", tag, tmp, photos, ctype,
-                               rounds, quick))
-        subprocess.run(["git", "worktree", "remove", "--force", str(tmp / "before")], cwd=ROOT, capture_output=True)
-    result = {"machine": machine(), "photos": len(photos), "upload": upload_kind, "rows": rows,
-              "layout": serving_layout(get_settings()),
-              "command": "python -m bench.overhead" + (f" --before {shlex.quote(before)}" if before != BEFORE else "")
-                         + (f" --upload {upload_kind}" if upload_kind != "demo" else "")
-                         + (f" --out {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}"
-                            if out != DOCS / "overhead.json" else "")}
+        older = Path(before) if Path(before).is_dir() else checkout(before, tmp / "before")
+        result["rows"].append(measure(older, f"before ({before})", tag, tmp, plan, {}))
+        if older == tmp / "before":
+            subprocess.run(["git", "worktree", "remove", "--force", str(older)], cwd=ROOT, capture_output=True)
+        save(result, out, quick)
+    for env in layouts_env:
+        label = "this checkout" + (f", {env['IMAGESEARCH_SEARCH_WORKERS']} entry x "
+                                   f"{env['IMAGESEARCH_EMBEDDER_WORKERS']} embedder processes" if env else "")
+        result["rows"].append(measure(ROOT, label, tag, tmp, plan, env))
+        save(result, out, quick)
+
+
+def save(result: dict, out: Path, quick: bool) -> None:
     if not quick:
         out.write_text(json.dumps(result, indent=2))
 

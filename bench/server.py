@@ -25,6 +25,12 @@ def deployed_serve_args() -> list[str]:
     return list(deployment["spec"]["template"]["spec"]["containers"][0].get("args", []))
 
 
+def python_path(*folders: Path) -> str:
+    """PYTHONPATH that imports from `folders` first, then from wherever this environment's PYTHONPATH points
+    (packages installed into a folder of their own, as on a borrowed GPU machine)."""
+    return os.pathsep.join([*map(str, folders), *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -43,7 +49,7 @@ class Server:
         self.log = Path(log)
         self.proc = subprocess.Popen(
             ["bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(self.port), *serve_args],
-            cwd=root, env={**os.environ, "PYTHONPATH": str(root), "BENTOML_DO_NOT_TRACK": "True", **env},
+            cwd=root, env={**os.environ, "PYTHONPATH": python_path(root), "BENTOML_DO_NOT_TRACK": "True", **env},
             stdout=open(self.log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
             preexec_fn=(lambda: _soft_open_files(open_files)) if open_files else None)
         self.http = httpx.Client(base_url=self.url, timeout=60)

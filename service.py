@@ -29,7 +29,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from model_store import stages, thumbnails
-from model_store.core_share import SHARING, SPIN_COUNT, CoreShare, worker_count
+from model_store.core_share import SHARING, SPIN_COUNT, CoreShare, available_cores, worker_count
 from model_store.malloc import ONE_ARENA
 from model_store.preprocess import ImageError, ImageTooLarge, decode_image, image_to_pixels
 from model_store.settings import get_settings
@@ -223,6 +223,9 @@ class ImageSearch:
         self._stage_mtime = stage_mtime()
         _instances[:] = [self]
         _limit_blas_threads()
+        # asyncio.to_thread's pool (decoding, index searches): a few threads, not Python's cores + 4
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(
+            settings.entry_thread_count(available_cores()), thread_name_prefix="entry"))
         _open_files_up_to_the_hard_limit()
         tune_client(self.embedder)
         if SERVED is None:

@@ -136,11 +136,15 @@ def bare_rates(bare: BareEmbedders, cores: int, seconds: float) -> dict[str, dic
 
 
 def parse_layout(text: str) -> dict[str, str]:
-    """'ENTRYxEMBEDDER' (8x4: 8 entry and 4 embedder processes) -> the environment that serves so."""
-    m = re.fullmatch(r"(\d+)x(\d+)", text)
-    if not m or "0" in (m[1], m[2]):
-        raise typer.BadParameter(f"--layout {text!r}: give entry x embedder processes, both from 1, e.g. 8x4")
-    return {"IMAGESEARCH_SEARCH_WORKERS": m[1], "IMAGESEARCH_EMBEDDER_WORKERS": m[2]}
+    """'ENTRYxEMBEDDER [NAME=VALUE ...]' (8x4: 8 entry and 4 embedder processes; then settings of the row's
+    own) -> the environment that serves so."""
+    head, *extra = text.split()
+    m = re.fullmatch(r"(\d+)x(\d+)", head)
+    if not m or "0" in (m[1], m[2]) or not all(re.fullmatch(r"IMAGESEARCH_\w+=\S*", x) for x in extra):
+        raise typer.BadParameter(f"--layout {text!r}: give entry x embedder processes, both from 1, then any "
+                                 "IMAGESEARCH_NAME=value settings, e.g. '8x4' or '1x1 IMAGESEARCH_ENTRY_THREADS=2'")
+    return {"IMAGESEARCH_SEARCH_WORKERS": m[1], "IMAGESEARCH_EMBEDDER_WORKERS": m[2],
+            **dict(x.split("=", 1) for x in extra)}
 
 
 def upload(srv: Server, data: bytes, ctype: str) -> None:
@@ -279,7 +283,8 @@ def serving_layout(settings) -> dict:
     """How this checkout serves on this machine: processes, the embedder's device and batch limit."""
     gpu = pick_device(settings.device).type == "cuda"
     return {"entry_workers": settings.search_workers, "embedder_workers": worker_count(settings.embedder_workers, gpu),
-            "embed_max_batch": settings.embed_batch_limit(gpu), "device": settings.device}
+            "embed_max_batch": settings.embed_batch_limit(gpu), "device": settings.device,
+            "entry_threads": settings.entry_thread_count(available_cores())}
 
 
 def demo_index(prefix: str, quick: bool) -> tuple[Path, Path, str]:
@@ -357,6 +362,7 @@ def main(before: Annotated[str, typer.Option(help="git ref, or the folder of an 
     for env in layouts_env:
         label = "this checkout" + (f", {env['IMAGESEARCH_SEARCH_WORKERS']} entry x "
                                    f"{env['IMAGESEARCH_EMBEDDER_WORKERS']} embedder processes" if env else "")
+        label += "".join(f", {k}={v}" for k, v in list(env.items())[2:])
         result["rows"].append(measure(ROOT, label, tag, tmp, plan, env))
         save(result, out, quick)
 

@@ -68,6 +68,11 @@ class Settings(BaseSettings):
         1, ge=1, le=64, description="Entry service processes. More than one only where spare cores exist (a GPU "
         "box): each answers /reload for itself, the others follow the stage record within follow_stage_s."
     )
+    entry_threads: int = Field(
+        0, ge=0, le=64, description="Threads each entry process decodes photos and searches the index on; 0 = one "
+        "per core it may use, at most 4. Python's default (cores + 4, up to 32) lets 20 threads contend for one "
+        "process's interpreter lock on a 16-core box (docs/PERFORMANCE.md, section 7)."
+    )
     search_concurrency: int = Field(
         16, ge=1, description="Requests in flight one entry replica handles well: the autoscaling target."
     )
@@ -112,6 +117,10 @@ class Settings(BaseSettings):
         None, description="Where stage records live; default $BENTOML_HOME/stages."
     )
 
+
+    def entry_thread_count(self, cores: int) -> int:
+        """Threads for the entry's work off the event loop: the setting, else one per core (at most 4)."""
+        return self.entry_threads or max(1, min(cores, 4))
 
     def embed_batch_limit(self, gpu: bool) -> int:
         """Most photos in one embedder batch: the setting, else 4 on a CPU (Lite2 runs fastest per photo at 2-4

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shlex
 import statistics
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -95,7 +97,7 @@ def main(clients: Annotated[int, typer.Option(help="searches in flight")] = 32,
         print(f"| {r['threads']} | {r['searches_per_s']} | {r['cpu_ms_per_search']} |")
     if not quick:
         out.write_text(json.dumps({"machine": machine(), "clients": clients, "seconds": seconds, "rows": rows,
-                                   "command": "python -m bench.entry_threads"}, indent=2))
+                                   "command": " ".join(["python -m bench.entry_threads", *map(shlex.quote, sys.argv[1:])])}, indent=2))
 
 
 if __name__ == "__main__":

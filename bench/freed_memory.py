@@ -26,7 +26,7 @@ import typer
 from bench.ann_scale import machine
 from bench.evaluate_grocery import replace_block
 from bench.overhead import DOCS
-from bench.server import ROOT
+from bench.server import ROOT, python_path
 
 CASES = ((1, 1), (2, 1), (4, 1), (1, 0))  # (batch, torch threads; 0 = torch's default)
 ONE_PROCESS = """
@@ -65,7 +65,7 @@ def one_process(keep: bool, backbone: str, size: int, batches: str, threads: int
                 where: str = "main", **env: str) -> dict:
     """Page faults and median ms per photo of `passes` cycles of `batches` ("4", or mixed: "4,1,3,2") in a fresh
     process, on its main thread or a thread of its own (`where`), with the setting `keep` and extra `env`."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "IMAGESEARCH_KEEP_FREED_MEMORY": str(keep).lower(), **env}
+    env = {**os.environ, "PYTHONPATH": python_path(ROOT), "IMAGESEARCH_KEEP_FREED_MEMORY": str(keep).lower(), **env}
     run = subprocess.run([sys.executable, "-c", ONE_PROCESS, backbone, str(size), batches, str(threads), str(passes),
                           where], cwd=ROOT, env=env, capture_output=True, text=True)
     if run.returncode != 0:

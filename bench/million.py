@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 import typer  # noqa: E402
 
 from bench.evaluate_grocery import machine, replace_block  # noqa: E402
-from bench.server import Server  # noqa: E402
+from bench.server import Server, python_path  # noqa: E402
 
 DOCS = ROOT / "docs" / "PERFORMANCE.md"
 BASES = 256
@@ -45,7 +45,7 @@ FAMILIES = ["Ceramics", "Glassware", "Furniture", "Jewelry", "Lighting", "Art", 
 
 def env() -> dict[str, str]:
     return {**os.environ, "BENTOML_HOME": str(OUT / "bentoml"), "IMAGESEARCH_STAGES_DIR": str(OUT / "stages"),
-            "BENTOML_DO_NOT_TRACK": "True", "PYTHONPATH": str(ROOT)}
+            "BENTOML_DO_NOT_TRACK": "True", "PYTHONPATH": python_path(ROOT)}
 
 
 def placeholder(i: int) -> Path:

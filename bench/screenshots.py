@@ -18,7 +18,7 @@ from pathlib import Path
 import typer
 
 from bench.grocery import CREDIT, GROCERY, class_names, read_iconic, read_split
-from bench.server import ROOT, Server
+from bench.server import ROOT, Server, python_path
 
 OUT = ROOT / "bench" / "out" / "screenshots"
 DOCS = ROOT / "docs" / "screenshots"
@@ -96,7 +96,7 @@ def main(port: int = typer.Option(0, help="port to serve on (0: any free one)"))
     if not GROCERY.exists():
         raise SystemExit(f"needs the grocery photos at {GROCERY}")
     env = {**os.environ, "BENTOML_HOME": str(OUT / "bentoml"), "IMAGESEARCH_STAGES_DIR": str(OUT / "stages"),
-           "BENTOML_DO_NOT_TRACK": "True", "PYTHONPATH": str(ROOT)}
+           "BENTOML_DO_NOT_TRACK": "True", "PYTHONPATH": python_path(ROOT)}
     catalogue = write_catalogue(OUT / "catalogue.csv")
     tag = run("-m", "index_builder", "build", str(catalogue), env=env).strip().splitlines()[-1]
     run("-m", "model_store", "promote", tag, "--stage", "production", "--force", "--note", "screenshots", env=env)

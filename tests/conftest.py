@@ -16,7 +16,7 @@ os.environ["IMAGESEARCH_STAGES_DIR"] = str(_HOME / "stages")
 
 import pytest  # noqa: E402
 
-from bench.server import Server as BenchServer, deployed_serve_args  # noqa: E402
+from bench.server import Server as BenchServer, deployed_serve_args, python_path  # noqa: E402
 from index_builder.build import build  # noqa: E402
 from index_builder.demo import make_demo_catalogue  # noqa: E402
 from model_store import stages  # noqa: E402
@@ -28,7 +28,7 @@ TOKEN = "test-admin-token"
 
 def run_env(**extra: str) -> dict[str, str]:
     """Environment for subprocesses (CLIs, bentoml serve) sharing this session's store."""
-    return {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **extra}
+    return {**os.environ, "PYTHONPATH": python_path(ROOT), "PYTHONUNBUFFERED": "1", **extra}
 
 
 @pytest.fixture(autouse=True)

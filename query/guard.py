@@ -46,9 +46,10 @@ class RequestGuard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        shaper = ErrorShaper(scope, send, collect_errors(), self.not_ready_reason)
+        slot = Slot(self.slots)
+        shaper = ErrorShaper(scope, slot.freed_by_last_byte(send), collect_errors(), self.not_ready_reason)
         try:
-            await self._serve(scope, receive, shaper)
+            await self._serve(scope, receive, shaper, slot)
         except Exception:  # noqa: BLE001
             # Answer now: BentoML's TimeoutMiddleware would otherwise hold the client for its whole timeout
             # (30 s, then 504) when the app raises before sending anything.
@@ -56,8 +57,10 @@ class RequestGuard:
             if not shaper.started:
                 await _answer(scope, shaper.send, ApiError("internal error: the server log has the details; retry",
                                                            HTTPStatus.INTERNAL_SERVER_ERROR))
+        finally:
+            slot.free()
 
-    async def _serve(self, scope: Scope, receive: Receive, shaper: ErrorShaper) -> None:
+    async def _serve(self, scope: Scope, receive: Receive, shaper: ErrorShaper, slot: Slot) -> None:
         if scope["path"] == "/docs.json" and scope["method"] == "GET":
             return await serve_amended(self.app, scope, receive, shaper.send)
         fields = self.endpoints.get(scope["path"]) if scope["method"] == "POST" else None
@@ -67,23 +70,23 @@ class RequestGuard:
             return await _answer(scope, shaper.send, ApiError(
                 f"the service has {self.max_concurrency} requests in flight, its limit: retry in a second",
                 HTTPStatus.TOO_MANY_REQUESTS), headers={"Retry-After": "1"})
-        async with self.slots:
-            try:
-                body = await read_body(scope, receive, self.max_request_bytes)
-                if fields.names:
-                    scope, body = await self.checked(scope, body, fields)
-                else:  # an endpoint without inputs ignores any body, rather than let BentoML's parser choke on it
-                    scope, body = _with_body(scope, b"", None), b""
-            except ApiError as exc:
-                return await _answer(scope, shaper.send, exc)
-            try:
-                await asyncio.wait_for(self.app(scope, _replay(body), shaper.send), self.timeout_s)
-            except asyncio.TimeoutError:
-                log.error("%s took over %.0f s and was stopped", scope["path"], self.timeout_s)
-                if not shaper.started:
-                    await _answer(scope, shaper.send, ApiError(
-                        f"the request took longer than {self.timeout_s:g} s and was stopped: retry",
-                        HTTPStatus.SERVICE_UNAVAILABLE))
+        await slot.take()
+        try:
+            body = await read_body(scope, receive, self.max_request_bytes)
+            if fields.names:
+                scope, body = await self.checked(scope, body, fields)
+            else:  # an endpoint without inputs ignores any body, rather than let BentoML's parser choke on it
+                scope, body = _with_body(scope, b"", None), b""
+        except ApiError as exc:
+            return await _answer(scope, shaper.send, exc)
+        try:
+            await asyncio.wait_for(self.app(scope, _replay(body), shaper.send), self.timeout_s)
+        except asyncio.TimeoutError:
+            log.error("%s took over %.0f s and was stopped", scope["path"], self.timeout_s)
+            if not shaper.started:
+                await _answer(scope, shaper.send, ApiError(
+                    f"the request took longer than {self.timeout_s:g} s and was stopped: retry",
+                    HTTPStatus.SERVICE_UNAVAILABLE))
 
     async def checked(self, scope: Scope, body: bytes, fields: EndpointFields) -> tuple[Scope, bytes]:
         """Every field present, known, of its kind and valid; returns the request re-encoded."""
@@ -131,6 +134,32 @@ class RequestGuard:
             parts.append((f.name, _safe_filename(v.filename), v.content_type or "application/octet-stream",
                           await v.read()))
         return parts
+
+
+class Slot:
+    """One request's place among `max_concurrency`. It is freed as the answer's last byte leaves, not when the
+    request's code returns: a client that sends its next request as soon as it has an answer can be quicker
+    than the middlewares and logging after that byte, and at exactly the limit it was refused (one 429 in
+    ~1,100 searches from 32 clients on the lent H200)."""
+
+    def __init__(self, slots: asyncio.Semaphore):
+        self.slots, self.held = slots, False
+
+    async def take(self) -> None:
+        await self.slots.acquire()
+        self.held = True
+
+    def free(self) -> None:
+        if self.held:
+            self.held = False
+            self.slots.release()
+
+    def freed_by_last_byte(self, send: Send) -> Send:
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                self.free()
+            await send(message)
+        return sending
 
 
 class ErrorShaper:

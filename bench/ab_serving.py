@@ -9,8 +9,9 @@
 bench.overhead measures each version's ratios to its own bare network, one version after the other; this
 one answers "is the change faster?" on a machine whose speed drifts (this VM: 10-35% between runs, and
 CPU time taken by the hypervisor varies from 0 to 20%): each round serves the demo index with one version,
-then the other, so drift hits both; every closed loop records the searches/s, failures, CPU per search
-of each server role and the share of CPU the hypervisor stole meanwhile (/proc/stat).
+then the other, so drift hits both, and the version that goes first swaps each round; every closed loop
+records the searches/s, failures, CPU per search of each server role and the share of CPU the hypervisor
+stole meanwhile (/proc/stat).
 """
 
 from __future__ import annotations
@@ -95,7 +96,9 @@ def main(before: Annotated[str, typer.Option(help="git ref to compare this check
     try:
         for i in range(rounds):
             results.append({})
-            for label, (root, server_env) in versions.items():
+            # which version goes first swaps each round: on this VM the second server of a round ran ~5% slower
+            # at 4 clients whichever it was (docs/ab_entry_threads.json against docs/ab_entry_threads_6.json)
+            for label, (root, server_env) in list(versions.items())[::-1 if i % 2 else 1]:
                 with Server(tmp / f"serve-{i}-{root.name}.log", root=root, **server_env).wait() as srv:
                     results[-1][label] = loads(srv, photos, seconds, levels)
                 print(json.dumps({"round": i, label: results[-1][label]}), flush=True)

@@ -90,7 +90,7 @@ def main(clients: Annotated[int, typer.Option(help="searches in flight")] = 32,
         for n in sizes:
             runs[n].append(asyncio.run(closed_loop(n, clients, seconds, uploads, index)))
             print(json.dumps({"threads": n, **runs[n][-1]}), flush=True)
-    rows = [{"threads": n, "rounds": r, **{k: statistics.median(x[k] for x in r) for k in r[0]}}
+    rows = [{"threads": n, "rounds": r, **{k: round(statistics.median(x[k] for x in r), 2) for k in r[0]}}
             for n, r in runs.items()]
     print("| pool threads | searches/s | CPU ms per search |\n|---|---|---|")
     for r in rows:

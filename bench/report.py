@@ -169,6 +169,17 @@ def overhead_table_one_run(d: dict) -> str:
     return "\n".join(lines)
 
 
+def entry_threads_table(runs: list[dict]) -> str:
+    """bench.entry_threads on each machine: the entry's off-loop work by pool size."""
+    lines = ["| machine | pool threads | searches/s | CPU ms per search |", "|---|---|---|---|"]
+    for d in runs:
+        for r in d["rows"]:
+            lines.append(f"| {d['machine']} | {r['threads']} | {r['searches_per_s']} | {r['cpu_ms_per_search']} |")
+    lines += ["", f"{runs[0]['clients']} searches in flight. Commands: "
+              + "; ".join(f"`{d['command']}` ({d['machine'].split(',')[1].strip()})" for d in runs) + "."]
+    return "\n".join(lines)
+
+
 def soak_table(d: dict) -> str:
     m = d["memory"]
     lines = [f"{d['rate']} requests/s started on schedule (open loop) for {d['minutes']:g} minutes after "
@@ -196,6 +207,9 @@ SECTIONS = {"overhead": ("overhead.json", overhead_table), "overhead-phone": ("o
             "embedder-gpu": ("embedder_speed_gpu.json", embedder_table),
             "builder-gpu": ("builder_speed_gpu.json", builder_table),
             "overhead-gpu": ("overhead_gpu.json", overhead_table_one_run),
+            "overhead-gpu-layouts": ("overhead_gpu_layouts.json", overhead_table),
+            "overhead-gpu-threads": ("overhead_gpu_threads.json", overhead_table),
+            "entry-threads": (("entry_threads.json", "entry_threads_gpu.json"), entry_threads_table),
             "ann": ("ann_scale.json", ann_table), "loadtest-step": ("loadtest_step.json", loadtest_table),
             "loadtest-5min": ("loadtest_5min.json", loadtest_table),
             "loadtest-overload": ("loadtest_overload.json", loadtest_table), "soak": ("soak.json", soak_table)}

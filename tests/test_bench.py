@@ -63,6 +63,11 @@ def test_freed_memory(python):
     assert "| efficientnet-lite0 | 64 | 1 | 1 |" in out and "kept / handed back" in out
 
 
+def test_entry_threads(python):
+    out = quick("bench.entry_threads", python, "--threads", "1,2")
+    assert "| pool threads | searches/s | CPU ms per search |" in out and '"threads": 2' in out
+
+
 def test_decode(python):
     out = quick("bench.decode", python)
     assert '"reduced_ms"' in out and '"page_ms"' in out

@@ -5,7 +5,7 @@
     python -m bench.overhead --upload phone      # 1600x1200 JPEG uploads (a phone photo sent as is) instead of demo PNGs
     python -m bench.overhead --upload page       # the same photos as the search page sends them (upload_px)
     python -m bench.overhead --quick             # seconds-long smoke run the tests use
-    python -m bench.overhead --before '' --layout 1x1 --layout 8x4 --clients 8 --clients 32 --clients 64
+    python -m bench.overhead --before '' --layout 1x1 --layout 8x4 --clients 8 --clients 16 --clients 32
                                                  # rows of this checkout served by 1 entry and 1 embedder process,
                                                  # then 8 and 4 (a GPU box's spare cores), driven harder
     IMAGESEARCH_DEVICE=cuda python -m bench.overhead --before '' --out docs/overhead_gpu.json   # on a GPU
@@ -245,6 +245,8 @@ def measure(root: Path, label: str, tag: str, tmp: Path, plan: Plan, layout: dic
     stages.promote(tag, "production", force=True)
     cores = 1 if plan.quick else available_cores()
     served = serving_layout(Settings(**{k.removeprefix("IMAGESEARCH_").lower(): v for k, v in layout.items()}))
+    if root != ROOT:  # older code may have no such setting
+        served.pop("entry_threads")
     gpu = pick_device(served["device"]).type == "cuda"
     bare = BareEmbedders(root, get_model(tag).info.metadata["embedder"],
                          bare_processes(cores, gpu, served["embedder_workers"]))

@@ -215,7 +215,7 @@ def test_adaptive_batching_batches_concurrent_requests(server, demo_catalogue, r
 
 def test_the_entry_decodes_and_searches_on_a_few_threads(server, demo_catalogue, rows):
     """Not on Python's default pool of cores + 4 threads: on a 16-core GPU box its 20 threads contended for
-    one interpreter lock and one entry process answered a third fewer searches (docs/PERFORMANCE.md, section 7).
+    one interpreter lock and one entry process answered 27% fewer searches (docs/PERFORMANCE.md, section 7).
     The threads are read from the running process with py-spy, by name."""
     image = photo_bytes(demo_catalogue, rows[0]["image_path"])
     with httpx.Client(base_url=server.url, timeout=60, limits=httpx.Limits(max_connections=12)) as c:

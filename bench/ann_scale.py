@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -155,6 +157,11 @@ def plot(result: dict, path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def command_line(module: str) -> str:
+    """The command this run was started with, as `python -m module ARGS`: what makes its figures again."""
+    return " ".join(["python -m " + module, *map(shlex.quote, sys.argv[1:])])
 
 
 def machine() -> str:

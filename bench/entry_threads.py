@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shlex
 import statistics
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,7 +25,7 @@ import numpy as np
 import typer
 from annoy import AnnoyIndex
 
-from bench.ann_scale import machine
+from bench.ann_scale import command_line, machine
 from bench.decode import as_page_sends, jpeg
 from bench.server import ROOT
 from index_builder.demo import draw_object
@@ -97,7 +95,7 @@ def main(clients: Annotated[int, typer.Option(help="searches in flight")] = 32,
         print(f"| {r['threads']} | {r['searches_per_s']} | {r['cpu_ms_per_search']} |")
     if not quick:
         out.write_text(json.dumps({"machine": machine(), "clients": clients, "seconds": seconds, "rows": rows,
-                                   "command": " ".join(["python -m bench.entry_threads", *map(shlex.quote, sys.argv[1:])])}, indent=2))
+                                   "command": command_line("bench.entry_threads")}, indent=2))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Callable
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 import typer
 
+from bench.ann_scale import command_line
 from bench.evaluate_coil import exact_ranking
 from bench.grocery import (CREDIT, GROCERY, POOLS, PhotoSet, describe_paths, feature_map, l2, pixels, read_iconic,
                            read_split, restrict, scaled_spec)
@@ -359,7 +359,7 @@ def main(quick: Annotated[bool, typer.Option(help="Lite0, 8 classes, base + PCA 
     print("\n" + markdown(rows) + "\n\nclass-disjoint learned projection (mean of both halves):\n" + markdown(learned))
     if quick:
         return
-    write_docs({"machine": machine(), "command": "python -m bench.evaluate_grocery " + " ".join(sys.argv[1:]),
+    write_docs({"machine": machine(), "command": command_line("bench.evaluate_grocery"),
                 "data": CREDIT, "photos": {k: len(s[0]) for k, s in sets.items()},
                 "classes": len(np.unique(sets["train"][1])), "timing_photos": len(timing),
                 "protocols": {"train_catalogue": "gallery = train photos, queries = val photos",

@@ -32,7 +32,6 @@ import importlib.util
 import json
 import os
 import re
-import shlex
 import statistics
 import subprocess
 import sys
@@ -46,7 +45,7 @@ import numpy as np
 import psutil
 import typer
 
-from bench.ann_scale import machine
+from bench.ann_scale import command_line, machine
 from bench.server import ROOT, Server, python_path
 from bench.wrk import closed_loop
 from model_store.core_share import available_cores, worker_count
@@ -354,7 +353,7 @@ def main(before: Annotated[str, typer.Option(help="git ref, or the folder of an 
     photos, ctype = uploads(upload_kind, folder, tag, quick)
     plan = Plan(photos, ctype, 1 if quick else rounds, quick, tuple(clients), seconds, bare_seconds)
     result = {"machine": machine(), "photos": len(photos), "upload": upload_kind, "rows": [],
-              "layout": serving_layout(get_settings()), "command": " ".join(["python -m bench.overhead", *map(shlex.quote, sys.argv[1:])])}
+              "layout": serving_layout(get_settings()), "command": command_line("bench.overhead")}
     if before:
         older = Path(before) if Path(before).is_dir() else checkout(before, tmp / "before")
         result["rows"].append(measure(older, f"before ({before})", tag, tmp, plan, {}))

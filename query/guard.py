@@ -139,8 +139,8 @@ class RequestGuard:
 class Slot:
     """One request's place among `max_concurrency`. It is freed as the answer's last byte leaves, not when the
     request's code returns: a client that sends its next request as soon as it has an answer can be quicker
-    than the middlewares and logging after that byte, and at exactly the limit it was refused (one 429 in
-    ~1,100 searches from 32 clients on the lent H200)."""
+    than the middlewares and logging after that byte, and at exactly the limit it was refused with 429 (on the
+    lent H200, one answer in ~1,100 from 32 clients was not a 200; wrk did not say which status)."""
 
     def __init__(self, slots: asyncio.Semaphore):
         self.slots, self.held = slots, False

@@ -155,8 +155,8 @@ def test_cors_is_closed_by_default(server):
 
 def test_a_request_frees_its_slot_as_its_answer_leaves():
     """A closed-loop client at exactly max_concurrency must never be refused: its next request can arrive while
-    the code after the last answer (BentoML's middlewares, logging) still runs. Found on the lent H200: one 429
-    in ~1,100 searches from 32 clients at the entry's limit of 32."""
+    the code after the last answer (BentoML's middlewares, logging) still runs. Suspected on the lent H200: one
+    answer in ~1,100 from 32 clients at the entry's limit of 32 was not a 200 (wrk did not say which status)."""
     from types import SimpleNamespace
 
     from pydantic import BaseModel

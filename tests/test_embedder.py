@@ -116,11 +116,14 @@ def test_a_cpu_pass_reuses_the_memory_the_last_one_freed():
 def test_passes_on_a_thread_of_their_own_with_one_arena_take_few_page_faults():
     """As the service runs them (tests/test_service.py checks its workers start with ONE_ARENA), batch sizes mixed,
     kept against handed back. Without the arena, on the thread's own one, glibc's default faulted 4,153 times a
-    pass in this script."""
+    pass in this script. Handed back, glibc's own sliding thresholds decide: one fresh process in about six
+    trimmed nothing (a long-lived block pinned the heap's top; seen in CI), so the baseline gets a few tries."""
     one_arena = {ONE_ARENA["name"]: ONE_ARENA["value"]}
-    handed_back = faults_per_pass("thread", "4,1,3,2", keep=False, **one_arena)
     kept = faults_per_pass("thread", "4,1,3,2", **one_arena)
-    assert handed_back > 1000 and kept * 5 < handed_back, (handed_back, kept)  # seen: ~5,700 and 0-343
+    tries = []
+    while len(tries) < 4 and (not tries or tries[-1] <= 1000):
+        tries.append(faults_per_pass("thread", "4,1,3,2", keep=False, **one_arena))
+    assert tries[-1] > 1000 and kept * 5 < tries[-1], (tries, kept)  # seen: 2,600-6,000 (or 0) and 0-343
 
 
 def test_freed_memory_is_kept_only_where_the_thread_allocates_from_the_main_arena(monkeypatch):

@@ -134,6 +134,9 @@ def bare_rates(bare: BareEmbedders, cores: int, seconds: float) -> dict[str, dic
     return out
 
 
+PROCESSES = ("IMAGESEARCH_SEARCH_WORKERS", "IMAGESEARCH_EMBEDDER_WORKERS")  # a --layout's ENTRYxEMBEDDER
+
+
 def parse_layout(text: str) -> dict[str, str]:
     """'ENTRYxEMBEDDER [NAME=VALUE ...]' (8x4: 8 entry and 4 embedder processes; then settings of the row's
     own) -> the environment that serves so."""
@@ -142,8 +145,15 @@ def parse_layout(text: str) -> dict[str, str]:
     if not m or "0" in (m[1], m[2]) or not all(re.fullmatch(r"IMAGESEARCH_\w+=\S*", x) for x in extra):
         raise typer.BadParameter(f"--layout {text!r}: give entry x embedder processes, both from 1, then any "
                                  "IMAGESEARCH_NAME=value settings, e.g. '8x4' or '1x1 IMAGESEARCH_ENTRY_THREADS=2'")
-    return {"IMAGESEARCH_SEARCH_WORKERS": m[1], "IMAGESEARCH_EMBEDDER_WORKERS": m[2],
-            **dict(x.split("=", 1) for x in extra)}
+    return {PROCESSES[0]: m[1], PROCESSES[1]: m[2], **dict(x.split("=", 1) for x in extra)}
+
+
+def layout_label(env: dict[str, str]) -> str:
+    """The row's name for a parse_layout environment: its processes, then its other settings."""
+    if not env:
+        return "this checkout"
+    settings = "".join(f", {k}={v}" for k, v in env.items() if k not in PROCESSES)
+    return f"this checkout, {env[PROCESSES[0]]} entry x {env[PROCESSES[1]]} embedder processes{settings}"
 
 
 def upload(srv: Server, data: bytes, ctype: str) -> None:
@@ -361,10 +371,7 @@ def main(before: Annotated[str, typer.Option(help="git ref, or the folder of an 
             subprocess.run(["git", "worktree", "remove", "--force", str(older)], cwd=ROOT, capture_output=True)
         save(result, out, quick)
     for env in layouts_env:
-        label = "this checkout" + (f", {env['IMAGESEARCH_SEARCH_WORKERS']} entry x "
-                                   f"{env['IMAGESEARCH_EMBEDDER_WORKERS']} embedder processes" if env else "")
-        label += "".join(f", {k}={v}" for k, v in list(env.items())[2:])
-        result["rows"].append(measure(ROOT, label, tag, tmp, plan, env))
+        result["rows"].append(measure(ROOT, layout_label(env), tag, tmp, plan, env))
         save(result, out, quick)
 
 

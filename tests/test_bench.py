@@ -42,8 +42,25 @@ def test_builder_speed(python):
 
 
 def test_overhead(python):
-    out = quick("bench.overhead", python, "--before", "", "--upload", "page")  # phone photos, downscaled as the page does
+    out = quick("bench.overhead", python, "--before", "", "--upload", "page",  # phone photos, downscaled as the page does
+                "--layout", "1x2 IMAGESEARCH_ENTRY_THREADS=2")  # the CPU's own layout, named
     assert '"served_over_bare"' in out and '"http_over_bare"' in out
+    assert '"this checkout, 1 entry x 2 embedder processes, IMAGESEARCH_ENTRY_THREADS=2"' in out
+
+
+def test_overhead_reads_a_layout_and_names_its_row():
+    import typer
+    from bench.overhead import layout_label, parse_layout
+
+    env = parse_layout("8x4 IMAGESEARCH_ENTRY_THREADS=4 IMAGESEARCH_EMBED_BATCH=16")
+    assert env == {"IMAGESEARCH_SEARCH_WORKERS": "8", "IMAGESEARCH_EMBEDDER_WORKERS": "4",
+                   "IMAGESEARCH_ENTRY_THREADS": "4", "IMAGESEARCH_EMBED_BATCH": "16"}
+    assert layout_label(env) == ("this checkout, 8 entry x 4 embedder processes, IMAGESEARCH_ENTRY_THREADS=4, "
+                                 "IMAGESEARCH_EMBED_BATCH=16")
+    assert layout_label({}) == "this checkout"
+    for bad in ("8", "0x4", "8x4 ENTRY_THREADS=4", "2x2 IMAGESEARCH_X"):
+        with pytest.raises(typer.BadParameter, match="entry x embedder processes"):
+            parse_layout(bad)
 
 
 def test_ab_serving(python):

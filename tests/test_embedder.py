@@ -118,9 +118,10 @@ def test_passes_on_a_thread_of_their_own_with_one_arena_take_few_page_faults():
     kept against handed back. Without the arena, on the thread's own one, glibc's default faulted 4,153 times a
     pass in this script. Handed back, about one fresh process in six faulted not at all (once in CI, once in six
     runs here; why is not known, glibc's sliding mmap and trim thresholds the likely part), so the baseline gets
-    up to four tries."""
+    up to four tries, and "kept" is the worse of two processes (one alone, were keeping to do nothing, would be
+    0 as often)."""
     one_arena = {ONE_ARENA["name"]: ONE_ARENA["value"]}
-    kept = faults_per_pass("thread", "4,1,3,2", **one_arena)
+    kept = max(faults_per_pass("thread", "4,1,3,2", **one_arena) for _ in range(2))
     tries = []
     while len(tries) < 4 and (not tries or tries[-1] <= 1000):
         tries.append(faults_per_pass("thread", "4,1,3,2", keep=False, **one_arena))

@@ -28,6 +28,7 @@ from annoy import AnnoyIndex
 from bench.ann_scale import command_line, machine
 from bench.decode import as_page_sends, jpeg
 from bench.server import ROOT
+from index_builder.ann import build_annoy
 from index_builder.demo import draw_object
 from model_store.preprocess import PreprocessSpec, decode_image, image_to_pixels, upload_px
 
@@ -41,12 +42,8 @@ def photos(n: int) -> list[bytes]:
 
 
 def annoy_index(items: int, dim: int = 256) -> AnnoyIndex:
-    rng = np.random.default_rng(0)
-    index = AnnoyIndex(dim, "angular")
-    for i in range(items):
-        index.add_item(i, rng.standard_normal(dim))
-    index.build(20)
-    return index
+    """Random vectors, built as the builder builds a catalogue's index."""
+    return build_annoy(np.random.default_rng(0).standard_normal((items, dim)).astype(np.float32), 20, seed=0)
 
 
 async def closed_loop(threads: int, clients: int, seconds: float, uploads: list[bytes], index: AnnoyIndex) -> dict:

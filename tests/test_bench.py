@@ -90,6 +90,11 @@ def test_decode(python):
     assert '"reduced_ms"' in out and '"page_ms"' in out
 
 
+def test_resample_crop(python):
+    out = quick("bench.resample_crop", python)
+    assert '"max_level_difference"' in out or not out  # without ../shared/data it has no photos to compare
+
+
 def test_wrk_counts_failed_searches_as_failures():
     """bench/wrk.py against a real HTTP server that fails every third search: failures counted, not answers."""
     import http.server

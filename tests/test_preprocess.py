@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from bench.resample_crop import resize_whole_then_crop
 from index_builder.demo import draw_object
 from index_builder.extract import PhotoBatches
 from model_store.preprocess import ImageError, PreprocessSpec, decode_image, image_to_pixels, to_rgb
 
+ROOT = Path(__file__).resolve().parents[1]
 LIMITS = dict(max_bytes=5_000_000, max_pixels=4_000_000)
 
 
@@ -105,6 +111,35 @@ def test_pixels_shape_and_crop(photo):
     assert arr.shape == (3, 56, 56) and arr.dtype == np.uint8
     resized = np.asarray(photo.resize((120, 80)).resize((96, 64), Image.Resampling.BILINEAR, reducing_gap=3.0))
     np.testing.assert_array_equal(arr.transpose(1, 2, 0), resized[4:60, 20:76])
+
+
+@pytest.mark.parametrize("size", [(3, 500), (500, 3), (97, 61), (1600, 1200)])
+def test_only_the_cropped_part_is_resampled_and_gives_the_pixels_of_resizing_the_whole(photo, size):
+    """Within a level or two of the pixels image_to_pixels gave before it resampled the cropped part alone
+    (resize the whole photo, then crop its centre), so indexes built before still match new queries
+    (measured on real photos: bench.resample_crop, docs/EVALUATION.md)."""
+    spec = PreprocessSpec(resize=64, crop=56)
+    img = photo.resize(size)
+    diff = np.abs(image_to_pixels(img, spec).astype(int) - resize_whole_then_crop(img, spec))
+    assert diff.max() <= 2 and (diff > 0).mean() < 0.1
+
+
+STRIP = """
+import resource
+import numpy as np
+from PIL import Image
+from model_store.preprocess import PreprocessSpec, image_to_pixels
+resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+strip = Image.new("RGB", (1, 2_000_000), (200, 120, 40))  # resized whole: 260 x 520 million pixels
+assert (image_to_pixels(strip, PreprocessSpec(resize=260, crop=260)) == np.array([200, 120, 40])[:, None, None]).all()
+"""
+
+
+def test_a_strip_one_pixel_wide_is_resampled_only_where_the_crop_is():
+    """In a process held to 2 GB of address space: resizing the whole strip would need ~400 GB."""
+    out = subprocess.run([sys.executable, "-c", STRIP], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OPENBLAS_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-2000:]
 
 
 @pytest.mark.parametrize("size", [(96, 96), (1600, 1200)])

@@ -180,6 +180,14 @@ def test_unusual_modes_work(server, demo_catalogue, rows, mode, fmt):
     assert r.status_code == 200, r.text
 
 
+def test_a_strip_one_pixel_wide_is_answered(server, demo_catalogue):
+    """40,000 pixels, far under the limits; resized whole to the network's short side it would be ~1e9
+    pixels (3 GB, past the request's 10 s: a 503) before the crop threw nearly all of it away."""
+    for size in [(1, 40_000), (40_000, 1)]:
+        r = server.http.post("/search", files=upload(png(Image.new("RGB", size, (200, 120, 40)))))
+        assert r.status_code == 200 and r.json()["results"], (size, r.status_code, r.text[:200])
+
+
 def test_animated_gif_uses_the_first_frame(server, demo_catalogue, rows):
     first = Image.open(demo_catalogue.parent / rows[0]["image_path"]).convert("RGB")
     other = Image.open(demo_catalogue.parent / rows[40]["image_path"]).convert("RGB")

@@ -35,8 +35,8 @@ from model_store.preprocess import ImageError, ImageTooLarge, decode_image, imag
 from model_store.settings import get_settings
 from query.active import Active, load_active, stage_mtime
 from query.assist import assist, estimate as estimate_for
-from query.bentoml_fixes import (keep_answering_after_sigterm, media_types_worked_out_once, never_hold_batches_back,
-                                 tune_client)
+from query.bentoml_fixes import (api_errors_in_one_line, keep_answering_after_sigterm, media_types_worked_out_once,
+                                 never_hold_batches_back, tune_client)
 from query.compare import cosine, verdict
 from query.errors import ApiError, error_response
 from query.fields import EndpointFields, read_query_params
@@ -145,6 +145,7 @@ class Embedder:
 
 
 media_types_worked_out_once(Embedder)
+api_errors_in_one_line()  # a client's mistake is one line of log, not an ERROR and its traceback
 
 
 def _core_share() -> CoreShare | None:

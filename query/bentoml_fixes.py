@@ -15,6 +15,8 @@ import time
 
 import aiohttp
 
+from query.errors import ApiError
+
 log = logging.getLogger("bentoml.imagesearch")
 
 IDLE_CONNECTION_S = 1.0
@@ -144,3 +146,27 @@ def keep_answering_after_sigterm(grace_s: float) -> None:
         signal.signal(signal.SIGTERM, later)
     except ValueError:  # not the main thread
         log.warning("embedder: cannot delay SIGTERM outside the main thread; it stops at once")
+
+
+class ApiErrorsInOneLine(logging.Filter):
+    """BentoML logs every exception an API raises at ERROR with its traceback, ours that answer a client's
+    mistake (a 4xx with its message) too: twenty lines of log and an ERROR an alert may follow, per bad request.
+    An ApiError becomes one line saying what was answered and why: INFO for a 4xx, WARNING for a 5xx (not ready,
+    the embedder did not answer); any other exception keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, ApiError) and isinstance(record.args, tuple) and len(record.args) == 2:
+            path, method = record.args
+            record.levelno = logging.INFO if exc.status < 500 else logging.WARNING
+            record.levelname = logging.getLevelName(record.levelno)
+            record.msg, record.args = "%s %s answered %d: %s", (method, path, exc.status, exc.message)
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def api_errors_in_one_line() -> None:
+    """Installs ApiErrorsInOneLine on the logger of BentoML's `log_exception`."""
+    logger = logging.getLogger("bentoml._internal.server.http_app")
+    if not any(isinstance(f, ApiErrorsInOneLine) for f in logger.filters):
+        logger.addFilter(ApiErrorsInOneLine())

@@ -172,6 +172,21 @@ def test_every_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(server, d
     assert r.status_code == 200 and r.json()["results"][0]["item_id"] == rows[0]["item_id"]
 
 
+def test_a_clients_mistake_is_one_line_of_log(server, demo_catalogue, rows):
+    """Not an ERROR with BentoML's traceback (twenty lines, and an alert) for each bad request."""
+    good = photo_bytes(demo_catalogue, rows[0]["image_path"])
+    start = server.log.stat().st_size
+    assert server.http.post("/search", files=upload(good), data={"category": "Spaceships"}).status_code == 400
+    assert server.http.post("/search", files=upload(b"hello, I am text", "notes.txt")).status_code == 415
+    time.sleep(0.5)  # let the entry's log reach the file
+    with open(server.log) as f:
+        f.seek(start)
+        logged = f.read()
+    assert "Traceback" not in logged and "[ERROR]" not in logged, logged[-3000:]
+    assert re.search(r"\[INFO\].*POST /search answered 400: unknown category 'Spaceships'", logged), logged[-3000:]
+    assert re.search(r"\[INFO\].*POST /search answered 415: image is not an image", logged), logged[-3000:]
+
+
 @pytest.mark.parametrize("mode, fmt", [("CMYK", "JPEG"), ("I;16", "PNG"), ("P", "GIF"), ("LA", "PNG")])
 def test_unusual_modes_work(server, demo_catalogue, rows, mode, fmt):
     img = Image.open(demo_catalogue.parent / rows[0]["image_path"])

@@ -273,8 +273,20 @@ async def _parse(headers: Headers, body: bytes, fields: EndpointFields, max_file
     try:
         return await parser.parse()
     except MultiPartException as exc:
+        if exc.message.startswith("Too many files"):
+            raise _too_many_files(fields, max_files) from None
         raise ApiError(f"the multipart body cannot be read ({exc.message}): send a well-formed multipart/form-data "
                        f"request with fields {', '.join(fields.names)}") from None
+
+
+def _too_many_files(fields: EndpointFields, max_files: int) -> ApiError:
+    """The parser stopped at more file parts than the endpoint's fields take, with room: say what they take."""
+    takes = [(f.name, max_files if f.many else 1) for f in fields.files.values()]
+    if not takes:
+        return ApiError(f"too many files: send none; the fields are {', '.join(fields.names)}")
+    first = f"{takes[0][1]} photo{'s' if takes[0][1] > 1 else ''} in {takes[0][0]}"
+    most = " and ".join([first, *(f"{n} in {name}" for name, n in takes[1:])])
+    return ApiError(f"too many files: send at most {most}", field=takes[0][0] if len(takes) == 1 else None)
 
 
 def _refuse_unknown(form: Any, fields: EndpointFields, path: str) -> None:

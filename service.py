@@ -473,7 +473,8 @@ if settings.cors_origins:  # closed by default; the outermost of our middlewares
 ImageSearch.add_asgi_middleware(
     RequestGuard, service=ImageSearch, max_concurrency=settings.max_concurrency,
     max_request_bytes=settings.max_request_bytes, max_file_bytes=settings.max_image_bytes,
-    max_files=settings.max_batch_images, timeout_s=settings.request_timeout_s,
+    max_files=settings.max_batch_images, timeout_s=settings.request_timeout_s, max_uploads=settings.max_uploads,
+    upload_timeout_s=settings.upload_timeout_s,
     not_ready_reason=lambda: _instances[0].problem if _instances else "starting up")
 
 

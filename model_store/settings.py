@@ -63,7 +63,12 @@ class Settings(BaseSettings):
         "calls sent (plus a reserve of 10): an embedder that is only behind is not sent its load twice."
     )
     request_timeout_s: float = Field(10.0, gt=0, description="Longest an API request may run before a 503.")
-    max_concurrency: int = Field(32, ge=1, description="Requests the entry service takes at once; more get 429.")
+    max_concurrency: int = Field(32, ge=1, description="Requests the entry service takes at once; more get 429. "
+                                 "A request counts once its body has arrived.")
+    max_uploads: int = Field(64, ge=1, description="Request bodies the entry receives at once (each up to "
+                             "max_request_bytes); more get 429.")
+    upload_timeout_s: float = Field(30.0, gt=0, description="Longest a request's body may take to arrive; "
+                                    "slower gets 408.")
     search_workers: int = Field(
         1, ge=1, le=64, description="Entry service processes. More than one only where spare cores exist (a GPU "
         "box): each answers /reload for itself, the others follow the stage record within follow_stage_s."

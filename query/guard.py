@@ -1,7 +1,8 @@
 """One guard in front of every endpoint: limits, field checks, a deadline and one error shape.
 
 An ASGI middleware that runs before BentoML's request parser. For the API endpoints it refuses load
-beyond `max_concurrency` (429), bodies over the byte limit (413) before reading them, and any form field
+beyond `max_concurrency` (429), bodies over the byte limit (413) before reading them, more than `max_uploads`
+bodies arriving at once (429) or one slower than `upload_timeout_s` (408), and any form field
 that is unknown, missing, of the wrong kind or value (4xx naming the field); what passes is handed on
 re-encoded, so BentoML's parser only ever sees values it reads back exactly. Every answer of 400 or
 more, whoever produced it, leaves in the shape of query.errors.ErrorBody.
@@ -28,17 +29,21 @@ log = logging.getLogger("bentoml.imagesearch")
 Scope, Message = dict[str, Any], dict[str, Any]
 Receive, Send = Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]
 TEXT_PART_BYTES = 64 * 1024
+# Headers of refusals that say when or how to come back: a 408 closes its connection (RFC 9110: the rest of
+# the body may still be on its way).
+_HEADERS = {HTTPStatus.TOO_MANY_REQUESTS: {"Retry-After": "1"}, HTTPStatus.REQUEST_TIMEOUT: {"Connection": "close"}}
 
 
 class RequestGuard:
     """ASGI middleware; `service` is the BentoML service whose API endpoints it guards."""
 
     def __init__(self, app: Any, *, service: Any, max_concurrency: int, max_request_bytes: int,
-                 max_file_bytes: int, max_files: int, timeout_s: float,
-                 not_ready_reason: Callable[[], str | None] = lambda: None) -> None:
+                 max_file_bytes: int, max_files: int, timeout_s: float, max_uploads: int = 64,
+                 upload_timeout_s: float = 30.0, not_ready_reason: Callable[[], str | None] = lambda: None) -> None:
         self.app = app
         self.endpoints = {"/" + m.route.strip("/"): EndpointFields.of(m.input_spec) for m in service.apis.values()}
         self.slots = asyncio.Semaphore(max_concurrency)
+        self.uploads, self.max_uploads, self.upload_timeout_s = asyncio.Semaphore(max_uploads), max_uploads, upload_timeout_s
         self.max_concurrency, self.max_request_bytes = max_concurrency, max_request_bytes
         self.max_file_bytes, self.max_files, self.timeout_s = max_file_bytes, max_files, timeout_s
         self.not_ready_reason = not_ready_reason
@@ -66,19 +71,17 @@ class RequestGuard:
         fields = self.endpoints.get(scope["path"]) if scope["method"] == "POST" else None
         if fields is None:
             return await self.app(scope, receive, shaper.send)
-        if self.slots.locked():
-            return await _answer(scope, shaper.send, ApiError(
-                f"the service has {self.max_concurrency} requests in flight, its limit: retry in a second",
-                HTTPStatus.TOO_MANY_REQUESTS), headers={"Retry-After": "1"})
-        await slot.take()
         try:
-            body = await read_body(scope, receive, self.max_request_bytes)
+            self._refuse_when_full()  # at once, before the client sends its photos for nothing
+            body = await self.receive_body(scope, receive)
+            self._refuse_when_full()
+            await slot.take()
             if fields.names:
                 scope, body = await self.checked(scope, body, fields)
             else:  # an endpoint without inputs ignores any body, rather than let BentoML's parser choke on it
                 scope, body = _with_body(scope, b"", None), b""
         except ApiError as exc:
-            return await _answer(scope, shaper.send, exc)
+            return await _answer(scope, shaper.send, exc, _HEADERS.get(exc.status))
         try:
             await asyncio.wait_for(self.app(scope, _replay(body), shaper.send), self.timeout_s)
         except asyncio.TimeoutError:
@@ -87,6 +90,26 @@ class RequestGuard:
                 await _answer(scope, shaper.send, ApiError(
                     f"the request took longer than {self.timeout_s:g} s and was stopped: retry",
                     HTTPStatus.SERVICE_UNAVAILABLE))
+
+    def _refuse_when_full(self) -> None:
+        if self.slots.locked():
+            raise ApiError(f"the service has {self.max_concurrency} requests in flight, its limit: retry in a second",
+                           HTTPStatus.TOO_MANY_REQUESTS)
+
+    async def receive_body(self, scope: Scope, receive: Receive) -> bytes:
+        """The request's body, under limits of its own: at most `max_uploads` arriving at once, each within
+        `upload_timeout_s`. Until its body has arrived a request holds no place among `max_concurrency`, so
+        phones on slow uplinks, or clients that stall, do not turn others away while the service idles (32
+        stalled uploads did, with 429 to every search, for as long as they stayed connected)."""
+        if self.uploads.locked():
+            raise ApiError(f"the service is receiving {self.max_uploads} uploads, its limit: retry in a second",
+                           HTTPStatus.TOO_MANY_REQUESTS)
+        async with self.uploads:
+            try:
+                return await asyncio.wait_for(read_body(scope, receive, self.max_request_bytes), self.upload_timeout_s)
+            except asyncio.TimeoutError:
+                raise ApiError(f"the request's body did not arrive within {self.upload_timeout_s:g} s: send it again "
+                               "(smaller photos arrive sooner)", HTTPStatus.REQUEST_TIMEOUT) from None
 
     async def checked(self, scope: Scope, body: bytes, fields: EndpointFields) -> tuple[Scope, bytes]:
         """Every field present, known, of its kind and valid; returns the request re-encoded."""

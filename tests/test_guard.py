@@ -7,6 +7,7 @@ import asyncio
 import io
 import re
 import socket
+import time
 
 import httpx
 import pytest
@@ -134,6 +135,79 @@ def test_a_huge_declared_body_is_refused_before_it_is_sent(server):
             answer += sock.recv(65536)
     text = answer.decode("latin-1")
     assert text.startswith("HTTP/1.1 413") and '"the request is 999,999,999,999 bytes; the limit is' in text
+
+
+def stalled_upload(port: int) -> socket.socket:
+    """A request whose headers arrive and whose body never does, as from a phone that lost its signal."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=XyZ\r\n"
+                 b"Content-Length: 100000\r\n\r\n--XyZ\r\n")
+    return sock
+
+
+def test_uploads_still_arriving_take_no_place_among_the_requests_in_flight(server):
+    """40 stalled uploads, more than the 32 requests in flight the entry takes: searches are answered. At
+    64 uploads arriving at once, its limit for them, a new one is refused at once (429), not queued."""
+    stalled = [stalled_upload(server.port) for _ in range(40)]
+    try:
+        time.sleep(0.5)  # every stalled request has reached the guard
+        r = server.http.post("/search", files={"image": PHOTO})
+        assert r.status_code == 200, r.text
+        stalled += [stalled_upload(server.port) for _ in range(24)]
+        time.sleep(0.5)
+        r = server.http.post("/search", files={"image": PHOTO})
+        assert r.status_code == 429 and "receiving 64 uploads" in r.json()["error"], r.text
+        assert r.headers["retry-after"] == "1"
+    finally:
+        for sock in stalled:
+            sock.close()
+    time.sleep(0.5)
+    assert server.http.post("/search", files={"image": PHOTO}).status_code == 200
+
+
+def test_an_upload_that_does_not_arrive_in_time_gets_408_and_frees_its_place():
+    """The guard alone (a real RequestGuard in front of a stand-in app): a body that stops arriving is
+    answered 408 at upload_timeout_s, with its connection closed, and the next upload is taken."""
+    from types import SimpleNamespace
+
+    from pydantic import BaseModel
+
+    from query.guard import RequestGuard
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    service = SimpleNamespace(apis={"ping": SimpleNamespace(route="/ping", input_spec=type("Empty", (BaseModel,), {}))})
+    guard = RequestGuard(app, service=service, max_concurrency=1, max_request_bytes=1000, max_file_bytes=1000,
+                         max_files=1, timeout_s=5, max_uploads=1, upload_timeout_s=0.3)
+
+    async def post(stall: bool) -> tuple[int, dict, bytes]:
+        answer: dict = {"body": b""}
+
+        async def receive():
+            if stall:
+                await asyncio.sleep(3600)
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                answer["status"], answer["headers"] = message["status"], dict(message["headers"])
+            else:
+                answer["body"] += message.get("body", b"")
+
+        await guard({"type": "http", "method": "POST", "path": "/ping", "headers": []}, receive, send)
+        return answer["status"], answer["headers"], answer["body"]
+
+    async def stalled_then_another() -> list:
+        stalled = asyncio.create_task(post(stall=True))
+        await asyncio.sleep(0.1)
+        refused = await post(stall=False)  # the one upload place is taken: 429 at once
+        return [refused, await stalled, await post(stall=False)]
+
+    (refused, _, _), (status, headers, body), (after, _, _) = asyncio.run(stalled_then_another())
+    assert refused == 429 and status == 408 and after == 200
+    assert headers[b"connection"] == b"close" and b"did not arrive within 0.3 s" in body
 
 
 def test_file_names_bentoml_cannot_store_are_accepted(server):

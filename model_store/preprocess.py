@@ -103,17 +103,24 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "P":
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA"):
-        rgba = img.convert("RGBA")
+        rgba = img if img.mode == "RGBA" else img.convert("RGBA")
         canvas = Image.new("RGB", img.size, BACKGROUND)
-        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        canvas.paste(rgba, mask=rgba)  # an RGBA mask is its alpha band, without a copy of it
         return canvas
     return img if img.mode == "RGB" else img.convert("RGB")  # convert would copy an RGB image
 
 
+# 16-bit level -> 8-bit level, floor(x * 255 / 65535): a table, where arithmetic in float64 over a 40-megapixel
+# photo took 1.8 s and 1 GB of temporaries (a 75 KB upload), for the same levels.
+_SIXTEEN_TO_EIGHT_BITS = (np.arange(65536, dtype=np.uint32) * 255 // 65535).astype(np.uint8)
+
+
 def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
     """16-bit or float greyscale -> 8-bit L, scaled by the format's full range."""
+    if img.mode.startswith("I;16"):
+        return Image.fromarray(_SIXTEEN_TO_EIGHT_BITS[np.asarray(img)])
     arr = np.asarray(img, dtype=np.float64)
-    top = 1.0 if img.mode == "F" else 65535.0 if img.mode.startswith("I;16") else max(arr.max(), 1.0)
+    top = 1.0 if img.mode == "F" else max(arr.max(), 1.0)
     return Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8))
 
 

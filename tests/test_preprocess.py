@@ -44,6 +44,9 @@ def test_sixteen_bit_greyscale_keeps_its_range():
     img = decode_image(encode(Image.fromarray(ramp)), **LIMITS)
     arr = np.asarray(img)
     assert img.mode == "RGB" and arr.min() == 0 and arr.max() == 255
+    every_level = Image.fromarray(np.arange(65536, dtype=np.uint16).reshape(256, 256))
+    levels = np.asarray(to_rgb(every_level))[..., 0].ravel().astype(np.int64)
+    np.testing.assert_array_equal(levels, np.floor(np.arange(65536) / 65535 * 255))  # each level as a ratio
 
 
 def test_transparent_pixels_become_white():

@@ -44,6 +44,7 @@ from query.guard import RequestGuard
 from query.models import (K, AssistResponse, BatchSearchResponse, Category, CompareResponse, CompareThresholds,
                           EstimateResponse, IndexInfo, Price, ReloadResponse, SearchResponse, SimilarQuery,
                           SimilarResponse)
+from query.photo_budget import PhotoBudget
 from query.retry_budget import RetryBudget
 from query.search_index import Match
 
@@ -221,6 +222,7 @@ class ImageSearch:
         self.embedder_tag: str | None = None
         self._switch_lock = asyncio.Lock()
         self.retries = RetryBudget(settings.embed_retry_share)
+        self.photos = PhotoBudget(settings.max_photos_in_flight)
         self._stage_mtime = stage_mtime()
         _instances[:] = [self]
         _limit_blas_threads()
@@ -284,16 +286,19 @@ class ImageSearch:
 
         pixels = await asyncio.gather(*(asyncio.to_thread(prepare, p, n) for p, n in zip(images, names)))
         batch = np.stack(pixels)
-        return await self._call_embedder(lambda: self.embedder.to_async.embed(batch))
+        async with self.photos.hold(len(batch)):
+            return await self._call_embedder(lambda: self.embedder.to_async.embed(batch), len(batch))
 
-    async def _call_embedder(self, call: Callable[[], Awaitable[T]]) -> T:
-        """One call to the embedder service, with a deadline; a call that stalls or drops is sent once
-        more (embedding is idempotent) while the retry budget allows, then the client gets a 503 that says so."""
+    async def _call_embedder(self, call: Callable[[], Awaitable[T]], photos: int = 1) -> T:
+        """One call to the embedder service, with a deadline (one embed deadline for each embedder batch the
+        photos fill); a call that stalls or drops is sent once more (embedding is idempotent) while the retry
+        budget allows, then the client gets a 503 that says so."""
         failure: Exception | None = None
+        deadline_s = settings.embed_deadline_s * -(-photos // EMBED_MAX_BATCH)
         self.retries.sent()
         for attempt in (1, 2):
             try:
-                return await asyncio.wait_for(call(), settings.embed_deadline_s)
+                return await asyncio.wait_for(call(), deadline_s)
             except (asyncio.TimeoutError, aiohttp.ClientConnectionError, RuntimeError) as exc:
                 # RuntimeError: "Session is closed", when BentoML closes its client at shutdown
                 failure = exc

@@ -65,6 +65,11 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(10.0, gt=0, description="Longest an API request may run before a 503.")
     max_concurrency: int = Field(32, ge=1, description="Requests the entry service takes at once; more get 429. "
                                  "A request counts once its body has arrived.")
+    max_photos_in_flight: int = Field(
+        32, ge=1, description="Photos an entry process has at the embedder at once; an embed call waits its turn "
+        "beyond it (a /search_batch call weighs as many photos as it sends), so the embedder's queue stays within "
+        "the embed deadline."
+    )
     max_uploads: int = Field(64, ge=1, description="Request bodies the entry receives at once (each up to "
                              "max_request_bytes); more get 429.")
     upload_timeout_s: float = Field(30.0, gt=0, description="Longest a request's body may take to arrive; "

@@ -124,6 +124,28 @@ def test_search_batch(server, demo_catalogue, rows):
     assert r.status_code == 415 and "images[1]" in r.text
 
 
+def test_batch_searches_from_several_clients_wait_their_turn_instead_of_failing(server, demo_catalogue, rows):
+    """8 clients sending 16 photos each, and 2 sending one: before each embed call waited for room in the
+    embedder's queue, the queue held ~128 photos, the calls passed their deadline and 108 of 111 batch requests
+    answered 503; with the deadline alone scaled to a call's photos, a lone photo still waited behind them all."""
+    batch = [("images", (f"p{i}.png", photo_bytes(demo_catalogue, rows[i]["image_path"]), "image/png"))
+             for i in range(16)]
+    end = time.time() + 8
+
+    def client(path: str, files: list) -> list[tuple[str, int]]:
+        statuses = []
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            while time.time() < end:
+                statuses.append((path, http.post(path, files=files, data={"k": 1}).status_code))
+        return statuses
+
+    work = [("/search_batch", batch)] * 8 + [("/search", [("image", batch[0][1])])] * 2
+    with cf.ThreadPoolExecutor(len(work)) as pool:
+        statuses = [s for run in pool.map(lambda w: client(*w), work) for s in run]
+    failed = [s for s in statuses if s[1] != 200]
+    assert {path for path, _ in statuses} == {"/search", "/search_batch"} and not failed, failed
+
+
 def test_index_info(server, demo_index):
     info = server.http.get("/index").json()
     assert info["served"]["index"] == demo_index.tag and info["served"]["stage"] == "production"

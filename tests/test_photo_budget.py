@@ -1,0 +1,71 @@
+"""Photos in flight to the embedder (query/photo_budget.py): never over the limit, first come first served,
+and a cancelled call neither keeps nor loses its photos."""
+
+import asyncio
+
+from query.photo_budget import PhotoBudget
+
+
+async def _call(budget: PhotoBudget, photos: int, log: list, held: list, hold_s: float = 0.01) -> None:
+    async with budget.hold(photos):
+        held.append(budget.limit - budget.free)
+        log.append(photos)
+        await asyncio.sleep(hold_s)
+
+
+def test_never_more_photos_than_the_limit_and_first_come_first_served():
+    async def run() -> tuple[list, list]:
+        budget, log, held = PhotoBudget(32), [], []
+        calls = [asyncio.create_task(_call(budget, n, log, held)) for n in (16, 16, 16, 1, 1, 16, 1)]
+        for task in calls:
+            await asyncio.sleep(0)  # each call arrives after the one before
+        await asyncio.gather(*calls)
+        return log, held, budget.free
+
+    log, held, free = asyncio.run(run())
+    assert max(held) <= 32 and free == 32
+    assert log == [16, 16, 16, 1, 1, 16, 1]  # the lone photos do not overtake the batch ahead of them
+
+
+def test_a_call_for_more_than_the_limit_holds_all_of_it_alone():
+    async def run() -> tuple[list, list]:
+        budget, log, held = PhotoBudget(4), [], []
+        await asyncio.gather(_call(budget, 2, log, held), _call(budget, 16, log, held), _call(budget, 2, log, held))
+        return held, budget.free
+
+    held, free = asyncio.run(run())
+    assert held == [2, 4, 2] and free == 4
+
+
+def test_a_call_cancelled_while_it_waits_lets_the_next_in():
+    """3 of 4 photos held; a call for 4 waits, a call for 1 waits behind it. When the first is cancelled
+    (its client went away, say) the call for 1 fits and goes at once, not when the 3 are given back."""
+    async def run() -> tuple[list, bool, int]:
+        budget, log, held = PhotoBudget(4), [], []
+        first = asyncio.create_task(_call(budget, 3, log, held, hold_s=1.0))
+        await asyncio.sleep(0)
+        waiting_big = asyncio.create_task(_call(budget, 4, log, held))
+        await asyncio.sleep(0)
+        small = asyncio.create_task(_call(budget, 1, log, held))
+        await asyncio.sleep(0.05)
+        waiting_big.cancel()
+        await asyncio.wait_for(small, 0.5)
+        first_still_holds = not first.done()
+        await first
+        return log, first_still_holds, budget.free
+
+    log, first_still_holds, free = asyncio.run(run())
+    assert log == [3, 1] and first_still_holds and free == 4
+
+
+def test_a_call_cancelled_as_its_turn_comes_gives_its_photos_back():
+    async def run() -> int:
+        budget = PhotoBudget(2)
+        async with budget.hold(2):
+            waiter = asyncio.create_task(_call(budget, 2, [], []))
+            await asyncio.sleep(0)
+        waiter.cancel()  # granted on release, cancelled before it ran
+        await asyncio.gather(waiter, return_exceptions=True)
+        return budget.free
+
+    assert asyncio.run(run()) == 2

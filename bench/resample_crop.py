@@ -21,6 +21,7 @@ import numpy as np
 import typer
 from PIL import Image
 
+from bench.ann_scale import command_line
 from bench.coil import COIL, coil_path
 from bench.evaluate_grocery import machine, replace_block, search_metrics
 from bench.grocery import CREDIT, GROCERY, read_split
@@ -110,7 +111,7 @@ def main(quick: Annotated[bool, typer.Option(help="a few photos of each, no docs
         sets["grocery train + val (shop photos, JPEG)"] = shop[::200] if quick else shop
     if COIL.exists():
         sets["COIL-100 (128 px PNG)"] = [coil_path(o, a) for o in range(1, 101) for a in range(0, 360, 5)][::900 if quick else 1]
-    result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "command": "python -m bench.resample_crop",
+    result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "command": command_line("bench.resample_crop"),
               "embedder": f"{backbone}, {DEFAULT_DESCRIPTOR}", "input": config.preprocess.crop,
               "rows": [compare(name, paths, emb) for name, paths in sets.items()]}
     if GROCERY.exists():

@@ -8,10 +8,12 @@ import io
 import re
 import socket
 import time
+from types import SimpleNamespace
 
 import httpx
 import pytest
 from PIL import Image
+from pydantic import BaseModel
 
 from index_builder.demo import draw_object
 
@@ -165,45 +167,48 @@ def test_uploads_still_arriving_take_no_place_among_the_requests_in_flight(serve
     assert server.http.post("/search", files={"image": PHOTO}).status_code == 200
 
 
+def ping_guard(app, **limits):
+    """A real RequestGuard with limits of 1 in front of `app`, a stand-in for BentoML's app serving POST /ping."""
+    from query.guard import RequestGuard
+
+    service = SimpleNamespace(apis={"ping": SimpleNamespace(route="/ping", input_spec=type("Empty", (BaseModel,), {}))})
+    return RequestGuard(app, service=service, max_concurrency=1, max_request_bytes=1000, max_file_bytes=1000,
+                        max_files=1, timeout_s=5, **limits)
+
+
+async def post_ping(guard, stall: bool = False) -> tuple[int, dict, bytes]:
+    """POST /ping through `guard`, its empty body sent at once or never: (status, headers, body)."""
+    answer: dict = {"body": b""}
+
+    async def receive():
+        if stall:
+            await asyncio.sleep(3600)
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            answer["status"], answer["headers"] = message["status"], dict(message["headers"])
+        else:
+            answer["body"] += message.get("body", b"")
+
+    await guard({"type": "http", "method": "POST", "path": "/ping", "headers": []}, receive, send)
+    return answer["status"], answer["headers"], answer["body"]
+
+
 def test_an_upload_that_does_not_arrive_in_time_gets_408_and_frees_its_place():
     """The guard alone (a real RequestGuard in front of a stand-in app): a body that stops arriving is
     answered 408 at upload_timeout_s, with its connection closed, and the next upload is taken."""
-    from types import SimpleNamespace
-
-    from pydantic import BaseModel
-
-    from query.guard import RequestGuard
-
     async def app(scope, receive, send):
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"{}"})
 
-    service = SimpleNamespace(apis={"ping": SimpleNamespace(route="/ping", input_spec=type("Empty", (BaseModel,), {}))})
-    guard = RequestGuard(app, service=service, max_concurrency=1, max_request_bytes=1000, max_file_bytes=1000,
-                         max_files=1, timeout_s=5, max_uploads=1, upload_timeout_s=0.3)
-
-    async def post(stall: bool) -> tuple[int, dict, bytes]:
-        answer: dict = {"body": b""}
-
-        async def receive():
-            if stall:
-                await asyncio.sleep(3600)
-            return {"type": "http.request", "body": b"", "more_body": False}
-
-        async def send(message):
-            if message["type"] == "http.response.start":
-                answer["status"], answer["headers"] = message["status"], dict(message["headers"])
-            else:
-                answer["body"] += message.get("body", b"")
-
-        await guard({"type": "http", "method": "POST", "path": "/ping", "headers": []}, receive, send)
-        return answer["status"], answer["headers"], answer["body"]
+    guard = ping_guard(app, max_uploads=1, upload_timeout_s=0.3)
 
     async def stalled_then_another() -> list:
-        stalled = asyncio.create_task(post(stall=True))
+        stalled = asyncio.create_task(post_ping(guard, stall=True))
         await asyncio.sleep(0.1)
-        refused = await post(stall=False)  # the one upload place is taken: 429 at once
-        return [refused, await stalled, await post(stall=False)]
+        refused = await post_ping(guard)  # the one upload place is taken: 429 at once
+        return [refused, await stalled, await post_ping(guard)]
 
     (refused, _, _), (status, headers, body), (after, _, _) = asyncio.run(stalled_then_another())
     assert refused == 429 and status == 408 and after == 200
@@ -237,12 +242,6 @@ def test_a_request_frees_its_slot_as_its_answer_leaves():
     """A closed-loop client at exactly max_concurrency must never be refused: its next request can arrive while
     the code after the last answer (BentoML's middlewares, logging) still runs. Suspected on the lent H200: one
     answer in ~1,100 from 32 clients at the entry's limit of 32 was not a 200 (wrk did not say which status)."""
-    from types import SimpleNamespace
-
-    from pydantic import BaseModel
-
-    from query.guard import RequestGuard
-
     answered = asyncio.Event()
 
     async def app(scope, receive, send):
@@ -251,22 +250,10 @@ def test_a_request_frees_its_slot_as_its_answer_leaves():
         answered.set()
         await asyncio.sleep(0.2)  # after the last byte, as middlewares and logging run
 
-    service = SimpleNamespace(apis={"ping": SimpleNamespace(route="/ping", input_spec=type("Empty", (BaseModel,), {}))})
-    guard = RequestGuard(app, service=service, max_concurrency=1, max_request_bytes=1000, max_file_bytes=1000,
-                         max_files=1, timeout_s=5)
+    guard = ping_guard(app)
 
     async def post() -> int:
-        status = []
-
-        async def receive():
-            return {"type": "http.request", "body": b"", "more_body": False}
-
-        async def send(message):
-            if message["type"] == "http.response.start":
-                status.append(message["status"])
-
-        await guard({"type": "http", "method": "POST", "path": "/ping", "headers": []}, receive, send)
-        return status[0]
+        return (await post_ping(guard))[0]
 
     async def two_in_a_row() -> list[int]:
         first = asyncio.create_task(post())

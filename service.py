@@ -117,12 +117,12 @@ class Embedder:
             torch.set_num_threads(settings.torch_threads)
         embedder = embedder_from_folder(Path(self.model.path), settings.device, settings.half_precision)
         if settings.torch_compile:
-            embedder.net = torch.compile(embedder.net, dynamic=True)
+            embedder.net, embedder.cuda_graphs = torch.compile(embedder.net, dynamic=True), False
         # Before readiness, every batch size adaptive batching can form: on a GPU the first pass of each
         # new size takes seconds, longer than the entry's embed deadline (measured: docs/PERFORMANCE.md)
         warm_s = embedder.warm_up(tuple(range(1, EMBED_MAX_BATCH + 1)))
-        log.info("embedder %s on %s (half=%s), warmed up in %.1f s", self.model.tag, embedder.device,
-                 embedder.half, warm_s)
+        log.info("embedder %s on %s (half=%s, %d CUDA graphs), warmed up in %.1f s", self.model.tag,
+                 embedder.device, embedder.half, len(embedder.graphs), warm_s)
         self.embedder = embedder
 
     def __is_ready__(self) -> bool:

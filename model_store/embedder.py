@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from model_store.malloc import keep_freed_memory
 from model_store.registry import get_model, list_models, register
 from model_store.settings import EMBEDDER_MODEL, get_settings
 
+log = logging.getLogger(__name__)
 CONFIG_FILE = "embedder.json"
 WEIGHTS_FILE = "weights.pt"
 
@@ -33,13 +35,22 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 class Embedder:
-    """(N, 3, crop, crop) uint8 pixels (preprocess.image_to_pixels) -> (N, dim) float32 L2-normalised vectors."""
+    """(N, 3, crop, crop) uint8 pixels (preprocess.image_to_pixels) -> (N, dim) float32 L2-normalised vectors.
 
-    def __init__(self, config: EmbedderConfig, net: torch.nn.Module, device: str = "auto", half: bool = True):
+    On a CUDA device each batch shape that `warm_up` runs is recorded as a CUDA graph and replayed from then on:
+    one launch for the whole pass instead of one per kernel, whose launches otherwise take most of a small
+    batch's time (docs/PERFORMANCE.md, section 7). Other shapes run as they come. `cuda_graphs` None follows
+    the settings (IMAGESEARCH_CUDA_GRAPHS)."""
+
+    def __init__(self, config: EmbedderConfig, net: torch.nn.Module, device: str = "auto", half: bool = True,
+                 cuda_graphs: bool | None = None):
         self.config = config
         self.device = pick_device(device)
         self.half = half and self.device.type == "cuda"
-        if self.device.type == "cpu" and get_settings().keep_freed_memory:
+        settings = get_settings()
+        self.cuda_graphs = self.device.type == "cuda" and (settings.cuda_graphs if cuda_graphs is None else cuda_graphs)
+        self.graphs: dict[tuple[int, ...], CudaGraphPass] = {}
+        if self.device.type == "cpu" and settings.keep_freed_memory:
             keep_freed_memory()  # process-wide: its activations are what a CPU process allocates most
         net = for_inference(net.eval()).to(self.device, memory_format=torch.channels_last)
         self.net = (net.half() if self.half else net).eval()
@@ -52,24 +63,61 @@ class Embedder:
     def embed(self, batch: np.ndarray) -> np.ndarray:
         if batch.dtype != np.uint8:
             raise TypeError(f"embed takes uint8 pixels (N, 3, H, W); got {batch.dtype}")
+        graph = self.graphs.get(batch.shape)
+        if graph is not None:
+            return graph.run(batch)
         x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, non_blocking=True)
-        x = (x.float() * self._scale - self._shift).contiguous(memory_format=torch.channels_last)
+        return self._forward(x).cpu().numpy()
+
+    def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels on the device -> float32 descriptors on the device."""
+        x = (pixels.float() * self._scale - self._shift).contiguous(memory_format=torch.channels_last)
         fmap = self.net(x.half() if self.half else x).float()
         if self.config.descriptor == "gem":
-            desc = pooling.gem(fmap, self.config.gem_p)
-        elif self.config.descriptor == "rmac":
-            desc = pooling.rmac(fmap, self.config.gem_p)
-        else:
-            desc = torch.nn.functional.normalize(fmap.flatten(1), dim=1)
-        return desc.cpu().numpy().astype(np.float32, copy=False)
+            return pooling.gem(fmap, self.config.gem_p)
+        if self.config.descriptor == "rmac":
+            return pooling.rmac(fmap, self.config.gem_p)
+        return torch.nn.functional.normalize(fmap.flatten(1), dim=1)
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> float:
-        """Run each batch size once on blank pixels; seconds taken. The first pass on a GPU loads CUDA's
-        kernels and takes seconds: a service does it before it is ready, not inside a client's deadline."""
+        """Run each batch size once on blank pixels (and record it as a CUDA graph, see the class); seconds
+        taken. The first pass on a GPU loads CUDA's kernels and takes seconds: a service does it before it is
+        ready, not inside a client's deadline."""
         start, crop = time.perf_counter(), self.config.preprocess.crop
         for n in batch_sizes:
-            self.embed(np.zeros((n, 3, crop, crop), dtype=np.uint8))
+            blank = np.zeros((n, 3, crop, crop), dtype=np.uint8)
+            self.embed(blank)
+            if self.cuda_graphs and blank.shape not in self.graphs:
+                self._record(blank.shape)
         return time.perf_counter() - start
+
+    @torch.inference_mode()
+    def _record(self, shape: tuple[int, ...]) -> None:
+        try:
+            self.graphs[shape] = CudaGraphPass(self._forward, shape, self.device)
+        except RuntimeError as exc:  # a pass CUDA cannot record still runs as it is
+            log.warning("batch shape %s not recorded as a CUDA graph (%s): it runs kernel by kernel", shape, exc)
+
+
+class CudaGraphPass:
+    """One batch shape's pass recorded once as a CUDA graph, then replayed on new pixels copied into the same
+    device memory. Not thread-safe: replays share their input and output memory (one torch thread calls it)."""
+
+    def __init__(self, forward, shape: tuple[int, ...], device: torch.device):
+        self.pixels = torch.zeros(shape, dtype=torch.uint8, device=device)
+        side = torch.cuda.Stream(device)  # CUDA records what a stream of its own runs, warmed up there first
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            forward(self.pixels)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = forward(self.pixels)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        self.pixels.copy_(torch.from_numpy(np.ascontiguousarray(batch)))
+        self.graph.replay()
+        return self.out.cpu().numpy()  # a copy: the next replay overwrites self.out
 
 
 def new_embedder(backbone: str, weights: str = "default", descriptor: Descriptor = "gem",

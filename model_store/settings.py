@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="torch device for the embedder: auto, cpu, cuda, cuda:N.")
     half_precision: bool = Field(True, description="Use fp16 on a CUDA device.")
     torch_compile: bool = Field(False, description="torch.compile the embedder network at startup.")
+    cuda_graphs: bool = Field(
+        True, description="On a GPU, record each batch size the embedder warms up as a CUDA graph and replay it: "
+        "one launch per pass instead of one per kernel (docs/PERFORMANCE.md, section 7). Off with torch_compile."
+    )
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default.")
     keep_freed_memory: bool = Field(
         True, description="On a CPU, a process running the network keeps the memory a pass frees for the next one "

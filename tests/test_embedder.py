@@ -16,6 +16,7 @@ from model_store.backbones import for_inference, get_backbone
 from model_store.embedder import Embedder, new_embedder, pick_device
 from model_store.malloc import ONE_ARENA, keep_freed_memory
 from model_store.preprocess import image_to_pixels
+from model_store.settings import get_settings
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +59,44 @@ def test_auto_device_follows_cuda_availability():
 def test_gpu_half_precision_matches_cpu(lite0, batch):
     config, net = lite0
     cpu = Embedder(config, new_embedder("efficientnet-lite0")[1], "cpu").embed(batch)
-    gpu = Embedder(config, net, "cuda", half=True)
+    gpu = Embedder(config, copy.deepcopy(net), "cuda", half=True)  # the module fixture's net stays on the CPU
     assert gpu.half and next(gpu.net.parameters()).dtype == torch.float16
     out = gpu.embed(batch)
     assert out.dtype == np.float32
     assert np.min(np.sum(cpu * out, axis=1)) > 0.999  # cosine of fp16 GPU vs fp32 CPU vectors
+
+
+def test_no_cuda_graphs_off_a_gpu(lite0):
+    config, net = lite0
+    e = Embedder(config, copy.deepcopy(net), "cpu", cuda_graphs=True)
+    assert e.warm_up((1, 2)) > 0 and not e.cuda_graphs and e.graphs == {}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("descriptor", ["rmac", "gem"])
+def test_cuda_graph_replays_give_the_kernel_by_kernel_vectors(descriptor, batch, monkeypatch, request):
+    request.addfinalizer(get_settings.cache_clear)  # the settings are read once per process: never keep the "0"
+    config, net = new_embedder("efficientnet-lite0", "default", descriptor)
+    monkeypatch.setenv("IMAGESEARCH_CUDA_GRAPHS", "0")
+    get_settings.cache_clear()
+    off = Embedder(config, copy.deepcopy(net), "cuda")
+    off.warm_up((1,))
+    assert not off.cuda_graphs and off.graphs == {}
+    eager = off.embed(batch)
+    monkeypatch.delenv("IMAGESEARCH_CUDA_GRAPHS")
+    get_settings.cache_clear()
+    e = Embedder(config, net, "cuda")  # the settings' default: on
+    e.warm_up((1, 4))
+    crop = config.preprocess.crop
+    assert set(e.graphs) == {(1, 3, crop, crop), (4, 3, crop, crop)}
+    one, replays = e.graphs[(1, 3, crop, crop)], []
+    replay = one.graph.replay
+    one.graph.replay = lambda: (replays.append(1), replay())
+    assert np.min(np.sum(eager * e.embed(batch), axis=1)) > 0.9999  # the recorded batch of 4
+    for i in range(4):  # each photo alone through the recorded batch of 1: new pixels each replay
+        assert np.sum(eager[i] * e.embed(batch[i:i + 1])[0]) > 0.9999
+    assert np.min(np.sum(eager[:2] * e.embed(batch[:2]), axis=1)) > 0.9999  # not recorded: kernel by kernel
+    assert len(replays) == 4
 
 
 @pytest.mark.parametrize("n, size", [(1, 240), (2, 260)])

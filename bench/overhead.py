@@ -58,10 +58,11 @@ app = typer.Typer(add_completion=False)
 
 
 class BareEmbedders:
-    """`n` bare embedder processes of the code at `root`, each loading embedder `tag`."""
+    """`n` bare embedder processes of the code at `root`, each loading embedder `tag`, with the row's settings
+    (IMAGESEARCH_ variables) where they touch the network (IMAGESEARCH_CUDA_GRAPHS, say)."""
 
-    def __init__(self, root: Path, tag: str, n: int):
-        env = {**os.environ, "PYTHONPATH": python_path(root)}
+    def __init__(self, root: Path, tag: str, n: int, settings: dict[str, str] | None = None):
+        env = {**os.environ, **(settings or {}), "PYTHONPATH": python_path(root)}
         self.procs = [subprocess.Popen([sys.executable, str(ROOT / "bench" / "bare_worker.py"), tag], cwd=root,
                                        env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
                       for _ in range(n)]
@@ -258,7 +259,8 @@ def measure(root: Path, label: str, tag: str, tmp: Path, plan: Plan, layout: dic
         served.pop("entry_threads")
     gpu = pick_device(served["device"]).type == "cuda"
     bare = BareEmbedders(root, get_model(tag).info.metadata["embedder"],
-                         bare_processes(cores, gpu, served["embedder_workers"]))
+                         bare_processes(cores, gpu, served["embedder_workers"]),
+                         {k: v for k, v in layout.items() if k not in PROCESSES})
     seconds, levels = (2, (4,)) if plan.quick else (plan.seconds, plan.clients)
     photos, ctype, per_round = plan.photos, plan.ctype, []
     env = {**(hide_newer_packages(root, tmp / f"hidden-{root.name}") if root != ROOT else {}), **layout}

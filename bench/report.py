@@ -197,6 +197,18 @@ def soak_table(d: dict) -> str:
     return "\n".join(lines)
 
 
+def cuda_graphs_table(d: dict) -> str:
+    lines = [f"Machine: {d['machine']}; `{d['command']}`; fp16; ms per batch (median, the two timed in turns); host CPU "
+             "ms per batch (this process, the wait for the GPU included); cosine: the least between a photo's "
+             "replayed and kernel-by-kernel vectors.", "",
+             "| embedder | batch | kernel by kernel ms | CUDA graph ms | **speed-up** | CPU ms: kernel by kernel / graph "
+             "| cosine |", "|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        lines.append(f"| {r['backbone']} {r['descriptor']} | {r['batch']} | {r['eager_ms']} | {r['graph_ms']} | "
+                     f"{r['speedup']}x | {r['eager_cpu_ms']} / {r['graph_cpu_ms']} | {r['min_cosine']} |")
+    return "\n".join(lines)
+
+
 SECTIONS = {"overhead": ("overhead.json", overhead_table), "overhead-phone": ("overhead_phone.json", overhead_table),
             "overhead-page": ("overhead_page.json", overhead_table),
             "overhead-freed": ("overhead_freed.json", overhead_table),
@@ -209,6 +221,9 @@ SECTIONS = {"overhead": ("overhead.json", overhead_table), "overhead-phone": ("o
             "overhead-gpu": ("overhead_gpu.json", overhead_table_one_run),
             "overhead-gpu-layouts": ("overhead_gpu_layouts.json", overhead_table),
             "overhead-gpu-threads": ("overhead_gpu_threads.json", overhead_table),
+            "cuda-graphs": ("cuda_graphs_gpu.json", cuda_graphs_table),
+            "overhead-gpu-graphs": ("overhead_gpu_graphs.json", overhead_table),
+            "overhead-gpu-12x2": ("overhead_gpu_12x2.json", overhead_table),
             "entry-threads": (("entry_threads.json", "entry_threads_gpu.json"), entry_threads_table),
             "ann": ("ann_scale.json", ann_table), "loadtest-step": ("loadtest_step.json", loadtest_table),
             "loadtest-5min": ("loadtest_5min.json", loadtest_table),

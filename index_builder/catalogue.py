@@ -134,7 +134,8 @@ def read_catalogue(path: Path) -> Catalogue:
         if full in seen_paths:
             reason = f"duplicate photo: same image_path as line {seen_paths[full]}"
         elif not remote and not Path(full).is_file():  # remote photos are checked when they are fetched
-            reason = f"image file not found: {full}"
+            reason = (f"image_path is a folder, not a photo: {full}" if Path(full).is_dir()
+                      else f"image file not found: {full}")
         elif row.item_id in items and items[row.item_id][1] != row.item_fields():
             reason = (f"item {row.item_id}: title/category/price/currency/sold_at differ from line "
                       f"{items[row.item_id][0]}; all photos of one item must agree")

@@ -38,6 +38,7 @@ def test_good_rows_and_several_photos_per_item(folder):
     ("i1,a.png,Vase,Ceramics,3,USD,yesterday", "sold_at"),
     (",a.png,Vase,Ceramics,3,USD,2024-05-01", "item_id"),
     ("i1,missing.png,Vase,Ceramics,3,USD,2024-05-01", "image file not found"),
+    ("i1,.,Vase,Ceramics,3,USD,2024-05-01", "image_path is a folder, not a photo"),
     ("i1,a.png,Vase,Ceramics,3,USD,2024-05-01,extra", "fields"),
 ])
 def test_each_bad_row_is_reported_with_line_and_reason(folder, row, reason):

@@ -197,7 +197,16 @@ async def _get_photo(request: Request) -> FileResponse:
     if not path.is_file():
         raise ApiError(f"the thumbnail of {name} is missing from the store: rebuild the index",
                        HTTPStatus.NOT_FOUND, "name")
-    return FileResponse(path, media_type=thumbnails.MEDIA_TYPE, headers={**IMMUTABLE, "ETag": f'"{key}"'})
+    headers = {**IMMUTABLE, "ETag": f'"{key}"'}
+    if _etag_matches(request.headers.get("if-none-match", ""), key):  # a cache revalidating: no body to resend
+        return Response(status_code=HTTPStatus.NOT_MODIFIED, headers=headers)
+    return FileResponse(path, media_type=thumbnails.MEDIA_TYPE, headers=headers)
+
+
+def _etag_matches(if_none_match: str, key: str) -> bool:
+    """RFC 9110 If-None-Match: "*" or a list of tags, weak (W/) ones compared as strong."""
+    tags = {t.strip().removeprefix("W/") for t in if_none_match.split(",")}
+    return "*" in tags or f'"{key}"' in tags
 
 
 ROUTES = [Route("/index", _get_index, methods=["GET"]),
@@ -247,7 +256,7 @@ class ImageSearch:
         if self.active is None:
             return False
         try:
-            tag = await self._embedder_tag()
+            tag = await self._embedder_tag(retry=False)
         except ApiError as exc:  # the embedder is still starting, or gone: not ready, and /readyz says why
             self.problem = exc.message
             return False
@@ -257,10 +266,11 @@ class ImageSearch:
             return False
         return True
 
-    async def _embedder_tag(self) -> str | None:
-        """The tag of the embedder the embedder service runs, asked once."""
+    async def _embedder_tag(self, retry: bool = True) -> str | None:
+        """The tag of the embedder the embedder service runs, asked until it answers once. Readiness polls
+        without a retry: an embedder still starting is what it reports, not a fault worth a warning."""
         if self.embedder_tag is None:
-            self.embedder_tag = (await self._call_embedder(self.embedder.to_async.describe)).get("tag")
+            self.embedder_tag = (await self._call_embedder(self.embedder.to_async.describe, retry=retry)).get("tag")
         return self.embedder_tag
 
     def _require(self) -> Active:
@@ -289,19 +299,21 @@ class ImageSearch:
         async with self.photos.hold(len(batch)):
             return await self._call_embedder(lambda: self.embedder.to_async.embed(batch), len(batch))
 
-    async def _call_embedder(self, call: Callable[[], Awaitable[T]], photos: int = 1) -> T:
+    async def _call_embedder(self, call: Callable[[], Awaitable[T]], photos: int = 1, retry: bool = True) -> T:
         """One call to the embedder service, with a deadline (one embed deadline for each embedder batch the
         photos fill); a call that stalls or drops is sent once more (embedding is idempotent) while the retry
-        budget allows, then the client gets a 503 that says so."""
+        budget allows, then the client gets a 503 that says so. retry=False: one try, nothing logged."""
         failure: Exception | None = None
         deadline_s = settings.embed_deadline_s * -(-photos // EMBED_MAX_BATCH)
         self.retries.sent()
-        for attempt in (1, 2):
+        for attempt in (1, 2) if retry else (1,):
             try:
                 return await asyncio.wait_for(call(), deadline_s)
             except (asyncio.TimeoutError, aiohttp.ClientConnectionError, RuntimeError) as exc:
                 # RuntimeError: "Session is closed", when BentoML closes its client at shutdown
                 failure = exc
+                if not retry:
+                    break
                 if attempt == 1 and self.retries.take():
                     log.warning("embedder call 1 failed (%s): sending it again", type(exc).__name__)
                     continue

@@ -54,7 +54,8 @@ def amend(doc: dict[str, Any]) -> dict[str, Any]:
         "summary": "A thumbnail of a photo of the served index (a match's photo_url); cached for good",
         "parameters": [{"name": "name", "in": "path", "required": True,
                         "schema": {"type": "string", "pattern": "^[0-9a-f]{64}\\.webp$"}}],
-        "responses": {"200": {"description": "WebP image", "content": {"image/webp": {}}},
+        "responses": {"200": {"description": "WebP image; its ETag is its name", "content": {"image/webp": {}}},
+                      "304": {"description": "Not modified: If-None-Match named its ETag (no body)"},
                       "404": {"description": "No such photo in the served index", "content": ref}}}}
     doc.setdefault("info", {})["description"] = DESCRIPTION
     _mark_nullable(doc)

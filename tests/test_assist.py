@@ -39,6 +39,11 @@ def test_every_match_carries_a_photo_that_loads_and_is_cached_for_good(server, d
     got = server.http.get(urls[0])
     assert got.status_code == 200 and got.headers["content-type"] == "image/webp"
     assert "immutable" in got.headers["cache-control"] and "max-age=31536000" in got.headers["cache-control"]
+    etag = got.headers["etag"]
+    for sent in (etag, f'"other", W/{etag}', "*"):  # a cache revalidating gets no body again
+        again = server.http.get(urls[0], headers={"If-None-Match": sent})
+        assert again.status_code == 304 and again.content == b"" and again.headers["etag"] == etag, sent
+    assert server.http.get(urls[0], headers={"If-None-Match": '"other"'}).content == got.content
     thumb = Image.open(io.BytesIO(got.content))
     assert thumb.format == "WEBP" and max(thumb.size) <= 320 and min(thumb.size) > 0
     original = Image.open(demo_catalogue.parent / rows[0]["image_path"])

@@ -26,7 +26,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
-from starlette.staticfiles import StaticFiles
+from starlette.staticfiles import NotModifiedResponse, StaticFiles
 
 from model_store import stages, thumbnails
 from model_store.core_share import SHARING, SPIN_COUNT, CoreShare, available_cores, worker_count
@@ -162,6 +162,7 @@ _instances: list["ImageSearch"] = []  # the service instance of this worker, for
 
 SIMILAR_FIELDS = EndpointFields.of(SimilarQuery)
 IMMUTABLE = {"Cache-Control": "public, max-age=31536000, immutable"}  # a thumbnail's name is its photo's hash
+UI_FILES = StaticFiles(directory=STATIC, html=True)  # the page; its If-None-Match check serves /photos too
 
 
 def _answer_errors(route: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
@@ -186,7 +187,7 @@ async def _get_similar(request: Request) -> JSONResponse:
 
 
 @_answer_errors
-async def _get_photo(request: Request) -> FileResponse:
+async def _get_photo(request: Request) -> Response:
     """A thumbnail of a photo of the served index, from the thumbnail store only."""
     name = request.path_params["name"]
     key = name.removesuffix(thumbnails.SUFFIX)
@@ -197,23 +198,17 @@ async def _get_photo(request: Request) -> FileResponse:
     if not path.is_file():
         raise ApiError(f"the thumbnail of {name} is missing from the store: rebuild the index",
                        HTTPStatus.NOT_FOUND, "name")
-    headers = {**IMMUTABLE, "ETag": f'"{key}"'}
-    if _etag_matches(request.headers.get("if-none-match", ""), key):  # a cache revalidating: no body to resend
-        return Response(status_code=HTTPStatus.NOT_MODIFIED, headers=headers)
-    return FileResponse(path, media_type=thumbnails.MEDIA_TYPE, headers=headers)
-
-
-def _etag_matches(if_none_match: str, key: str) -> bool:
-    """RFC 9110 If-None-Match: "*" or a list of tags, weak (W/) ones compared as strong."""
-    tags = {t.strip().removeprefix("W/") for t in if_none_match.split(",")}
-    return "*" in tags or f'"{key}"' in tags
+    photo = FileResponse(path, media_type=thumbnails.MEDIA_TYPE, headers={**IMMUTABLE, "ETag": f'"{key}"'})
+    if UI_FILES.is_not_modified(photo.headers, request.headers):  # a cache revalidating: no body to resend
+        return NotModifiedResponse(photo.headers)
+    return photo
 
 
 ROUTES = [Route("/index", _get_index, methods=["GET"]),
           Route("/similar/{item_id:path}", _get_similar, methods=["GET"]),
           Route("/photos/{name}", _get_photo, methods=["GET"]),
           Route("/ui", lambda request: RedirectResponse("/ui/", status_code=308), methods=["GET"]),
-          Mount("/ui", StaticFiles(directory=STATIC, html=True))]
+          Mount("/ui", UI_FILES)]
 
 
 @bentoml.service(workers=settings.search_workers, traffic={"timeout": 30, "concurrency": settings.search_concurrency})

@@ -301,7 +301,7 @@ class ImageSearch:
         failure: Exception | None = None
         deadline_s = settings.embed_deadline_s * -(-photos // EMBED_MAX_BATCH)
         self.retries.sent()
-        for attempt in (1, 2) if retry else (1,):
+        for attempt in (1, 2):
             try:
                 return await asyncio.wait_for(call(), deadline_s)
             except (asyncio.TimeoutError, aiohttp.ClientConnectionError, RuntimeError) as exc:

@@ -45,6 +45,7 @@ from query.models import (K, AssistResponse, BatchSearchResponse, Category, Comp
                           EstimateResponse, IndexInfo, Price, ReloadResponse, SearchResponse, SimilarQuery,
                           SimilarResponse)
 from query.photo_budget import PhotoBudget
+from query.request_head import limit_request_heads
 from query.retry_budget import RetryBudget
 from query.search_index import Match
 
@@ -234,6 +235,7 @@ class ImageSearch:
         asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(
             settings.entry_thread_count(available_cores()), thread_name_prefix="entry"))
         _open_files_up_to_the_hard_limit()
+        limit_request_heads(settings.max_head_bytes)  # the guard only sees a request once uvicorn has read its head
         tune_client(self.embedder)
         if SERVED is None:
             self.problem = f"nothing is promoted to {settings.stage}"

@@ -31,6 +31,10 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(20 * 1024 * 1024, gt=0, description="Largest upload accepted.")
     max_image_pixels: int = Field(40_000_000, gt=0, description="Largest width*height decoded.")
     max_request_bytes: int = Field(50 * 1024 * 1024, gt=0, description="Largest request body (all parts).")
+    max_head_bytes: int = Field(
+        32 * 1024, ge=1024, le=60 * 1024, description="Largest request URL and headers together; more get 414 or 431 "
+        "as soon as that much has arrived (uvicorn reads them before anything else, without a limit of its own)."
+    )
     max_k: int = Field(100, gt=0, description="Largest k a search may ask for.")
     max_batch_images: int = Field(16, gt=0, description="Most photos in one /search_batch call.")
     device: str = Field("auto", description="torch device for the embedder: auto, cpu, cuda, cuda:N.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import re
 import socket
 import time
@@ -137,6 +138,61 @@ def test_a_huge_declared_body_is_refused_before_it_is_sent(server):
             answer += sock.recv(65536)
     text = answer.decode("latin-1")
     assert text.startswith("HTTP/1.1 413") and '"the request is 999,999,999,999 bytes; the limit is' in text
+
+
+def raw_exchange(port: int, head: bytes) -> str:
+    """Send `head` as is on a fresh connection and read the answer until the server closes it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer.decode("latin-1")
+
+
+def shaped_error(answer: str) -> tuple[int, dict]:
+    head, _, body = answer.partition("\r\n\r\n")
+    assert "content-type: application/json" in head.lower(), answer[:300]
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_heads_the_http_server_cannot_take_get_a_4xx_in_the_one_shape(server):
+    """uvicorn reads a request's line and headers before the guard sees it: a URL over 64 KB, or anything it
+    cannot parse, got its plain-text 400, and headers of any size were read whole and served."""
+    ok = b"GET /index HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    cases = [(b"GET /index?x=" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "the URL is over 32,768 bytes"),
+             (ok + b"X-Big: " + b"a" * 40_000 + b"\r\n\r\n", 431, "URL and headers are over 32,768 bytes"),
+             (ok + b"".join(b"X-%d: %s\r\n" % (i, b"a" * 40) for i in range(1_000)) + b"\r\n", 431, "fewer or shorter"),
+             (b"GARBAGE\r\n\r\n", 400, "not valid HTTP/1.1"),
+             (b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", 400, "its Content-Length")]
+    for head, status, message in cases:
+        got, body = shaped_error(raw_exchange(server.port, head))
+        assert got == status and message in body["error"] and set(body) == {"error", "field"}, (got, body)
+    assert raw_exchange(server.port, ok + b"X-Big: " + b"a" * 30_000 + b"\r\n\r\n").startswith("HTTP/1.1 200")
+
+
+def test_a_header_that_never_ends_is_refused_as_it_arrives(server):
+    """Without a limit the server holds whatever a header brings: here 64 MB are offered in 64 KB pieces and the
+    server must close the connection long before (431 when the answer can still be read), then keep serving."""
+    sent, piece = 0, b"a" * 65536
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /index HTTP/1.1\r\nHost: x\r\nX-Endless: ")
+        try:
+            while sent < 64 << 20:
+                sock.sendall(piece)
+                sent += len(piece)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        except TimeoutError:
+            pytest.fail(f"the server stopped reading the header after {sent:,} bytes and did not refuse it")
+        try:
+            answer = sock.recv(65536).decode("latin-1")
+        except ConnectionResetError:
+            answer = ""
+    assert sent < 32 << 20, f"the server took {sent:,} bytes of one header"
+    if answer:
+        assert shaped_error(answer)[0] == 431
+    assert server.http.get("/index").status_code == 200
 
 
 def stalled_upload(port: int) -> socket.socket:

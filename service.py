@@ -235,7 +235,8 @@ class ImageSearch:
         asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(
             settings.entry_thread_count(available_cores()), thread_name_prefix="entry"))
         _open_files_up_to_the_hard_limit()
-        limit_request_heads(settings.max_head_bytes)  # the guard only sees a request once uvicorn has read its head
+        # The guard only sees a request once uvicorn has read its head: limits on that part of its own
+        limit_request_heads(settings.max_head_bytes, settings.head_timeout_s)
         tune_client(self.embedder)
         if SERVED is None:
             self.problem = f"nothing is promoted to {settings.stage}"

@@ -35,6 +35,10 @@ class Settings(BaseSettings):
         32 * 1024, ge=1024, le=60 * 1024, description="Largest request URL and headers together; more get 414 or 431 "
         "as soon as that much has arrived (uvicorn reads them before anything else, without a limit of its own)."
     )
+    head_timeout_s: float = Field(
+        10.0, gt=0, description="Longest a request's URL and headers may take to arrive (from the connection's start, "
+        "or a later request's first byte); slower get 408, and a connection that sends nothing is closed."
+    )
     max_k: int = Field(100, gt=0, description="Largest k a search may ask for.")
     max_batch_images: int = Field(16, gt=0, description="Most photos in one /search_batch call.")
     device: str = Field("auto", description="torch device for the embedder: auto, cpu, cuda, cuda:N.")

@@ -195,6 +195,26 @@ def test_a_header_that_never_ends_is_refused_as_it_arrives(server):
     assert server.http.get("/index").status_code == 200
 
 
+def test_a_connection_that_sends_nothing_or_half_a_head_is_let_go(server):
+    """A head not complete within IMAGESEARCH_HEAD_TIMEOUT_S (3 s on this server) gets 408, a connection that
+    sends nothing is closed: each held an open file of the entry for as long as its client liked."""
+    idle = socket.create_connection(("127.0.0.1", server.port), timeout=15)
+    half = socket.create_connection(("127.0.0.1", server.port), timeout=15)
+    try:
+        half.sendall(b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Ty")
+        start = time.monotonic()
+        assert idle.recv(1024) == b""  # closed without an answer
+        got, body = shaped_error(half.recv(65536).decode("latin-1"))
+        assert got == 408 and "did not arrive within 3 s" in body["error"], body
+        assert time.monotonic() - start < 10
+    except TimeoutError:
+        pytest.fail("the server held a connection that sent no whole request for 15 s")
+    finally:
+        idle.close()
+        half.close()
+    assert server.http.get("/index").status_code == 200
+
+
 def stalled_upload(port: int) -> socket.socket:
     """A request whose headers arrive and whose body never does, as from a phone that lost its signal."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)

@@ -114,6 +114,10 @@ class RequestGuard:
     async def checked(self, scope: Scope, body: bytes, fields: EndpointFields) -> tuple[Scope, bytes]:
         """Every field present, known, of its kind and valid; returns the request re-encoded."""
         headers = Headers(scope=scope)
+        coding = headers.get("content-encoding", "").strip().lower()
+        if coding not in ("", "identity"):  # RFC 9110: a coding the server does not apply is refused with 415
+            raise ApiError(f"Content-Encoding {coding[:40]} is not accepted: send the body uncompressed (photos are "
+                           "compressed already)", HTTPStatus.UNSUPPORTED_MEDIA_TYPE)
         ctype = headers.get("content-type", "")
         first_file = next(iter(fields.files), None)
         if not ctype.startswith("multipart/form-data"):

@@ -77,6 +77,8 @@ CASES = [
      r"image is empty \(0 bytes\)", "image"),
     ("photo is text", "POST", "/estimate", {"files": {"image": ("n.txt", b"just text", "text/plain")}}, 415,
      r"not an image", "image"),
+    ("compressed body", "POST", "/search", {"files": {"image": PHOTO}, "headers": {"Content-Encoding": "gzip"}}, 415,
+     r"Content-Encoding gzip is not accepted: send the body uncompressed", None),
     ("JSON body", "POST", "/search", {"json": {"image": "http://127.0.0.1:1/x.jpg"}}, 415,
      r"send the request as multipart/form-data", None),
     ("no body", "POST", "/search", {}, 400, r"image is missing", "image"),

@@ -33,7 +33,8 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(50 * 1024 * 1024, gt=0, description="Largest request body (all parts).")
     max_head_bytes: int = Field(
         32 * 1024, ge=1024, le=60 * 1024, description="Largest request URL and headers together; more get 414 or 431 "
-        "as soon as that much has arrived (uvicorn reads them before anything else, without a limit of its own)."
+        "as soon as that much has arrived (uvicorn reads them before anything else, without a limit of its own). At "
+        "most 60 KB: httptools cannot parse a URL over 64 KB."
     )
     head_timeout_s: float = Field(
         10.0, gt=0, description="Longest a request's URL and headers may take to arrive (from the connection's start, "

@@ -75,6 +75,14 @@ def test_oversubscribe(python):
     assert "| 2 threads, another worker busy on 1 |" in out and "| 1 thread, alone |" in out
 
 
+def test_embedder_hop(python):
+    """The Embedder, reached on its Unix socket with the entry's own call, answers every photo of the loop."""
+    out = quick("bench.embedder_hop", python)
+    answered = re.search(r'"answered": (\d+), "failed": (\d+)', out)
+    assert answered and int(answered.group(1)) > 0 and answered.group(2) == "0", out[-2000:]
+    assert '"served_over_bare"' in out
+
+
 def test_freed_memory(python):
     out = quick("bench.freed_memory", python)
     assert "| efficientnet-lite0 | 64 | 1 | 1 |" in out and "kept / handed back" in out

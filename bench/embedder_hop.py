@@ -26,7 +26,7 @@ import numpy as np
 import typer
 
 from bench.ann_scale import command_line, machine
-from bench.overhead import DOCS, BareEmbedders, bare_rates, cpu_seconds, demo_index
+from bench.overhead import DOCS, BareEmbedders, bare_rates, cpu_ms_per_request, cpu_seconds, demo_index
 from bench.server import ROOT, Server
 from model_store.core_share import available_cores
 
@@ -68,7 +68,8 @@ def _recv(sock: socket.socket) -> bytes:
 
 
 def closed_loop(path: str, call: bytes, clients: int, seconds: float) -> dict:
-    """Photos/s, failures, p50 and this process's CPU per call of `clients` connections sending `call` back to back."""
+    """Photos/s, failures, p50 and the CPU seconds this process (the clients) took, for `clients` connections sending
+    `call` back to back (the keys of bench.wrk.closed_loop, so overhead.cpu_ms_per_request reads it)."""
     stop, answered, failed, ms = time.perf_counter() + seconds, [0] * clients, [0] * clients, []
 
     def client(i: int) -> None:
@@ -94,18 +95,16 @@ def closed_loop(path: str, call: bytes, clients: int, seconds: float) -> dict:
     elapsed, after, n = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF), sum(answered)
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     return {"clients": clients, "answered": n, "failed": sum(failed), "photos_per_s": round(n / elapsed, 1),
-            "p50_ms": round(statistics.median(ms), 1) if ms else 0.0, "load_generator_cpu_ms": round(cpu / max(n, 1) * 1e3, 2)}
+            "p50_ms": round(statistics.median(ms), 1) if ms else 0.0, "load_generator_cpu_s": cpu}
 
 
 def saturate(srv: Server, path: str, call: bytes, levels: tuple[int, ...], seconds: float) -> list[dict]:
-    """A closed loop at each level, with the embedder's and the (idle) entry's CPU per photo."""
+    """A closed loop at each level, with the CPU per photo of each server role (the entry idles) and the clients."""
     loads = []
     for clients in levels:
         before = cpu_seconds(srv)
         r = closed_loop(path, call, clients, seconds)
-        after = cpu_seconds(srv)
-        for role in ("embedder", "entry"):
-            r[f"{role}_cpu_ms"] = round((after[role] - before[role]) / max(r["answered"], 1) * 1e3, 2)
+        r["cpu_ms_per_request"] = cpu_ms_per_request(before, cpu_seconds(srv), r)
         loads.append(r)
     return loads
 

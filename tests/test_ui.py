@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import os
@@ -87,6 +88,24 @@ def test_a_photo_gives_result_photos_prices_and_an_expected_price(page, demo_cat
     assert page.locator("#banner-random").is_hidden()
     # usable at phone width: nothing wider than the screen
     assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+
+
+def test_result_photos_of_any_shape_fill_the_same_square(page, demo_catalogue, rows):
+    """Thumbnails keep their photo's shape (a shop photo is often portrait); the cards crop each to one
+    square, so a portrait or panorama photo neither stretches its card nor breaks the grid's rows."""
+    choose(page, demo_catalogue.parent / rows[0]["image_path"])
+    wait_for_results(page, 3)
+    photos_loaded(page)
+    for i, (w, h) in enumerate([(120, 320), (320, 90)]):  # a portrait and a panorama thumbnail
+        buf = io.BytesIO()
+        Image.new("RGB", (w, h), (200, 80, 40)).save(buf, "PNG")
+        page.eval_on_selector_all("#results img.result-photo", "(imgs, [i, url]) => { imgs[i].src = url; }",
+                                  [i, "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()])
+    page.wait_for_function("[...document.querySelectorAll('#results img.result-photo')].slice(0, 2)"
+                           ".every(i => i.complete && i.naturalWidth > 0 && i.naturalWidth !== i.naturalHeight)")
+    boxes = page.eval_on_selector_all("#results .result-photo", "els => els.map(e => { const r = "
+                                      "e.getBoundingClientRect(); return [r.width, r.height]; })")
+    assert all(abs(w - h) < 1.5 and abs(w - boxes[0][0]) < 1.5 for w, h in boxes), boxes
 
 
 def test_cropping_searches_only_the_boxed_item(page, demo_catalogue, rows):

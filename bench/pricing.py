@@ -11,6 +11,9 @@ around the default of 0.6, the thresholds the builder measures on the index's ow
 (index_builder/calibrate.py), and the median similarity of a catalogue photo to its nearest photo of another
 product (how close a product the catalogue never sold typically comes). Vectors and projection are the builder's defaults
 (bench.thresholds); neighbours are the 20 nearest items, as /estimate looks at.
+Also measured: whether the confidence, calibrated on the catalogue's own items (each priced from the others,
+an isotonic map to the share within 25% of its price), would hold as a chance for the query photos (it holds
+for sold products, not for never-sold ones: docs/EVALUATION.md, so it is not shipped).
 
     python -m bench.pricing          # docs/EVALUATION.md's pricing section (~6 min; seconds with bench/out cached)
 """
@@ -40,6 +43,9 @@ from query.search_index import Match
 SPREAD = 0.2  # sigma of log(item price / its product's level)
 GOOD = 0.25  # an estimate within 25% of the level is good
 CONFIDENCE_EDGES = (0, 0.05, 0.1, 0.2, 0.4, 1)
+CHANCE_EDGES = (0, 0.2, 0.4, 0.6, 0.8, 1)
+CALIBRATION_ITEMS = 1000  # catalogue items priced from the others to calibrate the confidence
+CALIBRATION_BIN = 20  # priced items per bin before the isotonic fit
 
 
 @dataclass
@@ -53,7 +59,52 @@ class Setup:
     known: np.ndarray  # photos of products the catalogue sold
     known_levels: np.ndarray
     unknown: np.ndarray  # photos of products it never sold
+    unknown_levels: np.ndarray
     nearest_other: float  # median over catalogue photos of the best similarity to another product's photo
+    calibration: Calibration | None  # what a confidence meant on the catalogue's own items
+
+
+@dataclass
+class Calibration:
+    """An isotonic map from an estimate's confidence to the share of estimates within 25% of the sold price."""
+
+    knots: np.ndarray
+    chances: np.ndarray
+    measured: dict
+
+    def chance(self, confidence: float) -> float:
+        return float(np.interp(confidence, self.knots, self.chances))
+
+
+def rising(means: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """The non-decreasing sequence closest to `means` in weighted least squares (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [mean, weight, count]
+    for m, w in zip(means.tolist(), weights.tolist()):
+        blocks.append([m, w, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m2, w2, n2), (m1, w1, n1) = blocks.pop(), blocks.pop()
+            blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2, n1 + n2])
+    return np.repeat([b[0] for b in blocks], [int(b[2]) for b in blocks])
+
+
+def leave_one_out(catalogue: np.ndarray, categories: np.ndarray, prices: np.ndarray, seed: int) -> Calibration | None:
+    """Up to CALIBRATION_ITEMS catalogue items, each priced from the others as /estimate would price a photo
+    of it; the share within 25% of its own sold price, as a rising function of the confidence (fitted over
+    bins of CALIBRATION_BIN). What a builder could measure on any catalogue."""
+    picked = np.random.default_rng(seed).permutation(len(catalogue))[:CALIBRATION_ITEMS]
+    conf, good = [], []
+    for i, n in zip(picked, nearest_items(catalogue[picked], catalogue, categories, prices, ESTIMATE_NEIGHBOURS + 1)):
+        e = estimate_price([m for m in n if m.item_id != str(i)][:ESTIMATE_NEIGHBOURS])
+        if e.price is not None:
+            conf.append(e.confidence)
+            good.append(abs(e.price - prices[i]) <= GOOD * prices[i])
+    if len(conf) < CALIBRATION_BIN:
+        return None
+    order = np.argsort(conf, kind="stable")
+    bins = np.array_split(order, len(order) // CALIBRATION_BIN)
+    x = np.array([np.mean(np.array(conf)[b]) for b in bins])
+    y = rising(np.array([np.mean(np.array(good, dtype=float)[b]) for b in bins]), np.array([len(b) for b in bins], float))
+    return Calibration(x, y, {"items": len(picked), "priced": len(conf), "within": round(float(np.mean(good)), 4)})
 
 
 def levels(products: np.ndarray, seed: int) -> dict[int, float]:
@@ -76,9 +127,10 @@ def make_setup(cat_vecs: np.ndarray, cat_products: np.ndarray, cat_kinds: np.nda
     queries = project(q_vecs)
     own = cat_products[in_cat]
     sims = np.where(own[:, None] == own[None, :], -np.inf, catalogue @ catalogue.T)
-    return Setup(catalogue, cat_kinds[in_cat], prices, thresholds, queries[known],
-                 np.array([level[int(p)] for p in q_products[known]]), queries[~known],
-                 float(np.median(sims.max(axis=1))))
+    q_levels = np.array([level[int(p)] for p in q_products])
+    calibration = leave_one_out(catalogue, cat_kinds[in_cat], prices, seed)
+    return Setup(catalogue, cat_kinds[in_cat], prices, thresholds, queries[known], q_levels[known],
+                 queries[~known], q_levels[~known], float(np.median(sims.max(axis=1))), calibration)
 
 
 def grocery() -> Setup:
@@ -99,13 +151,19 @@ def coil() -> Setup:
     return make_setup(feats[:len(g_keys)], g_obj, np.array(["coil"] * len(g_obj)), feats[len(g_keys):], q_obj)
 
 
-def neighbours(queries: np.ndarray, s: Setup) -> list[list[Match]]:
-    """The nearest ESTIMATE_NEIGHBOURS items of each query, best first, as the index answers them."""
-    sims = queries @ s.catalogue.T
-    order = np.argsort(-sims, axis=1)[:, :ESTIMATE_NEIGHBOURS]
-    return [[Match(item_id=str(j), title="", category=str(s.categories[j]), price=float(s.prices[j]),
+def nearest_items(queries: np.ndarray, catalogue: np.ndarray, categories: np.ndarray, prices: np.ndarray,
+                  k: int = ESTIMATE_NEIGHBOURS) -> list[list[Match]]:
+    """The nearest k catalogue photos (each its own sold item) of each query, best first, exactly."""
+    sims = queries @ catalogue.T
+    order = np.argsort(-sims, axis=1)[:, :k]
+    return [[Match(item_id=str(j), title="", category=str(categories[j]), price=float(prices[j]),
                    currency="USD", sold_at="2024-01-01", score=float(sims[i, j]), image_path="") for j in row]
             for i, row in enumerate(order)]
+
+
+def neighbours(queries: np.ndarray, s: Setup) -> list[list[Match]]:
+    """The nearest ESTIMATE_NEIGHBOURS items of each query, best first, as the index answers them."""
+    return nearest_items(queries, s.catalogue, s.categories, s.prices)
 
 
 def floors(s: Setup) -> dict[str, float]:
@@ -150,6 +208,42 @@ def confidence_bins(known: list[Estimate], known_levels: np.ndarray, unknown: li
     return rows
 
 
+def chance_check(s: Setup, seed: int = 0) -> dict | None:
+    """Does the chance measured on the catalogue's own items hold for photos it never held? Each
+    query photo is taken as an item sold at its product's level times the spread; of the prices given, the
+    share within 25% of that sale, per bin of the chance given, for sold and never-sold products; and the
+    Brier score of the chance against that of the raw confidence read as one."""
+    if s.calibration is None:
+        return None
+    sold = np.concatenate([s.known_levels, s.unknown_levels])
+    sold = sold * np.exp(np.random.default_rng(seed + 1).normal(0, SPREAD, len(sold)))
+    estimates = [estimate_price(n) for n in neighbours(np.concatenate([s.known, s.unknown]), s)]
+    known = np.arange(len(sold)) < len(s.known)
+    given = np.array([e.price is not None for e in estimates])
+    chance = np.array([s.calibration.chance(e.confidence) if e.price is not None else np.nan for e in estimates])
+    conf = np.array([e.confidence for e in estimates])
+    good = np.array([e.price is not None and abs(e.price - p) <= GOOD * p for e, p in zip(estimates, sold)],
+                    dtype=float)
+    rows = []
+    for low, high in itertools.pairwise(CHANCE_EDGES):
+        inside = given & (chance >= low) & ((chance < high) if high < 1 else (chance <= high))
+        rows.append({"chance": f"{low:g}-{high:g}", "estimates": int(inside.sum()),
+                     "mean_chance": round(float(chance[inside].mean()), 3) if inside.any() else None,
+                     "good": round(float(good[inside].mean()), 3) if inside.any() else None})
+
+    def subset(mask: np.ndarray) -> dict:
+        m = mask & given
+        if not m.any():
+            return {"priced": 0, "mean_chance": None, "good": None}
+        return {"priced": int(m.sum()), "mean_chance": round(float(chance[m].mean()), 3),
+                "good": round(float(good[m].mean()), 3)}
+
+    return {"build": s.calibration.measured, "bins": rows,
+            "all": subset(np.ones_like(known)), "known": subset(known), "unknown": subset(~known),
+            "brier_chance": round(float(np.mean((chance[given] - good[given]) ** 2)), 4),
+            "brier_confidence": round(float(np.mean((conf[given] - good[given]) ** 2)), 4)}
+
+
 def evaluate(s: Setup) -> dict:
     known, unknown = neighbours(s.known, s), neighbours(s.unknown, s)
     rows = [{"floor": name, "value": round(value, 4),
@@ -157,7 +251,8 @@ def evaluate(s: Setup) -> dict:
                      [estimate_price(n, value) for n in unknown])}
             for name, value in floors(s).items()]
     return {"floors": rows, "confidence": confidence_bins([estimate_price(n) for n in known], s.known_levels,
-                                                          [estimate_price(n) for n in unknown])}
+                                                          [estimate_price(n) for n in unknown]),
+            "chance": chance_check(s)}
 
 
 def _pct(x: float | None) -> str:
@@ -194,7 +289,32 @@ def markdown(result: dict) -> str:
     for data, rows in result["rows"].items():
         lines.append(f"| {data} | " + " | ".join(f"{_pct(r['good'])} good of {r['estimates']}"
                                                   for r in rows["confidence"]) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + chance_markdown(result))
+
+
+def chance_markdown(result: dict) -> list[str]:
+    checks = {data: rows["chance"] for data, rows in result["rows"].items() if rows.get("chance")}
+    if not checks:
+        return []
+    bins = [b["chance"] for b in next(iter(checks.values()))["bins"]]
+    lines = ["", ("A confidence calibrated on the catalogue's own items (tried 2026-12-04, not shipped): up to "
+                  f"{CALIBRATION_ITEMS:,} catalogue photos, each its own sold item, priced from the others; the "
+                  "share within 25% of their own price, fitted as a rising function of the confidence (isotonic), "
+                  "gives each estimate a chance. Held against the query photos, each taken as an item sold at its "
+                  "product's level times the same spread: per bin of the chance given, the mean chance / the share "
+                  "within 25% of that sale, of so many prices."),
+             "", "| data | catalogue: within 25% (of priced items) | " + " | ".join(f"chance {b}" for b in bins)
+             + " | all: chance / within | sold products | never-sold products | Brier: chance / confidence |",
+             "|---|---|" + "---|" * len(bins) + "---|---|---|---|"]
+    for data, c in checks.items():
+        b = c["build"]
+        cells = [f"{_pct(r['mean_chance'])} / {_pct(r['good'])} of {r['estimates']}" if r["estimates"] else "-"
+                 for r in c["bins"]]
+        sub = [f"{_pct(c[k]['mean_chance'])} / {_pct(c[k]['good'])} of {c[k]['priced']}"
+               for k in ("all", "known", "unknown")]
+        lines.append(f"| {data} | {_pct(b['within'])} of {b['priced']} (of {b['items']}) | " + " | ".join(cells)
+                     + " | " + " | ".join(sub) + f" | {c['brier_chance']:.3f} / {c['brier_confidence']:.3f} |")
+    return lines
 
 
 def main(docs: bool = typer.Option(True, help="write the section of docs/EVALUATION.md")) -> None:

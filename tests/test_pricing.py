@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.pricing import confidence_bins, judge, make_setup, neighbours
+from bench.pricing import chance_check, confidence_bins, judge, make_setup, neighbours, rising
 from query.models import Estimate
 from query.pricing import estimate_price
 from query.search_index import Match
@@ -57,6 +57,31 @@ def test_the_pricing_bench_keeps_unknown_products_out_of_the_catalogue():
     r = judge([estimate_price(n, s.thresholds.similar) for n in known], s.known_levels,
               [estimate_price(n, s.thresholds.similar) for n in neighbours(s.unknown, s)])
     assert r["known_priced"] == 1.0 and r["good"] >= 0.9
+
+
+def test_rising_pools_adjacent_violators_by_weight():
+    assert rising(np.array([0.1, 0.5, 0.3, 0.9]), np.ones(4)).tolist() == [0.1, 0.4, 0.4, 0.9]
+    assert rising(np.array([1.0, 0.0]), np.array([3.0, 1.0])).tolist() == [0.75, 0.75]
+    assert rising(np.array([0.2, 0.4]), np.ones(2)).tolist() == [0.2, 0.4]
+
+
+def test_the_confidence_calibrated_on_the_catalogue_is_checked_on_both_kinds_of_query():
+    rng = np.random.default_rng(2)
+    centres = rng.normal(size=(10, 32))
+    products = np.repeat(np.arange(10), 60)
+    vecs = centres[products] + 0.3 * rng.normal(size=(600, 32))
+    q_products = np.repeat(np.arange(10), 5)
+    queries = centres[q_products] + 0.3 * rng.normal(size=(50, 32))
+    s = make_setup(vecs / np.linalg.norm(vecs, axis=1)[:, None], products, (products % 3).astype(str),
+                   queries / np.linalg.norm(queries, axis=1)[:, None], q_products)
+    c = s.calibration
+    assert c.measured["items"] == 300 and 0 < c.measured["priced"] <= 300
+    assert np.all(np.diff(c.chances) >= 0) and np.all(np.diff(c.knots) >= 0)
+    check = chance_check(s)
+    assert check["known"]["priced"] + check["unknown"]["priced"] == check["all"]["priced"]
+    assert sum(b["estimates"] for b in check["bins"]) == check["all"]["priced"]
+    # tight clusters: priced from their own product, within 25% as often as the price spread (sigma 0.2) allows
+    assert c.measured["within"] >= 0.6 and check["known"]["good"] >= 0.6
 
 
 def test_judge_counts_refusals_and_misses():

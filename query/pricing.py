@@ -28,15 +28,21 @@ def weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> floa
     return float(values[order][np.searchsorted(cum, q * cum[-1])])
 
 
+def _percent(similarity: float) -> str:
+    return f"{max(0, round(100 * similarity))}%"
+
+
 def estimate_price(neighbours: list[Match], min_similarity: float = MIN_SIMILARITY) -> Estimate:
     """Comparables: neighbours scoring at least min_similarity and within RELATIVE_MARGIN of the best,
     in the most common currency among them."""
     floor = max(min_similarity, neighbours[0].score - RELATIVE_MARGIN) if neighbours else min_similarity
     close = [m for m in neighbours if m.score >= floor]
-    if not close:
-        best = f"{neighbours[0].score:.2f}" if neighbours else "none"
-        return Estimate(reason=f"no sold item is similar enough to price this photo (best similarity {best}, "
-                               f"needed {min_similarity}): it needs a human appraisal")
+    if not neighbours:
+        return Estimate(reason="no sold item matches the filters: remove one to get a price")
+    if not close:  # in the percentages the answers and the page give similarities in
+        return Estimate(reason=f"no sold item is similar enough to price this photo: the closest is "
+                               f"{_percent(neighbours[0].score)} similar, a price needs {_percent(min_similarity)}; "
+                               "it needs a human appraisal")
     currency = Counter(m.currency for m in close).most_common(1)[0][0]
     comps = [m for m in close if m.currency == currency]
     prices = np.array([m.price for m in comps])

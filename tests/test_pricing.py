@@ -24,7 +24,12 @@ def test_comparables_reach_the_floor_and_stay_near_the_best():
 def test_nothing_above_the_floor_is_a_refusal_that_names_both_numbers():
     e = estimate_price([match(0.15, 100)], min_similarity=0.2)
     assert e.price is None and e.confidence == 0 and not e.comparables
-    assert "0.15" in e.reason and "0.2" in e.reason
+    assert "the closest is 15% similar, a price needs 20%" in e.reason and "human appraisal" in e.reason
+
+
+def test_no_neighbour_at_all_is_a_refusal_that_points_at_the_filters():
+    e = estimate_price([], min_similarity=0.2)
+    assert e.price is None and e.reason == "no sold item matches the filters: remove one to get a price"
 
 
 def test_the_most_common_currency_wins():

@@ -6,9 +6,11 @@ import base64
 import csv
 import io
 import os
+import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -176,6 +178,20 @@ def test_filters_narrow_the_results(page, demo_catalogue, rows):
     page.wait_for_function(f"[...document.querySelectorAll('#results .result-category')].length > 0 && "
                            f"[...document.querySelectorAll('#results .result-category')]"
                            f".every(e => e.textContent.includes({other!r}))", timeout=30_000)
+
+
+def test_a_photo_nothing_sold_resembles_gets_a_plain_refusal_instead_of_a_price(page):
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, (160, 160, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    noise.save(buf, "PNG")
+    with page.expect_response("**/assist") as answer:
+        choose(page, data=buf.getvalue(), name="noise.png")
+    assert answer.value.ok and answer.value.json()["estimate"]["price"] is None
+    page.wait_for_function("document.querySelector('#estimate-price').textContent.length > 0")
+    said = page.locator("#estimate-price").inner_text()
+    assert re.fullmatch(r"No sold item is similar enough to price this photo: the closest is \d+% similar, a price "
+                        r"needs 60%; it needs a human appraisal\.", said), said
+    assert page.locator("#estimate-confidence-row").is_hidden()
 
 
 def test_more_like_this_shows_the_items_neighbours(page, demo_catalogue, rows):

@@ -103,6 +103,7 @@
     }
   }
 
+  const sentence = (text) => text.charAt(0).toUpperCase() + text.slice(1) + (/[.!?]$/.test(text) ? '' : '.');
   const titleOf = (m) => (m && m.title ? String(m.title) : `Item ${m && m.item_id != null ? m.item_id : ''}`.trim());
   const listOf = (v) => (Array.isArray(v) ? v.filter((m) => m && typeof m === 'object') : []);
 
@@ -624,7 +625,7 @@
     const hasPrice = isNum(e.price);
     el.estPrice.textContent = hasPrice
       ? money(e.price, e.currency)
-      : (e.reason ? String(e.reason) : 'Not enough similar sold items to suggest a price.');
+      : (e.reason ? sentence(String(e.reason)) : 'Not enough similar sold items to suggest a price.');
     el.estPrice.classList.toggle('is-reason', !hasPrice);
 
     const hasRange = hasPrice && isNum(e.low) && isNum(e.high);

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import numpy as np
@@ -28,7 +29,10 @@ def weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> floa
     return float(values[order][np.searchsorted(cum, q * cum[-1])])
 
 
-def _percent(similarity: float) -> str:
+def _percent(similarity: float, below: float | None = None) -> str:
+    """As the page shows similarities; one decimal, rounded down, where a whole number would reach `below`."""
+    if below is not None and round(100 * similarity) >= round(100 * below):
+        return f"{math.floor(1000 * similarity) / 10:.1f}%"
     return f"{max(0, round(100 * similarity))}%"
 
 
@@ -41,7 +45,7 @@ def estimate_price(neighbours: list[Match], min_similarity: float = MIN_SIMILARI
         return Estimate(reason="no sold item matches the filters: remove one to get a price")
     if not close:  # in the percentages the answers and the page give similarities in
         return Estimate(reason=f"no sold item is similar enough to price this photo: the closest is "
-                               f"{_percent(neighbours[0].score)} similar, a price needs {_percent(min_similarity)}; "
+                               f"{_percent(neighbours[0].score, min_similarity)} similar, a price needs {_percent(min_similarity)}; "
                                "it needs a human appraisal")
     currency = Counter(m.currency for m in close).most_common(1)[0][0]
     comps = [m for m in close if m.currency == currency]

@@ -25,6 +25,7 @@ def test_nothing_above_the_floor_is_a_refusal_that_names_both_numbers():
     e = estimate_price([match(0.15, 100)], min_similarity=0.2)
     assert e.price is None and e.confidence == 0 and not e.comparables
     assert "the closest is 15% similar, a price needs 20%" in e.reason and "human appraisal" in e.reason
+    assert "the closest is 59.7% similar, a price needs 60%" in estimate_price([match(0.5978, 100)], 0.6).reason
 
 
 def test_no_neighbour_at_all_is_a_refusal_that_points_at_the_filters():

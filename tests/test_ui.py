@@ -189,7 +189,7 @@ def test_a_photo_nothing_sold_resembles_gets_a_plain_refusal_instead_of_a_price(
     assert answer.value.ok and answer.value.json()["estimate"]["price"] is None
     page.wait_for_function("document.querySelector('#estimate-price').textContent.length > 0")
     said = page.locator("#estimate-price").inner_text()
-    assert re.fullmatch(r"No sold item is similar enough to price this photo: the closest is \d+% similar, a price "
+    assert re.fullmatch(r"No sold item is similar enough to price this photo: the closest is [\d.]+% similar, a price "
                         r"needs 60%; it needs a human appraisal\.", said), said
     assert page.locator("#estimate-confidence-row").is_hidden()
 

@@ -100,11 +100,11 @@ def leave_one_out(catalogue: np.ndarray, categories: np.ndarray, prices: np.ndar
             good.append(abs(e.price - prices[i]) <= GOOD * prices[i])
     if len(conf) < CALIBRATION_BIN:
         return None
-    order = np.argsort(conf, kind="stable")
-    bins = np.array_split(order, len(order) // CALIBRATION_BIN)
-    x = np.array([np.mean(np.array(conf)[b]) for b in bins])
-    y = rising(np.array([np.mean(np.array(good, dtype=float)[b]) for b in bins]), np.array([len(b) for b in bins], float))
-    return Calibration(x, y, {"items": len(picked), "priced": len(conf), "within": round(float(np.mean(good)), 4)})
+    conf, good = np.array(conf), np.array(good, dtype=float)
+    bins = np.array_split(np.argsort(conf, kind="stable"), len(conf) // CALIBRATION_BIN)
+    x = np.array([conf[b].mean() for b in bins])
+    y = rising(np.array([good[b].mean() for b in bins]), np.array([len(b) for b in bins], float))
+    return Calibration(x, y, {"items": len(picked), "priced": len(conf), "within": round(float(good.mean()), 4)})
 
 
 def levels(products: np.ndarray, seed: int) -> dict[int, float]:
@@ -200,12 +200,15 @@ def confidence_bins(known: list[Estimate], known_levels: np.ndarray, unknown: li
             conf.append(e.confidence)
             good.append(level is not None and abs(e.price - level) / level <= GOOD)
     conf, good = np.array(conf), np.array(good)
-    rows = []
-    for low, high in itertools.pairwise(CONFIDENCE_EDGES):
-        inside = (conf >= low) & (conf < high) if high < 1 else (conf >= low)
-        rows.append({"confidence": f"{low:g}-{high:g}", "estimates": int(inside.sum()),
-                     "good": round(float(good[inside].mean()), 3) if inside.any() else None})
-    return rows
+    return [{"confidence": label, "estimates": int(inside.sum()),
+             "good": round(float(good[inside].mean()), 3) if inside.any() else None}
+            for label, inside in bins_of(conf, CONFIDENCE_EDGES)]
+
+
+def bins_of(values: np.ndarray, edges: tuple[float, ...]) -> list[tuple[str, np.ndarray]]:
+    """("low-high", which values lie in [low, high)) for each pair of edges; the last bin includes its top."""
+    return [(f"{low:g}-{high:g}", (values >= low) & ((values < high) if high < edges[-1] else (values <= high)))
+            for low, high in itertools.pairwise(edges)]
 
 
 def chance_check(s: Setup, seed: int = 0) -> dict | None:
@@ -224,12 +227,10 @@ def chance_check(s: Setup, seed: int = 0) -> dict | None:
     conf = np.array([e.confidence for e in estimates])
     good = np.array([e.price is not None and abs(e.price - p) <= GOOD * p for e, p in zip(estimates, sold)],
                     dtype=float)
-    rows = []
-    for low, high in itertools.pairwise(CHANCE_EDGES):
-        inside = given & (chance >= low) & ((chance < high) if high < 1 else (chance <= high))
-        rows.append({"chance": f"{low:g}-{high:g}", "estimates": int(inside.sum()),
-                     "mean_chance": round(float(chance[inside].mean()), 3) if inside.any() else None,
-                     "good": round(float(good[inside].mean()), 3) if inside.any() else None})
+    rows = [{"chance": label, "estimates": int(inside.sum()),
+             "mean_chance": round(float(chance[inside].mean()), 3) if inside.any() else None,
+             "good": round(float(good[inside].mean()), 3) if inside.any() else None}
+            for label, inside in bins_of(chance, CHANCE_EDGES)]  # no price, no chance: NaN lies in no bin
 
     def subset(mask: np.ndarray) -> dict:
         m = mask & given

@@ -39,10 +39,10 @@ def _percent(similarity: float, below: float | None = None) -> str:
 def estimate_price(neighbours: list[Match], min_similarity: float = MIN_SIMILARITY) -> Estimate:
     """Comparables: neighbours scoring at least min_similarity and within RELATIVE_MARGIN of the best,
     in the most common currency among them."""
-    floor = max(min_similarity, neighbours[0].score - RELATIVE_MARGIN) if neighbours else min_similarity
-    close = [m for m in neighbours if m.score >= floor]
     if not neighbours:
         return Estimate(reason="no sold item matches the filters: remove one to get a price")
+    floor = max(min_similarity, neighbours[0].score - RELATIVE_MARGIN)
+    close = [m for m in neighbours if m.score >= floor]
     if not close:  # in the percentages the answers and the page give similarities in
         return Estimate(reason=f"no sold item is similar enough to price this photo: the closest is "
                                f"{_percent(neighbours[0].score, min_similarity)} similar, a price needs {_percent(min_similarity)}; "

@@ -36,7 +36,7 @@ from model_store.settings import get_settings
 from query.active import Active, load_active, stage_mtime
 from query.assist import assist, estimate as estimate_for
 from query.bentoml_fixes import (api_errors_in_one_line, keep_answering_after_sigterm, media_types_worked_out_once,
-                                 never_hold_batches_back, tune_client)
+                                 never_hold_batches_back, respawn_workers_in_containers, tune_client)
 from query.compare import cosine, verdict
 from query.errors import ApiError, error_response
 from query.fields import EndpointFields, read_query_params
@@ -148,6 +148,7 @@ class Embedder:
 
 media_types_worked_out_once(Embedder)
 api_errors_in_one_line()  # a client's mistake is one line of log, not an ERROR and its traceback
+respawn_workers_in_containers()  # a killed worker comes back in a pod too, as outside one
 
 
 def _core_share() -> CoreShare | None:
@@ -212,7 +213,10 @@ ROUTES = [Route("/index", _get_index, methods=["GET"]),
           Mount("/ui", UI_FILES)]
 
 
-@bentoml.service(workers=settings.search_workers, traffic={"timeout": 30, "concurrency": settings.search_concurrency})
+# runner_probe off: __is_ready__ asks the embedder itself, within a deadline and saying why it failed (BentoML's
+# own probe waited 5 s on a dead embedder and then answered 500)
+@bentoml.service(workers=settings.search_workers, traffic={"timeout": 30, "concurrency": settings.search_concurrency},
+                 runner_probe={"enabled": False, "timeout": 1, "period": 10})
 @bentoml.asgi_app(Starlette(routes=ROUTES), path="/")
 class ImageSearch:
     """Photo in, similar sold items and an expected price out. Every error answers
@@ -223,8 +227,9 @@ class ImageSearch:
 
     def __init__(self) -> None:
         self.active: Active | None = None
-        self.problem: str | None = None  # why the service is not ready, for /readyz
+        self.problem: str | None = None  # why the service is not ready (or not alive), for /readyz and /livez
         self.embedder_tag: str | None = None
+        self._embedder_lost_at: float | None = None  # monotonic time of the first failed call since one answered
         self._switch_lock = asyncio.Lock()
         self.retries = RetryBudget(settings.embed_retry_share)
         self.photos = PhotoBudget(settings.max_photos_in_flight)
@@ -251,24 +256,41 @@ class ImageSearch:
             self._follower = asyncio.get_running_loop().create_task(self._follow_stage())
 
     async def __is_ready__(self) -> bool:
+        """Ready when an index is loaded and the embedder answers, now (each probe asks it), running the
+        embedder the index was built with."""
         if self.active is None:
             return False
         try:
-            tag = await self._embedder_tag(retry=False)
+            described = await self._call_embedder(self.embedder.to_async.describe, retry=False)
         except ApiError as exc:  # the embedder is still starting, or gone: not ready, and /readyz says why
             self.problem = exc.message
             return False
-        if tag != self.active.index.manifest.embedder:
+        self.embedder_tag = described.get("tag")
+        if self.embedder_tag != self.active.index.manifest.embedder:
             self.problem = (f"index {self.active.served.index} needs embedder {self.active.index.manifest.embedder}, "
                             f"the embedder service runs {self.embedder_tag}: redeploy")
             return False
         return True
 
-    async def _embedder_tag(self, retry: bool = True) -> str | None:
-        """The tag of the embedder the embedder service runs, asked until it answers once. Readiness polls
-        without a retry: an embedder still starting is what it reports, not a fault worth a warning."""
+    async def __is_alive__(self) -> bool:
+        """Alive unless the embedder has answered no call for embedder_lost_s and does not answer now either.
+        Its workers are started again when they die; this is for a pod where that does not help, so that the
+        orchestrator restarts it."""
+        lost_at = self._embedder_lost_at
+        if not settings.embedder_lost_s or lost_at is None or time.monotonic() - lost_at <= settings.embedder_lost_s:
+            return True
+        try:
+            await self._call_embedder(self.embedder.to_async.describe, retry=False)
+            return True
+        except ApiError:
+            self.problem = (f"the embedder service has not answered for {time.monotonic() - lost_at:.0f} s: "
+                            f"restart the server")
+            return False
+
+    async def _embedder_tag(self) -> str | None:
+        """The tag of the embedder the embedder service runs, asked until it answers once."""
         if self.embedder_tag is None:
-            self.embedder_tag = (await self._call_embedder(self.embedder.to_async.describe, retry=retry)).get("tag")
+            self.embedder_tag = (await self._call_embedder(self.embedder.to_async.describe)).get("tag")
         return self.embedder_tag
 
     def _require(self) -> Active:
@@ -306,7 +328,9 @@ class ImageSearch:
         self.retries.sent()
         for attempt in (1, 2):
             try:
-                return await asyncio.wait_for(call(), deadline_s)
+                answer = await asyncio.wait_for(call(), deadline_s)
+                self._embedder_lost_at = None
+                return answer
             except (asyncio.TimeoutError, aiohttp.ClientConnectionError, RuntimeError) as exc:
                 # RuntimeError: "Session is closed", when BentoML closes its client at shutdown
                 failure = exc
@@ -319,11 +343,13 @@ class ImageSearch:
                             ": retry budget spent" if attempt == 1 else "")
                 break
             except BentoMLException as exc:
+                self._embedder_lost_at = None  # it answered, with an error
                 if exc.error_code in (HTTPStatus.TOO_MANY_REQUESTS, HTTPStatus.SERVICE_UNAVAILABLE):
                     raise ApiError("the embedder is at capacity: retry in a second",
                                    HTTPStatus.TOO_MANY_REQUESTS) from None
                 raise
         reason = "did not answer in time" if isinstance(failure, asyncio.TimeoutError) else "is unreachable"
+        self._embedder_lost_at = self._embedder_lost_at or time.monotonic()
         raise ApiError(f"the embedder service {reason} (restarting?): retry in a few seconds",
                        HTTPStatus.SERVICE_UNAVAILABLE)
 

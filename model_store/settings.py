@@ -67,6 +67,11 @@ class Settings(BaseSettings):
     embed_deadline_s: float = Field(
         1.2, gt=0, description="Deadline of one call to the embedder; a call past it is sent once more, then 503."
     )
+    embedder_lost_s: float = Field(
+        120.0, ge=0, description="/livez fails once the embedder has answered no call for this long and does not "
+        "answer its own either, so that the orchestrator restarts a server whose dead embedder workers, started "
+        "again, do not come back; 0 = never."
+    )
     embedder_drain_s: float = Field(
         3.0, ge=0, description="After SIGTERM the embedder answers this long before it stops, so searches the "
                                "entry received still finish (two embed deadlines and some)."

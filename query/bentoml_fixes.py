@@ -7,6 +7,7 @@ and the service tests under load).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import signal
@@ -123,6 +124,32 @@ def media_types_worked_out_once(service: object) -> None:
         spec = api.output_spec
         value = spec.mime_type()
         spec.mime_type = classmethod(lambda cls, value=value: value)
+
+
+def respawn_workers_in_containers() -> None:
+    """Inside a container (BentoML's image sets BENTOML_CONTAINERIZED; BentoCloud, BENTOCLOUD_DEPLOYMENT_URL)
+    `bentoml serve` tells circus not to start a dead worker again, leaving that to the orchestrator, which
+    only hears of it when a service's last worker is gone: circus then stops the whole server. So in a pod
+    one embedder worker of two killed (the kernel's OOM killer, a crash) left half the capacity, ready and
+    alive, for good; all of them killed dropped every search in flight at the entry and restarted the pod.
+    Measured on this project's server, 2026-12-05 (docs/PERFORMANCE.md, section 6). Every worker is now
+    started again as outside a container; an embedder that stays unreachable fails /livez after
+    IMAGESEARCH_EMBEDDER_LOST_S, so the orchestrator still restarts a pod the restarts do not heal.
+    Must run in the process that builds the watchers (`bentoml serve` imports the service there first)."""
+    import bentoml.serving
+
+    make = bentoml.serving.create_watcher
+    if getattr(make, "respawns", False):
+        return
+
+    @functools.wraps(make)
+    def create_watcher(*args: object, **kwargs: object):
+        watcher = make(*args, **kwargs)
+        watcher.respawn = True
+        return watcher
+
+    create_watcher.respawns = True
+    bentoml.serving.create_watcher = create_watcher
 
 
 def keep_answering_after_sigterm(grace_s: float) -> None:

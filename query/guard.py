@@ -226,6 +226,8 @@ class ErrorShaper:
         method, path = self.scope["method"], self.scope["path"]
         if status == 503 and path == "/readyz":
             return ErrorBody(error=f"not ready: {self.not_ready_reason() or 'starting up'}")
+        if status == 503 and path == "/livez":
+            return ErrorBody(error=f"not alive: {self.not_ready_reason()}")
         mine = next((e for e in reversed(self.raised) if e.status == status), None)
         if mine is not None:
             return ErrorBody(error=mine.message, field=mine.field)

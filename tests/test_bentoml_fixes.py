@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 
 import aiohttp
 import bentoml
+import bentoml.serving
 import numpy as np
 import pytest
 from aiohttp import web
 from bentoml._internal.marshal.dispatcher import CorkDispatcher
 
-from query.bentoml_fixes import media_types_worked_out_once, never_hold_batches_back, reuse_newest_first
+from query.bentoml_fixes import (media_types_worked_out_once, never_hold_batches_back, respawn_workers_in_containers,
+                                 reuse_newest_first)
 
 PASS_S = 0.02  # one batch's pass, whatever its size, like a network on a busy CPU
 
@@ -255,3 +258,26 @@ def test_after_the_fix_the_media_type_is_worked_out_once():
     media_types_worked_out_once(service)
     built, types = schemas_built_for(service.apis["double"].output_spec, 5)
     assert built == 0 and set(types) == {"application/json"}  # the same answer, no schema built
+
+
+@pytest.fixture
+def watchers_as_shipped_in_a_container(monkeypatch):
+    """BentoML's create_watcher as shipped (restored after the test), inside a container as its image says."""
+    monkeypatch.setattr(bentoml.serving, "create_watcher", inspect.unwrap(bentoml.serving.create_watcher))
+    monkeypatch.setenv("BENTOML_CONTAINERIZED", "true")
+
+
+def a_watcher_respawns() -> bool:
+    """Whether circus would start a dead worker of a service watcher again, as `bentoml serve` builds it."""
+    return bentoml.serving.create_watcher(name="service_X", args=["-c", "pass"], use_sockets=False).respawn
+
+
+def test_as_shipped_a_dead_worker_stays_dead_in_a_container(watchers_as_shipped_in_a_container):
+    assert not a_watcher_respawns()
+
+
+def test_after_the_fix_a_dead_worker_is_started_again_in_a_container(watchers_as_shipped_in_a_container):
+    respawn_workers_in_containers()
+    respawn_workers_in_containers()  # twice: still one wrapper
+    assert a_watcher_respawns()
+    assert inspect.unwrap(bentoml.serving.create_watcher) is bentoml.serving.create_watcher.__wrapped__

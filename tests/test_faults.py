@@ -11,6 +11,7 @@ import signal
 import threading
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,7 @@ SWITCH_SECONDS = float(os.environ.get("IMAGESEARCH_TEST_SWITCH_S", "180"))
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 PHOTOS = [png(draw_object(f, 0, 30)) for f in range(8)]
 OPEN_FILES = 256  # the fault server's soft limit on open files (a container's can be 1,024)
+LOST_S = 4  # the fault server's IMAGESEARCH_EMBEDDER_LOST_S: /livez fails after the embedder is this long lost
 
 
 @dataclass
@@ -99,7 +101,8 @@ def with_stages(folder: Path, action):
 def fault_server(fault_stages, tmp_path_factory):
     srv = Server(fault_stages, tmp_path_factory.mktemp("fault-logs") / "serve.log", serve_args=deployed_serve_args(),
                  open_files=OPEN_FILES, IMAGESEARCH_FOLLOW_STAGE_S="1",
-                 IMAGESEARCH_CORS_ORIGINS='["https://shop.example"]')
+                 IMAGESEARCH_CORS_ORIGINS='["https://shop.example"]', IMAGESEARCH_EMBEDDER_LOST_S=str(LOST_S),
+                 BENTOML_CONTAINERIZED="true")  # as in the Bento's image: BentoML then starts no dead worker again
     try:
         srv.wait()
         yield srv
@@ -232,6 +235,32 @@ def test_a_corrupt_version_is_never_switched_to(fault_server, fault_stages, demo
     with_stages(fault_stages, lambda: stages.rollback("production"))
 
 
+def test_an_embedder_that_stays_unreachable_fails_liveness_until_it_answers(fault_server):
+    """Readiness says at once that the embedder does not answer; liveness fails only once it has not answered for
+    IMAGESEARCH_EMBEDDER_LOST_S, so that an orchestrator restarts a pod whose embedder does not come back. Its
+    workers are held stopped: alive to circus (which starts dead ones again), deaf to every call."""
+    workers = embedder_processes(fault_server)
+    http = fault_server.http
+    for p in workers:
+        p.send_signal(signal.SIGSTOP)
+    try:
+        ready = http.get("/readyz")
+        assert ready.status_code == 503, ready.text
+        assert ready.json() == {"error": "not ready: the embedder service did not answer in time (restarting?): retry "
+                                         "in a few seconds", "field": None}
+        assert http.get("/livez").status_code == 200  # lost for a moment only
+        time.sleep(LOST_S + 0.5)
+        dead = http.get("/livez")
+        assert dead.status_code == 503, dead.text
+        assert re.fullmatch(r"not alive: the embedder service has not answered for \d+ s: restart the server",
+                            dead.json()["error"]), dead.text
+    finally:
+        for p in workers:
+            p.send_signal(signal.SIGCONT)
+    assert http.get("/livez").status_code == 200  # it answers again
+    fault_server.wait()
+
+
 # BentoML runs circus with check_delay=10 (bentoml/_internal/utils/circus create_standalone_arbiter): a dead
 # worker is reaped and started again at circus's next check, 0-10 s after it died.
 CIRCUS_CHECK_S = 10
@@ -284,9 +313,16 @@ def restarted_within(seconds: float, srv: Server, count: int) -> bool:
 
 def test_killed_embedder_gives_503_meanwhile_and_comes_back_by_itself(fault_server):
     old = embedder_processes(fault_server)
-    with Load(fault_server.url, clients=3) as load:
+    with Load(fault_server.url, clients=3) as load, polled(fault_server, "/readyz") as readiness:
         time.sleep(1)
         recovered = recovery_after(lambda: [p.send_signal(signal.SIGKILL) for p in old], load)
+    # meanwhile readiness said why, in the one shape (BentoML's own probe answered 500 after 5 s)
+    assert {status for status, _ in readiness} == {200, 503}, readiness
+    assert {body for status, body in readiness if status == 503} <= {
+        '{"error": "not ready: the embedder service did not answer in time (restarting?): retry in a few seconds", '
+        '"field": null}',
+        '{"error": "not ready: the embedder service is unreachable (restarting?): retry in a few seconds", '
+        '"field": null}'}, readiness
     statuses = Counter(a[2] for a in load.answers)
     assert recovered is not None, statuses
     assert set(statuses) <= {200, 503}, statuses
@@ -295,6 +331,28 @@ def test_killed_embedder_gives_503_meanwhile_and_comes_back_by_itself(fault_serv
     assert max(a[1] for a in load.answers) < 3.5
     assert not {p.pid for p in embedder_processes(fault_server)} & {p.pid for p in old}
     print(f"recovered {recovered:.1f} s after the kill; answers {dict(statuses)}")
+
+
+@contextmanager
+def polled(srv: Server, path: str, every_s: float = 0.3):
+    """GET `path` every `every_s` seconds while the block runs; yields the list of (status, body) answers."""
+    answers: list[tuple[int, str]] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        with httpx.Client(base_url=srv.url, timeout=30) as http:
+            while not stop.is_set():
+                r = http.get(path)
+                answers.append((r.status_code, r.text))
+                stop.wait(every_s)
+
+    thread = threading.Thread(target=poll)
+    thread.start()
+    try:
+        yield answers
+    finally:
+        stop.set()
+        thread.join()
 
 
 def exit_times(processes: list, since: float, timeout: float = 30) -> dict[int, float]:

@@ -333,6 +333,23 @@ def test_killed_embedder_gives_503_meanwhile_and_comes_back_by_itself(fault_serv
     print(f"recovered {recovered:.1f} s after the kill; answers {dict(statuses)}")
 
 
+def test_a_killed_entry_worker_comes_back_and_searches_sent_meanwhile_wait_for_it(fault_server):
+    """Only the searches the killed worker held fail: their connections die with it. Later ones wait in the
+    listening socket, which circus holds, until the worker circus starts again takes them. (In a container
+    BentoML starts none again: the server stopped at circus's next check.)"""
+    old = fault_server.processes()["entry"]
+    with Load(fault_server.url, clients=3) as load:
+        time.sleep(1)
+        killed_at = time.time()
+        recovered = recovery_after(lambda: [p.send_signal(signal.SIGKILL) for p in old], load)
+    assert recovered is not None, Counter(a[2] for a in load.answers)
+    failed = [a for a in load.answers if a[2] != 200]
+    assert all(a[0] < killed_at and isinstance(a[2], str) for a in failed), failed  # only those in flight, dropped
+    assert len(failed) <= 3, failed
+    assert {p.pid for p in fault_server.processes()["entry"]}.isdisjoint(p.pid for p in old)
+    print(f"searches answered again {recovered:.1f} s after the kill; failed: {[a[2] for a in failed]}")
+
+
 @contextmanager
 def polled(srv: Server, path: str, every_s: float = 0.3):
     """GET `path` every `every_s` seconds while the block runs; yields the list of (status, body) answers."""

@@ -38,6 +38,7 @@ from query.assist import assist, estimate as estimate_for
 from query.bentoml_fixes import (api_errors_in_one_line, keep_answering_after_sigterm, media_types_worked_out_once,
                                  never_hold_batches_back, respawn_workers_in_containers, tune_client)
 from query.compare import cosine, verdict
+from query.embedder_health import EmbedderHealth
 from query.errors import ApiError, error_response
 from query.fields import EndpointFields, read_query_params
 from query.guard import RequestGuard
@@ -229,7 +230,6 @@ class ImageSearch:
         self.active: Active | None = None
         self.problem: str | None = None  # why the service is not ready (or not alive), for /readyz and /livez
         self.embedder_tag: str | None = None
-        self._embedder_lost_at: float | None = None  # monotonic time of the first failed call since one answered
         self._switch_lock = asyncio.Lock()
         self.retries = RetryBudget(settings.embed_retry_share)
         self.photos = PhotoBudget(settings.max_photos_in_flight)
@@ -243,6 +243,7 @@ class ImageSearch:
         # The guard only sees a request once uvicorn has read its head: limits on that part of its own
         limit_request_heads(settings.max_head_bytes, settings.head_timeout_s)
         tune_client(self.embedder)
+        self.health = EmbedderHealth(self.embedder, settings.embedder_lost_s)
         if SERVED is None:
             self.problem = f"nothing is promoted to {settings.stage}"
         else:
@@ -273,18 +274,17 @@ class ImageSearch:
         return True
 
     async def __is_alive__(self) -> bool:
-        """Alive unless the embedder has answered no call for embedder_lost_s and does not answer now either.
-        Its workers are started again when they die; this is for a pod where that does not help, so that the
-        orchestrator restarts it."""
-        lost_at = self._embedder_lost_at
-        if not settings.embedder_lost_s or lost_at is None or time.monotonic() - lost_at <= settings.embedder_lost_s:
+        """Alive unless the embedder this server runs has answered nothing for embedder_lost_s and does not
+        answer now either. Its dead workers are started again; this is for a server where that does not help,
+        so that the orchestrator restarts it."""
+        if not self.health.restart_needed():
             return True
         try:
             await self._call_embedder(self.embedder.to_async.describe, retry=False)
             return True
         except ApiError:
-            self.problem = (f"the embedder service has not answered for {time.monotonic() - lost_at:.0f} s: "
-                            f"restart the server")
+            self.problem = (f"the embedder service has not answered for {self.health.lost_for_s():.0f} s: "
+                            "restart the server")
             return False
 
     async def _embedder_tag(self) -> str | None:
@@ -329,7 +329,7 @@ class ImageSearch:
         for attempt in (1, 2):
             try:
                 answer = await asyncio.wait_for(call(), deadline_s)
-                self._embedder_lost_at = None
+                self.health.answered()
                 return answer
             except (asyncio.TimeoutError, aiohttp.ClientConnectionError, RuntimeError) as exc:
                 # RuntimeError: "Session is closed", when BentoML closes its client at shutdown
@@ -343,13 +343,13 @@ class ImageSearch:
                             ": retry budget spent" if attempt == 1 else "")
                 break
             except BentoMLException as exc:
-                self._embedder_lost_at = None  # it answered, with an error
+                self.health.answered()  # with an error
                 if exc.error_code in (HTTPStatus.TOO_MANY_REQUESTS, HTTPStatus.SERVICE_UNAVAILABLE):
                     raise ApiError("the embedder is at capacity: retry in a second",
                                    HTTPStatus.TOO_MANY_REQUESTS) from None
                 raise
         reason = "did not answer in time" if isinstance(failure, asyncio.TimeoutError) else "is unreachable"
-        self._embedder_lost_at = self._embedder_lost_at or time.monotonic()
+        self.health.lost()
         raise ApiError(f"the embedder service {reason} (restarting?): retry in a few seconds",
                        HTTPStatus.SERVICE_UNAVAILABLE)
 

@@ -38,17 +38,18 @@ def free_port() -> int:
 
 
 class Server:
-    """`bentoml serve TARGET [SERVE_ARGS]` on 127.0.0.1 from `root` (this checkout, or another version of it) with
-    extra environment, and `open_files` as its soft limit on open files if given (a container's may be 1,024);
-    stop() ends every process it started."""
+    """`bentoml serve TARGET [SERVE_ARGS]` (or another `command` taking a target, --host and --port) on 127.0.0.1
+    from `root` (this checkout, or another version of it) with extra environment, and `open_files` as its soft limit
+    on open files if given (a container's may be 1,024); stop() ends every process it started."""
 
     def __init__(self, log: Path, target: str = "service:ImageSearch", port: int | None = None,
-                 root: Path = ROOT, serve_args: Sequence[str] = (), open_files: int | None = None, **env: str):
+                 root: Path = ROOT, serve_args: Sequence[str] = (), open_files: int | None = None,
+                 command: Sequence[str] = ("bentoml", "serve"), **env: str):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = Path(log)
         self.proc = subprocess.Popen(
-            ["bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(self.port), *serve_args],
+            [*command, target, "--host", "127.0.0.1", "--port", str(self.port), *serve_args],
             cwd=root, env={**os.environ, "PYTHONPATH": python_path(root), "BENTOML_DO_NOT_TRACK": "True", **env},
             stdout=open(self.log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
             preexec_fn=(lambda: _soft_open_files(open_files)) if open_files else None)

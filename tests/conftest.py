@@ -74,8 +74,9 @@ class Server(BenchServer):
     """The service with its own stage record and the test admin token."""
 
     def __init__(self, stages_dir: Path, log: Path, bento: str = "service:ImageSearch",
-                 serve_args: Sequence[str] = (), open_files: int | None = None, **env: str):
-        super().__init__(log, bento, serve_args=serve_args, open_files=open_files,
+                 serve_args: Sequence[str] = (), open_files: int | None = None,
+                 command: Sequence[str] = ("bentoml", "serve"), **env: str):
+        super().__init__(log, bento, serve_args=serve_args, open_files=open_files, command=command,
                          IMAGESEARCH_STAGES_DIR=str(stages_dir), IMAGESEARCH_ADMIN_TOKEN=TOKEN,
                          BENTOML_HOME=os.environ["BENTOML_HOME"], **env)
 

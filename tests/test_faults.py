@@ -8,6 +8,7 @@ import os
 import random
 import re
 import signal
+import sys
 import threading
 import time
 from collections import Counter
@@ -259,6 +260,45 @@ def test_an_embedder_that_stays_unreachable_fails_liveness_until_it_answers(faul
             p.send_signal(signal.SIGCONT)
     assert http.get("/livez").status_code == 200  # it answers again
     fault_server.wait()
+
+
+# One service of the Bento alone, reaching the others at URLs given with --depends: how services deployed apart
+# run (deploy/bentocloud.yaml puts the embedder on GPU instances of its own); BentoML's image runs this command.
+START_ONE_SERVICE = (sys.executable, "-m", "bentoml_cli._internal.start", "start-http-server")
+
+
+def test_an_embedder_deployed_apart_that_stops_answering_fails_readiness_not_liveness(fault_stages, tmp_path):
+    """Searches go through an embedder served apart, at its URL. When it stops answering, /readyz says so at once,
+    but /livez stays 200 past IMAGESEARCH_EMBEDDER_LOST_S: restarting the entry cannot bring back an embedder
+    that another server runs, and every entry replica restarting at once would only add to the outage."""
+    env = {"IMAGESEARCH_EMBEDDER_LOST_S": str(LOST_S), "BENTOML_CONTAINERIZED": "true"}
+    embedder = Server(fault_stages, tmp_path / "embedder.log", command=START_ONE_SERVICE,
+                      serve_args=["--service-name", "Embedder"], **env)
+    entry = Server(fault_stages, tmp_path / "entry.log", command=START_ONE_SERVICE,
+                   serve_args=["--service-name", "ImageSearch", "--depends", f"Embedder={embedder.url}"], **env)
+    try:
+        entry.wait()
+        commands = [" ".join(p.cmdline()) for p in entry.processes()["embedder"]]
+        assert not [c for c in commands if "--service-name Embedder" in c], commands  # it runs no embedder of its own
+        found = entry.http.post("/search", files={"image": ("p.png", PHOTOS[0])}, data={"k": "3"})
+        assert found.status_code == 200 and found.json()["results"], found.text
+        held = [psutil.Process(embedder.proc.pid), *psutil.Process(embedder.proc.pid).children(recursive=True)]
+        for p in held:
+            p.send_signal(signal.SIGSTOP)
+        try:
+            ready = entry.http.get("/readyz")
+            assert ready.status_code == 503 and "not ready: the embedder service" in ready.text, ready.text
+            time.sleep(LOST_S + 0.5)
+            assert entry.http.get("/readyz").status_code == 503
+            alive = entry.http.get("/livez")
+            assert alive.status_code == 200, alive.text
+        finally:
+            for p in held:
+                p.send_signal(signal.SIGCONT)
+        entry.wait()
+    finally:
+        entry.stop()
+        embedder.stop()
 
 
 # BentoML runs circus with check_delay=10 (bentoml/_internal/utils/circus create_standalone_arbiter): a dead

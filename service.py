@@ -36,7 +36,7 @@ from model_store.settings import get_settings
 from query.active import Active, load_active, stage_mtime
 from query.assist import assist, estimate as estimate_for
 from query.bentoml_fixes import (api_errors_in_one_line, keep_answering_after_sigterm, media_types_worked_out_once,
-                                 never_hold_batches_back, respawn_workers_in_containers, tune_client)
+                                 never_hold_batches_back, start_dead_workers_again, tune_client)
 from query.compare import cosine, verdict
 from query.embedder_health import EmbedderHealth
 from query.errors import ApiError, error_response
@@ -149,7 +149,7 @@ class Embedder:
 
 media_types_worked_out_once(Embedder)
 api_errors_in_one_line()  # a client's mistake is one line of log, not an ERROR and its traceback
-respawn_workers_in_containers()  # a killed worker comes back in a pod too, as outside one
+start_dead_workers_again(settings.worker_check_s)  # promptly, and in a container too
 
 
 def _core_share() -> CoreShare | None:

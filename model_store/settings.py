@@ -67,10 +67,14 @@ class Settings(BaseSettings):
     embed_deadline_s: float = Field(
         1.2, gt=0, description="Deadline of one call to the embedder; a call past it is sent once more, then 503."
     )
+    worker_check_s: float = Field(
+        1.0, gt=0, description="How often `bentoml serve` (circus) looks for dead workers to start again; "
+        "BentoML's own is 10 s."
+    )
     embedder_lost_s: float = Field(
-        120.0, ge=0, description="/livez fails once the embedder has answered no call for this long and does not "
-        "answer its own either, so that the orchestrator restarts a server whose dead embedder workers, started "
-        "again, do not come back; 0 = never."
+        120.0, ge=0, description="/livez fails once the embedder this server runs has answered no call for this "
+        "long and does not answer its own either, so that the orchestrator restarts a server whose dead embedder "
+        "workers, started again, do not come back (never for an embedder deployed apart); 0 = never."
     )
     embedder_drain_s: float = Field(
         3.0, ge=0, description="After SIGTERM the embedder answers this long before it stops, so searches the "

@@ -126,30 +126,39 @@ def media_types_worked_out_once(service: object) -> None:
         spec.mime_type = classmethod(lambda cls, value=value: value)
 
 
-def respawn_workers_in_containers() -> None:
-    """Inside a container (BentoML's image sets BENTOML_CONTAINERIZED; BentoCloud, BENTOCLOUD_DEPLOYMENT_URL)
-    `bentoml serve` tells circus not to start a dead worker again, leaving that to the orchestrator, which
-    only hears of it when a service's last worker is gone: circus then stops the whole server. So in a pod
-    one embedder worker of two killed (the kernel's OOM killer, a crash) left half the capacity, ready and
-    alive, for good; all of them killed dropped every search in flight at the entry and restarted the pod.
-    Measured on this project's server, 2026-12-05 (docs/PERFORMANCE.md, section 6). Every worker is now
-    started again as outside a container; an embedder that stays unreachable fails /livez after
-    IMAGESEARCH_EMBEDDER_LOST_S, so the orchestrator still restarts a pod the restarts do not heal.
-    Must run in the process that builds the watchers (`bentoml serve` imports the service there first)."""
+def start_dead_workers_again(check_s: float) -> None:
+    """Two things `bentoml serve` does with a dead worker. Inside a container (BentoML's image sets
+    BENTOML_CONTAINERIZED; BentoCloud, BENTOCLOUD_DEPLOYMENT_URL) it tells circus never to start one again,
+    leaving that to the orchestrator, which only hears of it when a service's last worker is gone: circus then
+    stops the whole server. So in a pod one embedder worker of two killed (the kernel's OOM killer, a crash)
+    left half the capacity, ready and alive, for good; all of them, or the entry's one worker, stopped the
+    server and every search in flight. And circus looks for dead workers every 10 s (BentoML's choice; its
+    comment blames conflicts seen at start-up, not seen here with 1 s), so a lost worker was started again
+    only 0-10 s later. Measured on this project's server (docs/PERFORMANCE.md, section 6). Now every worker is
+    started again, inside a container too, and circus looks every `check_s`. An embedder that stays
+    unreachable still fails /livez after IMAGESEARCH_EMBEDDER_LOST_S (query/embedder_health.py), so an
+    orchestrator restarts a pod these restarts do not heal. Must run in the process that builds the watchers
+    (`bentoml serve` imports the service there first)."""
+    import bentoml._internal.utils.circus as bentoml_circus
     import bentoml.serving
 
-    make = bentoml.serving.create_watcher
-    if getattr(make, "respawns", False):
+    make_watcher, make_arbiter = bentoml.serving.create_watcher, bentoml_circus.create_standalone_arbiter
+    if getattr(make_watcher, "respawns", False):
         return
 
-    @functools.wraps(make)
+    @functools.wraps(make_watcher)
     def create_watcher(*args: object, **kwargs: object):
-        watcher = make(*args, **kwargs)
+        watcher = make_watcher(*args, **kwargs)
         watcher.respawn = True
         return watcher
 
+    @functools.wraps(make_arbiter)
+    def create_standalone_arbiter(*args: object, **kwargs: object):
+        return make_arbiter(*args, **{"check_delay": check_s, **kwargs})
+
     create_watcher.respawns = True
     bentoml.serving.create_watcher = create_watcher
+    bentoml_circus.create_standalone_arbiter = create_standalone_arbiter
 
 
 def keep_answering_after_sigterm(grace_s: float) -> None:

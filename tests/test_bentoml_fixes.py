@@ -8,14 +8,15 @@ import time
 
 import aiohttp
 import bentoml
+import bentoml._internal.utils.circus as bentoml_circus
 import bentoml.serving
 import numpy as np
 import pytest
 from aiohttp import web
 from bentoml._internal.marshal.dispatcher import CorkDispatcher
 
-from query.bentoml_fixes import (media_types_worked_out_once, never_hold_batches_back, respawn_workers_in_containers,
-                                 reuse_newest_first)
+from query.bentoml_fixes import (media_types_worked_out_once, never_hold_batches_back, reuse_newest_first,
+                                 start_dead_workers_again)
 
 PASS_S = 0.02  # one batch's pass, whatever its size, like a network on a busy CPU
 
@@ -261,9 +262,10 @@ def test_after_the_fix_the_media_type_is_worked_out_once():
 
 
 @pytest.fixture
-def watchers_as_shipped_in_a_container(monkeypatch):
-    """BentoML's create_watcher as shipped (restored after the test), inside a container as its image says."""
-    monkeypatch.setattr(bentoml.serving, "create_watcher", inspect.unwrap(bentoml.serving.create_watcher))
+def workers_as_shipped_in_a_container(monkeypatch):
+    """BentoML's watchers and arbiter as shipped (restored after the test), inside a container as its image says."""
+    for module, name in ((bentoml.serving, "create_watcher"), (bentoml_circus, "create_standalone_arbiter")):
+        monkeypatch.setattr(module, name, inspect.unwrap(getattr(module, name)))
     monkeypatch.setenv("BENTOML_CONTAINERIZED", "true")
 
 
@@ -272,12 +274,19 @@ def a_watcher_respawns() -> bool:
     return bentoml.serving.create_watcher(name="service_X", args=["-c", "pass"], use_sockets=False).respawn
 
 
-def test_as_shipped_a_dead_worker_stays_dead_in_a_container(watchers_as_shipped_in_a_container):
+def seconds_between_checks() -> float:
+    """How often the arbiter `bentoml serve` builds looks for dead workers."""
+    return bentoml_circus.create_standalone_arbiter([]).check_delay
+
+
+def test_as_shipped_a_dead_worker_stays_dead_in_a_container(workers_as_shipped_in_a_container):
     assert not a_watcher_respawns()
+    assert seconds_between_checks() == 10
 
 
-def test_after_the_fix_a_dead_worker_is_started_again_in_a_container(watchers_as_shipped_in_a_container):
-    respawn_workers_in_containers()
-    respawn_workers_in_containers()  # twice: still one wrapper
+def test_after_the_fix_a_dead_worker_is_started_again_within_a_check(workers_as_shipped_in_a_container):
+    start_dead_workers_again(0.5)
+    start_dead_workers_again(0.5)  # twice: still one wrapper
     assert a_watcher_respawns()
+    assert seconds_between_checks() == 0.5
     assert inspect.unwrap(bentoml.serving.create_watcher) is bentoml.serving.create_watcher.__wrapped__

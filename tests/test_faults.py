@@ -383,8 +383,10 @@ def test_a_killed_entry_worker_comes_back_and_searches_sent_meanwhile_wait_for_i
         recovered = recovery_after(lambda: [p.send_signal(signal.SIGKILL) for p in old], load)
     assert recovered is not None, Counter(a[2] for a in load.answers)
     failed = [a for a in load.answers if a[2] != 200]
-    assert all(a[0] < killed_at and isinstance(a[2], str) for a in failed), failed  # only those in flight, dropped
-    assert len(failed) <= 3, failed
+    # Dropped connections only (no HTTP answer but 200), of searches in flight or sent as the worker died: at most
+    # two a client (one in flight, one on its connection as the process tore down); never one sent later.
+    assert all(isinstance(a[2], str) and a[0] < killed_at + 1 for a in failed), failed
+    assert len(failed) <= 2 * len(load.threads), failed
     assert {p.pid for p in fault_server.processes()["entry"]}.isdisjoint(p.pid for p in old)
     print(f"searches answered again {recovered:.1f} s after the kill; failed: {[a[2] for a in failed]}")
 

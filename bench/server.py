@@ -84,7 +84,8 @@ class Server:
                 cmd = " ".join(p.cmdline())
             except psutil.Error:
                 continue
-            role = "embedder" if "Embedder" in cmd else "entry" if "_bentoml_impl.worker" in cmd else "supervisor"
+            worker = "_bentoml_impl.worker" in cmd
+            role = "supervisor" if not worker else "embedder" if "--service-name Embedder" in cmd else "entry"
             roles[role].append(p)
         return roles
 

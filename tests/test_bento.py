@@ -41,10 +41,17 @@ def test_bento_carries_code_and_promoted_models_and_serves(pinned, stages_dir, t
         assert (folder / "src" / f).is_file(), f
     assert not (folder / "src" / "tests").exists()
     stages.PIN_FILE.unlink()  # what is served must come from inside the Bento
-    # no stage record where it runs (as in a container): the packed served.json says what to serve
-    srv = Server(tmp_path / "no-stages", tmp_path / "bento.log", bento=tag)
+    # no stage record where it runs (as in a container, whose variable it also gets): the packed served.json says
+    # what to serve
+    srv = Server(tmp_path / "no-stages", tmp_path / "bento.log", bento=tag, BENTOML_CONTAINERIZED="true")
     try:
         srv.wait()
         assert srv.http.get("/index").json()["served"]["index"] == pinned.tag
+        killed = srv.processes()["embedder"]
+        for p in killed:
+            p.kill()
+        srv.wait()  # BentoML starts no dead worker again in a container; this Bento's service has it do so
+        workers = srv.processes()["embedder"]
+        assert len(workers) == len(killed) and {p.pid for p in workers}.isdisjoint(p.pid for p in killed)
     finally:
         srv.stop()

@@ -278,8 +278,7 @@ def test_an_embedder_deployed_apart_that_stops_answering_fails_readiness_not_liv
                    serve_args=["--service-name", "ImageSearch", "--depends", f"Embedder={embedder.url}"], **env)
     try:
         entry.wait()
-        commands = [" ".join(p.cmdline()) for p in entry.processes()["embedder"]]
-        assert not [c for c in commands if "--service-name Embedder" in c], commands  # it runs no embedder of its own
+        assert entry.processes()["embedder"] == []  # it runs no embedder of its own
         found = entry.http.post("/search", files={"image": ("p.png", PHOTOS[0])}, data={"k": "3"})
         assert found.status_code == 200 and found.json()["results"], found.text
         held = [psutil.Process(embedder.proc.pid), *psutil.Process(embedder.proc.pid).children(recursive=True)]

@@ -211,17 +211,18 @@ def bins_of(values: np.ndarray, edges: tuple[float, ...]) -> list[tuple[str, np.
             for low, high in itertools.pairwise(edges)]
 
 
-def chance_check(s: Setup, seed: int = 0) -> dict | None:
-    """Does the chance measured on the catalogue's own items hold for photos it never held? Each
-    query photo is taken as an item sold at its product's level times the spread; of the prices given, the
-    share within 25% of that sale, per bin of the chance given, for sold and never-sold products; and the
-    Brier score of the chance against that of the raw confidence read as one."""
+def chance_check(s: Setup, known: list[Estimate], unknown: list[Estimate], seed: int = 0) -> dict | None:
+    """Does the chance measured on the catalogue's own items hold for photos it never held? `known` and
+    `unknown` are the default estimates for s.known and s.unknown. Each query photo is taken as an item sold
+    at its product's level times the spread; of the prices given, the share within 25% of that sale, per bin
+    of the chance given, for sold and never-sold products; and the Brier score of the chance against that of
+    the raw confidence read as one."""
     if s.calibration is None:
         return None
     sold = np.concatenate([s.known_levels, s.unknown_levels])
     sold = sold * np.exp(np.random.default_rng(seed + 1).normal(0, SPREAD, len(sold)))
-    estimates = [estimate_price(n) for n in neighbours(np.concatenate([s.known, s.unknown]), s)]
-    known = np.arange(len(sold)) < len(s.known)
+    estimates = [*known, *unknown]
+    of_sold_product = np.arange(len(sold)) < len(known)
     given = np.array([e.price is not None for e in estimates])
     chance = np.array([s.calibration.chance(e.confidence) if e.price is not None else np.nan for e in estimates])
     conf = np.array([e.confidence for e in estimates])
@@ -240,7 +241,8 @@ def chance_check(s: Setup, seed: int = 0) -> dict | None:
                 "good": round(float(good[m].mean()), 3)}
 
     return {"build": s.calibration.measured, "bins": rows,
-            "all": subset(np.ones_like(known)), "known": subset(known), "unknown": subset(~known),
+            "all": subset(np.ones_like(of_sold_product)), "known": subset(of_sold_product),
+            "unknown": subset(~of_sold_product),
             "brier_chance": round(float(np.mean((chance[given] - good[given]) ** 2)), 4),
             "brier_confidence": round(float(np.mean((conf[given] - good[given]) ** 2)), 4)}
 
@@ -251,9 +253,9 @@ def evaluate(s: Setup) -> dict:
              **judge([estimate_price(n, value) for n in known], s.known_levels,
                      [estimate_price(n, value) for n in unknown])}
             for name, value in floors(s).items()]
-    return {"floors": rows, "confidence": confidence_bins([estimate_price(n) for n in known], s.known_levels,
-                                                          [estimate_price(n) for n in unknown]),
-            "chance": chance_check(s)}
+    at_default = [estimate_price(n) for n in known], [estimate_price(n) for n in unknown]
+    return {"floors": rows, "confidence": confidence_bins(at_default[0], s.known_levels, at_default[1]),
+            "chance": chance_check(s, *at_default)}
 
 
 def _pct(x: float | None) -> str:

@@ -83,7 +83,8 @@ def test_the_confidence_calibrated_on_the_catalogue_is_checked_on_both_kinds_of_
     c = s.calibration
     assert c.measured["items"] == 300 and 0 < c.measured["priced"] <= 300
     assert np.all(np.diff(c.chances) >= 0) and np.all(np.diff(c.knots) >= 0)
-    check = chance_check(s)
+    check = chance_check(s, [estimate_price(n) for n in neighbours(s.known, s)],
+                         [estimate_price(n) for n in neighbours(s.unknown, s)])
     assert check["known"]["priced"] + check["unknown"]["priced"] == check["all"]["priced"]
     assert sum(b["estimates"] for b in check["bins"]) == check["all"]["priced"]
     # tight clusters: priced from their own product, within 25% as often as the price spread (sigma 0.2) allows

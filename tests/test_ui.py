@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import base64
 import csv
-import io
 import os
 import re
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
+
+from test_service import noise_png, png
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -99,10 +99,9 @@ def test_result_photos_of_any_shape_fill_the_same_square(page, demo_catalogue, r
     wait_for_results(page, 3)
     photos_loaded(page)
     for i, (w, h) in enumerate([(120, 320), (320, 90)]):  # a portrait and a panorama thumbnail
-        buf = io.BytesIO()
-        Image.new("RGB", (w, h), (200, 80, 40)).save(buf, "PNG")
+        thumbnail = png(Image.new("RGB", (w, h), (200, 80, 40)))
         page.eval_on_selector_all("#results img.result-photo", "(imgs, [i, url]) => { imgs[i].src = url; }",
-                                  [i, "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()])
+                                  [i, "data:image/png;base64," + base64.b64encode(thumbnail).decode()])
     page.wait_for_function("[...document.querySelectorAll('#results img.result-photo')].slice(0, 2)"
                            ".every(i => i.complete && i.naturalWidth > 0 && i.naturalWidth !== i.naturalHeight)")
     boxes = page.eval_on_selector_all("#results .result-photo", "els => els.map(e => { const r = "
@@ -117,9 +116,7 @@ def test_cropping_searches_only_the_boxed_item(page, demo_catalogue, rows):
     both = Image.new("RGB", (a.width * 2, a.height), "white")
     both.paste(a, (0, 0))
     both.paste(b, (a.width, 0))
-    buf = io.BytesIO()
-    both.save(buf, "PNG")
-    choose(page, data=buf.getvalue(), name="two-things.png")
+    choose(page, data=png(both), name="two-things.png")
     wait_for_results(page)
     box = page.locator("#preview img, #preview canvas").first.bounding_box()
     page.mouse.move(box["x"] + box["width"] * 0.52, box["y"] + 2)
@@ -140,8 +137,7 @@ def test_cropping_searches_only_the_boxed_item(page, demo_catalogue, rows):
 def test_a_phone_photo_is_sent_at_the_size_the_index_needs(page, server, demo_catalogue, rows):
     upload_px = server.http.get("/index").json()["upload_px"]
     photo = Image.open(demo_catalogue.parent / rows[0]["image_path"]).convert("RGB").resize((1600, 1200))
-    buf = io.BytesIO()
-    photo.save(buf, "JPEG", quality=90)
+    jpeg = png(photo, "JPEG", quality=90)
     # Chromium does not show a test the files of a multipart body: the page's own fetch reports what it sends
     page.evaluate("""() => {
         const send = window.fetch;
@@ -155,12 +151,12 @@ def test_a_phone_photo_is_sent_at_the_size_the_index_needs(page, server, demo_ca
             return send(url, init);
         };
     }""")
-    choose(page, data=buf.getvalue(), name="phone.jpg", mime="image/jpeg")
+    choose(page, data=jpeg, name="phone.jpg", mime="image/jpeg")
     wait_for_results(page)
     sent = page.evaluate("window.sentPhotos")
     assert sent, "the page sent no photo"
     assert (min(sent[0]["w"], sent[0]["h"]), sent[0]["type"]) == (upload_px, "image/jpeg"), sent
-    assert sent[0]["w"] > sent[0]["h"] and sent[0]["bytes"] < len(buf.getvalue()) / 3, sent
+    assert sent[0]["w"] > sent[0]["h"] and sent[0]["bytes"] < len(jpeg) / 3, sent
     assert page.locator("#results .result").first.get_attribute("data-item-id") == rows[0]["item_id"]
 
 
@@ -181,11 +177,8 @@ def test_filters_narrow_the_results(page, demo_catalogue, rows):
 
 
 def test_a_photo_nothing_sold_resembles_gets_a_plain_refusal_instead_of_a_price(page):
-    noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, (160, 160, 3), dtype=np.uint8))
-    buf = io.BytesIO()
-    noise.save(buf, "PNG")
     with page.expect_response("**/assist") as answer:
-        choose(page, data=buf.getvalue(), name="noise.png")
+        choose(page, data=noise_png(), name="noise.png")
     assert answer.value.ok and answer.value.json()["estimate"]["price"] is None
     page.wait_for_function("document.querySelector('#estimate-price').textContent.length > 0")
     said = page.locator("#estimate-price").inner_text()

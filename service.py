@@ -262,11 +262,10 @@ class ImageSearch:
         if self.active is None:
             return False
         try:
-            described = await self._call_embedder(self.embedder.to_async.describe, retry=False)
+            await self._ask_embedder_tag(retry=False)
         except ApiError as exc:  # the embedder is still starting, or gone: not ready, and /readyz says why
             self.problem = exc.message
             return False
-        self.embedder_tag = described.get("tag")
         if self.embedder_tag != self.active.index.manifest.embedder:
             self.problem = (f"index {self.active.served.index} needs embedder {self.active.index.manifest.embedder}, "
                             f"the embedder service runs {self.embedder_tag}: redeploy")
@@ -280,18 +279,21 @@ class ImageSearch:
         if not self.health.restart_needed():
             return True
         try:
-            await self._call_embedder(self.embedder.to_async.describe, retry=False)
+            await self._ask_embedder_tag(retry=False)
             return True
         except ApiError:
             self.problem = (f"the embedder service has not answered for {self.health.lost_for_s():.0f} s: "
                             "restart the server")
             return False
 
+    async def _ask_embedder_tag(self, retry: bool = True) -> str | None:
+        """The tag of the embedder the embedder service runs, asked now (and kept in embedder_tag)."""
+        self.embedder_tag = (await self._call_embedder(self.embedder.to_async.describe, retry=retry)).get("tag")
+        return self.embedder_tag
+
     async def _embedder_tag(self) -> str | None:
         """The tag of the embedder the embedder service runs, asked until it answers once."""
-        if self.embedder_tag is None:
-            self.embedder_tag = (await self._call_embedder(self.embedder.to_async.describe)).get("tag")
-        return self.embedder_tag
+        return self.embedder_tag if self.embedder_tag is not None else await self._ask_embedder_tag()
 
     def _require(self) -> Active:
         if self.active is None:
@@ -516,7 +518,7 @@ ImageSearch.add_asgi_middleware(
     max_request_bytes=settings.max_request_bytes, max_file_bytes=settings.max_image_bytes,
     max_files=settings.max_batch_images, timeout_s=settings.request_timeout_s, max_uploads=settings.max_uploads,
     upload_timeout_s=settings.upload_timeout_s,
-    not_ready_reason=lambda: _instances[0].problem if _instances else "starting up")
+    health_problem=lambda: _instances[0].problem if _instances else "starting up")
 
 
 def _ms(start: float) -> float:

@@ -39,20 +39,21 @@ class RequestGuard:
 
     def __init__(self, app: Any, *, service: Any, max_concurrency: int, max_request_bytes: int,
                  max_file_bytes: int, max_files: int, timeout_s: float, max_uploads: int = 64,
-                 upload_timeout_s: float = 30.0, not_ready_reason: Callable[[], str | None] = lambda: None) -> None:
+                 upload_timeout_s: float = 30.0,
+                 health_problem: Callable[[], str | None] = lambda: None) -> None:  # why /readyz or /livez fails
         self.app = app
         self.endpoints = {"/" + m.route.strip("/"): EndpointFields.of(m.input_spec) for m in service.apis.values()}
         self.slots = asyncio.Semaphore(max_concurrency)
         self.uploads, self.max_uploads, self.upload_timeout_s = asyncio.Semaphore(max_uploads), max_uploads, upload_timeout_s
         self.max_concurrency, self.max_request_bytes = max_concurrency, max_request_bytes
         self.max_file_bytes, self.max_files, self.timeout_s = max_file_bytes, max_files, timeout_s
-        self.not_ready_reason = not_ready_reason
+        self.health_problem = health_problem
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         slot = Slot(self.slots)
-        shaper = ErrorShaper(scope, slot.freed_by_last_byte(send), collect_errors(), self.not_ready_reason)
+        shaper = ErrorShaper(scope, slot.freed_by_last_byte(send), collect_errors(), self.health_problem)
         try:
             await self._serve(scope, receive, shaper, slot)
         except Exception:  # noqa: BLE001
@@ -192,8 +193,8 @@ class Slot:
 class ErrorShaper:
     """Wraps `send`: an answer of 400 or more is held back and re-sent as ErrorBody JSON."""
 
-    def __init__(self, scope: Scope, send: Send, raised: list[ApiError], not_ready_reason: Callable[[], str | None]):
-        self.scope, self._send, self.raised, self.not_ready_reason = scope, send, raised, not_ready_reason
+    def __init__(self, scope: Scope, send: Send, raised: list[ApiError], health_problem: Callable[[], str | None]):
+        self.scope, self._send, self.raised, self.health_problem = scope, send, raised, health_problem
         self.started = False
         self._held: Message | None = None
         self._chunks: list[bytes] = []
@@ -225,9 +226,9 @@ class ErrorShaper:
     def reshape(self, status: int, body: bytes) -> ErrorBody:
         method, path = self.scope["method"], self.scope["path"]
         if status == 503 and path == "/readyz":
-            return ErrorBody(error=f"not ready: {self.not_ready_reason() or 'starting up'}")
+            return ErrorBody(error=f"not ready: {self.health_problem() or 'starting up'}")
         if status == 503 and path == "/livez":
-            return ErrorBody(error=f"not alive: {self.not_ready_reason()}")
+            return ErrorBody(error=f"not alive: {self.health_problem()}")
         mine = next((e for e in reversed(self.raised) if e.status == status), None)
         if mine is not None:
             return ErrorBody(error=mine.message, field=mine.field)

@@ -44,9 +44,9 @@ def estimate_price(neighbours: list[Match], min_similarity: float = MIN_SIMILARI
     floor = max(min_similarity, neighbours[0].score - RELATIVE_MARGIN)
     close = [m for m in neighbours if m.score >= floor]
     if not close:  # in the percentages the answers and the page give similarities in
-        return Estimate(reason=f"no sold item is similar enough to price this photo: the closest is "
-                               f"{_percent(neighbours[0].score, min_similarity)} similar, a price needs {_percent(min_similarity)}; "
-                               "it needs a human appraisal")
+        closest = _percent(neighbours[0].score, min_similarity)
+        return Estimate(reason=f"no sold item is similar enough to price this photo: the closest is {closest} "
+                               f"similar, a price needs {_percent(min_similarity)}; it needs a human appraisal")
     currency = Counter(m.currency for m in close).most_common(1)[0][0]
     comps = [m for m in close if m.currency == currency]
     prices = np.array([m.price for m in comps])

@@ -25,6 +25,7 @@ from conftest import TOKEN, Server
 from index_builder.demo import draw_object
 from model_store import stages
 from model_store.core_share import worker_count
+from model_store.settings import Settings
 from test_service import corrupt_copy, livez_on, png
 
 pytestmark = pytest.mark.slow
@@ -300,8 +301,8 @@ def test_an_embedder_deployed_apart_that_stops_answering_fails_readiness_not_liv
         embedder.stop()
 
 
-# circus looks for dead workers every IMAGESEARCH_WORKER_CHECK_S (1 s; BentoML's own: 10 s) and starts them again
-CIRCUS_CHECK_S = 1
+# circus looks for dead workers every IMAGESEARCH_WORKER_CHECK_S (BentoML's own: 10 s) and starts them again
+CIRCUS_CHECK_S = Settings().worker_check_s
 
 
 def embedder_processes(srv: Server) -> list[psutil.Process]:

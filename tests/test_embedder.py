@@ -134,10 +134,10 @@ def test_folded_network_gives_the_published_networks_vectors(n):
     np.testing.assert_allclose(Embedder(config, fresh, "cpu").embed(photos), folded, atol=1e-6)
 
 
-def faults_per_pass(where: str, batches: str, keep: bool = True, passes: int = 8, **env: str) -> float:
+def faults_per_pass(where: str, batches: str, keep: bool = True, **env: str) -> float:
     """In a fresh process (the setting is process-wide), Lite0 at 224 px on one thread (bench/freed_memory.py);
     eight passes, so that a few faults of no pass in particular do not weigh."""
-    return one_process(keep, "efficientnet-lite0", 0, batches, 1, passes, where, **env)["faults_per_pass"]
+    return one_process(keep, "efficientnet-lite0", 0, batches, 1, 8, where, **env)["faults_per_pass"]
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")

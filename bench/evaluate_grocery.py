@@ -24,8 +24,9 @@ import torch
 import typer
 
 from bench.ann_scale import command_line
+from bench.coil import COIL
 from bench.evaluate_coil import exact_ranking
-from bench.grocery import (CREDIT, GROCERY, POOLS, PhotoSet, describe_paths, feature_map, l2, pixels, read_iconic,
+from bench.grocery import (CREDIT, GROCERY, OUT, POOLS, PhotoSet, describe_paths, feature_map, l2, pixels, read_iconic,
                            read_split, restrict, scaled_spec)
 from index_builder import learn
 from index_builder.evaluate import metrics, ranks
@@ -312,6 +313,23 @@ def replace_block(text: str, name: str, body: str, heading: str) -> str:
     if start in text and end in text:
         return text[: text.index(start) + len(start)] + "\n" + body + "\n" + text[text.index(end):]
     return text.rstrip("\n") + f"\n\n{heading}\n\n{start}\n{body}\n{end}\n"
+
+
+def measure_and_document(name: str, measure: Callable[[], dict], markdown: Callable[[dict], str], heading: str,
+                         docs: bool) -> None:
+    """A measurement on shop photos and COIL-100: runs `measure`, stamps its result with the seconds, the
+    machine and the date, prints it, keeps it as bench/out/NAME.json and, with `docs`, puts its markdown in
+    docs/EVALUATION.md's block NAME (appended under `heading` the first time)."""
+    if not (GROCERY.exists() and COIL.exists()):
+        raise SystemExit("needs ../shared/data/grocery-store and ../shared/data/coil-100")
+    start = time.perf_counter()
+    result = measure()
+    result.update(seconds=round(time.perf_counter() - start, 1), machine=machine(), date=time.strftime("%Y-%m-%d"))
+    print(json.dumps(result, indent=2))
+    (OUT / f"{name}.json").write_text(json.dumps(result, indent=2))
+    if docs:
+        evaluation = DOCS / "EVALUATION.md"
+        evaluation.write_text(replace_block(evaluation.read_text(), name, markdown(result), heading))
 
 
 def write_docs(result: dict) -> None:

@@ -21,18 +21,16 @@ for sold products, not for never-sold ones: docs/EVALUATION.md, so it is not shi
 from __future__ import annotations
 
 import itertools
-import json
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import typer
 
-from bench.coil import COIL, QUERIES_4, coil_path
-from bench.evaluate_grocery import machine, replace_block
-from bench.features import OUT, embed_paths
-from bench.grocery import CREDIT, GROCERY, read_split
-from bench.thresholds import BACKBONE, DESCRIPTOR, DOCS, coarse_names, projection
+from bench.coil import QUERIES_4, coil_path
+from bench.evaluate_grocery import measure_and_document
+from bench.features import embed_paths
+from bench.grocery import CREDIT, read_split
+from bench.thresholds import BACKBONE, DESCRIPTOR, coarse_names, projection
 from index_builder.calibrate import calibrate
 from model_store.index_artifact import Thresholds
 from query.assist import ESTIMATE_NEIGHBOURS
@@ -321,15 +319,8 @@ def chance_markdown(result: dict) -> list[str]:
 
 
 def main(docs: bool = typer.Option(True, help="write the section of docs/EVALUATION.md")) -> None:
-    if not (GROCERY.exists() and COIL.exists()):
-        raise SystemExit("needs ../shared/data/grocery-store and ../shared/data/coil-100")
-    start = time.perf_counter()
-    result = {"rows": {"grocery": evaluate(grocery()), "COIL-100": evaluate(coil())}}
-    result.update(seconds=round(time.perf_counter() - start, 1), machine=machine(), date=time.strftime("%Y-%m-%d"))
-    print(json.dumps(result, indent=2))
-    (OUT / "pricing.json").write_text(json.dumps(result, indent=2))
-    if docs:
-        DOCS.write_text(replace_block(DOCS.read_text(), "pricing", markdown(result), "## Price estimates"))
+    measure_and_document("pricing", lambda: {"rows": {"grocery": evaluate(grocery()), "COIL-100": evaluate(coil())}},
+                         markdown, "## Price estimates", docs)
 
 
 if __name__ == "__main__":

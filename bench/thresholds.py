@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -21,8 +19,8 @@ import numpy as np
 import typer
 from PIL import Image
 
-from bench.coil import COIL, GALLERY_4, QUERIES_4, coil_path
-from bench.evaluate_grocery import machine, replace_block
+from bench.coil import GALLERY_4, QUERIES_4, coil_path
+from bench.evaluate_grocery import measure_and_document
 from bench.features import OUT, embed_paths
 from bench.grocery import CREDIT, GROCERY, read_split
 from index_builder.calibrate import best_threshold, calibrate
@@ -31,7 +29,6 @@ from query.assist import vote_category
 from query.search_index import Match
 
 BACKBONE, DESCRIPTOR, DIM = "efficientnet-lite2", "rmac", 256
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "EVALUATION.md"
 EDITS: dict[str, Callable[[Image.Image], Image.Image]] = {}
 
 
@@ -247,16 +244,8 @@ def _pct(x: float | None) -> str:
 
 
 def main(docs: bool = typer.Option(True, help="write the section of docs/EVALUATION.md")) -> None:
-    if not (GROCERY.exists() and COIL.exists()):
-        raise SystemExit("needs ../shared/data/grocery-store and ../shared/data/coil-100")
-    start = time.perf_counter()
-    result = {"grocery": grocery(), "coil": coil()}
-    result.update(seconds=time.perf_counter() - start, machine=machine(), date=time.strftime("%Y-%m-%d"))
-    print(json.dumps(result, indent=2))
-    (OUT / "thresholds.json").write_text(json.dumps(result, indent=2))
-    if docs:
-        DOCS.write_text(replace_block(DOCS.read_text(), "thresholds", markdown(result),
-                                      "## Thresholds of /assist and /compare"))
+    measure_and_document("thresholds", lambda: {"grocery": grocery(), "coil": coil()}, markdown,
+                         "## Thresholds of /assist and /compare", docs)
 
 
 if __name__ == "__main__":

@@ -409,6 +409,7 @@ class ImageSearch:
         query = (await self._vectors(active, [image]))[0]
         parts = await asyncio.to_thread(assist, active.index, query, k, f, vote_neighbours=settings.vote_neighbours,
                                         vote_temperature=settings.vote_temperature,
+                                        vote_min_similarity=settings.vote_min_similarity,
                                         duplicate_threshold=active.thresholds().duplicate)
         return AssistResponse(**parts, served=active.served, took_ms=_ms(start))
 

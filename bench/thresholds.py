@@ -135,7 +135,8 @@ def vote_rows(q: np.ndarray, g: np.ndarray, g_items: np.ndarray, g_cat: np.ndarr
                     break
             neighbours.append(matches)
         for temperature in temperatures if n > 1 else temperatures[:1]:
-            votes = [vote_category(m, temperature) for m in neighbours]
+            # every neighbour votes: what /assist's floor changes is bench.category_floor's measurement
+            votes = [vote_category(m, temperature, min_similarity=-1.0) for m in neighbours]
             ok = np.array([v.suggested == str(c) for v, c in zip(votes, q_cat)])
             confident = np.array([v.confidence >= 0.5 for v in votes])
             rows.append({"neighbours": n, "temperature": temperature, "accuracy": round(float(ok.mean()), 3),

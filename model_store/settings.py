@@ -130,6 +130,11 @@ class Settings(BaseSettings):
     vote_temperature: float = Field(
         0.05, gt=0, description="/assist: a neighbour's vote is exp(-(best similarity - its similarity) / this)."
     )
+    # On shop photos this floor removes about three wrong suggestions (mostly for kinds the catalogue never sold)
+    # for each right one it loses; raising it to 0.6 trades one for one (bench.category_floor, EVALUATION.md).
+    vote_min_similarity: float = Field(
+        0.55, ge=-1, le=1, description="/assist: only nearest items at least this similar vote; none: no category."
+    )
     # --- building ----------------------------------------------------------------
     backbone: str = Field(
         "efficientnet-lite2", description="Default backbone of new embedders (chosen on shop photos: docs/EVALUATION.md)."

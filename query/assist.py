@@ -8,26 +8,33 @@ from collections import defaultdict
 import numpy as np
 
 from query.models import CategoryVote, Estimate
-from query.pricing import estimate_price
+from query.pricing import as_percent, estimate_price
 from query.search_index import Filters, Match, SearchIndex
 
 ESTIMATE_NEIGHBOURS = 20  # sold items an estimate looks at (pricing.py keeps the close ones)
 
 
-def vote_category(neighbours: list[Match], temperature: float) -> CategoryVote:
-    """Similarity-weighted vote of the neighbours' categories: each votes exp(-(best - its similarity) / T),
-    so the nearest items weigh most and a close second kind still counts (T chosen in docs/EVALUATION.md)."""
-    if not neighbours:
-        return CategoryVote()
-    best = max(m.score for m in neighbours)
+def vote_category(neighbours: list[Match], temperature: float, min_similarity: float) -> CategoryVote:
+    """Similarity-weighted vote of the categories of the neighbours at least min_similarity similar: each
+    votes exp(-(best - its similarity) / T), so the nearest items weigh most and a close second kind still
+    counts (T and the floor chosen in docs/EVALUATION.md). With no neighbour that similar, no suggestion: a
+    photo of something the catalogue never sold gets no category it would have to undo."""
+    voters = [m for m in neighbours if m.score >= min_similarity]
+    if not voters:
+        if not neighbours:
+            return CategoryVote(reason="the catalogue has no sold item to compare this photo with")
+        closest = as_percent(max(m.score for m in neighbours), min_similarity)
+        return CategoryVote(reason=f"no sold item is similar enough to suggest a category: the closest is "
+                                   f"{closest} similar, a suggestion needs {as_percent(min_similarity)}")
+    best = max(m.score for m in voters)
     weights: dict[str, float] = defaultdict(float)
-    for m in neighbours:
+    for m in voters:
         weights[m.category] += math.exp((m.score - best) / temperature)
     total = sum(weights.values())
     ranked = sorted(weights.items(), key=lambda kv: -kv[1])
     runner = ranked[1] if len(ranked) > 1 else (None, 0.0)
     return CategoryVote(suggested=ranked[0][0], confidence=round(ranked[0][1] / total, 3), runner_up=runner[0],
-                        runner_up_confidence=round(runner[1] / total, 3), neighbours=len(neighbours))
+                        runner_up_confidence=round(runner[1] / total, 3), neighbours=len(voters))
 
 
 def duplicates(neighbours: list[Match], threshold: float) -> list[Match]:
@@ -41,11 +48,11 @@ def estimate(index: SearchIndex, query: np.ndarray, filters: Filters) -> Estimat
 
 
 def assist(index: SearchIndex, query: np.ndarray, k: int, filters: Filters, *, vote_neighbours: int,
-           vote_temperature: float, duplicate_threshold: float) -> dict:
+           vote_temperature: float, vote_min_similarity: float, duplicate_threshold: float) -> dict:
     """The parts of an AssistResponse for one query vector (index space). The vote and the duplicates look
     at the whole catalogue; the nearest items and the estimate honour the filters."""
     unfiltered = index.nearest(query, vote_neighbours)
-    return {"category": vote_category(unfiltered, vote_temperature),
+    return {"category": vote_category(unfiltered, vote_temperature, vote_min_similarity),
             "duplicates": duplicates(unfiltered, duplicate_threshold),
             "duplicate_threshold": duplicate_threshold, "estimate": estimate(index, query, filters),
             "nearest": index.nearest(query, k, filters)}

@@ -91,11 +91,12 @@ class ReloadResponse(BaseModel):
 class CategoryVote(BaseModel):
     """The category the nearest sold items vote for, each weighted by its similarity."""
 
-    suggested: str | None = Field(None, description="null when no neighbour is similar at all")
+    suggested: str | None = Field(None, description="null when no sold item is similar enough (reason says so)")
     confidence: float = Field(0.0, ge=0, le=1, description="share of the vote the suggestion got")
     runner_up: str | None = None
     runner_up_confidence: float = Field(0.0, ge=0, le=1)
     neighbours: int = Field(0, description="how many items voted")
+    reason: str | None = Field(None, description="why there is no suggestion, when there is none")
 
 
 class AssistResponse(BaseModel):

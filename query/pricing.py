@@ -29,7 +29,7 @@ def weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> floa
     return float(values[order][np.searchsorted(cum, q * cum[-1])])
 
 
-def _percent(similarity: float, below: float | None = None) -> str:
+def as_percent(similarity: float, below: float | None = None) -> str:
     """As the page shows similarities; one decimal, rounded down, where a whole number would reach `below`."""
     if below is not None and round(100 * similarity) >= round(100 * below):
         return f"{math.floor(1000 * similarity) / 10:.1f}%"
@@ -44,9 +44,9 @@ def estimate_price(neighbours: list[Match], min_similarity: float = MIN_SIMILARI
     floor = max(min_similarity, neighbours[0].score - RELATIVE_MARGIN)
     close = [m for m in neighbours if m.score >= floor]
     if not close:  # in the percentages the answers and the page give similarities in
-        closest = _percent(neighbours[0].score, min_similarity)
+        closest = as_percent(neighbours[0].score, min_similarity)
         return Estimate(reason=f"no sold item is similar enough to price this photo: the closest is {closest} "
-                               f"similar, a price needs {_percent(min_similarity)}; it needs a human appraisal")
+                               f"similar, a price needs {as_percent(min_similarity)}; it needs a human appraisal")
     currency = Counter(m.currency for m in close).most_common(1)[0][0]
     comps = [m for m in close if m.currency == currency]
     prices = np.array([m.price for m in comps])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from PIL import Image
 
 from index_builder.demo import FAMILIES, draw_object
+from test_service import noise_png
 
 pytestmark = pytest.mark.slow
 
@@ -86,6 +88,16 @@ def test_assist_flags_an_edited_copy_and_not_a_new_item(server, demo_catalogue, 
     other = server.http.post("/assist", files={"image": ("new.png", _png(draw_object(2, 7, 33, seed=99)))}).json()
     assert row["item_id"] not in [d["item_id"] for d in other["duplicates"]]
     assert other["category"]["suggested"] == FAMILIES[2][0]
+
+
+def test_assist_names_no_category_for_a_photo_like_nothing_sold(server):
+    r = server.http.post("/assist", files={"image": ("noise.png", noise_png())}, data={"k": 3})
+    assert r.status_code == 200, r.text
+    vote = r.json()["category"]
+    assert (vote["suggested"], vote["runner_up"], vote["confidence"], vote["neighbours"]) == (None, None, 0, 0)
+    assert re.fullmatch(r"no sold item is similar enough to suggest a category: the closest is [\d.]+% similar, a "
+                        r"suggestion needs 55%", vote["reason"]), vote
+    assert len(r.json()["nearest"]) == 3  # the nearest items are still shown, to judge by eye
 
 
 def test_assist_filters_apply_to_the_nearest_items_and_the_estimate(server, demo_catalogue, rows):

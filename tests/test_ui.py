@@ -176,15 +176,19 @@ def test_filters_narrow_the_results(page, demo_catalogue, rows):
                            f".every(e => e.textContent.includes({other!r}))", timeout=30_000)
 
 
-def test_a_photo_nothing_sold_resembles_gets_a_plain_refusal_instead_of_a_price(page):
+def test_a_photo_nothing_sold_resembles_gets_a_plain_refusal_instead_of_a_price_or_a_category(page):
     with page.expect_response("**/assist") as answer:
         choose(page, data=noise_png(), name="noise.png")
-    assert answer.value.ok and answer.value.json()["estimate"]["price"] is None
+    body = answer.value.json()
+    assert answer.value.ok and body["estimate"]["price"] is None and body["category"]["suggested"] is None
     page.wait_for_function("document.querySelector('#estimate-price').textContent.length > 0")
     said = page.locator("#estimate-price").inner_text()
     assert re.fullmatch(r"No sold item is similar enough to price this photo: the closest is [\d.]+% similar, a price "
                         r"needs 60%; it needs a human appraisal\.", said), said
     assert page.locator("#estimate-confidence-row").is_hidden()
+    category = page.locator("#assist-category").inner_text()
+    assert re.fullmatch(r"Suggested category: none\. No sold item is similar enough to suggest a category: the "
+                        r"closest is [\d.]+% similar, a suggestion needs 55%\.", category), category
 
 
 def test_more_like_this_shows_the_items_neighbours(page, demo_catalogue, rows):

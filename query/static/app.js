@@ -652,6 +652,8 @@
     if (c.suggested) {
       text = `Suggested category: ${c.suggested} (${percent(c.confidence)}%)`;
       if (c.runner_up) text += `, runner-up ${c.runner_up} (${percent(c.runner_up_confidence)}%)`;
+    } else if (c.reason) {
+      text = `Suggested category: none. ${sentence(String(c.reason))}`;
     }
     el.assistCategory.textContent = text;
 

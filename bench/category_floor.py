@@ -14,7 +14,6 @@ projection are the builder's defaults, as in bench.pricing.
 
 from __future__ import annotations
 
-
 import numpy as np
 import typer
 
@@ -22,7 +21,7 @@ from bench.coil import QUERIES_4, coil_path
 from bench.evaluate_grocery import measure_and_document
 from bench.features import embed_paths
 from bench.grocery import CREDIT, read_split
-from bench.pricing import nearest_items
+from bench.pricing import nearest_items, sold_half
 from bench.thresholds import BACKBONE, DESCRIPTOR, coarse_names, projection
 from model_store.settings import get_settings
 from query.assist import vote_category
@@ -30,13 +29,6 @@ from query.assist import vote_category
 FLOORS = (None, 0.5, 0.55, 0.6, 0.65, 0.7)
 GROUPS = ("known", "unknown, sold kind", "unknown, new kind")
 SPLITS = 5  # draws of the sold half; the counts are summed over them
-
-
-def split_products(products: np.ndarray, seed: int = 0) -> np.ndarray:
-    """Which of `products` (one per photo) the catalogue sold: half of the distinct ones, drawn with `seed`."""
-    distinct = np.unique(products)
-    sold = np.random.default_rng(seed).choice(distinct, len(distinct) // 2, replace=False)
-    return np.isin(products, sold)
 
 
 def evaluate(cat_vecs: np.ndarray, cat_products: np.ndarray, cat_kinds: np.ndarray, q_vecs: np.ndarray,
@@ -51,7 +43,7 @@ def evaluate(cat_vecs: np.ndarray, cat_products: np.ndarray, cat_kinds: np.ndarr
 def one_split(cat_vecs: np.ndarray, cat_products: np.ndarray, cat_kinds: np.ndarray, q_vecs: np.ndarray,
               q_products: np.ndarray, q_kinds: np.ndarray, seed: int) -> list[dict]:
     s = get_settings()
-    in_cat = split_products(cat_products, seed)
+    in_cat = sold_half(cat_products, np.random.default_rng(seed))
     project = projection(cat_vecs[in_cat])
     catalogue, kinds = project(cat_vecs[in_cat]), cat_kinds[in_cat]
     neighbours = nearest_items(project(q_vecs), catalogue, kinds, np.zeros(len(catalogue)), s.vote_neighbours)

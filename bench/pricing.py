@@ -110,13 +110,19 @@ def levels(products: np.ndarray, seed: int) -> dict[int, float]:
     return {int(p): float(np.exp(rng.uniform(np.log(2), np.log(500)))) for p in np.unique(products)}
 
 
+def sold_half(products: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Which of `products` (one per photo) the catalogue sold: half of the distinct ones, drawn with `rng`."""
+    distinct = np.unique(products)
+    return np.isin(products, rng.choice(distinct, len(distinct) // 2, replace=False))
+
+
 def make_setup(cat_vecs: np.ndarray, cat_products: np.ndarray, cat_kinds: np.ndarray, q_vecs: np.ndarray,
                q_products: np.ndarray, seed: int = 0) -> Setup:
     """Half of the products (drawn with `seed`) form the catalogue; queries of the rest are the unknown."""
     rng = np.random.default_rng(seed)
     products = np.unique(cat_products)
-    sold = set(rng.choice(products, len(products) // 2, replace=False).tolist())
-    in_cat, known = np.isin(cat_products, list(sold)), np.isin(q_products, list(sold))
+    in_cat = sold_half(cat_products, rng)
+    known = np.isin(q_products, cat_products[in_cat])
     project = projection(cat_vecs[in_cat])
     catalogue, level = project(cat_vecs[in_cat]), levels(products, seed)
     prices = np.array([level[int(p)] for p in cat_products[in_cat]]) * np.exp(rng.normal(0, SPREAD, in_cat.sum()))

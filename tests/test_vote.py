@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.category_floor import GROUPS, evaluate, split_products
+from bench.category_floor import GROUPS, evaluate
+from bench.pricing import sold_half
 from query.assist import vote_category
 from query.search_index import Match
 
@@ -40,7 +41,8 @@ def test_an_empty_catalogue_is_no_suggestion_and_says_so():
 def test_the_floor_bench_keeps_half_the_products_and_sorts_the_queries_by_what_was_sold():
     rng = np.random.default_rng(1)
     products = np.repeat(np.arange(8), 5)
-    assert split_products(products).sum() == 20 and len(set(products[split_products(products)])) == 4
+    sold = sold_half(products, np.random.default_rng(0))
+    assert sold.sum() == 20 and len(set(products[sold])) == 4
     # 8 products of 4 kinds, each product its own direction; queries lie close to their product's photos
     centres = np.eye(16)[:8] * 4
     cat_vecs = centres[products] + rng.normal(0, 0.3, (40, 16))

@@ -7,8 +7,14 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pillow_heif
 from PIL import Image, ImageOps
 from pydantic import BaseModel
+
+# iPhones save photos as HEIC unless told otherwise, and photos copied off one keep that format: pillow-heif
+# teaches Pillow to read HEIC and HEIF (Pillow reads AVIF itself). Registered on import, so the builder's
+# processes, Ray's workers and the service read the same formats.
+pillow_heif.register_heif_opener()
 
 # Transparent areas become white: listing photos are usually shot on light backdrops.
 BACKGROUND = (255, 255, 255)
@@ -47,7 +53,7 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, name: str = "i
     still reaches spec.resize: a 12-megapixel phone photo decodes in a fraction of the time, and builder and
     service, passing the same spec, get the same pixels."""
     if not data:
-        raise ImageError(f"{name} is empty (0 bytes): upload a JPEG, PNG or WebP photo")
+        raise ImageError(f"{name} is empty (0 bytes): upload a JPEG, PNG, WebP or HEIC photo")
     if len(data) > max_bytes:
         raise ImageTooLarge(f"{name} is {len(data):,} bytes; the limit is {max_bytes:,}: send a smaller photo")
     try:
@@ -63,7 +69,7 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, name: str = "i
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLarge(f"{name} is a decompression bomb ({exc}): send an ordinary photo") from exc
     except Image.UnidentifiedImageError as exc:
-        raise ImageError(f"{name} is not an image Pillow can read: upload a JPEG, PNG or WebP photo") from exc
+        raise ImageError(f"{name} is not an image Pillow can read: upload a JPEG, PNG, WebP or HEIC photo") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{name} could not be decoded ({exc}): the file is truncated or corrupt") from exc
     return to_rgb(img)

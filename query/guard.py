@@ -154,7 +154,7 @@ class RequestGuard:
         for i, v in enumerate(values):
             name = f"{f.name}[{i}]" if f.many else f.name
             if v.size == 0:
-                raise ApiError(f"{name} is empty (0 bytes): upload a JPEG, PNG or WebP photo",
+                raise ApiError(f"{name} is empty (0 bytes): upload a JPEG, PNG, WebP or HEIC photo",
                                HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f.name)
             if v.size > self.max_file_bytes:
                 raise ApiError(f"{name} is {v.size:,} bytes; the limit is {self.max_file_bytes:,}: send a smaller "

@@ -95,7 +95,7 @@ def test_entry_threads(python):
 
 def test_decode(python):
     out = quick("bench.decode", python)
-    assert '"reduced_ms"' in out and '"page_ms"' in out
+    assert '"reduced_ms"' in out and '"page_ms"' in out and '"heic_ms"' in out
 
 
 def test_resample_crop(python):

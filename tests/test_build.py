@@ -320,6 +320,25 @@ def test_image_url_is_the_photo_and_thumbnails_can_be_turned_off(tmp_path, engin
     assert urls["new-0"] == cdn[0] and urls["new-1"] is None
 
 
+def test_a_catalogue_of_iphone_photos_builds(tmp_path):
+    """Photos copied off an iPhone are HEIC: each is embedded as its PNG would be and gets a thumbnail."""
+    from test_service import heic
+
+    catalogue = _new_catalogue(tmp_path / "cat", 4, seed=3500)
+    pngs = sorted(catalogue.parent.glob("p*.png"))
+    for png in pngs:
+        png.with_suffix(".heic").write_bytes(heic(load_image_file(png), quality=90))
+    catalogue.write_text(catalogue.read_text().replace(".png", ".heic"))
+    summary = build(catalogue, progress=False, workers=0)
+    assert (summary.photos_indexed, summary.bad_rows, summary.thumbnails_made) == (4, 0, 4)
+    index = SearchIndex(Path(get_model(summary.tag).path))
+    embedder = load_embedder(summary.embedder)
+    for png in pngs:
+        pixels = image_to_pixels(load_image_file(png), embedder.config.preprocess)
+        best = index.search(embedder.embed(pixels[None])[0], 1)
+        assert best[0].item_id == f"new-{png.stem[1:]}" and best[0].score > 0.98, (png.name, best[0])
+
+
 def test_a_bad_image_url_is_a_reported_row(tmp_path):
     catalogue = _new_catalogue(tmp_path / "cat", 4, {1: "ftp://files.example.com/p1.jpg", 2: "not a url"}, seed=3000)
     cat = read_catalogue(catalogue)

@@ -54,14 +54,27 @@ def test_transparent_pixels_become_white():
     assert to_rgb(rgba).getpixel((0, 0)) == (255, 255, 255)
 
 
-def test_exif_orientation_is_applied():
+@pytest.mark.parametrize("fmt", ["JPEG", "HEIF"])
+def test_exif_orientation_is_applied_once(fmt):
+    """A phone held upright saves a landscape sensor image and says "rotate 90 CW"; an iPhone's HEIC says it
+    in its own box, which the decoder applies, so turning it by the EXIF tag as well would lie it on its side."""
     img = Image.new("RGB", (40, 20), (0, 0, 0))
     img.paste((255, 0, 0), (0, 0, 20, 20))  # red on the left half
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 CW to display"
-    out = decode_image(encode(img, "JPEG", exif=exif.tobytes()), **LIMITS)
+    out = decode_image(encode(img, fmt, exif=exif.tobytes()), **LIMITS)
     assert out.size == (20, 40)
     assert out.getpixel((10, 5))[0] > 200  # red is now on top
+
+
+@pytest.mark.parametrize("fmt", ["HEIF", "AVIF", "WEBP"])
+def test_phone_formats_give_the_photos_pixels(photo, fmt):
+    """HEIC is what an iPhone saves (and what a photo copied off one stays); AVIF and WebP what some Android
+    phones and apps send. Each decodes to the photo, up to its lossy coding."""
+    rgb = photo.convert("RGB")
+    out = decode_image(encode(rgb, fmt, quality=90), **LIMITS)
+    assert (out.mode, out.size) == ("RGB", rgb.size)
+    assert np.abs(np.asarray(out, np.float32) - np.asarray(rgb, np.float32)).mean() < 4
 
 
 def test_animated_gif_uses_the_first_frame():
@@ -83,8 +96,9 @@ def test_bad_bytes_raise_image_error(data, message):
         decode_image(data, **LIMITS)
 
 
-def test_truncated_image_is_refused(photo):
-    data = encode(photo, "JPEG")
+@pytest.mark.parametrize("fmt", ["JPEG", "HEIF"])
+def test_truncated_image_is_refused(photo, fmt):
+    data = encode(photo.convert("RGB"), fmt)
     with pytest.raises(ImageError, match="truncated or corrupt|could not be decoded|not an image"):
         decode_image(data[: len(data) // 2], **LIMITS)
 

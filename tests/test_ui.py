@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from test_service import noise_png, png
+from test_service import heic, noise_png, png
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -158,6 +158,17 @@ def test_a_phone_photo_is_sent_at_the_size_the_index_needs(page, server, demo_ca
     assert (min(sent[0]["w"], sent[0]["h"]), sent[0]["type"]) == (upload_px, "image/jpeg"), sent
     assert sent[0]["w"] > sent[0]["h"] and sent[0]["bytes"] < len(jpeg) / 3, sent
     assert page.locator("#results .result").first.get_attribute("data-item-id") == rows[0]["item_id"]
+
+
+def test_an_iphone_photo_the_browser_cannot_show_is_still_searched(page, demo_catalogue, rows):
+    """Chromium cannot decode HEIC (an iPhone's photos, copied to a computer): the page says it has no
+    preview and sends the file as it is, and the service reads it."""
+    photo = Image.open(demo_catalogue.parent / rows[0]["image_path"]).convert("RGB")
+    choose(page, data=heic(photo), name="IMG_0001.HEIC", mime="image/heic")
+    wait_for_results(page)
+    assert page.locator("#preview-fallback").is_visible() and page.locator("#error").is_hidden()
+    assert page.locator("#results .result").first.get_attribute("data-item-id") == rows[0]["item_id"]
+    assert "$" in page.locator("#estimate-price").inner_text()
 
 
 def test_filters_narrow_the_results(page, demo_catalogue, rows):

@@ -156,7 +156,7 @@
         ? 'That item is no longer in the catalogue, so there is nothing to compare it with.'
         : 'The search service could not find what was asked for.';
       case 413: return withApi('That photo is too large.');
-      case 415: return 'That file is not a photo the service can read. Please use a JPEG, PNG or WebP photo.';
+      case 415: return 'That file is not a photo the service can read. Please use a JPEG, PNG, WebP or HEIC photo.';
       case 429: return 'The search service is busy. Please try again in a moment.';
       case 503: return 'The search service is starting or unavailable. Please try again shortly.';
       default:

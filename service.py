@@ -37,6 +37,7 @@ from query.active import Active, load_active, stage_mtime
 from query.assist import assist, estimate as estimate_for
 from query.bentoml_fixes import (api_errors_in_one_line, keep_answering_after_sigterm, media_types_worked_out_once,
                                  never_hold_batches_back, start_dead_workers_again, tune_client)
+from query.client_limit import ClientLimit
 from query.compare import cosine, verdict
 from query.embedder_health import EmbedderHealth
 from query.errors import ApiError, error_response
@@ -519,6 +520,8 @@ ImageSearch.add_asgi_middleware(
     max_request_bytes=settings.max_request_bytes, max_file_bytes=settings.max_image_bytes,
     max_files=settings.max_batch_images, timeout_s=settings.request_timeout_s, max_uploads=settings.max_uploads,
     upload_timeout_s=settings.upload_timeout_s,
+    client_limit=ClientLimit(settings.client_photos_per_s, settings.client_burst_photos, settings.forwarded_hops)
+    if settings.client_photos_per_s else None,
     health_problem=lambda: _instances[0].problem if _instances else "starting up")
 
 

@@ -96,6 +96,20 @@ class Settings(BaseSettings):
                              "max_request_bytes); more get 429.")
     upload_timeout_s: float = Field(30.0, gt=0, description="Longest a request's body may take to arrive; "
                                     "slower gets 408.")
+    client_photos_per_s: float = Field(
+        0, ge=0, le=10_000, description="Photos a second each client may send, sustained; past its burst a client "
+        "gets 429 with Retry-After while others are served (query/client_limit.py). 0 = no per-client limit. Per "
+        "entry process: N processes or replicas let a client have up to N times as many."
+    )
+    client_burst_photos: int = Field(
+        32, ge=1, le=10_000, description="Photos a client may send at once above its rate (two full /search_batch "
+        "calls by default)."
+    )
+    forwarded_hops: int = Field(
+        0, ge=0, le=10, description="Proxies in front of the entry that append the address they saw to "
+        "X-Forwarded-For (an ingress or load balancer: 1). The client is the address that many entries from the "
+        "right; 0 = the connection's peer, and the header is ignored (any client can write it)."
+    )
     search_workers: int = Field(
         1, ge=1, le=64, description="Entry service processes. More than one only where spare cores exist (a GPU "
         "box): each answers /reload for itself, the others follow the stage record within follow_stage_s."

@@ -25,9 +25,10 @@ _raised: contextvars.ContextVar[list["ApiError"] | None] = contextvars.ContextVa
 class ApiError(BentoMLException):
     """A request that cannot be served as sent; the status and message say why and what to change."""
 
-    def __init__(self, message: str, status: HTTPStatus = HTTPStatus.BAD_REQUEST, field: str | None = None):
+    def __init__(self, message: str, status: HTTPStatus = HTTPStatus.BAD_REQUEST, field: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message, error_code=status)
-        self.message, self.status, self.field = message, HTTPStatus(status), field
+        self.message, self.status, self.field, self.headers = message, HTTPStatus(status), field, headers
         holder = _raised.get()
         if holder is not None:
             holder.append(self)

@@ -1,8 +1,9 @@
 """One guard in front of every endpoint: limits, field checks, a deadline and one error shape.
 
 An ASGI middleware that runs before BentoML's request parser. For the API endpoints it refuses load
-beyond `max_concurrency` (429), bodies over the byte limit (413) before reading them, more than `max_uploads`
-bodies arriving at once (429) or one slower than `upload_timeout_s` (408), and any form field
+beyond `max_concurrency` (429), a client past its share of photos (429, query.client_limit), bodies over the
+byte limit (413) before reading them, more than `max_uploads` bodies arriving at once (429) or one slower
+than `upload_timeout_s` (408), and any form field
 that is unknown, missing, of the wrong kind or value (4xx naming the field); what passes is handed on
 re-encoded, so BentoML's parser only ever sees values it reads back exactly. Every answer of 400 or
 more, whoever produced it, leaves in the shape of query.errors.ErrorBody.
@@ -21,6 +22,7 @@ from typing import Any, Awaitable, Callable
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from query.client_limit import ClientLimit
 from query.errors import ApiError, ErrorBody, collect_errors, error_response
 from query.fields import EndpointFields
 from query.openapi import serve_amended
@@ -39,7 +41,7 @@ class RequestGuard:
 
     def __init__(self, app: Any, *, service: Any, max_concurrency: int, max_request_bytes: int,
                  max_file_bytes: int, max_files: int, timeout_s: float, max_uploads: int = 64,
-                 upload_timeout_s: float = 30.0,
+                 upload_timeout_s: float = 30.0, client_limit: ClientLimit | None = None,
                  health_problem: Callable[[], str | None] = lambda: None) -> None:  # why /readyz or /livez fails
         self.app = app
         self.endpoints = {"/" + m.route.strip("/"): EndpointFields.of(m.input_spec) for m in service.apis.values()}
@@ -47,7 +49,7 @@ class RequestGuard:
         self.uploads, self.max_uploads, self.upload_timeout_s = asyncio.Semaphore(max_uploads), max_uploads, upload_timeout_s
         self.max_concurrency, self.max_request_bytes = max_concurrency, max_request_bytes
         self.max_file_bytes, self.max_files, self.timeout_s = max_file_bytes, max_files, timeout_s
-        self.health_problem = health_problem
+        self.client_limit, self.health_problem = client_limit, health_problem
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -74,15 +76,18 @@ class RequestGuard:
             return await self.app(scope, receive, shaper.send)
         try:
             self._refuse_when_full()  # at once, before the client sends its photos for nothing
+            client = self._admit(scope, fields)
             body = await self.receive_body(scope, receive)
             self._refuse_when_full()
             await slot.take()
             if fields.names:
-                scope, body = await self.checked(scope, body, fields)
+                scope, body, photos = await self.checked(scope, body, fields)
+                if client is not None:
+                    self.client_limit.charge(client, photos)
             else:  # an endpoint without inputs ignores any body, rather than let BentoML's parser choke on it
                 scope, body = _with_body(scope, b"", None), b""
         except ApiError as exc:
-            return await _answer(scope, shaper.send, exc, _HEADERS.get(exc.status))
+            return await _answer(scope, shaper.send, exc, exc.headers or _HEADERS.get(exc.status))
         try:
             await asyncio.wait_for(self.app(scope, _replay(body), shaper.send), self.timeout_s)
         except asyncio.TimeoutError:
@@ -91,6 +96,14 @@ class RequestGuard:
                 await _answer(scope, shaper.send, ApiError(
                     f"the request took longer than {self.timeout_s:g} s and was stopped: retry",
                     HTTPStatus.SERVICE_UNAVAILABLE))
+
+    def _admit(self, scope: Scope, fields: EndpointFields) -> str | None:
+        """The client of a request that carries photos, admitted under its share (None: no per-client limit)."""
+        if self.client_limit is None or not fields.files:
+            return None
+        client = self.client_limit.client(scope)
+        self.client_limit.admit(client)
+        return client
 
     def _refuse_when_full(self) -> None:
         if self.slots.locked():
@@ -112,8 +125,8 @@ class RequestGuard:
                 raise ApiError(f"the request's body did not arrive within {self.upload_timeout_s:g} s: send it again "
                                "(smaller photos arrive sooner)", HTTPStatus.REQUEST_TIMEOUT) from None
 
-    async def checked(self, scope: Scope, body: bytes, fields: EndpointFields) -> tuple[Scope, bytes]:
-        """Every field present, known, of its kind and valid; returns the request re-encoded."""
+    async def checked(self, scope: Scope, body: bytes, fields: EndpointFields) -> tuple[Scope, bytes, int]:
+        """Every field present, known, of its kind and valid; returns the request re-encoded and its photos."""
         headers = Headers(scope=scope)
         coding = headers.get("content-encoding", "").strip().lower()
         if coding not in ("", "identity"):  # RFC 9110: a coding the server does not apply is refused with 415
@@ -137,7 +150,7 @@ class RequestGuard:
         finally:
             await form.close()
         body, boundary = encode_multipart(texts, files)
-        return _with_body(scope, body, f"multipart/form-data; boundary={boundary}"), body
+        return _with_body(scope, body, f"multipart/form-data; boundary={boundary}"), body, len(files)
 
     async def _files(self, form: Any, f: Any) -> list[tuple[str, str, str, bytes]]:
         values = form.getlist(f.name)

@@ -18,13 +18,14 @@ and an expected price. The search page for people is at [/ui](/ui/); match photo
 "the request field at fault, or null"}`: 400 a field is missing, unknown or invalid; 401 no admin token; 404 no
 such endpoint; 405 wrong method; 409 a reload that cannot be done; 413 a photo or request over the limits; 414
 or 431 a URL, or URL and headers, over the limit; 415 not a photo (or not multipart/form-data); 408 the request's
-body took too long to arrive; 429 over capacity, retry in a second; 503 not ready or the embedder is restarting,
+body took too long to arrive; 429 over capacity, or this client past its share of photos: retry after the
+seconds in `Retry-After`; 503 not ready or the embedder is restarting,
 retry in a few seconds."""
 
 STATUSES = {"400": "A field is missing, unknown or invalid", "408": "The request's body took too long to arrive",
             "413": "A photo or the request is over the limits",
             "415": "Not a photo the service can read, or not multipart/form-data",
-            "429": "Over capacity: retry in a second", "503": "Not ready, or the embedder is restarting"}
+            "429": "Over capacity, or this client past its share of photos: retry after Retry-After seconds", "503": "Not ready, or the embedder is restarting"}
 
 
 def amend(doc: dict[str, Any]) -> dict[str, Any]:

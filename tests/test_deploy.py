@@ -301,3 +301,16 @@ def test_bentocloud_broken_copy_fails(breakage, error):
     with pytest.raises(Exception) as info:
         validate_bentocloud(cfg)
     assert type(info.value).__name__ == error, repr(info.value)
+
+
+def test_every_setting_the_deployments_give_exists_and_is_valid():
+    """Settings ignore variables they do not know (extra="ignore"), so a misspelt name in a manifest would leave
+    the pod on the default without a word: each IMAGESEARCH_ variable must be a setting, and its value valid."""
+    pod = k8s_doc("Deployment")["spec"]["template"]["spec"]["containers"][0]
+    given = [(e["name"], e["value"]) for e in pod["env"] if "value" in e]
+    given += [(e["name"], e["value"]) for e in yaml.safe_load(BENTOCLOUD.read_text())["envs"]]
+    known = {f"IMAGESEARCH_{name.upper()}" for name in Settings.model_fields}
+    ours = {name: value for name, value in given if name.startswith("IMAGESEARCH_")}
+    assert ours and set(ours) <= known, set(ours) - known
+    settings = Settings(**{name.removeprefix("IMAGESEARCH_").lower(): value for name, value in ours.items()})
+    assert settings.client_photos_per_s == 2 and settings.forwarded_hops == 1  # each client's share, behind an ingress

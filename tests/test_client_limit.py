@@ -76,6 +76,10 @@ def test_the_client_is_the_peer_or_the_address_the_trusted_proxies_saw():
     assert behind_two.client(scope("10.0.0.3", "1.1.1.1, 198.51.100.4, 10.0.0.2")) == "198.51.100.4"
     assert behind_two.client(scope("10.0.0.3", "198.51.100.4")) == "198.51.100.4"  # fewer hops than said
     assert behind_one.client(scope("10.0.0.2")) == "10.0.0.2"  # no header: the peer
+    # an IPv6 host has a /64 to pick its addresses from: they are one client
+    assert direct.client(scope("2001:db8:1:2:aaaa::1")) == direct.client(scope("2001:db8:1:2:bbbb::9")) \
+        == "2001:db8:1:2::/64" != direct.client(scope("2001:db8:1:3::1"))
+    assert behind_one.client(scope("10.0.0.2", "2001:db8:1:2::5")) == "2001:db8:1:2::/64"
 
 
 def test_buckets_are_bounded_and_the_least_recently_seen_goes_first():

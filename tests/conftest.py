@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from model_store.settings import get_settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "test-admin-token"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 def run_env(**extra: str) -> dict[str, str]:
@@ -102,3 +104,16 @@ def server(served_stages, tmp_path_factory):
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's Chromium driven by Playwright (which cannot download its own browsers here)."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip("no Chromium: `apt-get install chromium` (.ci/run does)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"])
+        yield b
+        b.close()

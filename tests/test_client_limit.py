@@ -11,7 +11,7 @@ from bench.server import deployed_serve_args
 from conftest import Server
 from query.client_limit import ClientLimit
 from query.errors import ApiError
-from test_guard import PHOTO
+from test_guard import GOOD, PHOTO
 
 
 class Clock:
@@ -90,34 +90,58 @@ def test_buckets_are_bounded_and_the_least_recently_seen_goes_first():
     refusal(limit, "c")
 
 
-@pytest.mark.slow
-def test_a_client_past_its_share_gets_429_while_others_are_served(served_stages, tmp_path):
-    """A real server behind one (pretend) proxy: 0.25 photos a second, bursts of 3."""
-    srv = Server(served_stages, tmp_path / "serve.log", serve_args=deployed_serve_args(),
+@pytest.fixture(scope="module")
+def limited(served_stages, tmp_path_factory):
+    """A real server behind one (pretend) proxy, each client held to 0.25 photos a second in bursts of 3."""
+    srv = Server(served_stages, tmp_path_factory.mktemp("limited") / "serve.log", serve_args=deployed_serve_args(),
                  IMAGESEARCH_CLIENT_PHOTOS_PER_S="0.25", IMAGESEARCH_CLIENT_BURST_PHOTOS="3",
                  IMAGESEARCH_FORWARDED_HOPS="1")
     try:
         srv.wait()
-
-        def search(client: str, **kw):
-            return srv.http.post("/search", files={"image": PHOTO}, headers={"X-Forwarded-For": client}, **kw)
-
-        assert search("10.0.0.9").status_code == 200  # warm up, as another client
-        assert [search("10.0.0.1").status_code for _ in range(3)] == [200, 200, 200]
-        refused = search("10.0.0.1")
-        assert refused.status_code == 429 and refused.json()["field"] is None, refused.text
-        assert "more than its share, 0.25 photos a second with bursts of 3" in refused.json()["error"]
-        wait = int(refused.headers["retry-after"])
-        assert 1 <= wait <= 4
-        assert search("10.0.0.2").status_code == 200  # another client is served meanwhile
-        assert search("6.6.6.6, 10.0.0.1").status_code == 429  # what the client wrote itself does not count
-        assert srv.http.get("/index").status_code == 200  # requests without photos are not counted
-        # a batch of three photos takes the whole burst; refused requests cost one photo each
-        r = srv.http.post("/search_batch", files=[("images", PHOTO)] * 3, headers={"X-Forwarded-For": "10.0.0.3"})
-        assert r.status_code == 200 and search("10.0.0.3").status_code == 429
-        bad = [search("10.0.0.4", data={"k": "0"}).status_code for _ in range(3)]
-        assert bad == [400, 400, 400] and search("10.0.0.4").status_code == 429
-        time.sleep(wait)
-        assert search("10.0.0.1").status_code == 200
+        yield srv
     finally:
         srv.stop()
+
+
+@pytest.mark.slow
+def test_a_client_past_its_share_gets_429_while_others_are_served(limited):
+    def search(client: str, **kw):
+        return limited.http.post("/search", files={"image": PHOTO}, headers={"X-Forwarded-For": client}, **kw)
+
+    assert search("10.0.0.9").status_code == 200  # warm up, as another client
+    assert [search("10.0.0.1").status_code for _ in range(3)] == [200, 200, 200]
+    refused = search("10.0.0.1")
+    assert refused.status_code == 429 and refused.json()["field"] is None, refused.text
+    assert "more than its share, 0.25 photos a second with bursts of 3" in refused.json()["error"]
+    wait = int(refused.headers["retry-after"])
+    assert 1 <= wait <= 4
+    assert search("10.0.0.2").status_code == 200  # another client is served meanwhile
+    assert search("6.6.6.6, 10.0.0.1").status_code == 429  # what the client wrote itself does not count
+    assert limited.http.get("/index").status_code == 200  # requests without photos are not counted
+    # a batch of three photos takes the whole burst; refused requests cost one photo each
+    r = limited.http.post("/search_batch", files=[("images", PHOTO)] * 3, headers={"X-Forwarded-For": "10.0.0.3"})
+    assert r.status_code == 200 and search("10.0.0.3").status_code == 429
+    bad = [search("10.0.0.4", data={"k": "0"}).status_code for _ in range(3)]
+    assert bad == [400, 400, 400] and search("10.0.0.4").status_code == 429
+    time.sleep(wait)
+    assert search("10.0.0.1").status_code == 200
+
+
+@pytest.mark.slow
+def test_the_page_says_how_long_to_wait(limited, browser):
+    """The page's own searches (no proxy header: the client is the peer) past the share of 3."""
+    from test_ui import choose
+
+    page = browser.new_page(base_url=limited.url)
+    page.goto("/ui")
+    page.wait_for_function("document.querySelector('#served-version').textContent.includes('image-index:')")
+    for i in range(4):
+        with page.expect_response(lambda r: r.url.endswith("/assist")) as answer:
+            choose(page, data=GOOD, name=f"photo-{i}.png")
+        assert answer.value.status == (200 if i < 3 else 429), (i, answer.value.status)
+    alert = page.locator("#error")
+    alert.wait_for(state="visible", timeout=30_000)
+    wait = int(answer.value.headers["retry-after"])
+    when = f"in {wait} seconds" if wait > 1 else "in a moment"
+    assert alert.inner_text() == f"Too many searches at once. Please try again {when}.", alert.inner_text()
+    page.close()

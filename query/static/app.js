@@ -147,7 +147,8 @@
     }
   }
 
-  function explain(status, body, context) {
+  // retryAfter: the seconds the service asked to wait (its Retry-After header), or 0
+  function explain(status, body, context, retryAfter = 0) {
     const apiMessage = body && typeof body.error === 'string' ? body.error.trim() : '';
     const withApi = (text) => (apiMessage ? `${text} ${apiMessage}` : text);
     switch (status) {
@@ -157,7 +158,7 @@
         : 'The search service could not find what was asked for.';
       case 413: return withApi('That photo is too large.');
       case 415: return 'That file is not a photo the service can read. Please use a JPEG, PNG, WebP or HEIC photo.';
-      case 429: return 'The search service is busy. Please try again in a moment.';
+      case 429: return `Too many searches at once. Please try again ${retryAfter > 1 ? `in ${retryAfter} seconds` : 'in a moment'}.`;
       case 503: return 'The search service is starting or unavailable. Please try again shortly.';
       default:
         return status >= 500
@@ -189,7 +190,8 @@
     }
     if (!response.ok) {
       const field = body && typeof body.field === 'string' ? body.field : null;
-      throw new UiError(explain(response.status, body, context), response.status, field);
+      const retryAfter = Number.parseInt(response.headers.get('Retry-After') || '0', 10) || 0;
+      throw new UiError(explain(response.status, body, context, retryAfter), response.status, field);
     }
     if (!body || typeof body !== 'object') {
       throw new UiError('The search service sent an answer this page cannot read. Please try again.', response.status);

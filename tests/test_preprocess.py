@@ -86,6 +86,19 @@ def test_animated_gif_uses_the_first_frame():
     assert r > 200 and b < 50
 
 
+def test_a_ten_bit_heic_becomes_eight_bit_rgb():
+    """iPhones save HDR photos as 10-bit HEIC: the levels scale down to 8 bits, not wrap or clip."""
+    import pillow_heif
+
+    levels = np.zeros((16, 32, 3), np.uint16)
+    levels[:, 16:] = 65535  # black on the left, white on the right
+    buf = io.BytesIO()
+    pillow_heif.from_bytes(mode="RGB;16", size=(32, 16), data=levels.tobytes()).save(buf, quality=-1)
+    out = np.asarray(decode_image(buf.getvalue(), **LIMITS))
+    assert out.dtype == np.uint8 and out.shape == (16, 32, 3)
+    assert out[:, :12].max() < 10 and out[:, 20:].min() > 245
+
+
 @pytest.mark.parametrize("data, message", [
     (b"", "empty"),
     (b"this is plain text, not a photo", "not an image"),

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from http import HTTPStatus
 from pathlib import Path
-from typing import Awaitable, Callable, Optional, TypeVar
+from typing import Awaitable, Callable, Optional, Sequence, TypeVar
 
 import bentoml
 import aiohttp
@@ -44,12 +44,11 @@ from query.errors import ApiError, error_response
 from query.fields import EndpointFields, read_query_params
 from query.guard import RequestGuard
 from query.models import (K, AssistResponse, BatchSearchResponse, Category, CompareResponse, CompareThresholds,
-                          EstimateResponse, IndexInfo, Price, ReloadResponse, SearchResponse, SimilarQuery,
-                          SimilarResponse)
+                          EstimateResponse, IndexInfo, MoreImages, Price, ReloadResponse, SearchResponse,
+                          SimilarQuery, SimilarResponse)
 from query.photo_budget import PhotoBudget
 from query.request_head import limit_request_heads
 from query.retry_budget import RetryBudget
-from query.search_index import Match
 
 log = logging.getLogger("bentoml.imagesearch")
 settings = get_settings()
@@ -356,11 +355,10 @@ class ImageSearch:
         raise ApiError(f"the embedder service {reason} (restarting?): retry in a few seconds",
                        HTTPStatus.SERVICE_UNAVAILABLE)
 
-    async def _neighbours(self, image: Path, k: int, **filters) -> tuple[Active, list[Match]]:
-        active = self._require()
-        f = active.filters(**filters)
-        descriptor = (await self._embed(active, [image]))[0]
-        return active, await asyncio.to_thread(active.index.search, descriptor, k, f)
+    async def _item_query(self, active: Active, image: Path, more_images: Sequence[Path]) -> np.ndarray:
+        """The query vector of the item in `image` and any `more_images` of it (other sides, a label)."""
+        names = ["image", *(f"more_images[{i}]" for i in range(len(more_images)))]
+        return active.index.photos_vector(await self._embed(active, [image, *more_images], names))
 
     async def _vectors(self, active: Active, images: list[Path], names: list[str] | None = None) -> np.ndarray:
         """The photos' vectors in the index's space (projected, L2-normalised)."""
@@ -369,21 +367,24 @@ class ImageSearch:
     @bentoml.api
     async def search(self, image: Path, k: K = 10, category: Category = None, min_price: Price = None,
                      max_price: Price = None, sold_after: Optional[dt.date] = None,
-                     sold_before: Optional[dt.date] = None) -> SearchResponse:
-        """The k most similar sold items (distinct items, best first) to the uploaded photo."""
+                     sold_before: Optional[dt.date] = None, more_images: MoreImages = ()) -> SearchResponse:
+        """The k most similar sold items (distinct items, best first) to the item in the uploaded photo(s)."""
         start = time.perf_counter()
-        active, matches = await self._neighbours(image, k, category=category, min_price=min_price,
-                                                 max_price=max_price, sold_after=sold_after, sold_before=sold_before)
+        active = self._require()
+        f = active.filters(category=category, min_price=min_price, max_price=max_price, sold_after=sold_after,
+                           sold_before=sold_before)
+        query = await self._item_query(active, image, more_images)
+        matches = await asyncio.to_thread(active.index.nearest, query, k, f)
         return SearchResponse(results=matches, served=active.served, took_ms=_ms(start))
 
     @bentoml.api
     async def estimate(self, image: Path, category: Category = None, sold_after: Optional[dt.date] = None,
-                       sold_before: Optional[dt.date] = None) -> EstimateResponse:
+                       sold_before: Optional[dt.date] = None, more_images: MoreImages = ()) -> EstimateResponse:
         """Expected price from the most similar sold items, with a range and a confidence."""
         start = time.perf_counter()
         active = self._require()
         f = active.filters(category=category, sold_after=sold_after, sold_before=sold_before)
-        query = (await self._vectors(active, [image]))[0]
+        query = await self._item_query(active, image, more_images)
         estimate = await asyncio.to_thread(estimate_for, active.index, query, f)
         return EstimateResponse(**estimate.model_dump(), served=active.served, took_ms=_ms(start))
 
@@ -400,14 +401,14 @@ class ImageSearch:
     @bentoml.api
     async def assist(self, image: Path, k: K = 10, category: Category = None, min_price: Price = None,
                      max_price: Price = None, sold_after: Optional[dt.date] = None,
-                     sold_before: Optional[dt.date] = None) -> AssistResponse:
+                     sold_before: Optional[dt.date] = None, more_images: MoreImages = ()) -> AssistResponse:
         """For a new item's photo: the category its neighbours vote for, catalogue items so close they may be
         duplicates, the expected price and the k nearest items (filters apply to those two)."""
         start = time.perf_counter()
         active = self._require()
         f = active.filters(category=category, min_price=min_price, max_price=max_price, sold_after=sold_after,
                            sold_before=sold_before)
-        query = (await self._vectors(active, [image]))[0]
+        query = await self._item_query(active, image, more_images)
         parts = await asyncio.to_thread(assist, active.index, query, k, f, vote_neighbours=settings.vote_neighbours,
                                         vote_temperature=settings.vote_temperature,
                                         vote_min_similarity=settings.vote_min_similarity,

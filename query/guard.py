@@ -144,7 +144,8 @@ class RequestGuard:
         form = await _parse(headers, body, fields, self.max_files)
         try:
             _refuse_unknown(form, fields, scope["path"])
-            files = [part for f in fields.files.values() for part in await self._files(form, f)]
+            more = next((f.name for f in fields.files.values() if f.many and not f.required), None)
+            files = [part for f in fields.files.values() for part in await self._files(form, f, more)]
             texts = [(t.name, t.encode(t.check(v))) for t in fields.texts.values()
                      if (v := _text(form, t)) is not None]
         finally:
@@ -152,7 +153,8 @@ class RequestGuard:
         body, boundary = encode_multipart(texts, files)
         return _with_body(scope, body, f"multipart/form-data; boundary={boundary}"), body, len(files)
 
-    async def _files(self, form: Any, f: Any) -> list[tuple[str, str, str, bytes]]:
+    async def _files(self, form: Any, f: Any, more: str | None) -> list[tuple[str, str, str, bytes]]:
+        """The parts of file field `f`; `more`: the endpoint's field for more photos of the same item, if any."""
         values = form.getlist(f.name)
         how = f"send the photo as a file part named {f.name!r} (curl -F {f.name}=@photo.jpg)"
         if not values and f.required:
@@ -160,7 +162,8 @@ class RequestGuard:
         if any(not isinstance(v, UploadFile) for v in values):
             raise ApiError(f"{f.name} must be a file upload, not text: {how}", field=f.name)
         if not f.many and len(values) > 1:
-            raise ApiError(f"{f.name} was sent {len(values)} times: send one photo", field=f.name)
+            others = f" (more photos of the same item go in {more})" if more else ""
+            raise ApiError(f"{f.name} was sent {len(values)} times: send one photo{others}", field=f.name)
         if f.many and len(values) > self.max_files:
             raise ApiError(f"send 1 to {self.max_files} photos in {f.name}; got {len(values)}", field=f.name)
         parts = []
@@ -337,8 +340,9 @@ def _refuse_unknown(form: Any, fields: EndpointFields, path: str) -> None:
         if name in fields.names:
             continue
         hint = ""
-        if isinstance(value, UploadFile) and len(fields.files) == 1:
-            hint = f" (send the photo as {next(iter(fields.files))!r})"
+        required = [f.name for f in fields.files.values() if f.required]
+        if isinstance(value, UploadFile) and len(required) == 1:
+            hint = f" (send the photo as {required[0]!r})"
         raise ApiError(f"unknown field {name!r}{hint}: {path} takes {', '.join(fields.names)}", field=name)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 from typing import Annotated, Any, Optional
 
 from pydantic import BaseModel, Field
@@ -14,6 +15,11 @@ _max_k = get_settings().max_k
 K = Annotated[int, Field(ge=1, le=_max_k, description=f"distinct items to return, 1..{_max_k}")]
 Price = Annotated[Optional[float], Field(ge=0, le=1e12, allow_inf_nan=False, description="a price, 0 or more")]
 Category = Annotated[Optional[str], Field(max_length=200, description="one of GET /index's categories")]
+_max_more = get_settings().max_batch_images
+# Declared with a default of () in service.py: BentoML cannot build an input model with Optional[list[Path]].
+MoreImages = Annotated[list[Path], Field(
+    description=f"up to {_max_more} more photos of the same item (other sides, a label, a maker's mark): the item "
+                "is searched as one, which finds it more often than any one photo")]
 
 
 class SimilarQuery(BaseModel):

@@ -122,6 +122,12 @@ class SearchIndex:
                 return self._exact(query, np.asarray(ids, dtype=np.int64), k)
         return self._ann(query, k, where, args)
 
+    def photos_vector(self, descriptors: np.ndarray) -> np.ndarray:
+        """One query for photos of one item (N, D): the mean of their vectors, L2-normalised, as item_vector
+        makes a catalogue item's. Several sides of an item find it better than any one of them
+        (docs/EVALUATION.md, "Several photos of one item")."""
+        return normalize(self.project(descriptors).mean(axis=0))
+
     def item_vector(self, item_id: str) -> np.ndarray | None:
         """The mean of an item's photo vectors (index space, L2-normalised); None for an unknown item."""
         ids = [r[0] for r in self._db().execute("SELECT annoy_id FROM photos WHERE item_id = ?", (item_id,))]

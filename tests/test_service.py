@@ -163,6 +163,38 @@ def test_batch_searches_from_several_clients_wait_their_turn_instead_of_failing(
     assert {path for path, _ in statuses} == {"/search", "/search_batch"} and not failed, failed
 
 
+def test_more_photos_of_an_item_are_searched_as_one(server, demo_catalogue, demo_index, rows):
+    """Other sides of an item sent with its photo (`more_images`): one query, the normalised mean of their
+    vectors in the index's space, as the service's own index and embedder compute it here; /estimate and
+    /assist take them too."""
+    from model_store.embedder import load_embedder
+    from model_store.preprocess import decode_image, image_to_pixels
+
+    item = rows[30]["item_id"]
+    with open(demo_catalogue.with_name("queries.csv")) as f:
+        unseen = next(q["image_path"] for q in csv.DictReader(f) if q["item_id"] == item)
+    views = [unseen, *(r["image_path"] for r in rows if r["item_id"] == item)][:3]
+    photos = [photo_bytes(demo_catalogue, v) for v in views]
+    files = [("image", ("front.png", photos[0], "image/png"))]
+    files += [("more_images", (f"side-{i}.png", p, "image/png")) for i, p in enumerate(photos[1:])]
+    r = server.http.post("/search", files=files, data={"k": 5})
+    assert r.status_code == 200, r.text
+    index = SearchIndex(Path(get_model(demo_index.tag).path), demo_index.tag)
+    embedder = load_embedder(demo_index.embedder)
+    spec = index.manifest.embedder_config.preprocess
+    pixels = np.stack([image_to_pixels(decode_image(p, max_bytes=10**7, max_pixels=10**7, spec=spec), spec)
+                       for p in photos])
+    expected = index.nearest(index.photos_vector(embedder.embed(pixels)), 5)
+    assert [m["item_id"] for m in r.json()["results"]] == [m.item_id for m in expected]
+    assert [m["score"] for m in r.json()["results"]] == pytest.approx([m.score for m in expected], abs=1e-4)
+    alone = server.http.post("/search", files=files[:1], data={"k": 5}).json()["results"]
+    assert [m["score"] for m in alone] != pytest.approx([m.score for m in expected], abs=1e-4)  # not one photo's
+    for path in ("/estimate", "/assist"):
+        r = server.http.post(path, files=files)
+        assert r.status_code == 200, (path, r.text)
+    assert r.json()["nearest"][0]["item_id"] == expected[0].item_id == item
+
+
 def test_index_info(server, demo_index):
     info = server.http.get("/index").json()
     assert info["served"]["index"] == demo_index.tag and info["served"]["stage"] == "production"

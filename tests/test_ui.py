@@ -157,6 +157,41 @@ def test_an_iphone_photo_the_browser_cannot_show_is_still_searched(page, demo_ca
     assert "$" in page.locator("#estimate-price").inner_text()
 
 
+def test_other_sides_of_the_item_are_sent_with_its_photo(page, demo_catalogue, rows):
+    """'Add another side': the photos go with the item's photo as more_images, show as thumbnails that can be
+    removed (searching again), and a new photo starts a new item without them."""
+    item = rows[30]["item_id"]
+    with open(demo_catalogue.with_name("queries.csv")) as f:
+        unseen = next(q["image_path"] for q in csv.DictReader(f) if q["item_id"] == item)
+    sides = [demo_catalogue.parent / r["image_path"] for r in rows if r["item_id"] == item][:2]
+    # Chromium does not show a test the files of a multipart body: the page's own fetch reports what it sends
+    page.evaluate("""() => {
+        const send = window.fetch;
+        window.sentSides = [];
+        window.fetch = (url, init) => {
+            if (init && init.body instanceof FormData) window.sentSides.push(init.body.getAll('more_images').length);
+            return send(url, init);
+        };
+    }""")
+
+    def sent_after(action) -> int:
+        before = page.evaluate("window.sentSides.length")
+        with page.expect_response(lambda r: r.url.endswith("/assist")) as answer:
+            action()
+        assert answer.value.status == 200, answer.value.text()
+        page.wait_for_function("document.querySelector('#busy').hidden")
+        return page.evaluate(f"window.sentSides.slice({before})").pop()
+
+    assert sent_after(lambda: choose(page, demo_catalogue.parent / unseen)) == 0
+    assert sent_after(lambda: page.set_input_files("#sides-input", [str(p) for p in sides])) == 2
+    assert page.locator("#sides-list .side img").count() == 2
+    assert page.locator("#results .result").first.get_attribute("data-item-id") == item
+    assert sent_after(lambda: page.locator("#sides-list .side-remove").first.click()) == 1
+    assert page.locator("#sides-list .side").count() == 1
+    assert sent_after(lambda: choose(page, demo_catalogue.parent / rows[0]["image_path"])) == 0
+    assert page.locator("#sides-list .side").count() == 0
+
+
 def test_filters_narrow_the_results(page, demo_catalogue, rows):
     row = rows[0]
     choose(page, demo_catalogue.parent / row["image_path"])

@@ -7,6 +7,7 @@
   const JPEG_QUALITY = 0.9;
   const SENT_AS_IS = ['image/jpeg', 'image/png', 'image/webp'];  // what the service reads
   const MIN_CROP_PX = 12;      // a smaller drag is a tap, not a crop
+  const MAX_SIDES = 16;        // more photos of the item the service takes (more_images)
   const LOCALE = undefined;    // the browser's own locale
 
   const NETWORK_MESSAGE = 'Cannot reach the search service. Check your connection and try again.';
@@ -20,6 +21,7 @@
     cameraInput: $('camera-input'), fileInput: $('file-input'),
     preview: $('preview'), previewImg: $('preview-img'), previewFallback: $('preview-fallback'),
     cropBox: $('crop-box'), cropRow: $('crop-row'), cropHint: $('crop-hint'), cropClear: $('crop-clear'),
+    sides: $('sides'), sidesList: $('sides-list'), sidesInput: $('sides-input'),
     form: $('filters'), details: $('filters-details'), filterCount: $('filter-count'),
     filtersClear: $('filters-clear'), category: $('filter-category'),
     searchButton: $('search-button'), error: $('error'), busy: $('busy'), busyText: $('busy-text'),
@@ -46,6 +48,7 @@
     image: null,         // a decoded HTMLImageElement of it, or null when the browser cannot read it
     objectUrl: null,
     crop: null,          // {x, y, w, h} as fractions of the photo, or null
+    sides: [],           // more photos of the same item: {file, image (decoded or null), url}
     lastAssist: null,    // the last /assist answer
     shown: [],           // the matches in the grid
     inflight: 0,
@@ -315,6 +318,7 @@
     state.file = file;
     state.image = null;
     setCrop(null);
+    setSides([]);
     if (state.objectUrl) URL.revokeObjectURL(state.objectUrl);
     state.objectUrl = URL.createObjectURL(file);
 
@@ -328,21 +332,13 @@
     el.emptyState.hidden = true;
     el.preview.hidden = false;
     el.cropRow.hidden = false;
+    el.sides.hidden = false;
 
     const url = state.objectUrl;
-    const img = new Image();
-    img.decoding = 'async';
-    img.src = url;
-    let decoded = false;
-    try {
-      await img.decode();
-      decoded = img.naturalWidth > 0 && img.naturalHeight > 0;
-    } catch (_) {
-      decoded = false;
-    }
+    const img = await decodeFile(url);
     if (state.objectUrl !== url) return;  // another photo came in meanwhile
 
-    if (decoded) {
+    if (img) {
       state.image = img;
       el.previewImg.src = url;
       el.previewImg.alt = 'Your photo';
@@ -461,29 +457,26 @@
     });
   }
 
-  // The photo as it should be sent: cropped, downscaled and re-encoded where needed; else the file as is.
-  async function prepareUpload() {
-    const file = state.file;
+  // A photo as it should be sent: cropped, downscaled and re-encoded where needed; else the file as is.
+  async function prepareUpload(file, img, crop) {
     const original = { blob: file, name: file.name || 'photo' };
-    const img = state.image;
     if (!img) return original;  // the browser cannot read it: the service will say what is wrong
 
     const nw = img.naturalWidth;
     const nh = img.naturalHeight;
     let sx = 0; let sy = 0; let sw = nw; let sh = nh;
-    if (state.crop) {
-      const c = state.crop;
-      sx = Math.min(nw - 1, Math.max(0, Math.round(c.x * nw)));
-      sy = Math.min(nh - 1, Math.max(0, Math.round(c.y * nh)));
-      sw = Math.max(1, Math.min(nw - sx, Math.round(c.w * nw)));
-      sh = Math.max(1, Math.min(nh - sy, Math.round(c.h * nh)));
+    if (crop) {
+      sx = Math.min(nw - 1, Math.max(0, Math.round(crop.x * nw)));
+      sy = Math.min(nh - 1, Math.max(0, Math.round(crop.y * nh)));
+      sw = Math.max(1, Math.min(nw - sx, Math.round(crop.w * nw)));
+      sh = Math.max(1, Math.min(nh - sy, Math.round(crop.h * nh)));
     }
     // A phone photo is sent at the size the index uses, not at full size: ~10x fewer bytes on a mobile
     // uplink, and the service decodes it ~7x faster (docs/PERFORMANCE.md, "What the page uploads").
     const shortSide = state.uploadPx ? state.uploadPx / Math.min(sw, sh) : Infinity;
     const scale = Math.min(1, MAX_SIDE / Math.max(sw, sh), shortSide);
     const readable = SENT_AS_IS.includes((file.type || '').toLowerCase());
-    if (!state.crop && scale === 1 && readable) return original;
+    if (!crop && scale === 1 && readable) return original;
 
     const canvas = document.createElement('canvas');
     canvas.width = Math.max(1, Math.round(sw * scale));
@@ -498,6 +491,63 @@
     if (!blob) return original;
     const base = (file.name || 'photo').replace(/\.[^.]*$/, '') || 'photo';
     return { blob, name: `${base}.jpg` };
+  }
+
+  async function sendable(file, img, crop) {
+    try {
+      return await prepareUpload(file, img, crop);
+    } catch (_) {
+      return { blob: file, name: file.name || 'photo' };
+    }
+  }
+
+  // ---------- more photos of the item ----------
+
+  // The photo at `url` decoded, or null when this browser cannot read it (HEIC in Chrome, a broken file).
+  async function decodeFile(url) {
+    const img = new Image();
+    img.decoding = 'async';
+    img.src = url;
+    try {
+      await img.decode();
+      return img.naturalWidth > 0 && img.naturalHeight > 0 ? img : null;
+    } catch (_) {
+      return null;
+    }
+  }
+
+  function setSides(sides) {
+    for (const side of state.sides) if (!sides.includes(side)) URL.revokeObjectURL(side.url);
+    state.sides = sides;
+    el.sidesList.replaceChildren(...sides.map((side, i) => {
+      const remove = h('button', { type: 'button', class: 'side-remove', 'data-side': i,
+        'aria-label': `Remove photo ${i + 1} of the other sides` }, '×');
+      const thumb = side.image
+        ? h('img', { class: 'side-thumb', src: side.url, alt: `Other side ${i + 1}` })
+        : h('span', { class: 'side-thumb side-thumb-none', text: side.file.name || 'photo' });
+      return h('li', { class: 'side' }, thumb, remove);
+    }));
+  }
+
+  async function addSides(files) {
+    if (!state.file) return;
+    const room = MAX_SIDES - state.sides.length;
+    const added = Array.from(files || []).slice(0, Math.max(0, room));
+    if (!added.length) {
+      showError(`At most ${MAX_SIDES} more photos of one item can be sent.`, 'client');
+      return;
+    }
+    const main = state.file;
+    const sides = await Promise.all(added.map(async (file) => {
+      const url = URL.createObjectURL(file);
+      return { file, url, image: await decodeFile(url) };
+    }));
+    if (state.file !== main) {  // another item's photo came in meanwhile
+      for (const side of sides) URL.revokeObjectURL(side.url);
+      return;
+    }
+    setSides([...state.sides, ...sides]);
+    await search();
   }
 
   // ---------- searches ----------
@@ -534,15 +584,12 @@
       return;
     }
     const data = await runSearch('assist', async (signal) => {
-      let upload;
-      try {
-        upload = await prepareUpload();
-      } catch (_) {
-        upload = { blob: state.file, name: state.file.name || 'photo' };
-      }
+      const upload = await sendable(state.file, state.image, state.crop);
+      const sides = await Promise.all(state.sides.map((side) => sendable(side.file, side.image, null)));
       if (signal.aborted) throw new DOMException('aborted', 'AbortError');
       const form = new FormData();
       form.append('image', upload.blob, upload.name);
+      for (const side of sides) form.append('more_images', side.blob, side.name);
       form.append('k', String(K));
       for (const [name, value] of filterEntries()) form.append(name, value);
       return api('/assist', { method: 'POST', body: form, signal }, 'assist');
@@ -680,6 +727,17 @@
 
   el.cameraInput.addEventListener('change', onFileInput);
   el.fileInput.addEventListener('change', onFileInput);
+  el.sidesInput.addEventListener('change', (event) => {
+    const files = Array.from(event.target.files || []);
+    event.target.value = '';  // so choosing the same photo again still counts
+    addSides(files).catch(() => { /* search() reports its own errors */ });
+  });
+  el.sidesList.addEventListener('click', (event) => {
+    const button = event.target.closest('.side-remove');
+    if (!button) return;
+    setSides(state.sides.filter((_, i) => i !== Number(button.dataset.side)));
+    search();
+  });
 
   el.dropZone.addEventListener('dragover', (event) => {
     if (!hasFiles(event)) return;

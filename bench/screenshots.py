@@ -2,7 +2,8 @@
 
 Builds a catalogue from the grocery photos (each product an item: its clean catalogue photo and its first
 train photos; titles from the data set, prices and dates made up), serves it with `bentoml serve` in a store
-of its own under bench/out, and photographs /ui in Debian's Chromium after searching with a val photo.
+of its own under bench/out, and photographs /ui in Debian's Chromium after searching with a val photo and a
+second val photo of the same product as another side.
 
     python -m bench.screenshots          # writes docs/screenshots/{phone,phone-results,desktop}.jpg
 """
@@ -23,6 +24,7 @@ from bench.server import ROOT, Server, python_path
 OUT = ROOT / "bench" / "out" / "screenshots"
 DOCS = ROOT / "docs" / "screenshots"
 QUERY = "val/Fruit/Apple/Granny-Smith/Granny-Smith_005.jpg"  # a shop photo the catalogue has never seen
+SIDE = "val/Fruit/Apple/Granny-Smith/Granny-Smith_006.jpg"  # another photo of it, added as another side
 PHOTOS_PER_ITEM = 4
 
 
@@ -72,6 +74,9 @@ def shoot(url: str) -> list[Path]:
             page.wait_for_function("document.querySelector('#served-version').textContent.includes('image-index:')")
             page.set_input_files("#file-input", str(GROCERY / QUERY))
             page.wait_for_function("document.querySelectorAll('#results img.result-photo').length > 0", timeout=60_000)
+            with page.expect_response(lambda r: r.url.endswith("/assist"), timeout=60_000):
+                page.set_input_files("#sides-input", str(GROCERY / SIDE))
+            page.wait_for_function("document.querySelector('#busy').hidden", timeout=60_000)
             photos = page.locator("#results img.result-photo")
             for i in range(photos.count()):  # they load lazily
                 photos.nth(i).scroll_into_view_if_needed()

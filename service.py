@@ -49,6 +49,7 @@ from query.models import (K, AssistResponse, BatchSearchResponse, Category, Comp
 from query.photo_budget import PhotoBudget
 from query.request_head import limit_request_heads
 from query.retry_budget import RetryBudget
+from query.search_index import item_query
 
 log = logging.getLogger("bentoml.imagesearch")
 settings = get_settings()
@@ -355,10 +356,10 @@ class ImageSearch:
         raise ApiError(f"the embedder service {reason} (restarting?): retry in a few seconds",
                        HTTPStatus.SERVICE_UNAVAILABLE)
 
-    async def _item_query(self, active: Active, image: Path, more_images: Sequence[Path]) -> np.ndarray:
-        """The query vector of the item in `image` and any `more_images` of it (other sides, a label)."""
+    async def _item_photos(self, active: Active, image: Path, more_images: Sequence[Path]) -> np.ndarray:
+        """The vectors (index space) of `image` and any `more_images` of the same item (other sides, a label)."""
         names = ["image", *(f"more_images[{i}]" for i in range(len(more_images)))]
-        return active.index.photos_vector(await self._embed(active, [image, *more_images], names))
+        return await self._vectors(active, [image, *more_images], names)
 
     async def _vectors(self, active: Active, images: list[Path], names: list[str] | None = None) -> np.ndarray:
         """The photos' vectors in the index's space (projected, L2-normalised)."""
@@ -373,7 +374,7 @@ class ImageSearch:
         active = self._require()
         f = active.filters(category=category, min_price=min_price, max_price=max_price, sold_after=sold_after,
                            sold_before=sold_before)
-        query = await self._item_query(active, image, more_images)
+        query = item_query(await self._item_photos(active, image, more_images))
         matches = await asyncio.to_thread(active.index.nearest, query, k, f)
         return SearchResponse(results=matches, served=active.served, took_ms=_ms(start))
 
@@ -384,7 +385,7 @@ class ImageSearch:
         start = time.perf_counter()
         active = self._require()
         f = active.filters(category=category, sold_after=sold_after, sold_before=sold_before)
-        query = await self._item_query(active, image, more_images)
+        query = item_query(await self._item_photos(active, image, more_images))
         estimate = await asyncio.to_thread(estimate_for, active.index, query, f)
         return EstimateResponse(**estimate.model_dump(), served=active.served, took_ms=_ms(start))
 
@@ -408,8 +409,8 @@ class ImageSearch:
         active = self._require()
         f = active.filters(category=category, min_price=min_price, max_price=max_price, sold_after=sold_after,
                            sold_before=sold_before)
-        query = await self._item_query(active, image, more_images)
-        parts = await asyncio.to_thread(assist, active.index, query, k, f, vote_neighbours=settings.vote_neighbours,
+        photos = await self._item_photos(active, image, more_images)
+        parts = await asyncio.to_thread(assist, active.index, photos, k, f, vote_neighbours=settings.vote_neighbours,
                                         vote_temperature=settings.vote_temperature,
                                         vote_min_similarity=settings.vote_min_similarity,
                                         duplicate_threshold=active.thresholds().duplicate)

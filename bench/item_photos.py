@@ -1,7 +1,7 @@
 """Several photos of one item as one query (`more_images`): how often the right item comes first with 1, 2 or 3
 photos, on shop photos (grocery) and COIL-100.
 
-The query is what the service makes of them (SearchIndex.photos_vector): the mean of the photos' vectors in
+The query is what the service makes of them (query.search_index.item_query): the mean of the photos' vectors in
 the index's space, normalised. Catalogue items are ranked by their best photo, as a search ranks them.
 Grocery: catalogue = the train photos, one item per product; a query = 1-3 val photos of one product (the
 data set has no second photo of one physical item: photos of one product in the shop stand in for it; the
@@ -23,7 +23,7 @@ from bench.evaluate_grocery import measure_and_document
 from bench.features import embed_paths
 from bench.grocery import CREDIT, read_split
 from bench.thresholds import BACKBONE, DESCRIPTOR, projection
-from model_store.index_artifact import normalize
+from query.search_index import item_query
 
 COUNTS = (1, 2, 3)
 DRAWS = 20
@@ -40,7 +40,7 @@ def evaluate(catalogue: np.ndarray, items: np.ndarray, photos: np.ndarray, photo
     groups = [g for g in groups if len(g) == max(COUNTS)]
     rows = []
     for n in COUNTS:
-        queries = normalize(np.stack([photos[g[:n]].mean(axis=0) for g in groups]))
+        queries = np.stack([item_query(photos[g[:n]]) for g in groups])
         ranked = ranked_items(queries @ catalogue.T, items)
         truth = np.array([photo_items[g[0]] for g in groups])
         rows.append({"photos": n, "queries": len(groups), "items": len(set(truth.tolist())),

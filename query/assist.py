@@ -9,7 +9,7 @@ import numpy as np
 
 from query.models import CategoryVote, Estimate
 from query.pricing import as_percent, estimate_price
-from query.search_index import Filters, Match, SearchIndex
+from query.search_index import Filters, Match, SearchIndex, item_query
 
 ESTIMATE_NEIGHBOURS = 20  # sold items an estimate looks at (pricing.py keeps the close ones)
 
@@ -37,8 +37,16 @@ def vote_category(neighbours: list[Match], temperature: float, min_similarity: f
                         runner_up_confidence=round(runner[1] / total, 3), neighbours=len(voters))
 
 
-def duplicates(neighbours: list[Match], threshold: float) -> list[Match]:
-    return [m for m in neighbours if m.score >= threshold]
+def duplicates(index: SearchIndex, photos: np.ndarray, neighbours: int, threshold: float) -> list[Match]:
+    """Catalogue items with a photo at least `threshold` similar to one of the query's photos (N, dim), each at
+    its best score, best first. Photo by photo: a relisted photo sent with other sides of the item is still
+    the same photo, where their mean would be less similar to it."""
+    found: dict[str, Match] = {}
+    for photo in photos:
+        for m in index.nearest(photo, neighbours):
+            if m.score >= threshold and (m.item_id not in found or m.score > found[m.item_id].score):
+                found[m.item_id] = m
+    return sorted(found.values(), key=lambda m: -m.score)
 
 
 def estimate(index: SearchIndex, query: np.ndarray, filters: Filters) -> Estimate:
@@ -47,12 +55,15 @@ def estimate(index: SearchIndex, query: np.ndarray, filters: Filters) -> Estimat
     return estimate_price(index.nearest(query, ESTIMATE_NEIGHBOURS, f))
 
 
-def assist(index: SearchIndex, query: np.ndarray, k: int, filters: Filters, *, vote_neighbours: int,
+def assist(index: SearchIndex, photos: np.ndarray, k: int, filters: Filters, *, vote_neighbours: int,
            vote_temperature: float, vote_min_similarity: float, duplicate_threshold: float) -> dict:
-    """The parts of an AssistResponse for one query vector (index space). The vote and the duplicates look
-    at the whole catalogue; the nearest items and the estimate honour the filters."""
+    """The parts of an AssistResponse for the photos (N, dim, index space) of one item: the vote, the estimate
+    and the nearest items from the item's query (query.search_index.item_query), the duplicates photo by
+    photo. The vote and the duplicates look at the whole catalogue; the nearest items and the estimate
+    honour the filters."""
+    query = item_query(photos)
     unfiltered = index.nearest(query, vote_neighbours)
     return {"category": vote_category(unfiltered, vote_temperature, vote_min_similarity),
-            "duplicates": duplicates(unfiltered, duplicate_threshold),
+            "duplicates": duplicates(index, photos, vote_neighbours, duplicate_threshold),
             "duplicate_threshold": duplicate_threshold, "estimate": estimate(index, query, filters),
             "nearest": index.nearest(query, k, filters)}

@@ -59,6 +59,13 @@ class Match(BaseModel):
                           "thumbnail (/photos/<key>.webp, cached for good); null when neither exists")
 
 
+def item_query(vectors: np.ndarray) -> np.ndarray:
+    """One vector for several photos of one item (N, dim, index space): their mean, L2-normalised. A catalogue
+    item's (SearchIndex.item_vector), and a query's from several sides of an item, which finds it more often
+    than any one of them (docs/EVALUATION.md, "Several photos of one item")."""
+    return normalize(vectors.mean(axis=0))
+
+
 def cosine_from_angular(distance: float) -> float:
     return 1.0 - distance * distance / 2.0
 
@@ -122,18 +129,12 @@ class SearchIndex:
                 return self._exact(query, np.asarray(ids, dtype=np.int64), k)
         return self._ann(query, k, where, args)
 
-    def photos_vector(self, descriptors: np.ndarray) -> np.ndarray:
-        """One query for photos of one item (N, D): the mean of their vectors, L2-normalised, as item_vector
-        makes a catalogue item's. Several sides of an item find it better than any one of them
-        (docs/EVALUATION.md, "Several photos of one item")."""
-        return normalize(self.project(descriptors).mean(axis=0))
-
     def item_vector(self, item_id: str) -> np.ndarray | None:
         """The mean of an item's photo vectors (index space, L2-normalised); None for an unknown item."""
         ids = [r[0] for r in self._db().execute("SELECT annoy_id FROM photos WHERE item_id = ?", (item_id,))]
         if not ids:
             return None
-        return normalize(np.asarray(self.vectors[sorted(ids)]).mean(axis=0))
+        return item_query(np.asarray(self.vectors[sorted(ids)]))
 
     def has_thumbnail(self, key: str) -> bool:
         """Whether one of this index's photos has the thumbnail `key`."""

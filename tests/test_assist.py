@@ -90,6 +90,18 @@ def test_assist_flags_an_edited_copy_and_not_a_new_item(server, demo_catalogue, 
     assert other["category"]["suggested"] == FAMILIES[2][0]
 
 
+def test_a_relisted_photo_sent_with_other_sides_is_still_flagged(server, demo_catalogue, rows):
+    """Duplicates are looked for photo by photo: the mean of a relisted photo and another side of the item is
+    less similar to the listed photo than the photo itself, and would fall under the threshold."""
+    row = rows[6]
+    other_side = noise_png(seed=3)  # a side that looks like nothing sold: the mean moves far from the photo
+    files = [("image", ("front.png", photo(demo_catalogue, row))), ("more_images", ("back.png", other_side))]
+    body = server.http.post("/assist", files=files).json()
+    assert body["duplicates"] and body["duplicates"][0]["item_id"] == row["item_id"], body["duplicates"]
+    assert body["duplicates"][0]["score"] > 0.99
+    assert body["nearest"][0]["score"] < body["duplicate_threshold"]  # the item's query alone would not flag it
+
+
 def test_assist_names_no_category_for_a_photo_like_nothing_sold(server):
     r = server.http.post("/assist", files={"image": ("noise.png", noise_png())}, data={"k": 3})
     assert r.status_code == 200, r.text

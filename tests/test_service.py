@@ -27,7 +27,7 @@ from model_store.core_share import available_cores
 from model_store.malloc import ONE_ARENA
 from model_store.registry import get_model, register
 from model_store.settings import INDEX_MODEL, get_settings
-from query.search_index import SearchIndex
+from query.search_index import SearchIndex, item_query
 
 from conftest import TOKEN, Server
 
@@ -184,7 +184,7 @@ def test_more_photos_of_an_item_are_searched_as_one(server, demo_catalogue, demo
     spec = index.manifest.embedder_config.preprocess
     pixels = np.stack([image_to_pixels(decode_image(p, max_bytes=10**7, max_pixels=10**7, spec=spec), spec)
                        for p in photos])
-    expected = index.nearest(index.photos_vector(embedder.embed(pixels)), 5)
+    expected = index.nearest(item_query(index.project(embedder.embed(pixels))), 5)
     assert [m["item_id"] for m in r.json()["results"]] == [m.item_id for m in expected]
     assert [m["score"] for m in r.json()["results"]] == pytest.approx([m.score for m in expected], abs=1e-4)
     alone = server.http.post("/search", files=files[:1], data={"k": 5}).json()["results"]

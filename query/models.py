@@ -109,8 +109,8 @@ class AssistResponse(BaseModel):
     """Everything a cataloguer's tool needs for one new item, from one photo."""
 
     category: CategoryVote
-    duplicates: list[Match] = Field(description="catalogue items with a photo at least duplicate_threshold similar: "
-                                                "maybe the same item or the same photo listed again")
+    duplicates: list[Match] = Field(description="catalogue items with a photo at least duplicate_threshold similar to "
+                                                "one of the photos sent: maybe the same item or photo listed again")
     duplicate_threshold: float
     estimate: Estimate
     nearest: list[Match] = Field(description="k distinct sold items, filters applied, most similar first")

@@ -192,6 +192,24 @@ def test_other_sides_of_the_item_are_sent_with_its_photo(page, demo_catalogue, r
     assert page.locator("#sides-list .side").count() == 0
 
 
+def test_show_more_adds_the_next_results_and_they_work_like_the_first(page, demo_catalogue, rows):
+    """The page asks for 48 items and shows 12; 'Show 12 more' adds the next ones (the demo has 24 items) and
+    goes away when all are shown; a card it added opens its own 'More like this'."""
+    choose(page, demo_catalogue.parent / rows[0]["image_path"])
+    wait_for_results(page)
+    results, more = page.locator("#results .result"), page.locator("#show-more")
+    assert results.count() == 12 and more.is_visible() and more.inner_text() == "Show 12 more"
+    more.click()
+    assert results.count() == 24 and more.is_hidden()
+    assert len({results.nth(i).get_attribute("data-item-id") for i in range(24)}) == 24  # no item twice
+    assert page.evaluate("document.activeElement.closest('.result').dataset.index") == "12"
+    thirteenth = results.nth(12)
+    title = thirteenth.locator(".result-title").inner_text()
+    thirteenth.get_by_role("button", name=re.compile("More like this")).click()
+    page.wait_for_function("document.querySelector('#results-title').textContent.includes('More like')")
+    assert title in page.locator("#results-title").inner_text()
+
+
 def test_filters_narrow_the_results(page, demo_catalogue, rows):
     row = rows[0]
     choose(page, demo_catalogue.parent / row["image_path"])

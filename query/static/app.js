@@ -2,7 +2,8 @@
 'use strict';
 
 (() => {
-  const K = 12;                // results per search
+  const K = 48;                // results per search: shown PAGE at a time
+  const PAGE = 12;             // results shown at first, and added by each 'Show more'
   const MAX_SIDE = 1600;       // longest side sent, in pixels, until the index says what it needs (upload_px)
   const JPEG_QUALITY = 0.9;
   const SENT_AS_IS = ['image/jpeg', 'image/png', 'image/webp'];  // what the service reads
@@ -32,6 +33,7 @@
     assist: $('assist'), assistCategory: $('assist-category'), assistDuplicates: $('assist-duplicates'),
     resultsTitle: $('results-title'), back: $('back-to-photo'), took: $('took'),
     resultsEmpty: $('results-empty'), results: $('results'), resultsStatus: $('results-status'),
+    showMore: $('show-more'),
   };
 
   // Filter inputs by the API's field name.
@@ -50,7 +52,8 @@
     crop: null,          // {x, y, w, h} as fractions of the photo, or null
     sides: [],           // more photos of the same item: {file, image (decoded or null), url}
     lastAssist: null,    // the last /assist answer
-    shown: [],           // the matches in the grid
+    shown: [],           // the matches of the last answer (state.visible of them in the grid)
+    visible: 0,
     inflight: 0,
     searchCtl: null,     // the AbortController of the search in flight
     searchSource: null,  // what it is: 'assist' | 'similar'
@@ -636,8 +639,9 @@
   // `waiting`: the text to show instead of results while a new search is on its way.
   function renderResults(matches, tookMs, waiting) {
     state.shown = matches;
-    const cards = matches.map((m, i) => card(m, i));
-    el.results.replaceChildren(...cards);
+    state.visible = Math.min(PAGE, matches.length);
+    el.results.replaceChildren(...matches.slice(0, state.visible).map((m, i) => card(m, i)));
+    updateShowMore();
     el.resultsEmpty.hidden = matches.length > 0;
     if (!matches.length) {
       el.resultsEmpty.textContent = waiting || (state.hasAnswer
@@ -650,6 +654,23 @@
         ? `${matches.length} similar sold ${matches.length === 1 ? 'item' : 'items'} found.`
         : 'No similar sold items found.';
     }
+  }
+
+  function updateShowMore() {
+    const left = state.shown.length - state.visible;
+    el.showMore.hidden = left <= 0;
+    el.showMore.textContent = `Show ${Math.min(PAGE, left)} more`;
+  }
+
+  function showMore() {
+    const from = state.visible;
+    state.visible = Math.min(state.shown.length, from + PAGE);
+    const cards = state.shown.slice(from, state.visible).map((m, i) => card(m, from + i));
+    el.results.append(...cards);
+    updateShowMore();
+    el.resultsStatus.textContent = `Showing ${state.visible} of ${state.shown.length} similar sold items.`;
+    const next = cards[0] && cards[0].querySelector('button');
+    if (next) next.focus({ preventScroll: true });  // keyboard users go on where the new cards start
   }
 
   function card(m, index) {
@@ -800,6 +821,7 @@
     if (match) moreLikeThis(match);
   });
   el.back.addEventListener('click', backToPhoto);
+  el.showMore.addEventListener('click', showMore);
 
   // Filters start open where there is room for them, folded on phones.
   el.details.open = !window.matchMedia || window.matchMedia('(min-width: 900px)').matches;

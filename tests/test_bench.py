@@ -98,6 +98,11 @@ def test_decode(python):
     assert '"reduced_ms"' in out and '"page_ms"' in out and '"heic_ms"' in out
 
 
+def test_item_photos_speed(python):
+    out = quick("bench.item_photos_speed", python)
+    assert '"over_one_photo"' in out and '"photos": 3' in out
+
+
 def test_resample_crop(python):
     out = quick("bench.resample_crop", python)
     assert '"max_level_difference"' in out or not out  # without ../shared/data it has no photos to compare

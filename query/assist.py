@@ -37,13 +37,13 @@ def vote_category(neighbours: list[Match], temperature: float, min_similarity: f
                         runner_up_confidence=round(runner[1] / total, 3), neighbours=len(voters))
 
 
-def duplicates(index: SearchIndex, photos: np.ndarray, neighbours: int, threshold: float) -> list[Match]:
-    """Catalogue items with a photo at least `threshold` similar to one of the query's photos (N, dim), each at
-    its best score, best first. Photo by photo: a relisted photo sent with other sides of the item is still
-    the same photo, where their mean would be less similar to it."""
+def duplicates(per_photo: list[list[Match]], threshold: float) -> list[Match]:
+    """Catalogue items with a photo at least `threshold` similar to one of the query's photos (the nearest items
+    of each photo), each at its best score, best first. Photo by photo: a relisted photo sent with other sides
+    of the item is still the same photo, where their mean would be less similar to it."""
     found: dict[str, Match] = {}
-    for photo in photos:
-        for m in index.nearest(photo, neighbours):
+    for neighbours in per_photo:
+        for m in neighbours:
             if m.score >= threshold and (m.item_id not in found or m.score > found[m.item_id].score):
                 found[m.item_id] = m
     return sorted(found.values(), key=lambda m: -m.score)
@@ -63,7 +63,9 @@ def assist(index: SearchIndex, photos: np.ndarray, k: int, filters: Filters, *, 
     honour the filters."""
     query = item_query(photos)
     unfiltered = index.nearest(query, vote_neighbours)
+    # one photo's query is that photo: its nearest items are already here
+    per_photo = [unfiltered] if len(photos) == 1 else [index.nearest(p, vote_neighbours) for p in photos]
     return {"category": vote_category(unfiltered, vote_temperature, vote_min_similarity),
-            "duplicates": duplicates(index, photos, vote_neighbours, duplicate_threshold),
+            "duplicates": duplicates(per_photo, duplicate_threshold),
             "duplicate_threshold": duplicate_threshold, "estimate": estimate(index, query, filters),
             "nearest": index.nearest(query, k, filters)}

@@ -19,7 +19,7 @@ import numpy as np
 import typer
 
 from bench.coil import GALLERY_4, coil_path
-from bench.evaluate_grocery import measure_and_document
+from bench.evaluate_grocery import measure_and_document, search_metrics
 from bench.features import embed_paths
 from bench.grocery import CREDIT, read_split
 from bench.thresholds import BACKBONE, DESCRIPTOR, projection
@@ -38,22 +38,10 @@ def evaluate(catalogue: np.ndarray, items: np.ndarray, photos: np.ndarray, photo
     groups = [rng.permutation(np.flatnonzero(photo_items == item))[:max(COUNTS)]
               for item in np.unique(photo_items) for _ in range(draws)]
     groups = [g for g in groups if len(g) == max(COUNTS)]
-    rows = []
-    for n in COUNTS:
-        queries = np.stack([item_query(photos[g[:n]]) for g in groups])
-        ranked = ranked_items(queries @ catalogue.T, items)
-        truth = np.array([photo_items[g[0]] for g in groups])
-        rows.append({"photos": n, "queries": len(groups), "items": len(set(truth.tolist())),
-                     "top1": round(float(np.mean(ranked[:, 0] == truth)), 4),
-                     "recall_at_5": round(float(np.mean((ranked[:, :5] == truth[:, None]).any(axis=1))), 4)})
-    return rows
-
-
-def ranked_items(scores: np.ndarray, items: np.ndarray) -> np.ndarray:
-    """(Q, G) photo scores -> (Q, distinct items) item ids, best first, each item by its best photo."""
-    distinct = np.unique(items)
-    best = np.stack([scores[:, items == item].max(axis=1) for item in distinct], axis=1)
-    return distinct[np.argsort(-best, axis=1)]
+    truth = np.array([photo_items[g[0]] for g in groups])
+    return [{"photos": n, "items": len(set(truth.tolist())),
+             **search_metrics(catalogue, items, np.stack([item_query(photos[g[:n]]) for g in groups]), truth)}
+            for n in COUNTS]
 
 
 def grocery() -> list[dict]:

@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.item_photos import evaluate, ranked_items
+from bench.item_photos import evaluate
 from model_store.index_artifact import normalize
-
-
-def test_items_are_ranked_by_their_best_photo():
-    scores = np.array([[0.9, 0.1, 0.5, 0.95], [0.2, 0.3, 0.8, 0.1]])
-    assert ranked_items(scores, np.array([7, 7, 3, 5])).tolist() == [[5, 7, 3], [3, 7, 5]]
 
 
 def test_a_photo_that_misleads_alone_is_outvoted_by_the_items_other_photos():

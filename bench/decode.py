@@ -26,10 +26,9 @@ from pathlib import Path
 from typing import Annotated
 
 import numpy as np
+import pillow_heif
 import typer
 from PIL import Image
-
-import pillow_heif
 
 from bench.evaluate_grocery import machine, replace_block, search_metrics
 from bench.grocery import CREDIT, GROCERY, read_split

@@ -25,7 +25,8 @@ retry in a few seconds."""
 STATUSES = {"400": "A field is missing, unknown or invalid", "408": "The request's body took too long to arrive",
             "413": "A photo or the request is over the limits",
             "415": "Not a photo the service can read, or not multipart/form-data",
-            "429": "Over capacity, or this client past its share of photos: retry after Retry-After seconds", "503": "Not ready, or the embedder is restarting"}
+            "429": "Over capacity, or this client past its share of photos: retry after Retry-After seconds",
+            "503": "Not ready, or the embedder is restarting"}
 
 
 def amend(doc: dict[str, Any]) -> dict[str, Any]:

@@ -316,6 +316,19 @@
     loadPhoto(file).catch(() => { /* loadPhoto reports its own errors */ });
   }
 
+  // The photo at `url` decoded, or null when this browser cannot read it (HEIC in Chrome, a broken file).
+  async function decodeFile(url) {
+    const img = new Image();
+    img.decoding = 'async';
+    img.src = url;
+    try {
+      await img.decode();
+      return img.naturalWidth > 0 && img.naturalHeight > 0 ? img : null;
+    } catch (_) {
+      return null;
+    }
+  }
+
   async function loadPhoto(file) {
     if (state.searchCtl) state.searchCtl.abort();  // its answer would be about the previous photo
     state.file = file;
@@ -505,19 +518,6 @@
   }
 
   // ---------- more photos of the item ----------
-
-  // The photo at `url` decoded, or null when this browser cannot read it (HEIC in Chrome, a broken file).
-  async function decodeFile(url) {
-    const img = new Image();
-    img.decoding = 'async';
-    img.src = url;
-    try {
-      await img.decode();
-      return img.naturalWidth > 0 && img.naturalHeight > 0 ? img : null;
-    } catch (_) {
-      return null;
-    }
-  }
 
   function setSides(sides) {
     for (const side of state.sides) if (!sides.includes(side)) URL.revokeObjectURL(side.url);

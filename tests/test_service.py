@@ -15,11 +15,11 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import pillow_heif
 import psutil
 import pytest
 from PIL import Image
 
+from bench.decode import heic  # encodes without Pillow's registry: only the code under test teaches it HEIC
 from index_builder.demo import FAMILIES, draw_object
 from model_store import stages
 from model_store.index_artifact import ANNOY_FILE
@@ -37,14 +37,6 @@ pytestmark = pytest.mark.slow
 def png(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
     buf = io.BytesIO()
     img.save(buf, fmt, **kw)
-    return buf.getvalue()
-
-
-def heic(img: Image.Image, quality: int = 80) -> bytes:
-    """The photo as an iPhone saves it. Encoded without Pillow's registry, so that only the code under test
-    teaches Pillow to read HEIC."""
-    buf = io.BytesIO()
-    pillow_heif.from_pillow(img).save(buf, quality=quality)
     return buf.getvalue()
 
 
@@ -269,7 +261,7 @@ def test_unusual_modes_work(server, demo_catalogue, rows, mode, fmt):
 def test_a_photo_in_a_phones_own_format_finds_its_item(server, demo_catalogue, rows, fmt, name):
     """HEIC is what an iPhone saves; a photo copied off one to a computer and uploaded stays HEIC."""
     img = Image.open(demo_catalogue.parent / rows[0]["image_path"]).convert("RGB")
-    data = heic(img) if fmt == "HEIF" else png(img, fmt, quality=80)
+    data = heic(img, quality=80) if fmt == "HEIF" else png(img, fmt, quality=80)
     r = server.http.post("/search", files=upload(data, name))
     assert r.status_code == 200 and r.json()["results"][0]["item_id"] == rows[0]["item_id"], r.text[:300]
 

@@ -7,7 +7,7 @@ import shutil
 import sys
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
@@ -26,7 +26,7 @@ from model_store.index_artifact import (ANNOY_FILE, MANIFEST_FILE, PROJECTION_FI
                                         ITEMS_FILE, IndexManifest, Projection, normalize, write_items_db)
 from model_store.registry import bentoml_home, clean_staging, register
 from model_store.settings import INDEX_MODEL, get_settings
-from model_store.thumbnails import store_dir
+from model_store.thumbnails import building, store_dir
 from query.search_index import SearchIndex
 
 PCA_FIT_SAMPLE = 20_000  # photos used to learn the projection; more changes it little
@@ -108,61 +108,63 @@ def build(catalogue_path: Path, *, backbone: str | None = None, weights: str = "
     cache = EmbeddingCache(embedder_tag, config.dim)
     thumbs = dict(thumbnails=store_dir() if thumbnails else None,
                   no_thumbnail=frozenset(i for i, p in enumerate(cat.photos) if p.row.image_url))
-    with timer.stage("embed"):
-        if engine == "ray":
-            from index_builder.ray_engine import extract_ray
+    # from choosing which thumbnails to reuse until the version that points to them is registered
+    with building() if thumbnails else nullcontext():
+        with timer.stage("embed"):
+            if engine == "ray":
+                from index_builder.ray_engine import extract_ray
 
-            ext = extract_ray(sources, embedder, cache, batch_size=batch_size, progress=progress,
-                              address=ray_address, device=settings.device, half=settings.half_precision, **thumbs)
-        else:
-            batch_size = batch_size or default_batch_size(embedder.device.type == "cuda")
-            ext = extract(sources, embedder, cache, batch_size=batch_size, workers=workers, progress=progress,
-                          **thumbs)
-    cache.close()
-    good = [i for i in range(len(sources)) if i not in ext.errors]
-    bad = cat.bad + [BadRow(cat.photos[i].line, cat.photos[i].row.image_path, r) for i, r in ext.errors.items()]
-    write_report(report, bad)
-    _check_bad_share(cat, bad, max_bad_share, report)
-    photos = [cat.photos[i] for i in good]
-    keys = [ext.keys[i] if thumbnails and not cat.photos[i].row.image_url else None for i in good]
-    vectors = ext.vectors if len(good) == len(sources) else ext.vectors[good]  # 5 GB at a million: no copy
-    with timer.stage("project"):
-        kind, projection, training = _fit_projection(vectors, [p.row.item_id for p in photos], projection,
-                                                     pca_dim, whiten, seed)
-        vectors = projection(vectors) if projection else normalize(vectors)
-    with timer.stage("build ann"):
-        choice = ann.choose(vectors, target=settings.target_recall, seed=seed)
-    with timer.stage("calibrate"):
-        thresholds = calibrate(vectors, [p.row.item_id for p in photos], [p.row.category for p in photos], seed)
-    artifact = work / "artifact"
-    shutil.rmtree(artifact, ignore_errors=True)
-    artifact.mkdir(parents=True)
-    with timer.stage("write artifact"):
-        choice.index.save(str(artifact / ANNOY_FILE))
-        np.save(artifact / VECTORS_FILE, vectors)
-        if projection:
-            projection.save(artifact / PROJECTION_FILE)
-        items = {p.row.item_id: p.row.item_fields() for p in photos}
-        write_items_db(artifact / ITEMS_FILE,
-                       [(i, p.row.item_id, p.row.image_path, key, p.row.image_url)
-                        for i, (p, key) in enumerate(zip(photos, keys))], list(items.values()))
-        shutil.copy(report, artifact / REPORT_FILE)
-    manifest = IndexManifest(
-        embedder=embedder_tag, embedder_config=config, dim=vectors.shape[1],
-        projection=kind, projection_training=training, thresholds=thresholds,
-        n_photos=len(photos), n_items=len(items), n_trees=choice.n_trees, search_k=choice.search_k,
-        ann_recall_at_10=round(choice.recall, 4), ann_query_ms=round(choice.query_ms, 4),
-        catalogue=str(cat.path), catalogue_sha256=cat.sha256, bad_rows=len(bad), seed=seed,
-        seconds=timer.seconds, built_at=dt.datetime.now(dt.timezone.utc))
-    (artifact / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2))
-    if eval_queries is not None:
-        with timer.stage("evaluate"):
-            manifest.evaluation = evaluate(eval_queries, SearchIndex(artifact), embedder)
-    with timer.stage("register"):
-        manifest.seconds = timer.seconds
+                ext = extract_ray(sources, embedder, cache, batch_size=batch_size, progress=progress,
+                                  address=ray_address, device=settings.device, half=settings.half_precision, **thumbs)
+            else:
+                batch_size = batch_size or default_batch_size(embedder.device.type == "cuda")
+                ext = extract(sources, embedder, cache, batch_size=batch_size, workers=workers, progress=progress,
+                              **thumbs)
+        cache.close()
+        good = [i for i in range(len(sources)) if i not in ext.errors]
+        bad = cat.bad + [BadRow(cat.photos[i].line, cat.photos[i].row.image_path, r) for i, r in ext.errors.items()]
+        write_report(report, bad)
+        _check_bad_share(cat, bad, max_bad_share, report)
+        photos = [cat.photos[i] for i in good]
+        keys = [ext.keys[i] if thumbnails and not cat.photos[i].row.image_url else None for i in good]
+        vectors = ext.vectors if len(good) == len(sources) else ext.vectors[good]  # 5 GB at a million: no copy
+        with timer.stage("project"):
+            kind, projection, training = _fit_projection(vectors, [p.row.item_id for p in photos], projection,
+                                                         pca_dim, whiten, seed)
+            vectors = projection(vectors) if projection else normalize(vectors)
+        with timer.stage("build ann"):
+            choice = ann.choose(vectors, target=settings.target_recall, seed=seed)
+        with timer.stage("calibrate"):
+            thresholds = calibrate(vectors, [p.row.item_id for p in photos], [p.row.category for p in photos], seed)
+        artifact = work / "artifact"
+        shutil.rmtree(artifact, ignore_errors=True)
+        artifact.mkdir(parents=True)
+        with timer.stage("write artifact"):
+            choice.index.save(str(artifact / ANNOY_FILE))
+            np.save(artifact / VECTORS_FILE, vectors)
+            if projection:
+                projection.save(artifact / PROJECTION_FILE)
+            items = {p.row.item_id: p.row.item_fields() for p in photos}
+            write_items_db(artifact / ITEMS_FILE,
+                           [(i, p.row.item_id, p.row.image_path, key, p.row.image_url)
+                            for i, (p, key) in enumerate(zip(photos, keys))], list(items.values()))
+            shutil.copy(report, artifact / REPORT_FILE)
+        manifest = IndexManifest(
+            embedder=embedder_tag, embedder_config=config, dim=vectors.shape[1],
+            projection=kind, projection_training=training, thresholds=thresholds,
+            n_photos=len(photos), n_items=len(items), n_trees=choice.n_trees, search_k=choice.search_k,
+            ann_recall_at_10=round(choice.recall, 4), ann_query_ms=round(choice.query_ms, 4),
+            catalogue=str(cat.path), catalogue_sha256=cat.sha256, bad_rows=len(bad), seed=seed,
+            seconds=timer.seconds, built_at=dt.datetime.now(dt.timezone.utc))
         (artifact / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2))
-        tag = register(INDEX_MODEL, _labels(manifest), manifest.model_dump(mode="json", exclude_none=True),
-                       lambda folder: shutil.copytree(artifact, folder, dirs_exist_ok=True))
+        if eval_queries is not None:
+            with timer.stage("evaluate"):
+                manifest.evaluation = evaluate(eval_queries, SearchIndex(artifact), embedder)
+        with timer.stage("register"):
+            manifest.seconds = timer.seconds
+            (artifact / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2))
+            tag = register(INDEX_MODEL, _labels(manifest), manifest.model_dump(mode="json", exclude_none=True),
+                           lambda folder: shutil.copytree(artifact, folder, dirs_exist_ok=True))
     shutil.rmtree(work, ignore_errors=True)
     return BuildSummary(
         tag=tag, embedder=embedder_tag, pretrained=config.weights.pretrained, rows=cat.n_rows,

@@ -1,4 +1,5 @@
-"""CLI: python -m model_store list | show TAG | promote TAG --stage S | rollback --stage S | history | delete TAG."""
+"""CLI: python -m model_store list | show TAG | promote TAG --stage S | rollback --stage S | history | delete TAG |
+thumbnails [--prune]."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from typing import Annotated
 
 import typer
 
-from model_store import stages
+from model_store import stages, thumbnails
+from model_store.index_artifact import ArtifactError
 from model_store.registry import get_model, list_models
 from model_store.settings import EMBEDDER_MODEL, INDEX_MODEL, Stage
 
@@ -84,6 +86,31 @@ def delete_cmd(tag: str, force: bool = False) -> None:
     except (LookupError, stages.PromotionError) as exc:
         _fail(exc)
     print(f"deleted {deleted}")
+    if deleted.startswith(f"{INDEX_MODEL}:"):
+        print("thumbnails only its photos used stay in the store until `python -m model_store thumbnails --prune`")
+
+
+@app.command("thumbnails")
+def thumbnails_cmd(prune: Annotated[bool, typer.Option(help="delete the thumbnails no stored index version uses")]
+                   = False) -> None:
+    """The thumbnail store: its size, and how much of it no stored index version uses; --prune deletes that."""
+    root = thumbnails.store_dir()
+    try:
+        use = thumbnails.prune() if prune else thumbnails.usage()
+    except (thumbnails.StoreBusy, ArtifactError) as exc:
+        _fail(exc)
+    versions = f"{use.versions} index version{'' if use.versions == 1 else 's'}"
+    print(f"{root}: {use.thumbnails:,} thumbnails, {_mb(use.bytes)}; {versions} in the store")
+    if prune:
+        print(f"deleted {use.unused:,} thumbnails no version uses ({_mb(use.unused_bytes)})")
+    elif use.unused:
+        print(f"{use.unused:,} of them ({_mb(use.unused_bytes)}) are used by no stored version: --prune deletes them")
+    else:
+        print("nothing to prune: every one is used by a stored version")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
 
 
 @app.command("pin")

@@ -104,6 +104,24 @@ def normalize(vectors: np.ndarray) -> np.ndarray:
     return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
+def thumbnail_keys(folder: Path) -> set[str]:
+    """The thumbnails an artifact's photos point to (none for format 1); ArtifactError when its photo table
+    cannot be read."""
+    try:
+        conn = sqlite3.connect(f"file:{folder / ITEMS_FILE}?mode=ro", uri=True)
+        try:
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(photos)")}
+            if not columns:
+                raise ArtifactError(f"{folder / ITEMS_FILE} has no photo table")
+            if "thumbnail" not in columns:
+                return set()
+            return {k for (k,) in conn.execute("SELECT DISTINCT thumbnail FROM photos WHERE thumbnail IS NOT NULL")}
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise ArtifactError(f"{folder / ITEMS_FILE} cannot be read: {exc}") from None
+
+
 def write_items_db(path: Path, photos: list[tuple[int, str, str, str | None, str | None]], items: list[tuple]) -> None:
     """photos: (annoy_id, item_id, image_path, thumbnail key or None, image_url or None);
     items: (item_id, title, category, price, currency, sold_at)."""

@@ -103,6 +103,10 @@ def test_item_photos_speed(python):
     assert '"over_one_photo"' in out and '"photos": 3' in out
 
 
+def test_thumbnail_prune(python):
+    assert "deletes the 20 unused" in quick("bench.thumbnail_prune", python)
+
+
 def test_resample_crop(python):
     out = quick("bench.resample_crop", python)
     assert '"max_level_difference"' in out or not out  # without ../shared/data it has no photos to compare

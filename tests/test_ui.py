@@ -283,6 +283,49 @@ def test_the_page_is_keyboard_usable(page):
     assert {"file-input", "camera-input", "search-button"} <= reached, reached
 
 
+WCAG = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "wcag22aa", "best-practice"]
+
+
+def accessibility_faults(page) -> list[str]:
+    """What axe-core (the rules of WCAG 2.2 AA and Deque's best practices) finds wrong on the page as it is."""
+    from axe_playwright_python.sync_playwright import Axe
+
+    found = Axe().run(page, options={"runOnly": {"type": "tag", "values": WCAG}, "resultTypes": ["violations"]})
+    return [f"{v['id']} ({v['impact']}): {v['help']} at {[n['target'] for n in v['nodes'][:3]]}"
+            for v in found.response["violations"]]
+
+
+@pytest.mark.parametrize("viewport", [PHONE, {"width": 1280, "height": 900}], ids=["phone", "desktop"])
+def test_the_page_meets_wcag_2_2_aa_in_every_state(browser, server, demo_catalogue, rows, viewport):
+    """Checked by axe-core in Chromium, at phone and desktop widths: the page as it opens, with results, an
+    expected price and cataloguing help, with another side added and the filters open, with all results shown,
+    on 'More like this', and with an error."""
+    context = browser.new_context(viewport=viewport, base_url=server.url)
+    page = context.new_page()
+    page.goto("/ui")
+    page.wait_for_function("document.querySelector('#served-version').textContent.includes('image-index:')")
+    faults = {"opened": accessibility_faults(page)}
+    choose(page, demo_catalogue.parent / rows[0]["image_path"])
+    wait_for_results(page)
+    page.wait_for_function("document.querySelector('#busy').hidden")
+    faults["results"] = accessibility_faults(page)
+    with page.expect_response(lambda r: r.url.endswith("/assist")):
+        page.set_input_files("#sides-input", str(demo_catalogue.parent / rows[1]["image_path"]))
+    page.wait_for_function("document.querySelector('#busy').hidden")
+    page.locator("#filters-details summary").click()
+    faults["a side added, filters open"] = accessibility_faults(page)
+    page.locator("#show-more").click()
+    faults["all results"] = accessibility_faults(page)
+    page.locator("#results .result").first.get_by_role("button", name=re.compile("More like this")).click()
+    page.wait_for_function("document.querySelector('#results-title').textContent.includes('More like')")
+    faults["more like this"] = accessibility_faults(page)
+    choose(page, data=b"not a photo", name="notes.png")
+    page.locator("#error").wait_for(state="visible", timeout=30_000)
+    faults["an error"] = accessibility_faults(page)
+    context.close()
+    assert not any(faults.values()), {state: found for state, found in faults.items() if found}
+
+
 def test_not_ready_then_random_weights_are_said_plainly(browser, demo_catalogue, tmp_path):
     """A service with nothing promoted answers 503: the page says so in words. Once it serves an index whose
     embedder has random weights, the page carries the banner."""

@@ -145,12 +145,17 @@ def test_a_cpu_pass_reuses_the_memory_the_last_one_freed():
     """Measured: ~13,500 page faults per batch of 4 when glibc hands freed activations back, 29-35% of a pass;
     kept, 0 here. Once, in CI on another machine, 6,105 and 784 over two passes (kept faults not seen here, cause
     unknown): so eight passes, and a second process for "kept" when the first is not well under the baseline.
-    Were keeping to do nothing, both would fault like the baseline (7,455 and 11,593 with keeping undone)."""
-    handed_back = faults_per_pass("main", "4", keep=False)
+    Were keeping to do nothing, both would fault like the baseline (7,455 and 11,593 with keeping undone).
+    Handed back, a fresh process once faulted not at all (CI, 2026-12-05), as the thread test below has seen
+    one time in six: so the baseline, too, gets up to four tries."""
+    tries = []
+    while len(tries) < 4 and (not tries or tries[-1] <= 1000):
+        tries.append(faults_per_pass("main", "4", keep=False))
+    handed_back = tries[-1]
     kept = faults_per_pass("main", "4")
     if kept * 10 >= handed_back:
         kept = min(kept, faults_per_pass("main", "4"))
-    assert handed_back > 1000 and kept * 10 < handed_back, (handed_back, kept)  # kept: 0-300 seen
+    assert handed_back > 1000 and kept * 10 < handed_back, (tries, kept)  # kept: 0-300 seen
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")

@@ -33,7 +33,8 @@ from PIL import Image
 from bench.evaluate_grocery import machine, replace_block, search_metrics
 from bench.grocery import CREDIT, GROCERY, read_split
 from model_store.embedder import Embedder, new_embedder
-from model_store.preprocess import BUILD_MAX_BYTES, BUILD_MAX_PIXELS, decode_image, image_to_pixels, upload_px
+from model_store.preprocess import (BUILD_MAX_BYTES, BUILD_MAX_PIXELS, as_page_sends, decode_image, image_to_pixels,
+                                    upload_px)
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 LIMITS = dict(max_bytes=BUILD_MAX_BYTES, max_pixels=BUILD_MAX_PIXELS)
@@ -60,15 +61,6 @@ def heic(img: Image.Image, quality: int = HEIC_QUALITY) -> bytes:
     buf = io.BytesIO()
     pillow_heif.from_pillow(img).save(buf, quality=quality)
     return buf.getvalue()
-
-
-def as_page_sends(data: bytes, short_side: int) -> bytes:
-    """A photo as the search page uploads it: short side downscaled to `short_side`, JPEG quality 90."""
-    img = Image.open(io.BytesIO(data)).convert("RGB")
-    scale = short_side / min(img.size)
-    if scale < 1:
-        img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.LANCZOS)
-    return jpeg(img, quality=90)
 
 
 def to_pixels(data: bytes, spec, reduced: bool) -> np.ndarray:

@@ -26,11 +26,11 @@ import typer
 from annoy import AnnoyIndex
 
 from bench.ann_scale import command_line, machine
-from bench.decode import as_page_sends, jpeg
+from bench.decode import jpeg
 from bench.server import ROOT
 from index_builder.ann import build_annoy
 from index_builder.demo import draw_object
-from model_store.preprocess import PreprocessSpec, decode_image, image_to_pixels, upload_px
+from model_store.preprocess import PreprocessSpec, as_page_sends, decode_image, image_to_pixels, upload_px
 
 app = typer.Typer(add_completion=False)
 SPEC = PreprocessSpec(resize=260, crop=260)  # the default embedder's input

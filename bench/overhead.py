@@ -332,9 +332,8 @@ def uploads(kind: str, folder: Path, tag: str, quick: bool) -> tuple[list[bytes]
         return [p.read_bytes() for p in sorted(folder.glob("*.png"))], "image/png"
     photos = phone_photos(folder, 4 if quick else 24)
     if kind == "page":
-        from bench.decode import as_page_sends
         from model_store.index_artifact import IndexManifest
-        from model_store.preprocess import upload_px
+        from model_store.preprocess import as_page_sends, upload_px
         from model_store.registry import get_model
 
         manifest = IndexManifest.read(Path(get_model(tag).path))

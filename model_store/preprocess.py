@@ -46,6 +46,22 @@ def upload_px(spec: PreprocessSpec) -> int:
     return 2 * spec.resize
 
 
+def as_page_sends(data: bytes, short_side: int) -> bytes:
+    """A photo as the search page uploads it (query/static/app.js, prepareUpload): downscaled to a short side of
+    `short_side` (upload_px) and re-encoded as JPEG at quality 90, or as it is when it is no larger and a
+    JPEG, PNG or WebP. Load tests and benchmarks send what the page sends."""
+    img = Image.open(io.BytesIO(data))
+    scale = short_side / min(img.size)
+    if scale >= 1 and img.format in ("JPEG", "PNG", "WEBP"):
+        return data
+    img = img.convert("RGB")
+    if scale < 1:
+        img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
 def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, name: str = "image",
                  spec: PreprocessSpec | None = None) -> Image.Image:
     """Bytes of any format Pillow reads -> RGB image; raises ImageError with the reason. With the `spec` the

@@ -15,7 +15,8 @@ from PIL import Image
 from bench.resample_crop import resize_whole_then_crop
 from index_builder.demo import draw_object
 from index_builder.extract import PhotoBatches
-from model_store.preprocess import ImageError, PreprocessSpec, decode_image, image_to_pixels, to_rgb
+from model_store.preprocess import (ImageError, PreprocessSpec, as_page_sends, decode_image, image_to_pixels, to_rgb,
+                                    upload_px)
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMITS = dict(max_bytes=5_000_000, max_pixels=4_000_000)
@@ -193,3 +194,16 @@ def test_a_large_jpeg_is_decoded_at_the_smallest_scale_that_keeps_the_networks_r
     assert decode_image(data, **LIMITS, spec=PreprocessSpec(resize=700)).size == (1600, 1200)
     png = encode(photo.resize((1600, 1200)))
     assert decode_image(png, **LIMITS, spec=PreprocessSpec(resize=224)).size == (1600, 1200)  # JPEG only
+
+
+def test_load_tests_send_photos_as_the_page_does(photo):
+    """Downscaled to the index's upload_px and re-encoded as JPEG when larger (query/static/app.js), else the
+    photo as it is when the service reads its format."""
+    spec = PreprocessSpec(resize=260, crop=260)
+    phone = encode(photo.resize((1600, 1200)), "JPEG", quality=92)
+    sent = Image.open(io.BytesIO(as_page_sends(phone, upload_px(spec))))
+    assert sent.format == "JPEG" and sent.size == (693, 520)
+    small = encode(photo.resize((400, 300)))
+    assert as_page_sends(small, upload_px(spec)) is small
+    gif = encode(photo.resize((400, 300)), "GIF")
+    assert Image.open(io.BytesIO(as_page_sends(gif, upload_px(spec)))).format == "JPEG"

@@ -6,6 +6,7 @@ import concurrent.futures as cf
 import csv
 import http.client
 import io
+import json
 import re
 import shutil
 import subprocess
@@ -467,6 +468,36 @@ def test_loadtest_runner_judges_the_slo(server, demo_catalogue, tmp_path, python
     strict = subprocess.run(cmd + ["--slo-ms", "1"], cwd=ROOT, env=run_env(), capture_output=True, text=True,
                             timeout=120)
     assert strict.returncode == 1 and "FAIL" in strict.stdout
+
+
+def test_the_slo_holds_only_when_every_kind_of_request_holds_it():
+    """Thumbnails are many and fast: a p95 over all requests can hide searches over the SLO."""
+    from loadtests.run import RunResult, Stats
+
+    def kind(name: str, p95: float) -> Stats:
+        return Stats(name=name, requests=50, failures=0, rps=5, p50_ms=p95 / 3, p95_ms=p95, p99_ms=p95, max_ms=p95)
+
+    run = RunResult(**kind("all", 400).model_dump(), users=4, report="users4.html",
+                    kinds=[kind("POST /assist (page)", 1500), kind("GET /photos/[sha256].webp", 20)])
+    assert not run.holds(1000) and run.holds(1500)
+    assert not run.model_copy(update={"failures": 1}).holds(1500)
+
+
+def test_page_visitors_request_what_the_page_does_and_each_kind_is_judged(server, demo_catalogue, tmp_path, python):
+    from conftest import ROOT, run_env
+
+    cmd = [python, "-m", "loadtests.run", "--host", server.url, "--mix", "page", "--users", "2", "--spawn-rate", "2",
+           "--run-time", "6s", "--photos", str(demo_catalogue.parent / "photos"), "--out", str(tmp_path),
+           "--slo-ms", "60000"]
+    done = subprocess.run(cmd, cwd=ROOT, env=run_env(LOADTEST_THINK="0,0.2"), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+    run = json.loads((tmp_path / "summary.json").read_text())["run"]
+    kinds = {k["name"]: k for k in run["kinds"]}
+    assert {"GET /ui/", "GET /ui/app.js", "GET /index", "POST /assist (page)", "GET /photos/[sha256].webp"} <= set(kinds)
+    assert run["failures"] == 0 and kinds["POST /assist (page)"]["requests"] >= 2
+    assert "POST /search" not in kinds  # the API users are not in this mix
+    assert "POST /assist (page)" in done.stdout  # each kind is printed
 
 
 def test_the_entry_workers_never_load_torch(server):

@@ -230,7 +230,9 @@ SECTIONS = {"overhead": ("overhead.json", overhead_table), "overhead-phone": ("o
             "entry-threads": (("entry_threads.json", "entry_threads_gpu.json"), entry_threads_table),
             "ann": ("ann_scale.json", ann_table), "loadtest-step": ("loadtest_step.json", loadtest_table),
             "loadtest-5min": ("loadtest_5min.json", loadtest_table),
-            "loadtest-overload": ("loadtest_overload.json", loadtest_table), "soak": ("soak.json", soak_table)}
+            "loadtest-overload": ("loadtest_overload.json", loadtest_table), "soak": ("soak.json", soak_table),
+            "loadtest-page-step": ("loadtest_page_step.json", loadtest_table),
+            "loadtest-api-step-same-run": ("loadtest_api_step_same_run.json", loadtest_table)}
 
 
 def main() -> None:

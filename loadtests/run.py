@@ -58,10 +58,12 @@ class RunResult(Stats):
     mix: Mix = Mix.api
     report: str
     kinds: list[Stats] = []  # each kind of request on its own
+    errors: list[str] = []  # exceptions raised in the users' own code (not failed requests): the test is broken
 
     def holds(self, slo_ms: float) -> bool:
-        """No failure, and every kind of request (a search as much as a thumbnail) within the SLO at p95."""
-        return self.failures == 0 and self.requests > 0 and all(k.p95_ms <= slo_ms for k in self.kinds or [self])
+        """No failure, no error, and every kind of request (a search as much as a thumbnail) within the SLO at p95."""
+        return (self.failures == 0 and not self.errors and self.requests > 0
+                and all(k.p95_ms <= slo_ms for k in self.kinds or [self]))
 
 
 def run_locust(host: str, users: int, spawn_rate: float, run_time: str, out: Path, photos: Path | None,
@@ -82,8 +84,11 @@ def run_locust(host: str, users: int, spawn_rate: float, run_time: str, out: Pat
     with open(stats) as f:
         rows = [Stats.of(row) for row in csv.DictReader(f)]
     total = next(r for r in rows if r.name == "all")
+    errors = prefix.with_name(prefix.name + "_exceptions.csv")
+    with open(errors) if errors.exists() else open(os.devnull) as f:
+        raised = [f"{e['Count']}x {e['Message']}" for e in csv.DictReader(f)]
     return RunResult(**total.model_dump(), users=users, mix=mix, report=f"{prefix}.html",
-                     kinds=[r for r in rows if r.name != "all"])
+                     kinds=[r for r in rows if r.name != "all"], errors=raised)
 
 
 def _line(r: RunResult) -> str:
@@ -91,7 +96,8 @@ def _line(r: RunResult) -> str:
         return (f"requests={s.requests:<6} failures={s.failures:<4} rps={s.rps:<7} p50={s.p50_ms:.0f}ms "
                 f"p95={s.p95_ms:.0f}ms p99={s.p99_ms:.0f}ms max={s.max_ms:.0f}ms")
     kinds = "".join(f"\n    {k.name:<32} {stats(k)}" for k in r.kinds)
-    return f"users={r.users:<4} {stats(r)}{kinds}"
+    errors = "".join(f"\n    ERROR in the load test's own code: {e}" for e in r.errors)
+    return f"users={r.users:<4} {stats(r)}{kinds}{errors}"
 
 
 @app.command()

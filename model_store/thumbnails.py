@@ -155,7 +155,8 @@ def _locked(root: Path, mode: int, wait: bool) -> Iterator[None]:
             fcntl.flock(lock, mode | fcntl.LOCK_NB)
         except BlockingIOError:
             if not wait:
-                raise StoreBusy(f"a build is using the thumbnail store {root}: prune once it has finished") from None
+                raise StoreBusy(f"a build (or another prune) is using the thumbnail store {root}: prune once it has "
+                                "finished") from None
             print(f"waiting for the prune of the thumbnail store {root} to finish", file=sys.stderr)
             fcntl.flock(lock, mode)
         yield

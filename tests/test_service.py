@@ -481,6 +481,7 @@ def test_the_slo_holds_only_when_every_kind_of_request_holds_it():
                     kinds=[kind("POST /assist (page)", 1500), kind("GET /photos/[sha256].webp", 20)])
     assert not run.holds(1000) and run.holds(1500)
     assert not run.model_copy(update={"failures": 1}).holds(1500)
+    assert not run.model_copy(update={"errors": ["3x KeyError('nearest')"]}).holds(1500)  # a broken user
 
 
 def test_page_visitors_request_what_the_page_does_and_each_kind_is_judged(server, demo_catalogue, tmp_path, python):
@@ -495,7 +496,7 @@ def test_page_visitors_request_what_the_page_does_and_each_kind_is_judged(server
     run = json.loads((tmp_path / "summary.json").read_text())["run"]
     kinds = {k["name"]: k for k in run["kinds"]}
     assert {"GET /ui/", "GET /ui/app.js", "GET /index", "POST /assist (page)", "GET /photos/[sha256].webp"} <= set(kinds)
-    assert run["failures"] == 0 and kinds["POST /assist (page)"]["requests"] >= 2
+    assert run["failures"] == 0 and run["errors"] == [] and kinds["POST /assist (page)"]["requests"] >= 2
     assert "POST /search" not in kinds  # the API users are not in this mix
     assert "POST /assist (page)" in done.stdout  # each kind is printed
 

@@ -116,6 +116,7 @@ def test_cropping_searches_only_the_boxed_item(page, demo_catalogue, rows):
     assert answer.value.ok
     wait_for_results(page)
     assert page.locator("#results .result").first.get_attribute("data-item-id") == right["item_id"]
+    assert not accessibility_faults(page)  # the crop box drawn, and its "Clear crop" button
     page.click("#crop-clear")
     assert page.locator("#crop-box").is_hidden()
 
@@ -299,7 +300,8 @@ def accessibility_faults(page) -> list[str]:
 def test_the_page_meets_wcag_2_2_aa_in_every_state(browser, server, demo_catalogue, rows, viewport):
     """Checked by axe-core in Chromium, at phone and desktop widths: the page as it opens, with results, an
     expected price and cataloguing help, with another side added and the filters open, with all results shown,
-    on 'More like this', and with an error."""
+    on 'More like this', and with an error. The crop box, a service not ready and the random-weights banner
+    are checked in their own tests."""
     context = browser.new_context(viewport=viewport, base_url=server.url)
     page = context.new_page()
     page.goto("/ui")
@@ -342,6 +344,7 @@ def test_not_ready_then_random_weights_are_said_plainly(browser, demo_catalogue,
         alert = page.locator("#error")
         alert.wait_for(state="visible", timeout=30_000)
         assert "starting or unavailable" in alert.inner_text(), alert.inner_text()
+        assert not accessibility_faults(page)
         s = build(demo_catalogue, backbone="efficientnet-lite0", weights="random", image_size=64, pca_dim=0,
                   progress=False, workers=0)
         old = os.environ["IMAGESEARCH_STAGES_DIR"]
@@ -359,6 +362,7 @@ def test_not_ready_then_random_weights_are_said_plainly(browser, demo_catalogue,
         banner = page.locator("#banner-random")
         banner.wait_for(state="visible", timeout=30_000)
         assert "RANDOM" in banner.inner_text()
+        assert not accessibility_faults(page)
         context.close()
     finally:
         server.stop()

@@ -104,9 +104,14 @@ def prepare_page_photos(environment, **_) -> None:
 
 def served_upload_px(host: str) -> int:
     try:
-        return int(requests.get(f"{host.rstrip('/')}/index", timeout=30).json().get("upload_px") or DEFAULT_UPLOAD_PX)
+        return upload_px_of(requests.get(f"{host.rstrip('/')}/index", timeout=30).json())
     except (requests.RequestException, ValueError):
         return DEFAULT_UPLOAD_PX
+
+
+def upload_px_of(index: dict | None) -> int:
+    """The upload size a GET /index answer names (None: no answer)."""
+    return int((index or {}).get("upload_px") or DEFAULT_UPLOAD_PX)
 
 
 class PageVisitor(HttpUser):
@@ -121,7 +126,7 @@ class PageVisitor(HttpUser):
         for path in ("/ui/", "/ui/app.js", "/ui/style.css"):
             self.get(path)
         served = self.get("/index")
-        self.upload_px = int((served or {}).get("upload_px") or DEFAULT_UPLOAD_PX)
+        self.upload_px = upload_px_of(served)
 
     @task
     def visit(self) -> None:

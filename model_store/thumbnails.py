@@ -80,8 +80,8 @@ def ensure_thumbnail(key: str, img: Image.Image, root: Path | None = None) -> bo
 
 def store_size(root: Path | None = None) -> tuple[int, int]:
     """(thumbnails, bytes) in the store."""
-    files = [p for p in (root or store_dir()).glob(f"*/*{SUFFIX}")]
-    return len(files), sum(p.stat().st_size for p in files)
+    counted = _usage(root or store_dir(), keep=set(), versions=0)  # the walk a prune makes, deleting nothing
+    return counted.thumbnails, counted.bytes
 
 
 @contextlib.contextmanager

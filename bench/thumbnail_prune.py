@@ -40,16 +40,30 @@ def setup(home: Path, photos: int, unused: int) -> None:
         path.parent.mkdir(exist_ok=True, parents=True)
         path.write_bytes(blob)
     used = keys[unused:]
-    rows = [(i, f"item-{i}", f"p{i}.jpg", key, None) for i, key in enumerate(used)]
+    rows = [(i, f"item-{i}", f"p{i}.jpg", key, None, key) for i, key in enumerate(used)]
     items = [(f"item-{i}", "Thing", "Misc", 1.0, "USD", "2025-01-01") for i in range(len(used))]
     register(INDEX_MODEL, {}, {"n_photos": len(used)}, lambda folder: write_items_db(folder / "items.sqlite", rows, items))
 
 
 def timed_cli(env: dict, *args: str) -> tuple[float, str]:
+    """Seconds and output of `python -m ARGS` as a user runs it (Python's start included)."""
     t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "model_store", *args], env=env, capture_output=True, text=True,
-                          check=True)
+    done = subprocess.run([sys.executable, "-m", *args], env=env, capture_output=True, text=True, check=True)
     return time.perf_counter() - t0, done.stdout.strip()
+
+
+def show(block: str, name: str, heading: str, docs: bool) -> None:
+    """Print a result block and, with `docs`, put it in docs/PERFORMANCE.md's block NAME."""
+    print(block)
+    if docs:
+        DOCS.write_text(replace_block(DOCS.read_text(), name, block, heading))
+
+
+def bench_home(tmp: str) -> tuple[Path, dict]:
+    """A BentoML home of the benchmark's own in `tmp`, and the environment that points the CLIs to it."""
+    home = Path(tmp) / "bentoml"
+    return home, {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True",
+                  "IMAGESEARCH_STAGES_DIR": str(Path(tmp) / "stages")}
 
 
 def main(photos: int = 1_000_000, unused_share: float = 0.01,
@@ -60,15 +74,13 @@ def main(photos: int = 1_000_000, unused_share: float = 0.01,
     if setup_home is not None:
         return setup(setup_home, photos, unused)
     with tempfile.TemporaryDirectory(prefix="thumbnail-prune-") as tmp:
-        home = Path(tmp) / "bentoml"
-        env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True",
-               "IMAGESEARCH_STAGES_DIR": str(Path(tmp) / "stages")}
+        home, env = bench_home(tmp)
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "bench.thumbnail_prune", "--photos", str(photos), "--unused-share",
                         str(unused_share), "--setup-home", str(home)], env=env, check=True)
         made_s = time.perf_counter() - t0
-        report_s, report = timed_cli(env, "thumbnails")
-        prune_s, pruned = timed_cli(env, "thumbnails", "--prune")
+        report_s, report = timed_cli(env, "model_store", "thumbnails")
+        prune_s, pruned = timed_cli(env, "model_store", "thumbnails", "--prune")
         left = sum(1 for _ in (home / "thumbnails").glob("*/*.webp"))
     assert left == photos - unused, (left, photos, unused)
     print(report, pruned, sep="\n", file=sys.stderr)
@@ -79,9 +91,7 @@ def main(photos: int = 1_000_000, unused_share: float = 0.01,
              "| command | seconds |\n|---|---|\n"
              f"| `python -m model_store thumbnails` (counts them, reads the version's photo table) | {report_s:.1f} |\n"
              f"| `python -m model_store thumbnails --prune` (deletes the {unused:,} unused) | {prune_s:.1f} |\n")
-    print(block)
-    if not quick:
-        DOCS.write_text(replace_block(DOCS.read_text(), "thumbnail-prune", block, "### Pruning the thumbnail store"))
+    show(block, "thumbnail-prune", "### Pruning the thumbnail store", docs=not quick)
 
 
 if __name__ == "__main__":

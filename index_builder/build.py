@@ -7,7 +7,7 @@ import shutil
 import sys
 import time
 import uuid
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
@@ -21,12 +21,13 @@ from index_builder.evaluate import evaluate
 from index_builder.cache import EmbeddingCache
 from index_builder.extract import DEFAULT_WORKERS, default_batch_size, extract
 from model_store.embedder_config import Descriptor
+from model_store.build_lock import building
 from model_store.embedder import Embedder, new_embedder, save_embedder
 from model_store.index_artifact import (ANNOY_FILE, MANIFEST_FILE, PROJECTION_FILE, REPORT_FILE, VECTORS_FILE,
                                         ITEMS_FILE, IndexManifest, Projection, normalize, write_items_db)
 from model_store.registry import bentoml_home, clean_staging, register
 from model_store.settings import INDEX_MODEL, get_settings
-from model_store.thumbnails import building, store_dir
+from model_store.thumbnails import store_dir
 from query.search_index import SearchIndex
 
 PCA_FIT_SAMPLE = 20_000  # photos used to learn the projection; more changes it little
@@ -105,11 +106,11 @@ def build(catalogue_path: Path, *, backbone: str | None = None, weights: str = "
               file=sys.stderr)
     sources = [p.path for p in cat.photos]
     work = bentoml_home() / "tmp" / "builds" / uuid.uuid4().hex
-    cache = EmbeddingCache(embedder_tag, config.dim)
     thumbs = dict(thumbnails=store_dir() if thumbnails else None,
                   no_thumbnail=frozenset(i for i, p in enumerate(cat.photos) if p.row.image_url))
-    # from choosing which thumbnails to reuse until the version that points to them is registered
-    with building() if thumbnails else nullcontext():
+    # from choosing which vectors and thumbnails to reuse until the version that records them is registered
+    with building():
+        cache = EmbeddingCache(embedder_tag, config.dim)
         with timer.stage("embed"):
             if engine == "ray":
                 from index_builder.ray_engine import extract_ray
@@ -126,7 +127,7 @@ def build(catalogue_path: Path, *, backbone: str | None = None, weights: str = "
         write_report(report, bad)
         _check_bad_share(cat, bad, max_bad_share, report)
         photos = [cat.photos[i] for i in good]
-        keys = [ext.keys[i] if thumbnails and not cat.photos[i].row.image_url else None for i in good]
+        hashes = [ext.keys[i] for i in good]
         vectors = ext.vectors if len(good) == len(sources) else ext.vectors[good]  # 5 GB at a million: no copy
         with timer.stage("project"):
             kind, projection, training = _fit_projection(vectors, [p.row.item_id for p in photos], projection,
@@ -146,8 +147,9 @@ def build(catalogue_path: Path, *, backbone: str | None = None, weights: str = "
                 projection.save(artifact / PROJECTION_FILE)
             items = {p.row.item_id: p.row.item_fields() for p in photos}
             write_items_db(artifact / ITEMS_FILE,
-                           [(i, p.row.item_id, p.row.image_path, key, p.row.image_url)
-                            for i, (p, key) in enumerate(zip(photos, keys))], list(items.values()))
+                           [(i, p.row.item_id, p.row.image_path,
+                             None if p.row.image_url or not thumbnails else sha, p.row.image_url, sha)
+                            for i, (p, sha) in enumerate(zip(photos, hashes))], list(items.values()))
             shutil.copy(report, artifact / REPORT_FILE)
         manifest = IndexManifest(
             embedder=embedder_tag, embedder_config=config, dim=vectors.shape[1],

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from model_store import stages, thumbnails
+from model_store.build_lock import StoreBusy
 from model_store.index_artifact import ArtifactError
 from model_store.registry import get_model, list_models
 from model_store.settings import EMBEDDER_MODEL, INDEX_MODEL, Stage
@@ -87,7 +88,8 @@ def delete_cmd(tag: str, force: bool = False) -> None:
         _fail(exc)
     print(f"deleted {deleted}")
     if deleted.startswith(f"{INDEX_MODEL}:"):
-        print("thumbnails only its photos used stay in the store until `python -m model_store thumbnails --prune`")
+        print("thumbnails and cached vectors only its photos used stay until `python -m model_store thumbnails "
+              "--prune` and `python -m index_builder cache --prune`")
 
 
 @app.command("thumbnails")
@@ -97,7 +99,7 @@ def thumbnails_cmd(prune: Annotated[bool, typer.Option(help="delete the thumbnai
     root = thumbnails.store_dir()
     try:
         use = thumbnails.prune() if prune else thumbnails.usage()
-    except (thumbnails.StoreBusy, ArtifactError) as exc:
+    except (StoreBusy, ArtifactError) as exc:
         _fail(exc)
     versions = f"{use.versions} index version{'' if use.versions == 1 else 's'}"
     print(f"{root}: {use.thumbnails:,} thumbnails, {_mb(use.bytes)}; {versions} in the store")

@@ -55,10 +55,12 @@ def diff(old_tag: str, old: Path, new_tag: str, new: Path) -> IndexDiff:
 
         added = count("SELECT count(*) FROM main.items WHERE item_id NOT IN (SELECT item_id FROM old.items)")
         removed = count("SELECT count(*) FROM old.items WHERE item_id NOT IN (SELECT item_id FROM main.items)")
-        # a photo is its content where both versions know it (the thumbnail key is its SHA-256), else its path
-        hashed = all("thumbnail" in {r[1] for r in conn.execute(f"PRAGMA {db}.table_info(photos)")}
-                     for db in ("main", "old"))
-        photo = "item_id, coalesce(thumbnail, image_path)" if hashed else "item_id, image_path"
+        # a photo is its content where both versions know it (format 3 records every photo's SHA-256; format 2
+        # those with a thumbnail, whose key is it), else its path
+        both = set.intersection(*({r[1] for r in conn.execute(f"PRAGMA {db}.table_info(photos)")}
+                                  for db in ("main", "old")))
+        photo = ("item_id, content" if "content" in both else
+                 "item_id, coalesce(thumbnail, image_path)" if "thumbnail" in both else "item_id, image_path")
         photos_added = count(f"SELECT count(*) FROM (SELECT {photo} FROM main.photos EXCEPT "
                              f"SELECT {photo} FROM old.photos)")
         photos_removed = count(f"SELECT count(*) FROM (SELECT {photo} FROM old.photos EXCEPT "

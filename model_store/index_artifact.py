@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import math
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,7 +22,8 @@ PROJECTION_FILE = "projection.npz"
 MANIFEST_FILE = "manifest.json"
 REPORT_FILE = "bad_rows.csv"
 CHUNK = 65_536  # rows projected at a time
-FORMAT_VERSION = 2  # 2: photos carry a thumbnail key and an optional image_url (version 1 is still read)
+# 2: photos carry a thumbnail key and an optional image_url; 3: and the SHA-256 of their bytes (1 and 2 are read)
+FORMAT_VERSION = 3
 
 
 class ArtifactError(RuntimeError):
@@ -107,23 +110,43 @@ def normalize(vectors: np.ndarray) -> np.ndarray:
 def thumbnail_keys(folder: Path) -> set[str]:
     """The thumbnails an artifact's photos point to (none for format 1); ArtifactError when its photo table
     cannot be read."""
+    with _photo_table(folder) as (conn, columns):
+        if "thumbnail" not in columns:
+            return set()
+        return {k for (k,) in conn.execute("SELECT DISTINCT thumbnail FROM photos WHERE thumbnail IS NOT NULL")}
+
+
+@contextlib.contextmanager
+def _photo_table(folder: Path) -> Iterator[tuple[sqlite3.Connection, set[str]]]:
+    """The artifact's item table, read only, and its photo table's columns; ArtifactError when unreadable."""
     try:
         conn = sqlite3.connect(f"file:{folder / ITEMS_FILE}?mode=ro", uri=True)
         try:
             columns = {row[1] for row in conn.execute("PRAGMA table_info(photos)")}
             if not columns:
                 raise ArtifactError(f"{folder / ITEMS_FILE} has no photo table")
-            if "thumbnail" not in columns:
-                return set()
-            return {k for (k,) in conn.execute("SELECT DISTINCT thumbnail FROM photos WHERE thumbnail IS NOT NULL")}
+            yield conn, columns
         finally:
             conn.close()
     except sqlite3.Error as exc:
         raise ArtifactError(f"{folder / ITEMS_FILE} cannot be read: {exc}") from None
 
 
-def write_items_db(path: Path, photos: list[tuple[int, str, str, str | None, str | None]], items: list[tuple]) -> None:
-    """photos: (annoy_id, item_id, image_path, thumbnail key or None, image_url or None);
+def photo_hashes(folder: Path) -> set[str] | None:
+    """The SHA-256 of every photo an artifact holds (what its embedder's cache must keep), or None when the
+    artifact does not record them all (formats 1 and 2 know only the photos that have a thumbnail);
+    ArtifactError when its photo table cannot be read."""
+    with _photo_table(folder) as (conn, columns):
+        if "content" in columns:
+            return {k for (k,) in conn.execute("SELECT DISTINCT content FROM photos")}
+        if "thumbnail" not in columns or conn.execute("SELECT 1 FROM photos WHERE thumbnail IS NULL LIMIT 1").fetchone():
+            return None
+        return {k for (k,) in conn.execute("SELECT DISTINCT thumbnail FROM photos")}
+
+
+def write_items_db(path: Path, photos: list[tuple[int, str, str, str | None, str | None, str]],
+                   items: list[tuple]) -> None:
+    """photos: (annoy_id, item_id, image_path, thumbnail key or None, image_url or None, SHA-256 of the bytes);
     items: (item_id, title, category, price, currency, sold_at)."""
     conn = sqlite3.connect(path)
     with conn:
@@ -131,7 +154,8 @@ def write_items_db(path: Path, photos: list[tuple[int, str, str, str | None, str
             CREATE TABLE items (item_id TEXT PRIMARY KEY, title TEXT NOT NULL, category TEXT NOT NULL,
                                 price REAL NOT NULL, currency TEXT NOT NULL, sold_at TEXT NOT NULL);
             CREATE TABLE photos (annoy_id INTEGER PRIMARY KEY, item_id TEXT NOT NULL REFERENCES items,
-                                 image_path TEXT NOT NULL, thumbnail TEXT, image_url TEXT);
+                                 image_path TEXT NOT NULL, thumbnail TEXT, image_url TEXT,
+                                 content TEXT NOT NULL);
             CREATE INDEX items_category ON items(lower(category));
             CREATE INDEX items_price ON items(price);
             CREATE INDEX items_sold_at ON items(sold_at);
@@ -139,5 +163,5 @@ def write_items_db(path: Path, photos: list[tuple[int, str, str, str | None, str
             CREATE INDEX photos_thumbnail ON photos(thumbnail);
         """)
         conn.executemany("INSERT INTO items VALUES (?,?,?,?,?,?)", items)
-        conn.executemany("INSERT INTO photos VALUES (?,?,?,?,?)", photos)
+        conn.executemany("INSERT INTO photos VALUES (?,?,?,?,?,?)", photos)
     conn.close()

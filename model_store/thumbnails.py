@@ -6,28 +6,23 @@ photos already there (nothing remade, nothing copied), and a name can never poin
 On a living catalogue photos are replaced and versions deleted, and the thumbnails no version points to any
 more stay behind (15 KB each: 150 MB a night where 10,000 photos change). `prune` deletes them. It keeps
 the thumbnail of every photo of every index version in the store, so any version a stage could roll back to
-keeps its photos. A build holds the store's lock, shared with other builds, from the moment it looks for
-the thumbnails it may reuse until its version is registered; a prune takes the lock alone and refuses
-while a build holds it, and a build that starts during a prune waits for it.
+keeps its photos. Builds and prunes exclude each other through model_store/build_lock.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import io
 import os
 import re
-import sys
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
+from model_store.build_lock import pruning
 from model_store.index_artifact import ArtifactError, thumbnail_keys
 from model_store.registry import bentoml_home, list_models
 from model_store.settings import INDEX_MODEL
@@ -37,12 +32,7 @@ THUMBNAIL_QUALITY = 80  # WebP quality: bytes per photo in docs/PERFORMANCE.md
 MEDIA_TYPE = "image/webp"
 SUFFIX = ".webp"
 KEY = re.compile(r"^[0-9a-f]{64}$")
-LOCK_FILE = ".lock"
 STALE_TMP_S = 3600  # a half-written thumbnail this old belongs to a writer that was killed
-
-
-class StoreBusy(RuntimeError):
-    """The thumbnail store is in use (a build is running) and cannot be pruned now."""
 
 
 def store_dir() -> Path:
@@ -84,14 +74,6 @@ def store_size(root: Path | None = None) -> tuple[int, int]:
     return counted.thumbnails, counted.bytes
 
 
-@contextlib.contextmanager
-def building(root: Path | None = None) -> Iterator[None]:
-    """Held by a build while it decides which thumbnails to reuse, makes the others and registers its version:
-    other builds may hold it too; a prune may not. Waits (saying so) while a prune runs."""
-    with _locked(root or store_dir(), fcntl.LOCK_SH, wait=True):
-        yield
-
-
 @dataclass
 class Usage:
     thumbnails: int
@@ -112,7 +94,7 @@ def prune(root: Path | None = None) -> Usage:
     returns what was deleted. StoreBusy while a build runs; ArtifactError for a version whose photos
     cannot be read (its thumbnails cannot be told apart, so nothing is deleted)."""
     root = root or store_dir()
-    with _locked(root, fcntl.LOCK_EX, wait=False):
+    with pruning("thumbnail store"):
         keep, versions = used_keys()  # read under the lock: every version registered before it is counted
         gone = _usage(root, keep, versions, delete=True)
         for tmp in root.glob("*/.*.tmp"):
@@ -145,18 +127,3 @@ def _usage(root: Path, keep: set[str], versions: int, delete: bool = False) -> U
             if delete:
                 path.unlink(missing_ok=True)
     return Usage(n, total, unused, unused_bytes, versions)
-
-
-@contextlib.contextmanager
-def _locked(root: Path, mode: int, wait: bool) -> Iterator[None]:
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / LOCK_FILE, "a") as lock:
-        try:
-            fcntl.flock(lock, mode | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if not wait:
-                raise StoreBusy(f"a build (or another prune) is using the thumbnail store {root}: prune once it has "
-                                "finished") from None
-            print(f"waiting for the prune of the thumbnail store {root} to finish", file=sys.stderr)
-            fcntl.flock(lock, mode)
-        yield

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
@@ -209,3 +210,22 @@ def test_a_version_with_an_unreadable_manifest_is_named_and_not_compared(stages_
     (broken / MANIFEST_FILE).unlink()
     with pytest.raises(ArtifactError, match="No such file"):
         IndexManifest.read(broken)
+
+
+def test_the_diff_knows_a_photo_by_its_content_even_with_an_image_url(demo_index, tmp_path):
+    """Format 3 records every photo's SHA-256: a photo moved to another path is the same photo, whether it has a
+    thumbnail or an image_url; a re-shot one is a new photo."""
+    from model_store.diff import diff
+    from model_store.index_artifact import MANIFEST_FILE, write_items_db
+
+    items = [("a", "Lamp", "Lighting", 10.0, "USD", "2025-01-01"), ("b", "Vase", "Decor", 20.0, "USD", "2025-01-01")]
+    versions = {"old": [(0, "a", "a.jpg", None, "https://cdn.example.com/a.jpg", "1" * 64),
+                        (1, "b", "b.jpg", "2" * 64, None, "2" * 64)],
+                "new": [(0, "a", "moved/a.jpg", None, "https://cdn.example.com/a.jpg", "1" * 64),  # moved
+                        (1, "b", "b.jpg", "3" * 64, None, "3" * 64)]}  # re-shot
+    for name, photos in versions.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / MANIFEST_FILE).write_text((Path(get_model(demo_index.tag).path) / MANIFEST_FILE).read_text())
+        write_items_db(tmp_path / name / "items.sqlite", photos, items)
+    change = diff("old", tmp_path / "old", "new", tmp_path / "new")
+    assert (change.items_added, change.items_removed, change.photos_added, change.photos_removed) == (0, 0, 1, 1)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_env
-from model_store import thumbnails
+from model_store import build_lock, thumbnails
 from test_build import _new_catalogue
 
 pytestmark = pytest.mark.slow
@@ -116,9 +116,10 @@ def test_no_prune_while_a_build_holds_the_store_or_a_version_cannot_be_read(tmp_
     unused = store.thumbnails / "ab" / f"{'ab' * 32}.webp"
     unused.write_bytes(b"RIFF")
 
-    with thumbnails.building(store.thumbnails):
+    with build_lock.building(store.home / "build.lock"):
         refused = store.run("model_store", "thumbnails", "--prune")
-    assert refused.returncode == 2 and "is using the thumbnail store" in refused.stderr
+    assert refused.returncode == 2 and "a build (or another prune) is running" in refused.stderr
+    assert "prune the thumbnail store once it has finished" in refused.stderr
     assert unused.exists()
 
     items = next((store.home / "models").glob(f"image-index/{built['tag'].split(':')[1]}/items.sqlite"))
@@ -132,11 +133,13 @@ def test_no_prune_while_a_build_holds_the_store_or_a_version_cannot_be_read(tmp_
     assert not unused.exists() and len(store.keys()) == 3
 
 
-def test_a_build_holds_the_store_from_choosing_thumbnails_to_registering(tmp_path, monkeypatch):
+@pytest.mark.parametrize("make_thumbnails", [True, False])
+def test_a_build_holds_the_lock_from_choosing_what_to_reuse_to_registering(tmp_path, monkeypatch, make_thumbnails):
+    """The embedding cache's prune takes the same lock, so a build without thumbnails holds it too."""
     from index_builder import build as build_module
 
     def store_held() -> bool:
-        with open(thumbnails.store_dir() / thumbnails.LOCK_FILE, "a") as f:
+        with open(build_lock.lock_path(), "a") as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -151,28 +154,31 @@ def test_a_build_holds_the_store_from_choosing_thumbnails_to_registering(tmp_pat
             return step(*args, **kwargs)
         return probed
 
+    monkeypatch.setattr(build_module, "EmbeddingCache", probing(build_module.EmbeddingCache))
     monkeypatch.setattr(build_module, "extract", probing(build_module.extract))
     monkeypatch.setattr(build_module, "register", probing(build_module.register))
     build_module.build(_new_catalogue(tmp_path / "cat", 2, seed=9300), backbone="efficientnet-lite0",
-                       weights="random", image_size=64, pca_dim=0, progress=False, workers=0)
-    assert held == [True, True] and not store_held()
+                       weights="random", image_size=64, pca_dim=0, progress=False, workers=0,
+                       thumbnails=make_thumbnails)
+    assert held == [True, True, True] and not store_held()
 
 
 def test_a_build_waits_for_a_prune_to_finish(tmp_path):
-    root = tmp_path / "thumbnails"
-    root.mkdir()
+    lock = tmp_path / "build.lock"
     entered = threading.Event()
 
     def build():
-        with thumbnails.building(root):
+        with build_lock.building(lock):
             entered.set()
 
-    with open(root / thumbnails.LOCK_FILE, "a") as prune_lock:
+    with open(lock, "a") as prune_lock:
         fcntl.flock(prune_lock, fcntl.LOCK_EX)  # what a prune holds
         waiting = threading.Thread(target=build)
         waiting.start()
         assert not entered.wait(0.5)
     assert entered.wait(5)
     waiting.join()
-    with thumbnails.building(root), thumbnails.building(root):  # builds share the store
-        pass
+    with build_lock.building(lock), build_lock.building(lock):  # builds share the store
+        with pytest.raises(build_lock.StoreBusy, match="prune the embedding cache once"):
+            with build_lock.pruning("embedding cache", lock):
+                pass

@@ -9,12 +9,14 @@ from typing import Annotated, Optional
 
 import typer
 
+from index_builder import cache
 from index_builder.build import DEFAULT_DESCRIPTOR, DEFAULT_PROJECTION, BuildError, BuildSummary, build
 from index_builder.catalogue import CatalogueError
 from index_builder.demo import make_demo_catalogue
 from index_builder.evaluate import EvalError
 from index_builder.extract import CPU_BATCH_SIZE, DEFAULT_WORKERS, GPU_BATCH_SIZE
 from model_store.backbones import WeightsError
+from model_store.build_lock import StoreBusy
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -99,22 +101,34 @@ def build_cmd(
 
 @app.command("cache")
 def cache_cmd(
-    prune: Annotated[bool, typer.Option(help="delete the caches of embedders no stored index version uses")] = False,
-    keep: Annotated[Optional[list[str]], typer.Option(help="with --prune: an embedder tag to keep as well")] = None,
+    prune: Annotated[bool, typer.Option(help="delete what no stored index version uses: the caches of embedders no "
+                                             "version uses, and the vectors of photos no version holds")] = False,
+    keep: Annotated[Optional[list[str]], typer.Option(help="an embedder tag whose whole cache is kept")] = None,
 ) -> None:
-    """The embedding cache: vectors and bytes per embedder; --prune deletes what no index needs."""
-    from index_builder import cache
-    from model_store.registry import list_models
-    from model_store.settings import INDEX_MODEL
+    """The embedding cache: vectors and bytes per embedder, and how much no stored index version uses;
+    --prune deletes that (not while a build runs)."""
+    try:
+        caches = cache.prune(frozenset(keep or ())) if prune else cache.usage(frozenset(keep or ()))
+    except StoreBusy as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise typer.Exit(2)
+    for c in caches:
+        print(f"{c.embedder}  {c.vectors:>10,} vectors  {c.bytes / 1e6:>10,.1f} MB  {_cache_state(c, prune)}")
+    held = sum(c.bytes if c.bytes_after is None else c.bytes_after for c in caches if not (prune and c.whole))
+    print(f"{len(caches)} embedder(s): {held / 1e6:,.1f} MB in {cache.cache_root()}{' now' if prune else ''}")
 
-    if prune:
-        used = {m.info.labels.get("embedder", "") for m in list_models(INDEX_MODEL)} | set(keep or [])
-        for gone in cache.prune(used):
-            print(f"deleted {gone.embedder}: {gone.vectors:,} vectors, {gone.bytes / 1e6:,.1f} MB")
-    sizes = cache.sizes()
-    for s in sizes:
-        print(f"{s.embedder}  {s.vectors:>10,} vectors  {s.bytes / 1e6:>10,.1f} MB")
-    print(f"{len(sizes)} embedder(s), {sum(s.bytes for s in sizes) / 1e6:,.1f} MB in {cache.cache_root()}")
+
+def _cache_state(c: cache.CacheUse, pruned: bool) -> str:
+    if c.whole:
+        return "deleted: no stored index uses this embedder" if pruned else "no stored index uses it (--prune deletes it)"
+    if c.unused is None:
+        return f"kept whole: {c.why}"
+    if not c.unused:
+        return "every vector is used by a stored version"
+    if pruned:
+        return f"deleted {c.unused:,} vectors no stored version holds" + (
+            f"; compacted to {c.bytes_after / 1e6:,.1f} MB" if c.compacted else "; the next builds reuse their space")
+    return f"{c.unused:,} of them used by no stored version (--prune deletes them)"
 
 
 @app.command("demo")

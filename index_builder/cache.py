@@ -6,21 +6,38 @@ its own LMDB environment under $BENTOML_HOME/embedding-cache/ with two tables:
 - seen: a cheap key of the photo as it was read (local: path, size and mtime; remote: URL and ETag, or size
   and Last-Modified) -> that SHA-256, so an unchanged photo is neither read nor hashed again.
 Written one transaction per batch as the build goes: a killed build resumes from what it wrote.
+
+On a living catalogue photos are replaced, and the vectors of the old ones stay (~8.5 KB each on disk with
+the default embedder). `prune` deletes what no stored index version holds: whole caches of embedders no
+version uses, and in the others the vectors of photos no version of that embedder holds (the next builds
+reuse their space; a prune that frees a tenth of a file or more compacts it). Only versions that record
+every photo's content hash (format 3) can be pruned that way; a store with an older version of an embedder
+keeps that embedder's cache whole and says which version. A prune also deletes what a killed build wrote
+and no version holds yet: rerun a killed build before pruning, or it embeds those photos again.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import lmdb
 import numpy as np
 
-from model_store.registry import bentoml_home
+from model_store.build_lock import pruning
+from model_store.index_artifact import ArtifactError, photo_hashes
+from model_store.registry import bentoml_home, list_models
+from model_store.settings import INDEX_MODEL
 
 MAP_SIZE = 1 << 40  # address space, not disk: LMDB files grow as they are written
+DELETES_PER_TXN = 10_000  # a write transaction holds its dirty pages in memory: prune in steps
+# A prune compacts the file when it deletes at least this share of its vectors. Below, the freed pages are left
+# for the next builds to fill (a nightly prune stops the growth without copying 8.5 GB a night at a million).
+COMPACT_SHARE = 0.1
 
 
 def cache_root() -> Path:
@@ -32,10 +49,18 @@ def _folder(embedder_tag: str, root: Path | None) -> Path:
 
 
 @dataclass(frozen=True)
-class CacheSize:
-    embedder: str
+class CacheUse:
+    """One embedder's cache: `unused` vectors of its `vectors` belong to no stored index version (None when that
+    is not known: `why` says so); `whole`: no stored version uses the embedder at all."""
+
+    embedder: str  # the folder's name: the tag with - for :
     vectors: int
     bytes: int
+    unused: int | None
+    why: str = ""
+    whole: bool = False
+    bytes_after: int | None = None  # on disk after a prune (None: deleted, or not pruned)
+    compacted: bool = False
 
 
 class EmbeddingCache:
@@ -96,28 +121,107 @@ class EmbeddingCache:
             return txn.stat(self.vectors)["entries"]
 
 
-def sizes(root: Path | None = None) -> list[CacheSize]:
-    """Every embedder's cache: vectors held and bytes on disk."""
-    out = []
-    for folder in sorted((root or cache_root()).glob("*")):
-        if not (folder / "data.mdb").exists():
+def usage(keep_embedders: frozenset[str] = frozenset(), root: Path | None = None) -> list[CacheUse]:
+    """Every embedder's cache, and how much of it no stored index version uses."""
+    return _walk(root or cache_root(), used_hashes(), keep_embedders, delete=False)
+
+
+def prune(keep_embedders: frozenset[str] = frozenset(), root: Path | None = None) -> list[CacheUse]:
+    """Delete the caches of embedders no stored index uses (unless in `keep_embedders`: tags) and, in the others,
+    the vectors of photos no stored version holds (compacting a file when that frees a tenth of it). Returns
+    what each held before and what was deleted.
+    StoreBusy while a build runs: its vectors are in no version yet."""
+    with pruning("embedding cache"):
+        return _walk(root or cache_root(), used_hashes(), keep_embedders, delete=True)
+
+
+def used_hashes() -> dict[str, set[str] | str]:
+    """Embedder tag -> the SHA-256 of every photo its stored index versions hold, or why that is not known."""
+    used: dict[str, set[str] | str] = {}
+    for model in list_models(INDEX_MODEL):
+        tag = model.info.labels.get("embedder", "")
+        if isinstance(used.get(tag), str):
             continue
-        env = lmdb.open(str(folder), readonly=True, max_dbs=2, lock=False)
         try:
-            with env.begin() as txn:
-                entries = txn.stat(env.open_db(b"vectors", txn=txn, create=False))["entries"]
-        except lmdb.Error:
-            entries = 0
-        finally:
-            env.close()
-        out.append(CacheSize(folder.name, entries, sum(f.stat().st_size for f in folder.iterdir())))
+            hashes = photo_hashes(Path(model.path))
+        except ArtifactError as exc:
+            used[tag] = f"{model.tag}: {exc}"
+            continue
+        if hashes is None:
+            used[tag] = (f"{model.tag} does not record all its photos (built before 2026-12-05): rebuild its "
+                         "catalogue or delete it")
+        else:
+            used.setdefault(tag, set()).update(hashes)  # type: ignore[union-attr]
+    return used
+
+
+def _walk(root: Path, used: dict[str, set[str] | str], keep_embedders: frozenset[str], delete: bool) -> list[CacheUse]:
+    kept = {_folder(t, root).name for t in keep_embedders}
+    hashes = {_folder(t, root).name: h for t, h in used.items() if t}
+    out = []
+    for folder in sorted(p for p in root.glob("*") if (p / "data.mdb").exists()):
+        size = sum(f.stat().st_size for f in folder.iterdir())
+        need = "kept with --keep" if folder.name in kept else hashes.get(folder.name)
+        if need is None:  # no stored version uses this embedder
+            out.append(CacheUse(folder.name, _count(folder), size, unused=None, whole=True))
+            if delete:
+                shutil.rmtree(folder)
+        elif isinstance(need, set):
+            out.append(_drop_unused(folder, {h.encode() for h in need}, size, delete))
+        else:
+            out.append(CacheUse(folder.name, _count(folder), size, unused=None, why=need))
     return out
 
 
-def prune(keep: set[str], root: Path | None = None) -> list[CacheSize]:
-    """Delete the caches of embedders not in `keep` (tags); returns what was deleted."""
-    kept = {t.replace(":", "-") for t in keep}
-    gone = [s for s in sizes(root) if s.embedder not in kept]
-    for s in gone:
-        shutil.rmtree((root or cache_root()) / s.embedder)
-    return gone
+def _count(folder: Path) -> int:
+    env = lmdb.open(str(folder), readonly=True, max_dbs=2, lock=False)
+    try:
+        with env.begin() as txn:
+            return txn.stat(env.open_db(b"vectors", txn=txn, create=False))["entries"]
+    except lmdb.Error:
+        return 0
+    finally:
+        env.close()
+
+
+def _drop_unused(folder: Path, keep: set[bytes], size: int, delete: bool) -> CacheUse:
+    """Count (and with `delete`, delete) the vectors whose hash is not in `keep`, and the cheap keys that
+    point to them; then compact the file (LMDB never shrinks it by itself) if that freed COMPACT_SHARE of it."""
+    env = lmdb.open(str(folder), map_size=MAP_SIZE, max_dbs=2, readonly=not delete)
+    compacted = False
+    try:
+        vectors, seen = env.open_db(b"vectors"), env.open_db(b"seen")
+        with env.begin() as txn:
+            total = txn.stat(vectors)["entries"]
+            gone = [k for k in txn.cursor(vectors).iternext(keys=True, values=False) if k not in keep]
+            stale = [k for k, sha in txn.cursor(seen).iternext() if sha not in keep]
+        if delete and (gone or stale):
+            for db, keys in ((vectors, gone), (seen, stale)):
+                for s in range(0, len(keys), DELETES_PER_TXN):
+                    with env.begin(write=True, db=db) as txn:
+                        for k in keys[s:s + DELETES_PER_TXN]:
+                            txn.delete(k)
+            compacted = len(gone) >= COMPACT_SHARE * total and _compact(env, folder)
+    finally:
+        env.close()
+    after = sum(f.stat().st_size for f in folder.iterdir()) if delete else None
+    return CacheUse(folder.name, total, size, unused=len(gone), bytes_after=after, compacted=compacted)
+
+
+def _compact(env: lmdb.Environment, folder: Path) -> bool:
+    """Copy the live pages to a new file and put it in place (no build runs: the prune holds the lock). On a
+    disk too full for the copy the file stays as it is, its free pages reused by the next builds."""
+    tmp = folder.with_name(f".{folder.name}.compacting")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        env.copy(str(tmp), compact=True)
+    except lmdb.Error as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(f"{folder.name}: not compacted ({exc}); its free pages are reused by the next builds", file=sys.stderr)
+        return False
+    env.close()
+    os.replace(tmp / "data.mdb", folder / "data.mdb")
+    (folder / "lock.mdb").unlink(missing_ok=True)  # LMDB makes a new one at the next open
+    tmp.rmdir()
+    return True

@@ -107,6 +107,12 @@ def test_thumbnail_prune(python):
     assert "deletes the 20 unused" in quick("bench.thumbnail_prune", python)
 
 
+def test_cache_prune(python):
+    out = quick("bench.cache_prune", python)
+    assert "| 20 (1%): deleted, space left for the next builds |" in out
+    assert "| 400 (20%): deleted, file compacted |" in out
+
+
 def test_resample_crop(python):
     out = quick("bench.resample_crop", python)
     assert '"max_level_difference"' in out or not out  # without ../shared/data it has no photos to compare

@@ -344,19 +344,3 @@ def test_a_bad_image_url_is_a_reported_row(tmp_path):
     cat = read_catalogue(catalogue)
     assert sorted(b.line for b in cat.bad) == [3, 4]
     assert all("image_url" in b.reason for b in cat.bad)
-
-
-def test_the_cache_command_shows_and_prunes(demo_index, python, tmp_path):
-    from index_builder.cache import EmbeddingCache
-
-    orphan = EmbeddingCache("image-embedder:nobodyusesthis", 4)
-    orphan.put([(None, "ab" * 32, np.ones(4, np.float32))])
-    orphan.close()
-    shown = subprocess.run([python, "-m", "index_builder", "cache"], env=run_env(), capture_output=True, text=True)
-    assert shown.returncode == 0 and "image-embedder-nobodyusesthis" in shown.stdout
-    assert demo_index.embedder.replace(":", "-") in shown.stdout
-    pruned = subprocess.run([python, "-m", "index_builder", "cache", "--prune"], env=run_env(), capture_output=True,
-                            text=True)
-    assert pruned.returncode == 0, pruned.stderr
-    assert "deleted image-embedder-nobodyusesthis: 1 vectors" in pruned.stdout
-    assert demo_index.embedder.replace(":", "-") in pruned.stdout  # used by an index: kept

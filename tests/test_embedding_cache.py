@@ -1,0 +1,164 @@
+"""Pruning the embedding cache: the vectors no stored version holds go, the others stay, never under a build.
+
+Each test has a BentoML home of its own (builds and the CLI run as subprocesses), so the shared store's
+versions, some of them deliberately broken, and the caches other tests count on take no part.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import pytest
+
+from index_builder.cache import EmbeddingCache
+from model_store import build_lock
+from test_build import _new_catalogue
+from test_thumbnail_store import Store, photos, replace_first_and_drop_last, sha
+
+pytestmark = pytest.mark.slow
+
+
+def cache_folder(store: Store, built: dict) -> Path:
+    return store.home / "embedding-cache" / built["embedder"].replace(":", "-")
+
+
+def entries(folder: Path) -> dict[str, set[bytes]]:
+    """The vectors' hashes and the photo hashes the cheap keys point to."""
+    env = lmdb.open(str(folder), readonly=True, max_dbs=2, lock=False)
+    try:
+        with env.begin() as txn:
+            vectors = set(txn.cursor(env.open_db(b"vectors", txn=txn, create=False)).iternext(values=False))
+            seen = {sha for _, sha in txn.cursor(env.open_db(b"seen", txn=txn, create=False)).iternext()}
+    finally:
+        env.close()
+    return {"vectors": vectors, "seen": seen}
+
+
+def cache_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir())
+
+
+def test_prune_deletes_the_vectors_no_stored_version_holds(tmp_path, python):
+    store = Store(tmp_path, python)
+    # photo 2 has an image_url (no thumbnail): only the version's content column says the cache must keep it
+    first = _new_catalogue(tmp_path / "cat", 5, {2: "https://cdn.example.com/p2.jpg"}, seed=9600)
+    old = store.build(first)
+    new = store.build(replace_first_and_drop_last(first))
+    folder = cache_folder(store, new)
+    used_by_new = {sha(p).encode() for p in photos(first.with_name("nightly.csv"))}
+    assert len(used_by_new) == 4 and entries(folder)["vectors"] == used_by_new | {sha(p).encode() for p in photos(first)}
+
+    orphan = EmbeddingCache("image-embedder:nobodyusesthis", 4, store.home / "embedding-cache")
+    orphan.put([(None, "ab" * 32, np.ones(4, np.float32))])
+    orphan.close()
+    shown = store.run("index_builder", "cache")
+    assert shown.returncode == 0, shown.stderr
+    assert "every vector is used by a stored version" in shown.stdout
+    assert "image-embedder-nobodyusesthis" in shown.stdout and "no stored index uses it" in shown.stdout
+
+    assert store.run("model_store", "delete", old["tag"]).returncode == 0
+    shown = store.run("index_builder", "cache")
+    assert "2 of them used by no stored version" in shown.stdout
+    assert len(entries(folder)["vectors"]) == 6  # showing deletes nothing
+
+    kept = store.run("index_builder", "cache", "--prune", "--keep", new["embedder"], "--keep",
+                     "image-embedder:nobodyusesthis")
+    assert kept.returncode == 0 and kept.stdout.count("kept whole: kept with --keep") == 2
+    assert len(entries(folder)["vectors"]) == 6 and (store.home / "embedding-cache" / "image-embedder-nobodyusesthis").exists()
+
+    before = cache_bytes(folder)
+    pruned = store.run("index_builder", "cache", "--prune")
+    assert pruned.returncode == 0, pruned.stderr
+    assert "deleted 2 vectors no stored version holds; compacted to" in pruned.stdout
+    assert "deleted: no stored index uses this embedder" in pruned.stdout
+    assert not (store.home / "embedding-cache" / "image-embedder-nobodyusesthis").exists()
+    left = entries(folder)
+    assert left["vectors"] == used_by_new and left["seen"] == used_by_new  # cheap keys of deleted photos go too
+    assert cache_bytes(folder) < before  # compacted: LMDB never gives pages back by itself
+
+    # every photo of the version left is still cached, the one with an image_url included
+    assert store.build(first.with_name("nightly.csv"))["reused_photos"] == 4
+    again = store.build(first)  # the old catalogue embeds exactly the two photos only it had
+    assert again["reused_photos"] == 3 and again["photos_indexed"] == 5
+    assert "every vector is used" in store.run("index_builder", "cache", "--prune").stdout
+
+
+def test_no_prune_under_a_build_and_an_old_version_keeps_its_cache_whole(tmp_path, python):
+    store = Store(tmp_path, python)
+    built = store.build(_new_catalogue(tmp_path / "cat", 3, {0: "https://cdn.example.com/p0.jpg"}, seed=9700))
+    folder = cache_folder(store, built)
+    extra = EmbeddingCache(built["embedder"], 1280, store.home / "embedding-cache")
+    extra.put([(None, "cd" * 32, np.ones(1280, np.float32))])  # a vector no version holds
+    extra.close()
+
+    with build_lock.building(store.home / "build.lock"):
+        refused = store.run("index_builder", "cache", "--prune")
+    assert refused.returncode == 2 and "a build (or another prune) is running" in refused.stderr
+    assert len(entries(folder)["vectors"]) == 4
+
+    # a version written before photos recorded their content: its image_url photo is known by no hash
+    items = next((store.home / "models").glob(f"image-index/{built['tag'].split(':')[1]}/items.sqlite"))
+    with sqlite3.connect(items) as conn:
+        conn.execute("ALTER TABLE photos DROP COLUMN content")
+    conn.close()
+    pruned = store.run("index_builder", "cache", "--prune")
+    assert pruned.returncode == 0, pruned.stderr
+    assert f"kept whole: {built['tag']} does not record all its photos" in pruned.stdout
+    assert len(entries(folder)["vectors"]) == 4
+
+    items.unlink()  # unreadable: kept whole, and the message names the version
+    pruned = store.run("index_builder", "cache", "--prune")
+    assert pruned.returncode == 0 and f"kept whole: {built['tag']}: " in pruned.stdout
+    assert len(entries(folder)["vectors"]) == 4
+
+
+def test_nightly_prunes_keep_the_file_from_growing(tmp_path):
+    """A catalogue that replaces 1% of its photos a night: pruned, the cache file stays the size it was (the
+    next night's vectors fill the pages the prune freed); unpruned, it grows by each night's vectors. Vectors of
+    1280 numbers, as the default embedder's: LMDB keeps each on pages of its own."""
+    from index_builder import cache
+
+    def night(store: EmbeddingCache, name: str, n: int) -> list[str]:
+        hashes = [hashlib.sha256(f"{name}-{i}".encode()).hexdigest() for i in range(n)]
+        for s in range(0, n, 4):  # a build writes a batch at a time
+            store.put([(f"{name}/p{i}.jpg", hashes[i], np.ones(1280, np.float32)) for i in range(s, min(s + 4, n))])
+        return hashes
+
+    sizes = {}
+    for pruned in (True, False):
+        root = tmp_path / str(pruned)
+        store = EmbeddingCache("image-embedder:nightly", 1280, root)
+        live = night(store, "first", 2000)
+        store.close()
+        data = root / "image-embedder-nightly" / "data.mdb"
+        start = data.stat().st_size
+        for n in range(15):
+            store = EmbeddingCache("image-embedder:nightly", 1280, root)
+            live = live[20:] + night(store, f"night{n}", 20)
+            store.close()
+            if pruned:
+                [use] = cache._walk(root, {"image-embedder:nightly": set(live)}, frozenset(), delete=True)
+                assert (use.vectors, use.unused, use.compacted) == (2020, 20, False)  # 1%: not compacted
+        sizes[pruned] = data.stat().st_size / start
+    assert sizes[True] < 1.05 and sizes[False] > 1.1, sizes
+
+
+@pytest.mark.parametrize("columns, rows, known", [
+    ("thumbnail TEXT, image_url TEXT, content TEXT", [("t1", None, "c1"), (None, "https://x/2.jpg", "c2")],
+     {"c1", "c2"}),  # format 3: every photo's hash
+    ("thumbnail TEXT, image_url TEXT", [("t1", None), ("t2", None)], {"t1", "t2"}),  # format 2, all with thumbnails
+    ("thumbnail TEXT, image_url TEXT", [("t1", None), (None, "https://x/2.jpg")], None),  # format 2, one without
+    ("image_path TEXT", [("p1.jpg",)], None),  # format 1
+])
+def test_which_photos_a_version_records(tmp_path, columns, rows, known):
+    from model_store.index_artifact import photo_hashes
+
+    with sqlite3.connect(tmp_path / "items.sqlite") as conn:
+        conn.execute(f"CREATE TABLE photos ({columns})")
+        conn.executemany(f"INSERT INTO photos VALUES ({','.join('?' * len(rows[0]))})", rows)
+    conn.close()
+    assert photo_hashes(tmp_path) == known

@@ -50,7 +50,7 @@
     image: null,         // a decoded HTMLImageElement of it, or null when the browser cannot read it
     objectUrl: null,
     crop: null,          // {x, y, w, h} as fractions of the photo, or null
-    sides: [],           // more photos of the same item: {file, image (decoded or null), url}
+    sides: [],           // more photos of the same item: {file, image (decoded or null), url, crop}
     lastAssist: null,    // the last /assist answer
     shown: [],           // the matches of the last answer (state.visible of them in the grid)
     visible: 0,
@@ -520,16 +520,39 @@
   // ---------- more photos of the item ----------
 
   function setSides(sides) {
-    for (const side of state.sides) if (!sides.includes(side)) URL.revokeObjectURL(side.url);
+    for (const side of state.sides) {
+      if (!sides.some((s) => s.url === side.url) && side.url !== state.objectUrl) URL.revokeObjectURL(side.url);
+    }
     state.sides = sides;
     el.sidesList.replaceChildren(...sides.map((side, i) => {
       const remove = h('button', { type: 'button', class: 'side-remove', 'data-side': i,
         'aria-label': `Remove photo ${i + 1} of the other sides` }, '×');
+      // A photo the browser can show is a button: it swaps places with the photo above, to be cropped there.
       const thumb = side.image
-        ? h('img', { class: 'side-thumb', src: side.url, alt: `Other side ${i + 1}` })
+        ? h('button', { type: 'button', class: `side-show${side.crop ? ' is-cropped' : ''}`, 'data-side': i,
+          'aria-label': `Show other side ${i + 1} above, to crop it${side.crop ? ' (cropped)' : ''}` },
+        h('img', { class: 'side-thumb', src: side.url, alt: `Other side ${i + 1}` }))
         : h('span', { class: 'side-thumb side-thumb-none', text: side.file.name || 'photo' });
       return h('li', { class: 'side' }, thumb, remove);
     }));
+  }
+
+  // The side photo i and the photo above swap places, each keeping its crop: any photo of the item can be
+  // cropped above. The item's photos and crops stay the same, so its search stands.
+  function showSide(i) {
+    const side = state.sides[i];
+    if (!side || !side.image || !state.file) return;
+    const above = { file: state.file, url: state.objectUrl, image: state.image, crop: state.crop };
+    state.file = side.file;
+    state.objectUrl = side.url;
+    state.image = side.image;
+    setSides(state.sides.map((s, j) => (j === i ? above : s)));
+    el.previewImg.src = side.url;
+    el.previewImg.hidden = false;
+    el.previewFallback.hidden = true;
+    el.preview.classList.add('can-crop');
+    setCrop(side.crop);
+    if (!side.crop) el.cropHint.textContent = `Other side ${i + 1} is shown above: drag on it to crop to the item.`;
   }
 
   async function addSides(files) {
@@ -543,7 +566,7 @@
     const main = state.file;
     const sides = await Promise.all(added.map(async (file) => {
       const url = URL.createObjectURL(file);
-      return { file, url, image: await decodeFile(url) };
+      return { file, url, image: await decodeFile(url), crop: null };
     }));
     if (state.file !== main) {  // another item's photo came in meanwhile
       for (const side of sides) URL.revokeObjectURL(side.url);
@@ -588,7 +611,7 @@
     }
     const data = await runSearch('assist', async (signal) => {
       const upload = await sendable(state.file, state.image, state.crop);
-      const sides = await Promise.all(state.sides.map((side) => sendable(side.file, side.image, null)));
+      const sides = await Promise.all(state.sides.map((side) => sendable(side.file, side.image, side.crop)));
       if (signal.aborted) throw new DOMException('aborted', 'AbortError');
       const form = new FormData();
       form.append('image', upload.blob, upload.name);
@@ -754,6 +777,14 @@
     addSides(files).catch(() => { /* search() reports its own errors */ });
   });
   el.sidesList.addEventListener('click', (event) => {
+    const show = event.target.closest('.side-show');
+    if (show) {
+      const i = Number(show.dataset.side);
+      showSide(i);
+      const again = el.sidesList.querySelector(`.side-show[data-side="${i}"]`);
+      if (again) again.focus();  // the list was redrawn: keep the keyboard where it was
+      return;
+    }
     const button = event.target.closest('.side-remove');
     if (!button) return;
     setSides(state.sides.filter((_, i) => i !== Number(button.dataset.side)));

@@ -121,6 +121,62 @@ def test_cropping_searches_only_the_boxed_item(page, demo_catalogue, rows):
     assert page.locator("#crop-box").is_hidden()
 
 
+def test_a_crop_needs_no_dragging_two_taps_or_the_keyboard_make_one(page, demo_catalogue, rows):
+    """WCAG 2.2's 2.5.7 (dragging movements) and 2.1.1 (keyboard): two taps on opposite corners draw the box
+    a drag draws; with the photo focused, the arrow keys draw and move a box, Shift and the arrows resize it,
+    Escape clears it."""
+    left, right = rows[0], next(r for r in rows if r["category"] != rows[0]["category"])
+    a = Image.open(demo_catalogue.parent / left["image_path"]).convert("RGB")
+    b = Image.open(demo_catalogue.parent / right["image_path"]).convert("RGB").resize(a.size)
+    both = Image.new("RGB", (a.width * 2, a.height), "white")
+    both.paste(a, (0, 0))
+    both.paste(b, (a.width, 0))
+    choose(page, data=png(both), name="two-things.png")
+    wait_for_results(page)
+    photo = page.locator("#preview-img").bounding_box()
+    page.mouse.click(photo["x"] + photo["width"] * 0.52, photo["y"] + 2)
+    assert page.locator("#crop-box").is_hidden() and "opposite corner" in page.inner_text("#crop-hint")
+    page.mouse.click(photo["x"] + photo["width"] - 2, photo["y"] + photo["height"] - 2)
+    box = page.locator("#crop-box").bounding_box()
+    assert abs(box["x"] - (photo["x"] + photo["width"] * 0.52)) < 4 and box["width"] > photo["width"] * 0.4
+    with page.expect_response("**/assist") as answer:
+        page.click("#search-button")
+    assert answer.value.ok
+    wait_for_results(page)
+    assert page.locator("#results .result").first.get_attribute("data-item-id") == right["item_id"]
+
+    def crop() -> list[float] | None:  # left, top, width, height as shares of the photo
+        return page.evaluate("""() => { const s = document.querySelector('#crop-box');
+            return s.hidden ? null : [s.style.left, s.style.top, s.style.width, s.style.height].map(parseFloat); }""")
+
+    page.locator("#preview").focus()
+    scrolled = page.evaluate("window.scrollY")
+    page.keyboard.press("Escape")
+    assert crop() is None
+    page.keyboard.press("ArrowRight")  # no box yet: one of 80% in the middle
+    assert crop() == pytest.approx([10, 10, 80, 80])
+    page.keyboard.press("ArrowRight")
+    page.keyboard.press("ArrowDown")
+    for _ in range(4):
+        page.keyboard.press("Shift+ArrowLeft")
+    assert crop() == pytest.approx([15, 15, 60, 80])
+    for _ in range(30):  # the box stays on the photo
+        page.keyboard.press("ArrowRight")
+    assert crop() == pytest.approx([40, 15, 60, 80])
+    assert page.evaluate("window.scrollY") == scrolled  # the arrows moved the box, not the page
+
+    page.locator("#search-button").focus()  # then back to the photo with the keyboard: its keys are shown
+    for _ in range(12):
+        page.keyboard.press("Shift+Tab")
+        if page.evaluate("document.activeElement.id") == "preview":
+            break
+    assert page.evaluate("document.activeElement.id") == "preview"
+    assert page.locator("#crop-keys").bounding_box()["width"] > 100
+    assert not accessibility_faults(page)  # the photo focused, its keys on screen
+    page.keyboard.press("Escape")
+    assert crop() is None
+
+
 def test_a_phone_photo_is_sent_at_the_size_the_index_needs(page, server, demo_catalogue, rows):
     upload_px = server.http.get("/index").json()["upload_px"]
     photo = Image.open(demo_catalogue.parent / rows[0]["image_path"]).convert("RGB").resize((1600, 1200))

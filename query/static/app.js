@@ -8,6 +8,9 @@
   const JPEG_QUALITY = 0.9;
   const SENT_AS_IS = ['image/jpeg', 'image/png', 'image/webp'];  // what the service reads
   const MIN_CROP_PX = 12;      // a smaller drag is a tap, not a crop
+  const KEY_STEP = 0.05;       // an arrow key moves or resizes the crop box by this share of the photo
+  const KEY_MIN = 0.1;         // the smallest crop box the keys make, as a share of the photo
+  const CROP_HINT = 'Optional: drag on the photo, or tap two opposite corners, to crop to the item.';
   const MAX_SIDES = 16;        // more photos of the item the service takes (more_images)
   const LOCALE = undefined;    // the browser's own locale
 
@@ -361,12 +364,14 @@
       el.previewImg.hidden = false;
       el.previewFallback.hidden = true;
       el.preview.classList.add('can-crop');
-      el.cropHint.textContent = 'Optional: drag on the photo to crop to the item.';
+      el.preview.tabIndex = 0;
+      el.cropHint.textContent = CROP_HINT;
     } else {
       el.previewImg.removeAttribute('src');
       el.previewImg.hidden = true;
       el.previewFallback.hidden = false;
       el.preview.classList.remove('can-crop');
+      el.preview.removeAttribute('tabindex');
       el.cropHint.textContent = 'This file cannot be previewed, so it cannot be cropped.';
     }
     await search();
@@ -389,6 +394,8 @@
   // ---------- crop ----------
 
   let drag = null;
+  let corner = null;  // the first corner of a crop made by two taps (no dragging needed), or null
+  const clamp = (v, lo, hi) => Math.min(hi, Math.max(lo, v));
 
   function pointFraction(event) {
     const r = el.previewImg.getBoundingClientRect();
@@ -413,6 +420,7 @@
   }
 
   function setCrop(box) {
+    corner = null;
     state.crop = box;
     showCropBox(box);
     el.cropClear.hidden = !box;
@@ -420,7 +428,7 @@
     if (state.image) {
       el.cropHint.textContent = box
         ? 'Cropped. Press Search to look for just this part.'
-        : 'Optional: drag on the photo to crop to the item.';
+        : CROP_HINT;
     }
   }
 
@@ -446,12 +454,48 @@
     showCropBox(drag.box);
   }
 
+  function bigEnough(box) {
+    const r = el.previewImg.getBoundingClientRect();
+    return !!box && box.w * r.width >= MIN_CROP_PX && box.h * r.height >= MIN_CROP_PX;
+  }
+
   function onPointerUp(event) {
     if (!drag || event.pointerId !== drag.id) return;
-    const { box, r, before } = drag;
+    const { box, before, x0, y0 } = drag;
     drag = null;
-    const big = box && r && box.w * r.width >= MIN_CROP_PX && box.h * r.height >= MIN_CROP_PX;
-    setCrop(big ? box : before);
+    if (bigEnough(box)) {
+      setCrop(box);
+      return;
+    }
+    // A tap: the first marks a corner and the second the opposite one, for those who cannot drag.
+    const first = corner;
+    if (!first) {
+      setCrop(before);
+      corner = { x: x0, y: y0 };
+      el.cropHint.textContent = 'Now tap the opposite corner of the item.';
+      return;
+    }
+    const tapped = { x: Math.min(first.x, x0), y: Math.min(first.y, y0),
+      w: Math.abs(x0 - first.x), h: Math.abs(y0 - first.y) };
+    setCrop(bigEnough(tapped) ? tapped : before);
+  }
+
+  // With the photo focused: an arrow key draws a box, then moves it; Shift and an arrow resize it; Escape clears it.
+  function onPreviewKey(event) {
+    if (!state.image || event.altKey || event.ctrlKey || event.metaKey) return;
+    if (event.key === 'Escape' && (state.crop || corner)) {
+      event.preventDefault();
+      setCrop(null);
+      return;
+    }
+    const move = { ArrowLeft: [-1, 0], ArrowRight: [1, 0], ArrowUp: [0, -1], ArrowDown: [0, 1] }[event.key];
+    if (!move) return;
+    event.preventDefault();  // not a scroll of the page
+    const [dx, dy] = move.map((d) => d * KEY_STEP);
+    const b = state.crop;
+    if (!b) setCrop({ x: 0.1, y: 0.1, w: 0.8, h: 0.8 });
+    else if (event.shiftKey) setCrop({ ...b, w: clamp(b.w + dx, KEY_MIN, 1 - b.x), h: clamp(b.h + dy, KEY_MIN, 1 - b.y) });
+    else setCrop({ ...b, x: clamp(b.x + dx, 0, 1 - b.w), y: clamp(b.y + dy, 0, 1 - b.h) });
   }
 
   function onPointerCancel(event) {
@@ -551,8 +595,11 @@
     el.previewImg.hidden = false;
     el.previewFallback.hidden = true;
     el.preview.classList.add('can-crop');
+    el.preview.tabIndex = 0;
     setCrop(side.crop);
-    if (!side.crop) el.cropHint.textContent = `Other side ${i + 1} is shown above: drag on it to crop to the item.`;
+    if (!side.crop) {
+      el.cropHint.textContent = `Other side ${i + 1} is shown above: drag on it, or tap two opposite corners, to crop it.`;
+    }
   }
 
   async function addSides(files) {
@@ -826,6 +873,7 @@
   el.preview.addEventListener('pointermove', onPointerMove);
   el.preview.addEventListener('pointerup', onPointerUp);
   el.preview.addEventListener('pointercancel', onPointerCancel);
+  el.preview.addEventListener('keydown', onPreviewKey);
   el.preview.addEventListener('dragstart', (event) => event.preventDefault());
   el.cropClear.addEventListener('click', () => {
     setCrop(null);

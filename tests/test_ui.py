@@ -95,7 +95,8 @@ def test_result_photos_of_any_shape_fill_the_same_square(page, demo_catalogue, r
     assert all(abs(w - h) < 1.5 and abs(w - boxes[0][0]) < 1.5 for w, h in boxes), boxes
 
 
-def test_cropping_searches_only_the_boxed_item(page, demo_catalogue, rows):
+def choose_two_things(page, demo_catalogue, rows) -> dict:
+    """Searches a photo of two items of different categories side by side; returns the right-hand one's row."""
     left, right = rows[0], next(r for r in rows if r["category"] != rows[0]["category"])
     a = Image.open(demo_catalogue.parent / left["image_path"]).convert("RGB")
     b = Image.open(demo_catalogue.parent / right["image_path"]).convert("RGB").resize(a.size)
@@ -104,6 +105,11 @@ def test_cropping_searches_only_the_boxed_item(page, demo_catalogue, rows):
     both.paste(b, (a.width, 0))
     choose(page, data=png(both), name="two-things.png")
     wait_for_results(page)
+    return right
+
+
+def test_cropping_searches_only_the_boxed_item(page, demo_catalogue, rows):
+    right = choose_two_things(page, demo_catalogue, rows)
     box = page.locator("#preview img, #preview canvas").first.bounding_box()
     page.mouse.move(box["x"] + box["width"] * 0.52, box["y"] + 2)
     page.mouse.down()
@@ -125,14 +131,7 @@ def test_a_crop_needs_no_dragging_two_taps_or_the_keyboard_make_one(page, demo_c
     """WCAG 2.2's 2.5.7 (dragging movements) and 2.1.1 (keyboard): two taps on opposite corners draw the box
     a drag draws; with the photo focused, the arrow keys draw and move a box, Shift and the arrows resize it,
     Escape clears it."""
-    left, right = rows[0], next(r for r in rows if r["category"] != rows[0]["category"])
-    a = Image.open(demo_catalogue.parent / left["image_path"]).convert("RGB")
-    b = Image.open(demo_catalogue.parent / right["image_path"]).convert("RGB").resize(a.size)
-    both = Image.new("RGB", (a.width * 2, a.height), "white")
-    both.paste(a, (0, 0))
-    both.paste(b, (a.width, 0))
-    choose(page, data=png(both), name="two-things.png")
-    wait_for_results(page)
+    right = choose_two_things(page, demo_catalogue, rows)
     photo = page.locator("#preview-img").bounding_box()
     page.mouse.click(photo["x"] + photo["width"] * 0.52, photo["y"] + 2)
     assert page.locator("#crop-box").is_hidden() and "opposite corner" in page.inner_text("#crop-hint")

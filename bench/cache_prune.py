@@ -23,6 +23,7 @@ import numpy as np
 import typer
 
 from bench.evaluate_grocery import machine
+from index_builder.cache import disk_bytes
 from bench.thumbnail_prune import bench_home, show, timed_cli
 
 EMBEDDER = "image-embedder:benchcacheprune"
@@ -59,10 +60,10 @@ def measure(photos: int, unused: int, dim: int) -> dict:
                         "--dim", str(dim), "--setup-only"], env=env, check=True)
         made_s = time.perf_counter() - t0
         folder = home / "embedding-cache" / EMBEDDER.replace(":", "-")
-        before = sum(f.stat().st_size for f in folder.iterdir())
+        before = disk_bytes(folder)
         report_s, report = timed_cli(env, "index_builder", "cache")
         prune_s, pruned = timed_cli(env, "index_builder", "cache", "--prune")
-        after = sum(f.stat().st_size for f in folder.iterdir())
+        after = disk_bytes(folder)
     assert f"deleted {unused:,} vectors" in pruned, pruned
     print(report, pruned, sep="\n", file=sys.stderr)
     return dict(unused=unused, setup_s=made_s, report_s=report_s, prune_s=prune_s, before=before, after=after,

@@ -160,7 +160,7 @@ def _walk(root: Path, used: dict[str, set[str] | str], keep_embedders: frozenset
     hashes = {_folder(t, root).name: h for t, h in used.items() if t}
     out = []
     for folder in sorted(p for p in root.glob("*") if (p / "data.mdb").exists()):
-        size = sum(f.stat().st_size for f in folder.iterdir())
+        size = disk_bytes(folder)
         need = "kept with --keep" if folder.name in kept else hashes.get(folder.name)
         if need is None:  # no stored version uses this embedder
             out.append(CacheUse(folder.name, _count(folder), size, unused=None, whole=True))
@@ -171,6 +171,11 @@ def _walk(root: Path, used: dict[str, set[str] | str], keep_embedders: frozenset
         else:
             out.append(CacheUse(folder.name, _count(folder), size, unused=None, why=need))
     return out
+
+
+def disk_bytes(folder: Path) -> int:
+    """What one embedder's cache takes on disk."""
+    return sum(f.stat().st_size for f in folder.iterdir())
 
 
 def _count(folder: Path) -> int:
@@ -204,7 +209,7 @@ def _drop_unused(folder: Path, keep: set[bytes], size: int, delete: bool) -> Cac
             compacted = len(gone) >= COMPACT_SHARE * total and _compact(env, folder)
     finally:
         env.close()
-    after = sum(f.stat().st_size for f in folder.iterdir()) if delete else None
+    after = disk_bytes(folder) if delete else None
     return CacheUse(folder.name, total, size, unused=len(gone), bytes_after=after, compacted=compacted)
 
 

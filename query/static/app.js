@@ -357,24 +357,26 @@
     const img = await decodeFile(url);
     if (state.objectUrl !== url) return;  // another photo came in meanwhile
 
+    state.image = img;
+    showPreview(img ? url : null);
     if (img) {
-      state.image = img;
-      el.previewImg.src = url;
       el.previewImg.alt = 'Your photo';
-      el.previewImg.hidden = false;
-      el.previewFallback.hidden = true;
-      el.preview.classList.add('can-crop');
-      el.preview.tabIndex = 0;
       el.cropHint.textContent = CROP_HINT;
     } else {
-      el.previewImg.removeAttribute('src');
-      el.previewImg.hidden = true;
-      el.previewFallback.hidden = false;
-      el.preview.classList.remove('can-crop');
-      el.preview.removeAttribute('tabindex');
       el.cropHint.textContent = 'This file cannot be previewed, so it cannot be cropped.';
     }
     await search();
+  }
+
+  // The photo above: shown and croppable (focusable for the crop keys), or, with no url, the no-preview note.
+  function showPreview(url) {
+    if (url) el.previewImg.src = url;
+    else el.previewImg.removeAttribute('src');
+    el.previewImg.hidden = !url;
+    el.previewFallback.hidden = !!url;
+    el.preview.classList.toggle('can-crop', !!url);
+    if (url) el.preview.tabIndex = 0;
+    else el.preview.removeAttribute('tabindex');
   }
 
   function onFileInput(event) {
@@ -450,7 +452,6 @@
       x: Math.min(drag.x0, p.x), y: Math.min(drag.y0, p.y),
       w: Math.abs(p.x - drag.x0), h: Math.abs(p.y - drag.y0),
     };
-    drag.r = p.r;
     showCropBox(drag.box);
   }
 
@@ -591,11 +592,7 @@
     state.objectUrl = side.url;
     state.image = side.image;
     setSides(state.sides.map((s, j) => (j === i ? above : s)));
-    el.previewImg.src = side.url;
-    el.previewImg.hidden = false;
-    el.previewFallback.hidden = true;
-    el.preview.classList.add('can-crop');
-    el.preview.tabIndex = 0;
+    showPreview(side.url);
     setCrop(side.crop);
     if (!side.crop) {
       el.cropHint.textContent = `Other side ${i + 1} is shown above: drag on it, or tap two opposite corners, to crop it.`;

@@ -86,12 +86,8 @@ def extract_ray(sources: list[str], embedder: Embedder, cache: Any, *, batch_siz
     made = computed = 0
     if p.pending:
         started = not ray.is_initialized()
-        if started:  # our packages travel to the workers, so any cluster can run them
-            import index_builder
-            import model_store
-
-            ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                     runtime_env={"py_modules": [index_builder, model_store]})
+        if started:
+            _join(ray, address)
         try:
             computed, made = _run(ray, sources, p, embedder, cache, errors, batch_size=batch_size, progress=progress,
                                   thumbnails=thumbnails, no_thumbnail=no_thumbnail, device=device, half=half)
@@ -100,6 +96,34 @@ def extract_ray(sources: list[str], embedder: Embedder, cache: Any, *, batch_siz
                 _wait_for_iteration_threads()
                 ray.shutdown()
     return Extraction(p.vectors, errors, p.keys, computed, made, time.perf_counter() - start)
+
+
+def _join(ray: Any, address: str | None) -> None:
+    """ray.init: join the cluster at `address` (None: start a local Ray), our packages travelling to the
+    workers so that any cluster can run them. A cluster that cannot be joined is a BuildError saying why."""
+    import index_builder
+    import model_store
+
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"py_modules": [index_builder, model_store]})
+    except ConnectionError as exc:
+        from index_builder.build import BuildError  # not at the top: the workers have no query package
+
+        raise BuildError(cannot_join(address, exc)) from exc
+
+
+def cannot_join(address: str | None, exc: BaseException) -> str:
+    """What to do about a cluster that refused a driver: Ray 2.60 clusters want a token once their head has
+    one (~/.ray/auth_token), and a driver given an address sends it only when RAY_AUTH_MODE=token."""
+    chain = []
+    while exc is not None and len(chain) < 5:
+        chain.append(str(exc))
+        exc = exc.__cause__ or exc.__context__
+    if any("InvalidAuthToken" in text for text in chain):
+        return (f"the Ray cluster at {address} wants an authentication token: set RAY_AUTH_MODE=token and give "
+                "this machine the cluster's token (~/.ray/auth_token as on its head node, or RAY_AUTH_TOKEN)")
+    return f"cannot join the Ray cluster at {address or 'this machine'}: {chain[0]}"
 
 
 def _wait_for_iteration_threads(timeout_s: float = 30.0) -> None:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,6 +18,10 @@ _HOME = Path(tempfile.mkdtemp(prefix="imagesearch-test-home-"))
 os.environ["BENTOML_HOME"] = str(_HOME / "bentoml")
 os.environ["BENTOML_DO_NOT_TRACK"] = "True"
 os.environ["IMAGESEARCH_STAGES_DIR"] = str(_HOME / "stages")
+# Before anything imports ray, which reads it once: Ray 2.60 authenticates with a token (~/.ray/auth_token),
+# which a local ray.init() turns on by default for the rest of its process, while a driver given an address
+# sends it only when told to. So every Ray of the session uses it (ray_cluster below).
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 import pytest  # noqa: E402
 
@@ -117,3 +125,47 @@ def browser():
         b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"])
         yield b
         b.close()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> str:
+    """A real local Ray cluster (`ray start --head`) that builds join with `--ray-address`, as a production
+    build joins its cluster; its address. Starting a Ray of their own costs each build ~5 s, so the builds of a
+    module share this one. Its own temp folder keeps `ray.init()` elsewhere from finding it; it stops with the
+    module, so no idle Ray sits beside the server tests of other modules. It wants the token that
+    RAY_AUTH_MODE=token (set above) has every driver send."""
+    pytest.importorskip("ray", reason="the ray extra is not installed: pip install '.[ray]'")
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    subprocess.run([ray_cli, "get-auth-token", "--generate"], env=run_env(), capture_output=True, check=True)
+    temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = temp / "ray-start.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([ray_cli, "start", "--head", "--block", f"--port={port}", f"--temp-dir={temp}",
+                                 "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
+                                # no drain when it stops: Ray Data's detached actors would have it wait 30 s
+                                env=run_env(RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0"),
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield _wait_for_ray(temp, proc, log)
+    finally:
+        proc.terminate()  # `ray start --block` stops the processes it started
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _wait_for_ray(temp: Path, proc: subprocess.Popen, log: Path, timeout: float = 60) -> str:
+    """The address of the cluster `ray start` runs, once it has started (it writes the address last)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"ray start exited with {proc.returncode}: {log.read_text()[-2000:]}")
+        if (temp / "ray_current_cluster").is_file() and (address := (temp / "ray_current_cluster").read_text().strip()):
+            return address
+        time.sleep(0.2)
+    pytest.fail(f"the local Ray cluster did not start in {timeout:.0f} s: {log.read_text()[-2000:]}")

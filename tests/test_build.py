@@ -75,16 +75,17 @@ def test_same_seed_same_index_and_embedder_reused(demo_index, demo_catalogue):
     assert sha(first) == sha(second)
 
 
-def _engine(engine: str):
-    """build() on the given engine; skips the Ray runs when the ray extra is not installed."""
+def _engine(engine: str, request: pytest.FixtureRequest):
+    """build() on the given engine: Ray builds join the module's local Ray cluster (skipped when the ray extra
+    is not installed)."""
     if engine == "ray":
-        pytest.importorskip("ray", reason="the ray extra is not installed: pip install '.[ray]'")
+        return functools.partial(build_index, engine=engine, ray_address=request.getfixturevalue("ray_cluster"))
     return functools.partial(build_index, engine=engine)
 
 
 @pytest.mark.parametrize("engine", ["local", "ray"])
-def test_bad_rows_are_reported_and_the_index_still_builds(demo_catalogue, tmp_path, engine):
-    build = _engine(engine)
+def test_bad_rows_are_reported_and_the_index_still_builds(demo_catalogue, tmp_path, engine, request):
+    build = _engine(engine, request)
     folder = tmp_path / "cat"
     shutil.copytree(demo_catalogue.parent / "photos", folder / "photos")
     good = (demo_catalogue.read_text().splitlines())
@@ -109,8 +110,8 @@ def test_bad_rows_are_reported_and_the_index_still_builds(demo_catalogue, tmp_pa
 
 
 @pytest.mark.parametrize("engine", ["local", "ray"])
-def test_a_crash_during_registration_leaves_no_version(tmp_path, monkeypatch, engine):
-    build = _engine(engine)
+def test_a_crash_during_registration_leaves_no_version(tmp_path, monkeypatch, engine, request):
+    build = _engine(engine, request)
     catalogue = _new_catalogue(tmp_path / "cat", 8, seed=3200 if engine == "local" else 3700)  # to embed
     build_index(_new_catalogue(tmp_path / "probe", 1, seed=4999), progress=False, workers=0)  # the embedder exists
 
@@ -130,7 +131,9 @@ def test_a_crash_during_registration_leaves_no_version(tmp_path, monkeypatch, en
 def test_killed_build_resumes_from_the_embedding_cache(tmp_path, python, engine):
     from index_builder.cache import EmbeddingCache
 
-    _engine(engine)
+    if engine == "ray":  # this build starts a local Ray of its own, which must die with it
+        pytest.importorskip("ray", reason="the ray extra is not installed: pip install '.[ray]'")
+        ray_before = _ray_processes()
     seed = 4000 if engine == "local" else 4500
     catalogue = _new_catalogue(tmp_path / "cat", 72, seed=seed)  # photos no other build has embedded
     embedder = build(_new_catalogue(tmp_path / "probe", 1, seed=4999), progress=False, workers=0).embedder
@@ -146,7 +149,7 @@ def test_killed_build_resumes_from_the_embedding_cache(tmp_path, python, engine)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     if engine == "ray":  # the local Ray the killed build started must die with it, not hold the cores
-        _wait_for_no_ray_processes()
+        _wait_for_no_ray_processes_but(ray_before)
     done = len(cache) - start
     cache.close()
     assert 16 <= done < 72, "the build must be killed halfway for this test to mean anything"
@@ -162,10 +165,10 @@ def test_killed_build_resumes_from_the_embedding_cache(tmp_path, python, engine)
 
 
 @pytest.mark.parametrize("engine", ["local", "ray"])
-def test_a_rebuild_embeds_only_new_and_changed_photos(tmp_path, engine):
+def test_a_rebuild_embeds_only_new_and_changed_photos(tmp_path, engine, request):
     from index_builder.demo import draw_object
 
-    build = _engine(engine)
+    build = _engine(engine, request)
     seed = 5000 if engine == "local" else 6000
     catalogue = _new_catalogue(tmp_path / "cat", 100, seed=seed)
     first = build(catalogue, progress=False, workers=0)
@@ -223,9 +226,10 @@ def test_weights_from_a_file_and_clear_errors(tmp_path):
 
 @pytest.mark.parametrize("engine", ["local", "ray"])
 def test_a_full_disk_fails_the_build_and_leaves_the_store_as_it_was(demo_index, demo_catalogue, tmp_path, python,
-                                                                    engine):
-    """A real full disk: the store lives on a small tmpfs holding the embedder, then filled up."""
-    _engine(engine)
+                                                                    engine, request):
+    """A real full disk: the store lives on a small tmpfs holding the embedder, then filled up. The Ray build
+    joins a running cluster with --ray-address."""
+    join = ["--ray-address", request.getfixturevalue("ray_cluster")] if engine == "ray" else []
     home = tmp_path / "small-disk"
     home.mkdir()
     if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(home)],
@@ -240,7 +244,8 @@ def test_a_full_disk_fails_the_build_and_leaves_the_store_as_it_was(demo_index, 
         (home / "filler").write_bytes(b"\0" * (free - 200_000))
         before = sorted(p.relative_to(home) for p in (home / "bentoml" / "models").rglob("*"))
         out = subprocess.run([python, "-m", "index_builder", "build", str(demo_catalogue), "--workers", "0",
-                              "--no-progress", "--engine", engine], env=run_env(BENTOML_HOME=str(home / "bentoml")),
+                              "--no-progress", "--engine", engine, *join],
+                             env=run_env(BENTOML_HOME=str(home / "bentoml")),
                              capture_output=True, text=True, timeout=300)
         assert out.returncode == 1, out.stderr[-2000:]
         assert "No space left on device" in out.stderr and "no version was registered" in out.stderr, out.stderr[-4000:]
@@ -252,10 +257,16 @@ def test_a_full_disk_fails_the_build_and_leaves_the_store_as_it_was(demo_index, 
         subprocess.run(["umount", str(home)], check=True)
 
 
-def _wait_for_no_ray_processes(timeout: float = 30) -> None:
+def _ray_processes() -> set[str]:
+    """Process ids of the Ray nodes on this machine (a cluster's raylet and GCS server)."""
+    return set(subprocess.run(["pgrep", "-f", "raylet|gcs_server"], capture_output=True, text=True).stdout.split())
+
+
+def _wait_for_no_ray_processes_but(before: set[str], timeout: float = 30) -> None:
+    """Wait until no Ray node runs beyond those of `before` (the module's shared cluster, when it runs)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        live = subprocess.run(["pgrep", "-f", "raylet|gcs_server"], capture_output=True, text=True).stdout.split()
+        live = _ray_processes() - before
         if not live:
             return
         time.sleep(0.5)
@@ -284,10 +295,10 @@ def _photo_urls(tag: str) -> dict[str, str | None]:
 
 
 @pytest.mark.parametrize("engine", ["local", "ray"])
-def test_thumbnails_are_made_once_and_shared_by_every_version(tmp_path, engine):
+def test_thumbnails_are_made_once_and_shared_by_every_version(tmp_path, engine, request):
     from model_store.thumbnails import store_dir, store_size, thumbnail_path
 
-    build = _engine(engine)
+    build = _engine(engine, request)
     catalogue = _new_catalogue(tmp_path / "cat", 6, seed=1000 if engine == "local" else 1500)
     before = store_size()
     first = build(catalogue, progress=False, workers=0)
@@ -306,8 +317,8 @@ def test_thumbnails_are_made_once_and_shared_by_every_version(tmp_path, engine):
 
 
 @pytest.mark.parametrize("engine", ["local", "ray"])
-def test_image_url_is_the_photo_and_thumbnails_can_be_turned_off(tmp_path, engine):
-    build = _engine(engine)
+def test_image_url_is_the_photo_and_thumbnails_can_be_turned_off(tmp_path, engine, request):
+    build = _engine(engine, request)
     cdn = {0: "https://cdn.example.com/p0.jpg", 3: "http://img.example.org/x/p3.webp?v=2"}
     catalogue = _new_catalogue(tmp_path / "cat", 5, cdn, seed=2000 if engine == "local" else 2500)
     on = build(catalogue, progress=False, workers=0)

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import run_env
 from index_builder.cache import EmbeddingCache
 from index_builder.extract import extract
 from model_store.embedder import Embedder, new_embedder
+from model_store.registry import list_models
+from model_store.settings import INDEX_MODEL
 from test_build import _new_catalogue
 
 pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray", reason="the ray extra is not installed: pip install '.[ray]'")
 
 
-def test_ray_gives_the_same_vectors_as_the_in_process_engine(tmp_path):
+def test_ray_gives_the_same_vectors_as_the_in_process_engine(tmp_path, ray_cluster):
     from index_builder.ray_engine import extract_ray
 
     catalogue = _new_catalogue(tmp_path / "cat", 20, seed=9000)
@@ -26,8 +30,8 @@ def test_ray_gives_the_same_vectors_as_the_in_process_engine(tmp_path):
     local = extract(sources, embedder, EmbeddingCache("t", config.dim, tmp_path / "local-cache"), batch_size=8,
                     workers=0, progress=False)
     remote = extract_ray(sources, embedder, EmbeddingCache("t", config.dim, tmp_path / "ray-cache"), batch_size=8,
-                         progress=False, thumbnails=None, no_thumbnail=frozenset(), address=None, device="cpu",
-                         half=False)
+                         progress=False, thumbnails=None, no_thumbnail=frozenset(), address=None,
+                         device="cpu", half=False)
     assert remote.computed == local.computed == 20
     assert remote.keys == local.keys and set(remote.errors) == set(local.errors) == {20}
     assert "not found" in remote.errors[20] or "No such file" in remote.errors[20]
@@ -82,3 +86,17 @@ def test_a_store_failure_inside_a_task_fails_the_build_as_the_same_os_error(tmp_
                     batch_size=2, progress=False, thumbnails=blocker, no_thumbnail=frozenset(), address=None,
                     device="cpu", half=False)
     assert failure.value.errno is not None and "not-a-folder" in str(failure.value.filename)
+
+
+def test_a_cluster_that_wants_a_token_is_named_with_what_to_set(tmp_path, python, ray_cluster):
+    """A driver given an address sends Ray's token only when RAY_AUTH_MODE=token: without it, the build says
+    so, as a build error (exit 2), not a traceback or a bare "failed to connect"."""
+    catalogue = _new_catalogue(tmp_path / "cat", 2, seed=9300)
+    before = {str(m.tag) for m in list_models(INDEX_MODEL)}
+    out = subprocess.run([python, "-m", "index_builder", "build", str(catalogue), "--engine", "ray", "--ray-address",
+                          ray_cluster, "--no-progress"], capture_output=True, text=True, timeout=300,
+                         env=run_env(RAY_AUTH_MODE="disabled", RAY_gcs_server_port_wait_time_s="2"))
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert f"the Ray cluster at {ray_cluster} wants an authentication token: set RAY_AUTH_MODE=token" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert {str(m.tag) for m in list_models(INDEX_MODEL)} == before

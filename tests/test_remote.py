@@ -52,20 +52,20 @@ def http_server(tmp_path):
 
 
 @pytest.mark.parametrize("engine", ["local", "ray"])
-def test_a_catalogue_of_http_photos_builds_and_reports_what_cannot_be_fetched(http_server, tmp_path, engine):
-    if engine == "ray":
-        pytest.importorskip("ray", reason="the ray extra is not installed: pip install '.[ray]'")
+def test_a_catalogue_of_http_photos_builds_and_reports_what_cannot_be_fetched(http_server, tmp_path, engine,
+                                                                              request):
+    join = {"ray_address": request.getfixturevalue("ray_cluster")} if engine == "ray" else {}  # Ray tasks fetch
     root, url = http_server
     names = photos(root, 10, seed=7000 if engine == "local" else 7500)
     dead = f"http://127.0.0.1:{free_port()}/gone.png"  # nothing listens there
     catalogue = write_catalogue(tmp_path / "cat.csv", [f"{url}/{n}" for n in names] + [f"{url}/missing.png", dead])
-    first = build(catalogue, progress=False, workers=1, engine=engine)  # a forked worker, or a Ray task, fetches
+    first = build(catalogue, progress=False, workers=1, engine=engine, **join)  # a forked worker, or a Ray task
     assert first.photos_indexed == 10 and first.bad_rows == 2 and first.reused_photos == 0
     bad = report_rows(first.report)
     assert "not found" in bad[f"{url}/missing.png"]
     assert "cannot fetch" in bad[dead] and "tried 3 times" in bad[dead]
     # unchanged photos are recognised from one HEAD request each (size and Last-Modified): nothing embedded
-    second = build(catalogue, progress=False, workers=0, engine=engine)
+    second = build(catalogue, progress=False, workers=0, engine=engine, **join)
     assert second.reused_photos == 10 and second.photos_indexed == 10
 
 

@@ -53,7 +53,7 @@ def parse(out: str) -> dict:
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     failed = (int(non_2xx.group(1)) if non_2xx else 0) + (sum(map(int, errors.groups())) if errors else 0)
-    pct = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))
+    pct = dict(re.findall(r"^\s+(50|99)%\s+(\S+)\s*$", out, re.M))  # "1.20s " has a space after it
     return {"answered": sent - (int(non_2xx.group(1)) if non_2xx else 0), "failed": failed,
             "p50_ms": round(ms(pct["50"]), 1) if "50" in pct else 0.0,
             "p99_ms": round(ms(pct["99"]), 1) if "99" in pct else 0.0}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import time
 
 import pytest
 
@@ -118,8 +119,9 @@ def test_resample_crop(python):
     assert '"max_level_difference"' in out or not out  # without ../shared/data it has no photos to compare
 
 
-def test_wrk_counts_failed_searches_as_failures():
-    """bench/wrk.py against a real HTTP server that fails every third search: failures counted, not answers."""
+def _wrk_against(answer_s: float, seconds: float):
+    """bench/wrk.py's closed loop of 2 clients against a real HTTP server that takes `answer_s` to answer and
+    fails every third search: (what each request carried was a search, the loop's result)."""
     import http.server
     import threading
 
@@ -133,6 +135,7 @@ def test_wrk_counts_failed_searches_as_failures():
         def do_POST(self):
             body = self.rfile.read(int(self.headers["Content-Length"]))
             seen.append(self.path == "/search" and b'name="image"' in body and b"PHOTO" in body)
+            time.sleep(answer_s)
             status = 500 if len(seen) % 3 == 0 else 200
             self.send_response(status)
             self.send_header("Content-Length", "2")
@@ -145,9 +148,19 @@ def test_wrk_counts_failed_searches_as_failures():
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
-        r = closed_loop(f"http://127.0.0.1:{srv.server_port}", [b"PHOTO"], 2, 1)
+        return seen, closed_loop(f"http://127.0.0.1:{srv.server_port}", [b"PHOTO"], 2, seconds)
     finally:
         srv.shutdown()
+
+
+def test_wrk_counts_failed_searches_as_failures():
+    seen, r = _wrk_against(0, 1)
     assert seen and all(seen)
     assert r["answered"] > 0 and r["failed"] > 0 and abs(r["failed"] - r["answered"] / 2) <= 2
     assert r["p50_ms"] > 0 and r["load_generator_cpu_s"] >= 0
+
+
+def test_wrk_reads_latencies_of_a_second_and_more():
+    """wrk writes "1.20s " (a space after it) where it writes "41.2ms": both are read."""
+    _, r = _wrk_against(1.05, 2)
+    assert 1000 <= r["p50_ms"] < 3000 and 1000 <= r["p99_ms"] < 3000

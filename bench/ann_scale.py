@@ -159,9 +159,15 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+# the settings a run was started with (read at import, before a benchmark sets any of its own)
+_STARTED_WITH = {k: v for k, v in os.environ.items() if k.startswith("IMAGESEARCH_")}
+
+
 def command_line(module: str) -> str:
-    """The command this run was started with, as `python -m module ARGS`: what makes its figures again."""
-    return " ".join(["python -m " + module, *map(shlex.quote, sys.argv[1:])])
+    """The command this run was started with, as `[IMAGESEARCH_...=...] python -m module ARGS`: what makes its
+    figures again."""
+    settings = [f"{k}={shlex.quote(v)}" for k, v in sorted(_STARTED_WITH.items())]
+    return " ".join([*settings, "python -m " + module, *map(shlex.quote, sys.argv[1:])])
 
 
 def machine() -> str:

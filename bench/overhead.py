@@ -5,6 +5,8 @@
     python -m bench.overhead --upload phone      # 1600x1200 JPEG uploads (a phone photo sent as is) instead of demo PNGs
     python -m bench.overhead --upload page       # the same photos as the search page sends them (upload_px)
     python -m bench.overhead --quick             # seconds-long smoke run the tests use
+    python -m bench.overhead --before '' --backbone vgg16 --weights random --out docs/overhead_vgg16.json
+                                                 # the original design's network (no weights here: speed only)
     python -m bench.overhead --before '' --layout 1x1 --layout 8x4 --clients 8 --clients 16 --clients 32
                                                  # rows of this checkout served by 1 entry and 1 embedder process,
                                                  # then 8 and 4 (a GPU box's spare cores), driven harder
@@ -300,9 +302,11 @@ def serving_layout(settings) -> dict:
             "entry_threads": settings.entry_thread_count(available_cores())}
 
 
-def demo_index(prefix: str, quick: bool) -> tuple[Path, Path, str]:
-    """A temporary BentoML home and stage records holding the demo catalogue's index (a tiny one when quick):
-    (the temporary folder, the demo photos' folder, the index tag)."""
+def demo_index(prefix: str, quick: bool, backbone: str | None = None, weights: str = "default"
+               ) -> tuple[Path, Path, str]:
+    """A temporary BentoML home and stage records holding the demo catalogue's index (a tiny one when quick;
+    the default embedder unless `backbone` and `weights` name another): (the temporary folder, the demo
+    photos' folder, the index tag)."""
     from index_builder.build import build
     from index_builder.demo import make_demo_catalogue
     from model_store import stages
@@ -311,8 +315,8 @@ def demo_index(prefix: str, quick: bool) -> tuple[Path, Path, str]:
     os.environ.update(BENTOML_HOME=str(tmp / "home"), IMAGESEARCH_STAGES_DIR=str(tmp / "stages"))
     stages.get_settings.cache_clear()
     catalogue = make_demo_catalogue(tmp / "demo", items_per_family=2 if quick else 6)
-    tag = build(catalogue, backbone="efficientnet-lite0" if quick else None, image_size=64 if quick else None,
-                progress=False).tag
+    tag = build(catalogue, backbone=backbone or ("efficientnet-lite0" if quick else None),
+                weights=weights, image_size=64 if quick else None, progress=False).tag
     return tmp, tmp / "demo" / "photos", tag
 
 
@@ -352,6 +356,8 @@ def main(before: Annotated[str, typer.Option(help="git ref, or the folder of an 
          seconds: Annotated[float, typer.Option(help="seconds per closed loop")] = 15,
          bare_seconds: Annotated[float, typer.Option(help="seconds per bare rate (layout and batch)")] = 6,
          rounds: Annotated[int, typer.Option(help="alternating bare/served rounds per row")] = 2,
+         backbone: Annotated[str, typer.Option(help="the index's backbone ('' for the default embedder's)")] = "",
+         weights: Annotated[str, typer.Option(help="its weights, as the builder's --weights takes them")] = "default",
          quick: Annotated[bool, typer.Option(help="tiny run, no docs")] = False,
          out: Annotated[Path, typer.Option(help="where the JSON goes (written after each row)")] = DOCS / "overhead.json"
          ) -> None:
@@ -360,10 +366,11 @@ def main(before: Annotated[str, typer.Option(help="git ref, or the folder of an 
     if upload_kind not in ("demo", "phone", "page"):  # before the minute the demo index takes
         raise typer.BadParameter(f"--upload {upload_kind!r}: use demo, phone or page")
     layouts_env = [parse_layout(text) for text in layout] or [{}]
-    tmp, folder, tag = demo_index("bench-overhead-", quick)
+    tmp, folder, tag = demo_index("bench-overhead-", quick, backbone or None, weights)
     photos, ctype = uploads(upload_kind, folder, tag, quick)
     plan = Plan(photos, ctype, 1 if quick else rounds, quick, tuple(clients), seconds, bare_seconds)
-    result = {"machine": machine(), "photos": len(photos), "upload": upload_kind, "rows": [],
+    result = {"machine": machine(), "photos": len(photos), "upload": upload_kind, "rows": [], "backbone": backbone,
+              "weights": weights,
               "layout": serving_layout(get_settings()), "command": command_line("bench.overhead")}
     if before:
         older = Path(before) if Path(before).is_dir() else checkout(before, tmp / "before")

@@ -108,7 +108,9 @@ def overhead_table(d: dict) -> str:
     spaced_head = ("bare forward p50 ms, spaced as lone searches | **HTTP / spaced bare** | " if has_spaced else "")
     where = ("the embedder on the GPU, server processes and load generator on the CPU cores" if "NVIDIA" in d["machine"]
              else "server, embedder and load generator share the cores")
-    lines = [f"Machine: {d['machine']}; `{d['command']}`; the demo index (default embedder), {d['photos']} {upload} "
+    embedder = (f"{d['backbone']}, weights: {d['weights']}" + (" (speed only)" if d["weights"] == "random" else "")
+                if d.get("backbone") else "default embedder")
+    lines = [f"Machine: {d['machine']}; `{d['command']}`; the demo index ({embedder}), {d['photos']} {upload} "
              f"uploaded; {where} (load generator: {load_generator(d)}); rows that name no layout ran "
              f"{layout['entry_workers']} entry and {layout['embedder_workers']} embedder processes; batches of up "
              f"to {layout['embed_max_batch']}. Medians of {len(d['rows'][-1]['rounds'])} rounds; bare networks at "
@@ -214,6 +216,7 @@ def cuda_graphs_table(d: dict) -> str:
 
 SECTIONS = {"overhead": ("overhead.json", overhead_table), "overhead-phone": ("overhead_phone.json", overhead_table),
             "overhead-page": ("overhead_page.json", overhead_table),
+            "overhead-vgg16": ("overhead_vgg16.json", overhead_table),
             "overhead-freed": ("overhead_freed.json", overhead_table),
             "overhead-dispatch": ("overhead_dispatch.json", overhead_table),
             "lone-search": (("lone_demo.json", "lone_page.json", "lone_phone.json"), lone_search_table),

@@ -120,10 +120,11 @@ def cannot_join(address: str | None, exc: BaseException) -> str:
     while exc is not None and len(chain) < 5:
         chain.append(str(exc))
         exc = exc.__cause__ or exc.__context__
+    where = address or "this machine"
     if any("InvalidAuthToken" in text for text in chain):
-        return (f"the Ray cluster at {address} wants an authentication token: set RAY_AUTH_MODE=token and give "
-                "this machine the cluster's token (~/.ray/auth_token as on its head node, or RAY_AUTH_TOKEN)")
-    return f"cannot join the Ray cluster at {address or 'this machine'}: {chain[0]}"
+        return (f"the Ray cluster at {where} wants an authentication token: set RAY_AUTH_MODE=token and give this "
+                "machine the cluster's token (~/.ray/auth_token as on its head node, or RAY_AUTH_TOKEN)")
+    return f"cannot join the Ray cluster at {where}: {chain[0]}"
 
 
 def _wait_for_iteration_threads(timeout_s: float = 30.0) -> None:

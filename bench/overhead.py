@@ -302,11 +302,10 @@ def serving_layout(settings) -> dict:
             "entry_threads": settings.entry_thread_count(available_cores())}
 
 
-def demo_index(prefix: str, quick: bool, backbone: str | None = None, weights: str = "default"
-               ) -> tuple[Path, Path, str]:
+def demo_index(prefix: str, quick: bool, backbone: str = "", weights: str = "default") -> tuple[Path, Path, str]:
     """A temporary BentoML home and stage records holding the demo catalogue's index (a tiny one when quick;
-    the default embedder unless `backbone` and `weights` name another): (the temporary folder, the demo
-    photos' folder, the index tag)."""
+    the default embedder unless `backbone`, '' for none, and `weights` name another): (the temporary folder,
+    the demo photos' folder, the index tag)."""
     from index_builder.build import build
     from index_builder.demo import make_demo_catalogue
     from model_store import stages
@@ -366,7 +365,7 @@ def main(before: Annotated[str, typer.Option(help="git ref, or the folder of an 
     if upload_kind not in ("demo", "phone", "page"):  # before the minute the demo index takes
         raise typer.BadParameter(f"--upload {upload_kind!r}: use demo, phone or page")
     layouts_env = [parse_layout(text) for text in layout] or [{}]
-    tmp, folder, tag = demo_index("bench-overhead-", quick, backbone or None, weights)
+    tmp, folder, tag = demo_index("bench-overhead-", quick, backbone, weights)
     photos, ctype = uploads(upload_kind, folder, tag, quick)
     plan = Plan(photos, ctype, 1 if quick else rounds, quick, tuple(clients), seconds, bare_seconds)
     result = {"machine": machine(), "photos": len(photos), "upload": upload_kind, "rows": [], "backbone": backbone,

@@ -45,7 +45,7 @@ def test_builder_speed(python):
 def test_overhead(python):
     out = quick("bench.overhead", python, "--before", "", "--upload", "page",  # phone photos, downscaled as the page does
                 "--layout", "1x2 IMAGESEARCH_ENTRY_THREADS=2",  # the CPU's own layout, named
-                "--backbone", "efficientnet-lite0", "--weights", "default")  # --backbone vgg16 --weights random
+                "--backbone", "efficientnet-lite0", "--weights", "default")  # as the VGG16 run names its network
     assert '"served_over_bare"' in out and '"http_over_bare"' in out
     assert '"this checkout, 1 entry x 2 embedder processes, IMAGESEARCH_ENTRY_THREADS=2"' in out
 

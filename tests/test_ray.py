@@ -12,9 +12,7 @@ from conftest import run_env
 from index_builder.cache import EmbeddingCache
 from index_builder.extract import extract
 from model_store.embedder import Embedder, new_embedder
-from model_store.registry import list_models
-from model_store.settings import INDEX_MODEL
-from test_build import _new_catalogue
+from test_build import _new_catalogue, index_versions
 
 pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray", reason="the ray extra is not installed: pip install '.[ray]'")
@@ -92,11 +90,11 @@ def test_a_cluster_that_wants_a_token_is_named_with_what_to_set(tmp_path, python
     """A driver given an address sends Ray's token only when RAY_AUTH_MODE=token: without it, the build says
     so, as a build error (exit 2), not a traceback or a bare "failed to connect"."""
     catalogue = _new_catalogue(tmp_path / "cat", 2, seed=9300)
-    before = {str(m.tag) for m in list_models(INDEX_MODEL)}
+    before = index_versions()
     out = subprocess.run([python, "-m", "index_builder", "build", str(catalogue), "--engine", "ray", "--ray-address",
                           ray_cluster, "--no-progress"], capture_output=True, text=True, timeout=300,
                          env=run_env(RAY_AUTH_MODE="disabled", RAY_gcs_server_port_wait_time_s="2"))
     assert out.returncode == 2, out.stderr[-2000:]
     assert f"the Ray cluster at {ray_cluster} wants an authentication token: set RAY_AUTH_MODE=token" in out.stderr
     assert "Traceback" not in out.stderr
-    assert {str(m.tag) for m in list_models(INDEX_MODEL)} == before
+    assert index_versions() == before

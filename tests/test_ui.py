@@ -108,20 +108,30 @@ def choose_two_things(page, demo_catalogue, rows) -> dict:
     return right
 
 
-def test_cropping_searches_only_the_boxed_item(page, demo_catalogue, rows):
-    right = choose_two_things(page, demo_catalogue, rows)
-    box = page.locator("#preview img, #preview canvas").first.bounding_box()
+def drag_over_the_right_half(page) -> None:
+    """Drags the mouse over the right half of the photo above, from its top to its bottom right corner."""
+    box = page.locator("#preview-img").bounding_box()
     page.mouse.move(box["x"] + box["width"] * 0.52, box["y"] + 2)
     page.mouse.down()
     page.mouse.move(box["x"] + box["width"] * 0.75, box["y"] + box["height"] * 0.5, steps=5)
     page.mouse.move(box["x"] + box["width"] - 2, box["y"] + box["height"] - 2, steps=5)
     page.mouse.up()
-    assert page.locator("#crop-box").is_visible()
+
+
+def search_finds_first(page, item_id: str) -> None:
+    """Presses Search; the first result is `item_id`."""
     with page.expect_response("**/assist") as answer:
         page.click("#search-button")
     assert answer.value.ok
     wait_for_results(page)
-    assert page.locator("#results .result").first.get_attribute("data-item-id") == right["item_id"]
+    assert page.locator("#results .result").first.get_attribute("data-item-id") == item_id
+
+
+def test_cropping_searches_only_the_boxed_item(page, demo_catalogue, rows):
+    right = choose_two_things(page, demo_catalogue, rows)
+    drag_over_the_right_half(page)
+    assert page.locator("#crop-box").is_visible()
+    search_finds_first(page, right["item_id"])
     assert not accessibility_faults(page)  # the crop box drawn, and its "Clear crop" button
     page.click("#crop-clear")
     assert page.locator("#crop-box").is_hidden()
@@ -138,11 +148,7 @@ def test_a_crop_needs_no_dragging_two_taps_or_the_keyboard_make_one(page, demo_c
     page.mouse.click(photo["x"] + photo["width"] - 2, photo["y"] + photo["height"] - 2)
     box = page.locator("#crop-box").bounding_box()
     assert abs(box["x"] - (photo["x"] + photo["width"] * 0.52)) < 4 and box["width"] > photo["width"] * 0.4
-    with page.expect_response("**/assist") as answer:
-        page.click("#search-button")
-    assert answer.value.ok
-    wait_for_results(page)
-    assert page.locator("#results .result").first.get_attribute("data-item-id") == right["item_id"]
+    search_finds_first(page, right["item_id"])
 
     def crop() -> list[float] | None:  # left, top, width, height as shares of the photo
         return page.evaluate("""() => { const s = document.querySelector('#crop-box');
@@ -288,10 +294,7 @@ def test_any_side_of_the_item_can_be_cropped_and_is_sent_cropped(page, demo_cata
     assert page.evaluate("window.sent.length") == 2  # swapping sends nothing: the item's photos are the same
     box = page.locator("#preview-img").bounding_box()
     assert box["width"] > box["height"] * 1.5  # the wide back photo is the one shown
-    page.mouse.move(box["x"] + box["width"] * 0.52, box["y"] + 2)
-    page.mouse.down()
-    page.mouse.move(box["x"] + box["width"] - 2, box["y"] + box["height"] - 2, steps=8)
-    page.mouse.up()
+    drag_over_the_right_half(page)
     sent = search()
     (w, h), more = sent["image"], sent["more"]
     assert w < back.width * 0.55 and h > back.height * 0.9 and more == [list(front.size)], sent

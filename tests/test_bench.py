@@ -128,16 +128,18 @@ def _wrk_against(answer_s: float, seconds: float):
 
     from bench.wrk import closed_loop
 
-    seen = []
+    seen, counting = [], threading.Lock()
 
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
         def do_POST(self):
             body = self.rfile.read(int(self.headers["Content-Length"]))
-            seen.append(self.path == "/search" and b'name="image"' in body and b"PHOTO" in body)
+            with counting:  # each request its own number, whichever thread gets the interpreter first
+                seen.append(self.path == "/search" and b'name="image"' in body and b"PHOTO" in body)
+                n = len(seen)
             time.sleep(answer_s)
-            status = 500 if len(seen) % 3 == 0 else 200
+            status = 500 if n % 3 == 0 else 200
             self.send_response(status)
             self.send_header("Content-Length", "2")
             self.end_headers()

@@ -29,16 +29,18 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import NotModifiedResponse, StaticFiles
 
 from model_store import stages, thumbnails
-from model_store.core_share import SHARING, SPIN_COUNT, CoreShare, available_cores, worker_count
+from model_store.core_share import MAX_WAIT_S, SHARING, SPIN_COUNT, CoreShare, available_cores, worker_count
 from model_store.malloc import ONE_ARENA
 from model_store.preprocess import ImageError, ImageTooLarge, decode_image, image_to_pixels
 from model_store.settings import get_settings
 from query.active import Active, load_active, stage_mtime
 from query.assist import assist, estimate as estimate_for
-from query.bentoml_fixes import (api_errors_in_one_line, keep_answering_after_sigterm, media_types_worked_out_once,
-                                 never_hold_batches_back, start_dead_workers_again, tune_client)
+from query.bentoml_fixes import (api_errors_in_one_line, batching_backstop_at_least, keep_answering_after_sigterm,
+                                 media_types_worked_out_once, never_hold_batches_back, start_dead_workers_again,
+                                 tune_client)
 from query.client_limit import ClientLimit
 from query.compare import cosine, verdict
+from query.embed_pace import MARGIN, EmbedPace, embed_pace
 from query.embedder_health import EmbedderHealth
 from query.errors import ApiError, error_response
 from query.fields import EndpointFields, read_query_params
@@ -99,10 +101,8 @@ class Embedder:
     model = bentoml.models.BentoModel(SERVED.embedder) if SERVED else None
 
     def __init__(self) -> None:
-        self.embedder, self.cores = None, _core_share()
+        self.embedder, self.cores, self.batch_s = None, _core_share(), None
         never_hold_batches_back()  # BentoML's batching otherwise slows lone searches after a burst
-        if bentoml.server_context.worker_index is not None:  # under `bentoml serve`: the entry drains first
-            keep_answering_after_sigterm(settings.embedder_drain_s)
         # Every torch call of this process runs on this one thread. The event loop stays free during a pass, so
         # calls that arrive meanwhile are read and queued and leave together as the next batch; and no second
         # thread ever starts an OpenMP team: once a process holds more OpenMP threads than cores, libgomp
@@ -110,6 +110,15 @@ class Embedder:
         self.torch = ThreadPoolExecutor(1, thread_name_prefix="torch")
         if self.model is not None:  # BentoML resolves the class attribute to the stored model
             self.torch.submit(self._load).result()
+        # A slower network's waits are longer: each limit grows as the embed deadline does (query/embed_pace.py)
+        pace = _pace_of({"batch_s": self.batch_s, "max_batch": EMBED_MAX_BATCH, "workers": EMBEDDER_WORKERS})
+        longer = pace.deadline_s / settings.embed_deadline_s
+        batching_backstop_at_least(settings.embed_max_latency_ms / 1000 * longer)
+        if self.cores and self.batch_s:  # waiting for a core as long as another worker's pass may take
+            self.cores.max_wait_s = max(MAX_WAIT_S, MARGIN * self.batch_s)
+        if bentoml.server_context.worker_index is not None:  # under `bentoml serve`: the entry drains first
+            keep_answering_after_sigterm(settings.embedder_drain_s * longer)
+        log.info("embedder pace: %s", pace.why)
 
     def _load(self) -> None:
         import torch
@@ -126,6 +135,9 @@ class Embedder:
         warm_s = embedder.warm_up(tuple(range(1, EMBED_MAX_BATCH + 1)))
         log.info("embedder %s on %s (half=%s, %d CUDA graphs), warmed up in %.1f s", self.model.tag,
                  embedder.device, embedder.half, len(embedder.graphs), warm_s)
+        # A full batch timed as a busy worker runs it (where workers share a CPU, on its share of the cores):
+        # this worker's waits and the entry's (from `describe`) are sized from it
+        self.batch_s = round(embedder.time_pass(EMBED_MAX_BATCH, _busy_threads() if self.cores else None), 4)
         self.embedder = embedder
 
     def __is_ready__(self) -> bool:
@@ -145,7 +157,8 @@ class Embedder:
         """The loaded embedder's tag and config (empty when none is loaded)."""
         if self.embedder is None:
             return {}
-        return {"tag": str(self.model.tag), "config": self.embedder.config.model_dump(mode="json")}
+        return {"tag": str(self.model.tag), "config": self.embedder.config.model_dump(mode="json"),
+                "pace": {"batch_s": self.batch_s, "max_batch": EMBED_MAX_BATCH, "workers": EMBEDDER_WORKERS}}
 
 
 media_types_worked_out_once(Embedder)
@@ -159,6 +172,19 @@ def _core_share() -> CoreShare | None:
     if EMBED_ON_GPU or EMBEDDER_WORKERS == 1 or worker is None or settings.torch_threads or not SHARING:
         return None
     return CoreShare(EMBEDDER_WORKERS, worker - 1)
+
+
+def _busy_threads() -> int:
+    """torch threads of a worker's pass while every worker is busy (model_store/core_share.py)."""
+    return max(1, available_cores() // EMBEDDER_WORKERS)
+
+
+def _pace_of(measured: dict) -> EmbedPace:
+    """The embed deadline and photos in flight for an embedder that measured `measured` (its describe's
+    "pace"; {} when it measured nothing)."""
+    return embed_pace(measured.get("batch_s"), measured.get("max_batch", EMBED_MAX_BATCH),
+                      measured.get("workers", EMBEDDER_WORKERS), settings.search_workers, settings.embed_deadline_s,
+                      settings.max_photos_in_flight)
 
 
 _instances: list["ImageSearch"] = []  # the service instance of this worker, for GET /index and readiness
@@ -234,6 +260,7 @@ class ImageSearch:
         self._switch_lock = asyncio.Lock()
         self.retries = RetryBudget(settings.embed_retry_share)
         self.photos = PhotoBudget(settings.max_photos_in_flight)
+        self.pace, self.measured = _pace_of({}), {}  # from the slowest pass the embedder's workers measured
         self._stage_mtime = stage_mtime()
         _instances[:] = [self]
         _limit_blas_threads()
@@ -288,9 +315,25 @@ class ImageSearch:
             return False
 
     async def _ask_embedder_tag(self, retry: bool = True) -> str | None:
-        """The tag of the embedder the embedder service runs, asked now (and kept in embedder_tag)."""
-        self.embedder_tag = (await self._call_embedder(self.embedder.to_async.describe, retry=retry)).get("tag")
+        """The tag of the embedder the embedder service runs, asked now (and kept in embedder_tag), and the
+        pass it measured."""
+        described = await self._call_embedder(self.embedder.to_async.describe, retry=retry)
+        if described.get("tag") != self.embedder_tag:
+            self.measured = {}
+        self.embedder_tag = described.get("tag")
+        self._learn_pace(described.get("pace") or {})
         return self.embedder_tag
+
+    def _learn_pace(self, measured: dict) -> None:
+        """Size the embed deadline and the photos in flight from the slowest pass that a worker of this
+        embedder has reported (each worker times its own; a probe reaches one of them)."""
+        if (measured.get("batch_s") or 0) > (self.measured.get("batch_s") or 0):
+            self.measured = measured
+        pace = _pace_of(self.measured)
+        if pace != self.pace:
+            log.info("embed limits: %s", pace.why)
+            self.pace = pace
+            self.photos.resize(pace.photos_in_flight)
 
     async def _embedder_tag(self) -> str | None:
         """The tag of the embedder the embedder service runs, asked until it answers once."""
@@ -327,7 +370,7 @@ class ImageSearch:
         photos fill); a call that stalls or drops is sent once more (embedding is idempotent) while the retry
         budget allows, then the client gets a 503 that says so. retry=False: one try, nothing logged."""
         failure: Exception | None = None
-        deadline_s = settings.embed_deadline_s * -(-photos // EMBED_MAX_BATCH)
+        deadline_s = self.pace.deadline_s * -(-photos // EMBED_MAX_BATCH)
         self.retries.sent()
         for attempt in (1, 2):
             try:

@@ -5,6 +5,9 @@
     python -m bench.ab_serving --env IMAGESEARCH_TORCH_THREADS=1   # this checkout with a setting, against without
     python -m bench.ab_serving --clients 2 --clients 4 --clients 16  # other client levels (p50, p99 at each)
     python -m bench.ab_serving --quick                     # seconds-long smoke run against HEAD (the tests')
+    python -m bench.ab_serving --before 9f3dfa5 --backbone vgg16 --weights random --rounds 2 \
+        --clients 4 --clients 8 --clients 16 --out docs/ab_slow_network.json
+                                                           # in front of the original design's network (speed only)
 
 bench.overhead measures each version's ratios to its own bare network, one version after the other; this
 one answers "is the change faster?" on a machine whose speed drifts (this VM: 10-35% between runs, and
@@ -79,11 +82,13 @@ def main(before: Annotated[str, typer.Option(help="git ref to compare this check
          rounds: Annotated[int, typer.Option(help="rounds, each serving both versions in turn")] = 4,
          seconds: Annotated[float, typer.Option(help="length of each closed loop")] = 20,
          clients: Annotated[list[int], typer.Option(help="closed-loop clients, each level in turn (repeatable)")] = [],
+         backbone: Annotated[str, typer.Option(help="the index's backbone ('' for the default embedder's)")] = "",
+         weights: Annotated[str, typer.Option(help="its weights, as the builder's --weights takes them")] = "default",
          quick: Annotated[bool, typer.Option(help="one short round, a tiny index, no docs")] = False,
          out: Annotated[Path, typer.Option(help="where the JSON goes")] = DOCS / "ab_serving.json") -> None:
     from model_store import stages
 
-    tmp, folder, tag = demo_index("bench-ab-", quick)
+    tmp, folder, tag = demo_index("bench-ab-", quick, backbone, weights)
     photos = [p.read_bytes() for p in sorted(folder.glob("*.png"))]
     stages.promote(tag, "production", force=True)
     rounds, seconds = (1, 2) if quick else (rounds, seconds)
@@ -105,8 +110,9 @@ def main(before: Annotated[str, typer.Option(help="git ref to compare this check
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=ROOT, capture_output=True, check=False)
     command = " ".join(["python -m bench.ab_serving", f"--before {before}", f"--rounds {rounds}", f"--seconds {seconds:g}",
-                        *(f"--env {pair}" for pair in env), *(f"--clients {n}" for n in clients)])
-    result = {"machine": machine(), "command": command,
+                        *(f"--env {pair}" for pair in env), *(f"--clients {n}" for n in clients),
+                        *([f"--backbone {backbone} --weights {weights}"] if backbone else [])])
+    result = {"machine": machine(), "command": command, "backbone": backbone or "default", "weights": weights,
               "summary": {label: summary(results, label, levels) for label in versions}, "rounds": results}
     print(json.dumps(result["summary"], indent=2))
     if not quick:

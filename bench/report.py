@@ -214,9 +214,24 @@ def cuda_graphs_table(d: dict) -> str:
     return "\n".join(lines)
 
 
+def ab_table(d: dict) -> str:
+    """bench.ab_serving: each version's closed loops, medians of its rounds."""
+    lines = [f"Machine: {d['machine']}; `{d['command']}`; the demo index ({d.get('backbone', 'default')}, weights: "
+             f"{d.get('weights', 'default')}); closed loops driven by wrk; medians of {len(d['rounds'])} rounds, "
+             "failures (non-2xx answers and socket errors) summed over them.", "",
+             "| code | clients | answered searches/s | failed | p50 ms | p99 ms | embedder CPU ms per search |",
+             "|---|---|---|---|---|---|---|"]
+    for label, levels in d["summary"].items():
+        for clients, r in levels.items():
+            lines.append(f"| {label} | {clients} | {r['median_rps']} | **{r['failed']}** | {r['median_p50_ms']} | "
+                         f"{r['median_p99_ms']} | {r['median_embedder_cpu_ms']} |")
+    return "\n".join(lines)
+
+
 SECTIONS = {"overhead": ("overhead.json", overhead_table), "overhead-phone": ("overhead_phone.json", overhead_table),
             "overhead-page": ("overhead_page.json", overhead_table),
             "overhead-vgg16": ("overhead_vgg16.json", overhead_table),
+            "ab-slow-network": ("ab_slow_network.json", ab_table),
             "overhead-freed": ("overhead_freed.json", overhead_table),
             "overhead-dispatch": ("overhead_dispatch.json", overhead_table),
             "lone-search": (("lone_demo.json", "lone_page.json", "lone_phone.json"), lone_search_table),

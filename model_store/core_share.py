@@ -61,8 +61,9 @@ SPIN_COUNT = {"name": "GOMP_SPINCOUNT", "value": "10000"}
 MAX_AUTO_WORKERS = 4  # each worker holds a copy of the network and torch (~0.9 GB resident on the CPU build)
 
 
-# A worker waits at most this long for a core; then it runs on one thread anyway, so that a pass held up
-# elsewhere can never stall it (the embed deadline is 1.2 s; a pass of 4 photos on one core ~0.2 s here).
+# A worker waits at most this long for a core (or longer, `max_wait_s`, for a network whose pass takes longer);
+# then it runs on one thread anyway, so that a pass held up elsewhere can never stall it (the default
+# network's embed deadline is 1.2 s; its pass of 4 photos on one core ~0.17 s here).
 MAX_WAIT_S = 0.5
 POLL_S = 0.0005
 # A worker whose last pass ended this recently still counts as busy: under load it is only between two
@@ -82,6 +83,7 @@ class CoreShare:
         if not 0 <= index < workers:
             raise ValueError(f"worker index {index} is outside 0..{workers - 1}")
         self.workers, self.index, self.cores = workers, index, cores or available_cores()
+        self.max_wait_s = MAX_WAIT_S
         remove_stale_files(FOLDER)
         self.path = FOLDER / f"{FILE_PREFIX}{key or os.getppid()}"
         # bytes 0..cores-1: one lock each (never written); per worker a state byte (locked while the worker
@@ -152,7 +154,7 @@ class CoreShare:
 
     def _wait_for_a_core(self) -> list[int]:
         self._set(WAITING)
-        deadline = time.monotonic() + MAX_WAIT_S
+        deadline = time.monotonic() + self.max_wait_s
         while time.monotonic() < deadline:
             time.sleep(POLL_S)
             if held := self._grab():

@@ -91,6 +91,22 @@ class Embedder:
                 self._record(blank.shape)
         return time.perf_counter() - start
 
+    def time_pass(self, n: int, threads: int | None = None, passes: int = 2) -> float:
+        """Seconds a pass of `n` photos takes (the mean of `passes`, after warm_up ran that size), on a CPU with
+        `threads` torch threads (then as many as before)."""
+        crop, before = self.config.preprocess.crop, torch.get_num_threads()
+        blank = np.zeros((n, 3, crop, crop), dtype=np.uint8)
+        if threads and self.device.type == "cpu":
+            torch.set_num_threads(threads)
+        try:
+            start = time.perf_counter()
+            for _ in range(passes):
+                self.embed(blank)
+            return (time.perf_counter() - start) / passes
+        finally:
+            if torch.get_num_threads() != before:
+                torch.set_num_threads(before)
+
     @torch.inference_mode()
     def _record(self, shape: tuple[int, ...]) -> None:
         try:

@@ -65,7 +65,8 @@ class Settings(BaseSettings):
         "the queue instead (docs/PERFORMANCE.md)."
     )
     embed_deadline_s: float = Field(
-        1.2, gt=0, description="Deadline of one call to the embedder; a call past it is sent once more, then 503."
+        1.2, gt=0, description="Deadline of one call to the embedder; a call past it is sent once more, then 503. "
+        "Longer where the embedder's measured pass needs it (query/embed_pace.py)."
     )
     worker_check_s: float = Field(
         1.0, gt=0, description="How often `bentoml serve` (circus) looks for dead workers to start again; "
@@ -88,9 +89,9 @@ class Settings(BaseSettings):
     max_concurrency: int = Field(32, ge=1, description="Requests the entry service takes at once; more get 429. "
                                  "A request counts once its body has arrived.")
     max_photos_in_flight: int = Field(
-        32, ge=1, description="Photos an entry process has at the embedder at once; an embed call waits its turn "
-        "beyond it (a /search_batch call weighs as many photos as it sends), so the embedder's queue stays within "
-        "the embed deadline."
+        32, ge=1, description="Most photos an entry process has at the embedder at once (fewer where the embedder's "
+        "measured pass is slow: query/embed_pace.py); an embed call waits its turn beyond it (a /search_batch call "
+        "weighs as many photos as it sends), so the embedder's queue stays within the embed deadline."
     )
     max_uploads: int = Field(64, ge=1, description="Request bodies the entry receives at once (each up to "
                              "max_request_bytes); more get 429.")

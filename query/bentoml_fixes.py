@@ -102,7 +102,7 @@ def never_hold_batches_back() -> None:
                     await self._wake_event.wait_for(worker_free_and_calls_queued)
                 n, oldest = len(self._queue), self._queue[0]
                 expected_s = time.time() - oldest.enqueue_time + self.optimizer.o_a * n + self.optimizer.o_b
-                if n > 1 and expected_s >= self.max_latency:
+                if n > 1 and expected_s >= max(self.max_latency, self.backstop_floor_s):
                     self._queue.popleft().future.cancel()  # answered 503, as BentoML does
                     continue
                 jobs = tuple(self._get_inputs())
@@ -112,7 +112,18 @@ def never_hold_batches_back() -> None:
                 log.exception("embedder batching: dispatching a batch failed")
 
     CorkDispatcher.controller = controller
+    CorkDispatcher.backstop_floor_s = 0.0
     CorkDispatcher._holds_nothing_back = True
+
+
+def batching_backstop_at_least(seconds: float) -> None:
+    """The backstop refuses no call it expects to wait less than `seconds`: max_latency_ms is fixed where the
+    service is defined, before the network is loaded, and its 3 s are two batches of VGG16 on one core of
+    this CPU. The embedder raises it as far as the measured pass lengthens the embed deadline
+    (query/embed_pace.py). After never_hold_batches_back()."""
+    from bentoml._internal.marshal.dispatcher import CorkDispatcher
+
+    CorkDispatcher.backstop_floor_s = seconds
 
 
 def media_types_worked_out_once(service: object) -> None:

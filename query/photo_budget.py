@@ -15,7 +15,8 @@ from typing import AsyncIterator
 
 
 class PhotoBudget:
-    """At most `limit` photos held at once; a call for more than `limit` holds all of them, alone."""
+    """At most `limit` photos held at once; a call for more than `limit` holds all of them, alone. The limit
+    may change (resize) while calls hold and wait: each call gives back what it was granted."""
 
     def __init__(self, limit: int) -> None:
         self.limit = self.free = limit
@@ -26,15 +27,15 @@ class PhotoBudget:
         n = min(photos, self.limit)
         if self.waiting or self.free < n:
             turn = asyncio.get_running_loop().create_future()
-            self.waiting.append((n, turn))
+            self.waiting.append((photos, turn))
             try:
-                await turn
+                n = await turn  # the photos granted, under the limit of when its turn came
             except asyncio.CancelledError:
                 if turn.done() and not turn.cancelled():  # granted as it was cancelled: give the photos back
-                    self._give_back(n)
+                    self._give_back(turn.result())
                 else:
                     with suppress(ValueError):
-                        self.waiting.remove((n, turn))
+                        self.waiting.remove((photos, turn))
                     self._wake()  # the calls behind it may fit now
                 raise
         else:
@@ -44,14 +45,24 @@ class PhotoBudget:
         finally:
             self._give_back(n)
 
+    def resize(self, limit: int) -> None:
+        """At most `limit` photos from now on; calls already holding more finish as they are."""
+        self.free += limit - self.limit
+        self.limit = limit
+        self._wake()
+
     def _give_back(self, n: int) -> None:
         self.free += n
         self._wake()
 
     def _wake(self) -> None:
-        while self.waiting and self.waiting[0][0] <= self.free:
-            n, turn = self.waiting.popleft()
+        while self.waiting:
+            photos, turn = self.waiting[0]
+            n = min(photos, self.limit)
+            if not turn.done() and n > self.free:
+                return
+            self.waiting.popleft()
             if turn.done():  # cancelled while it waited
                 continue
             self.free -= n
-            turn.set_result(None)
+            turn.set_result(n)

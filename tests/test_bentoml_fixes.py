@@ -15,8 +15,8 @@ import pytest
 from aiohttp import web
 from bentoml._internal.marshal.dispatcher import CorkDispatcher
 
-from query.bentoml_fixes import (media_types_worked_out_once, never_hold_batches_back, reuse_newest_first,
-                                 start_dead_workers_again)
+from query.bentoml_fixes import (batching_backstop_at_least, media_types_worked_out_once, never_hold_batches_back,
+                                 reuse_newest_first, start_dead_workers_again)
 
 PASS_S = 0.02  # one batch's pass, whatever its size, like a network on a busy CPU
 
@@ -53,6 +53,7 @@ def pristine_dispatcher(monkeypatch):
     """BentoML's dispatcher as shipped, restored after the test whatever the test patched."""
     monkeypatch.setattr(CorkDispatcher, "controller", CorkDispatcher.controller)
     monkeypatch.setattr(CorkDispatcher, "_holds_nothing_back", False, raising=False)
+    monkeypatch.setattr(CorkDispatcher, "backstop_floor_s", 0.0, raising=False)
 
 
 def test_as_shipped_a_burst_teaches_the_dispatcher_to_hold_lone_calls_back(pristine_dispatcher):
@@ -176,6 +177,15 @@ def test_after_the_fix_calls_queued_past_max_latency_are_still_refused(pristine_
     never_hold_batches_back()
     _, answers = gaps_between_batches(rounds=1, max_latency_ms=100)  # queued 150 ms: past 100
     assert answers == ["held", None, "queued"]  # the oldest refused (BentoML answers 503), the newest sent
+
+
+def test_a_slower_network_raises_the_backstop_to_its_embed_deadline(pristine_dispatcher):
+    """max_latency_ms is fixed where the service is defined; an embedder whose measured pass asks for a longer
+    embed deadline raises the backstop with it, so calls the entry still waits for are not refused."""
+    never_hold_batches_back()
+    batching_backstop_at_least(1.0)
+    _, answers = gaps_between_batches(rounds=1, max_latency_ms=100)  # queued 150 ms: under 1 s
+    assert answers == ["held", "queued", "queued"]
 
 
 def connections_used_one_at_a_time(newest_first: bool) -> list[int]:

@@ -90,6 +90,20 @@ def test_a_wait_is_bounded(key, monkeypatch):
     assert b.others(WAITING) == 0
 
 
+def test_a_slower_network_waits_longer_for_a_core(key, monkeypatch):
+    """The embedder sets max_wait_s from its measured pass: a pass longer than MAX_WAIT_S is waited for,
+    not run beside on a core it holds."""
+    monkeypatch.setattr(core_share, "MAX_WAIT_S", 0.1)
+    a, b = CoreShare(2, 0, cores=2, key=key), CoreShare(2, 1, cores=2, key=key)
+    b.max_wait_s = 5.0
+    with a.busy():
+        t, got = pass_in_thread(b)
+        time.sleep(0.3)  # past MAX_WAIT_S: b still waits
+        assert got == [] and a.others(WAITING) == 1
+    t.join(5)
+    assert got and a.held_elsewhere() == 0
+
+
 def test_cores_held_by_a_killed_worker_are_free_again(key):
     code = (f"from model_store.core_share import CoreShare; import sys, time\n"
             f"with CoreShare(2, 1, cores=2, key={key!r}).busy() as n:\n"

@@ -69,3 +69,39 @@ def test_a_call_cancelled_as_its_turn_comes_gives_its_photos_back():
         return budget.free
 
     assert asyncio.run(run()) == 2
+
+
+def test_a_smaller_limit_holds_new_calls_back_until_the_photos_held_are_given_back():
+    """The entry shrinks the budget once it learns how slow the embedder is: photos already held stay held,
+    calls waiting are granted under the new limit, and every photo comes back."""
+    async def run() -> tuple[list, list, int, int]:
+        budget, log, held = PhotoBudget(8), [], []
+        first = asyncio.create_task(_call(budget, 6, log, held, hold_s=0.1))
+        await asyncio.sleep(0)
+        budget.resize(4)  # 6 held under a limit of 4 now: none free
+        waiting = [asyncio.create_task(_call(budget, n, log, held)) for n in (8, 1)]
+        await asyncio.sleep(0.05)
+        nothing_yet = list(log)
+        await asyncio.gather(first, *waiting)
+        return nothing_yet, held, budget.free, budget.limit
+
+    nothing_yet, held, free, limit = asyncio.run(run())
+    assert nothing_yet == [6]  # the call for 8 (4 now) and the one behind it wait for the 6
+    assert held == [6, 4, 1] and free == limit == 4
+
+
+def test_a_larger_limit_lets_waiting_calls_in_at_once():
+    async def run() -> tuple[list, int]:
+        budget, log, held = PhotoBudget(2), [], []
+        first = asyncio.create_task(_call(budget, 2, log, held, hold_s=1.0))
+        await asyncio.sleep(0)
+        second = asyncio.create_task(_call(budget, 2, log, held))
+        await asyncio.sleep(0.02)
+        budget.resize(4)
+        await asyncio.wait_for(second, 0.5)  # not after the first's second
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        return log, budget.free
+
+    log, free = asyncio.run(run())
+    assert log == [2, 2] and free == 4

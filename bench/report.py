@@ -232,6 +232,7 @@ SECTIONS = {"overhead": ("overhead.json", overhead_table), "overhead-phone": ("o
             "overhead-page": ("overhead_page.json", overhead_table),
             "overhead-vgg16": ("overhead_vgg16.json", overhead_table),
             "ab-slow-network": ("ab_slow_network.json", ab_table),
+            "ab-pace-default": ("ab_pace_default.json", ab_table),
             "overhead-freed": ("overhead_freed.json", overhead_table),
             "overhead-dispatch": ("overhead_dispatch.json", overhead_table),
             "lone-search": (("lone_demo.json", "lone_page.json", "lone_phone.json"), lone_search_table),

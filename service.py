@@ -6,6 +6,7 @@ import asyncio
 import datetime as dt
 import hmac
 import logging
+import math
 import os
 import resource
 import subprocess
@@ -362,8 +363,23 @@ class ImageSearch:
 
         pixels = await asyncio.gather(*(asyncio.to_thread(prepare, p, n) for p, n in zip(images, names)))
         batch = np.stack(pixels)
+        self._refuse_what_would_time_out(len(batch))  # then at once in line: no other call between the two
         async with self.photos.hold(len(batch)):
             return await self._call_embedder(lambda: self.embedder.to_async.embed(batch), len(batch))
+
+    def _refuse_what_would_time_out(self, photos: int) -> None:
+        """429 at once, with the seconds to wait, for photos the embedder would hardly reach before the request's
+        timeout stops it with a 503: those whose wait, from the measured pass (query/embed_pace.py) and MARGIN
+        times, is past that timeout. Only /search_batch calls stacked up get there (the default network on
+        2 cores: over 300 photos queued ahead)."""
+        ahead = self.photos.ahead()
+        wait_s = self.pace.wait_s(ahead + photos)
+        if wait_s is None or MARGIN * wait_s <= settings.request_timeout_s:
+            return
+        retry = math.ceil(wait_s - settings.request_timeout_s / MARGIN)  # when the queue ahead is short enough
+        raise ApiError(f"the service is at capacity: {ahead} photos are queued ahead of this request's {photos}, "
+                       f"about {wait_s:.0f} s of work, more than the {settings.request_timeout_s:g} s a request may "
+                       f"take: retry in {retry} s", HTTPStatus.TOO_MANY_REQUESTS, headers={"Retry-After": str(retry)})
 
     async def _call_embedder(self, call: Callable[[], Awaitable[T]], photos: int = 1, retry: bool = True) -> T:
         """One call to the embedder service, with a deadline (one embed deadline for each embedder batch the

@@ -27,6 +27,11 @@ class EmbedPace:
     deadline_s: float  # of one embed call of up to a batch of photos
     photos_in_flight: int  # per entry process
     why: str  # for the log: what was measured and what follows from it
+    photos_per_s: float | None = None  # the embedder's rate with every worker busy; None: not measured
+
+    def wait_s(self, photos: int) -> float | None:
+        """Seconds the embedder takes to work through `photos` (None when it measured nothing)."""
+        return photos / self.photos_per_s if self.photos_per_s else None
 
 
 def embed_pace(batch_s: float | None, max_batch: int, workers: int, entries: int, deadline_s: float,
@@ -47,4 +52,4 @@ def embed_pace(batch_s: float | None, max_batch: int, workers: int, entries: int
     deadline = max(deadline_s, round(MARGIN * (rounds + 1) * batch_s, 2))
     why = (f"a batch of {max_batch} takes {batch_s:.2f} s on each of {workers} embedder worker(s): "
            f"{photos} photos in flight per entry process, embed deadline {deadline:.2f} s")
-    return EmbedPace(deadline, photos, why)
+    return EmbedPace(deadline, photos, why, per_round / batch_s)

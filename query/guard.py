@@ -234,10 +234,22 @@ class ErrorShaper:
             log.exception("could not reshape a %s answer", status)
             shaped = ErrorBody(error=f"{HTTPStatus(status).phrase}")
         body = json.dumps(shaped.model_dump()).encode()
-        headers = [(k, v) for k, v in self._held["headers"] if k.lower() not in (b"content-type", b"content-length")]
+        extra = {k.lower().encode(): v.encode() for k, v in self._headers_for(status).items()}
+        replaced = (b"content-type", b"content-length", *extra)
+        headers = [(k, v) for k, v in self._held["headers"] if k.lower() not in replaced]
         headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        headers += list(extra.items())
         await self._send({"type": "http.response.start", "status": status, "headers": headers})
         await self._send({"type": "http.response.body", "body": body})
+
+    def _mine(self, status: int) -> ApiError | None:
+        """The ApiError our code raised for this answer, if any."""
+        return next((e for e in reversed(self.raised) if e.status == status), None)
+
+    def _headers_for(self, status: int) -> dict[str, str]:
+        """The headers of our ApiError (a 429's own Retry-After); a 429 without one says 1 s, as the guard's do."""
+        mine = self._mine(status)
+        return {**(_HEADERS[HTTPStatus.TOO_MANY_REQUESTS] if status == 429 else {}), **((mine and mine.headers) or {})}
 
     def reshape(self, status: int, body: bytes) -> ErrorBody:
         method, path = self.scope["method"], self.scope["path"]
@@ -245,7 +257,7 @@ class ErrorShaper:
             return ErrorBody(error=f"not ready: {self.health_problem() or 'starting up'}")
         if status == 503 and path == "/livez":
             return ErrorBody(error=f"not alive: {self.health_problem()}")
-        mine = next((e for e in reversed(self.raised) if e.status == status), None)
+        mine = self._mine(status)
         if mine is not None:
             return ErrorBody(error=mine.message, field=mine.field)
         if status == 404:

@@ -45,6 +45,10 @@ class PhotoBudget:
         finally:
             self._give_back(n)
 
+    def ahead(self) -> int:
+        """Photos held and waiting: those a call made now would have ahead of it."""
+        return self.limit - self.free + sum(min(photos, self.limit) for photos, turn in self.waiting if not turn.done())
+
     def resize(self, limit: int) -> None:
         """At most `limit` photos from now on; calls already holding more finish as they are."""
         self.free += limit - self.limit

@@ -53,3 +53,9 @@ def test_the_deadline_grows_with_the_pass_and_the_queue_shrinks():
 def test_entry_processes_share_the_queue():
     one, four = (embed_pace(1.3, 4, 2, n, DEADLINE, PHOTOS) for n in (1, 4))
     assert four.photos_in_flight == one.photos_in_flight // 4 and four.deadline_s == one.deadline_s
+
+
+def test_the_wait_for_photos_queued_comes_from_the_measured_rate():
+    assert embed_pace(None, 4, 2, 1, DEADLINE, PHOTOS).wait_s(100) is None  # not measured: no estimate
+    pace = embed_pace(0.5, 4, 2, 1, DEADLINE, PHOTOS)  # 8 photos a round of 0.5 s: 16 a second
+    assert pace.photos_per_s == 16 and pace.wait_s(48) == 3

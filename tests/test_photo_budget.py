@@ -105,3 +105,20 @@ def test_a_larger_limit_lets_waiting_calls_in_at_once():
 
     log, free = asyncio.run(run())
     assert log == [2, 2] and free == 4
+
+
+def test_photos_ahead_are_those_held_and_those_waiting():
+    async def run() -> tuple[int, int, int]:
+        budget = PhotoBudget(16)
+        first = asyncio.create_task(_call(budget, 12, [], [], hold_s=0.2))
+        await asyncio.sleep(0)
+        waiting = [asyncio.create_task(_call(budget, n, [], [])) for n in (8, 40)]  # 40 counts as the limit
+        await asyncio.sleep(0.01)
+        both = budget.ahead()
+        waiting[1].cancel()
+        await asyncio.sleep(0)
+        one = budget.ahead()
+        await asyncio.gather(first, *waiting, return_exceptions=True)
+        return both, one, budget.ahead()
+
+    assert asyncio.run(run()) == (12 + 8 + 16, 12 + 8, 0)

@@ -8,8 +8,12 @@ photos, which is as slow as VGG16 on this CPU and needs no 528 MB weight file.""
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import math
 import re
+import time
 
+import httpx
 import pytest
 
 from bench.server import deployed_serve_args
@@ -17,10 +21,11 @@ from conftest import Server
 from index_builder.build import build
 from index_builder.demo import make_demo_catalogue
 from model_store import stages
-from test_faults import Load, with_stages
+from test_faults import PHOTOS, Load, with_stages
 
 pytestmark = pytest.mark.slow
 SIDE = 800  # px: ~1.4 s a batch of 4 on one core of this VM, VGG16's pace
+REQUEST_TIMEOUT_S = 10  # the settings' IMAGESEARCH_REQUEST_TIMEOUT_S
 
 
 @pytest.fixture(scope="module")
@@ -51,3 +56,28 @@ def test_clients_queued_behind_a_slow_network_are_answered_not_timed_out(slow_se
     assert not failed, failed[:5]
     assert len(load.answers) >= 16
     assert "embedder call 1 failed" not in log
+
+
+def test_batches_that_would_wait_past_the_request_timeout_are_refused_at_once(slow_server):
+    """/search_batch calls of 16 photos sent at once, enough to queue photos for more than the 10 s a request may
+    take: those the embedder could not reach in time answer 429 at once, with the seconds to wait in
+    Retry-After, instead of a 503 when the timeout stops them; the others are answered."""
+    pace = re.findall(r"embed limits: a batch of (\d+) takes ([\d.]+) s on each of (\d+)", slow_server.log.read_text())
+    batch, batch_s, workers = int(pace[-1][0]), float(pace[-1][1]), int(pace[-1][2])
+    calls = math.ceil(REQUEST_TIMEOUT_S * workers * batch / batch_s / 16) + 2  # 16 photos each: past the timeout
+    files = [("images", (f"p{i}.png", PHOTOS[i % len(PHOTOS)], "image/png")) for i in range(16)]
+
+    def post(_: int) -> tuple[int, float, dict, str]:
+        start = time.perf_counter()
+        with httpx.Client(base_url=slow_server.url, timeout=60) as http:
+            r = http.post("/search_batch", files=files, data={"k": "1"})
+        return r.status_code, time.perf_counter() - start, dict(r.headers), r.text
+
+    with cf.ThreadPoolExecutor(calls) as pool:
+        answers = list(pool.map(post, range(calls)))
+    print([(status, round(took, 2), headers.get("retry-after")) for status, took, headers, _ in answers])
+    assert {status for status, *_ in answers} == {200, 429}, [(a[0], a[3][:200]) for a in answers]
+    for status, took, headers, text in answers:
+        if status == 429:
+            assert took < REQUEST_TIMEOUT_S / 2 and int(headers["retry-after"]) >= 1, (took, headers)
+            assert "photos are queued ahead" in text and "retry in" in text, text

@@ -378,8 +378,8 @@ class ImageSearch:
             return
         retry = math.ceil(wait_s - settings.request_timeout_s / MARGIN)  # when the queue ahead is short enough
         raise ApiError(f"the service is at capacity: {ahead} photos are queued ahead of this request's {photos}, "
-                       f"about {wait_s:.0f} s of work, more than the {settings.request_timeout_s:g} s a request may "
-                       f"take: retry in {retry} s", HTTPStatus.TOO_MANY_REQUESTS, headers={"Retry-After": str(retry)})
+                       f"about {wait_s:.0f} s of work, too close to the {settings.request_timeout_s:g} s a request "
+                       f"may take: retry in {retry} s", HTTPStatus.TOO_MANY_REQUESTS, headers={"Retry-After": str(retry)})
 
     async def _call_embedder(self, call: Callable[[], Awaitable[T]], photos: int = 1, retry: bool = True) -> T:
         """One call to the embedder service, with a deadline (one embed deadline for each embedder batch the

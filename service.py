@@ -112,7 +112,8 @@ class Embedder:
         if self.model is not None:  # BentoML resolves the class attribute to the stored model
             self.torch.submit(self._load).result()
         # A slower network's waits are longer: each limit grows as the embed deadline does (query/embed_pace.py)
-        pace = _pace_of({"batch_s": self.batch_s, "max_batch": EMBED_MAX_BATCH, "workers": EMBEDDER_WORKERS})
+        self.measured = {"batch_s": self.batch_s, "max_batch": EMBED_MAX_BATCH, "workers": EMBEDDER_WORKERS}
+        pace = _pace_of(self.measured)
         longer = pace.deadline_s / settings.embed_deadline_s
         batching_backstop_at_least(settings.embed_max_latency_ms / 1000 * longer)
         if self.cores and self.batch_s:  # waiting for a core as long as another worker's pass may take
@@ -159,7 +160,7 @@ class Embedder:
         if self.embedder is None:
             return {}
         return {"tag": str(self.model.tag), "config": self.embedder.config.model_dump(mode="json"),
-                "pace": {"batch_s": self.batch_s, "max_batch": EMBED_MAX_BATCH, "workers": EMBEDDER_WORKERS}}
+                "pace": self.measured}
 
 
 media_types_worked_out_once(Embedder)

@@ -142,3 +142,20 @@ def read_query_params(params: list[tuple[str, str]], fields: EndpointFields) -> 
             raise ApiError(f"{name} was sent twice: send it once", field=name)
         values[name] = field.check(raw)
     return values
+
+
+def refuse_query_params(params: list[tuple[str, str]], fields: EndpointFields, path: str) -> None:
+    """A POST endpoint reads its fields from the body: a query parameter it would silently ignore (`POST
+    /search?k=3` answered 10 matches) is refused with a 400 that says where it belongs."""
+    if not params:
+        return
+    name, value = params[0]
+    if name in fields.files:
+        raise ApiError(f"{name} was sent in the URL's query string: send the photo as a file part of the "
+                       f"multipart/form-data body (curl -F {name}=@photo.jpg)", field=name)
+    if name in fields.texts:
+        raise ApiError(f"{name} was sent in the URL's query string, which POST {path} does not read: send it as a "
+                       f"field of the multipart/form-data body (curl -F {name}={value[:40]})", field=name)
+    takes = f"its fields ({', '.join(fields.names)}) go in" if fields.names else "it takes nothing in"
+    raise ApiError(f"unknown query parameter {name!r}: POST {path} takes no query parameters; {takes} the "
+                   "multipart/form-data body", field=name)

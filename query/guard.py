@@ -3,8 +3,8 @@
 An ASGI middleware that runs before BentoML's request parser. For the API endpoints it refuses load
 beyond `max_concurrency` (429), a client past its share of photos (429, query.client_limit), bodies over the
 byte limit (413) before reading them, more than `max_uploads` bodies arriving at once (429) or one slower
-than `upload_timeout_s` (408), and any form field
-that is unknown, missing, of the wrong kind or value (4xx naming the field); what passes is handed on
+than `upload_timeout_s` (408), any query parameter (a POST reads its fields from the body: 400 saying so),
+and any form field that is unknown, missing, of the wrong kind or value (4xx naming the field); what passes is handed on
 re-encoded, so BentoML's parser only ever sees values it reads back exactly. Every answer of 400 or
 more, whoever produced it, leaves in the shape of query.errors.ErrorBody.
 """
@@ -18,13 +18,14 @@ import re
 import uuid
 from http import HTTPStatus
 from typing import Any, Awaitable, Callable
+from urllib.parse import parse_qsl
 
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from query.client_limit import ClientLimit
 from query.errors import ApiError, ErrorBody, collect_errors, error_response
-from query.fields import EndpointFields
+from query.fields import EndpointFields, refuse_query_params
 from query.openapi import serve_amended
 
 log = logging.getLogger("bentoml.imagesearch")
@@ -75,6 +76,8 @@ class RequestGuard:
         if fields is None:
             return await self.app(scope, receive, shaper.send)
         try:
+            refuse_query_params(parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True),
+                                fields, scope["path"])
             self._refuse_when_full()  # at once, before the client sends its photos for nothing
             client = self._admit(scope, fields)
             body = await self.receive_body(scope, receive)

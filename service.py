@@ -245,7 +245,8 @@ ROUTES = [Route("/index", _get_index, methods=["GET"]),
 
 # runner_probe off: __is_ready__ asks the embedder itself, within a deadline and saying why it failed (BentoML's
 # own probe waited 5 s on a dead embedder and then answered 500)
-@bentoml.service(workers=settings.search_workers, traffic={"timeout": 30, "concurrency": settings.search_concurrency},
+@bentoml.service(workers=settings.search_workers,
+                 traffic={"timeout": settings.entry_backstop_s, "concurrency": settings.search_concurrency},
                  runner_probe={"enabled": False, "timeout": 1, "period": 10})
 @bentoml.asgi_app(Starlette(routes=ROUTES), path="/")
 class ImageSearch:

@@ -174,6 +174,13 @@ class Settings(BaseSettings):
         """Threads for the entry's work off the event loop: the setting, else one per core (at most 4)."""
         return self.entry_threads or max(1, min(cores, 4))
 
+    @property
+    def entry_backstop_s(self) -> float:
+        """BentoML's own timeout for an entry request, past every limit the guard answers first (the upload's,
+        then the request's): BentoML's answers 504 with a body of its own shape. At a fixed 30 s it fired with
+        the upload timeout, so a body shorter than its Content-Length got that 504 instead of the guard's 408."""
+        return self.upload_timeout_s + self.request_timeout_s + 5
+
     def embed_batch_limit(self, gpu: bool) -> int:
         """Most photos in one embedder batch: the setting, else 4 on a CPU (Lite2 runs fastest per photo at 2-4
         there; 8 was 20-30% slower) and 8 on a GPU."""

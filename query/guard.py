@@ -76,7 +76,7 @@ class RequestGuard:
         if fields is None:
             return await self.app(scope, receive, shaper.send)
         try:
-            refuse_query_params(parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True),
+            refuse_query_params(parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True),
                                 fields, scope["path"])
             self._refuse_when_full()  # at once, before the client sends its photos for nothing
             client = self._admit(scope, fields)

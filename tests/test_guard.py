@@ -8,6 +8,8 @@ import io
 import json
 import re
 import socket
+import subprocess
+import sys
 import time
 from types import SimpleNamespace
 
@@ -16,6 +18,7 @@ import pytest
 from PIL import Image
 from pydantic import BaseModel
 
+from conftest import ROOT, run_env
 from index_builder.demo import draw_object
 
 pytestmark = pytest.mark.slow
@@ -263,6 +266,33 @@ def test_uploads_still_arriving_take_no_place_among_the_requests_in_flight(serve
             sock.close()
     time.sleep(0.5)
     assert server.http.post("/search", files={"image": PHOTO}).status_code == 200
+
+
+def test_a_body_shorter_than_its_content_length_gets_408_in_the_one_shape(server):
+    """A body that stops short of its Content-Length on an open connection (a phone that lost its signal
+    mid-upload) is answered 408 by the guard at IMAGESEARCH_UPLOAD_TIMEOUT_S (5 s on this server), in the one
+    shape, and its connection is closed."""
+    sock = stalled_upload(server.port)
+    start = time.monotonic()
+    try:
+        got, body = shaped_error(sock.recv(65536).decode("latin-1"))
+    except TimeoutError:
+        pytest.fail("no answer within 10 s to a body that stopped short")
+    finally:
+        sock.close()
+    assert got == 408 and "did not arrive within 5 s" in body["error"] and body["field"] is None, body
+    assert time.monotonic() - start < 9
+
+
+def test_bentoml_times_out_an_entry_request_only_after_every_limit_of_the_guard():
+    """BentoML's own timeout answers 504 with a body not in the one shape: it must come after the guard's
+    upload and request timeouts. Fixed at 30 s, it fired with the default upload timeout (30 s) and a body
+    shorter than its Content-Length got that 504 instead of the 408."""
+    code = "from service import ImageSearch; print(ImageSearch.config['traffic']['timeout'])"
+    for upload, request in (("30", "10"), ("40", "25")):
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                             env=run_env(IMAGESEARCH_UPLOAD_TIMEOUT_S=upload, IMAGESEARCH_REQUEST_TIMEOUT_S=request))
+        assert float(out.stdout.split()[-1]) >= float(upload) + float(request) + 1, (upload, request, out.stdout)
 
 
 def ping_guard(app, **limits):

@@ -4,6 +4,7 @@ the one error shape for every 4xx and 5xx, the statuses each endpoint can give, 
 from __future__ import annotations
 
 import json
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from pydantic import BaseModel
@@ -60,9 +61,16 @@ def amend(doc: dict[str, Any]) -> dict[str, Any]:
         "responses": {"200": {"description": "WebP image; its ETag is its name", "content": {"image/webp": {}}},
                       "304": {"description": "Not modified: If-None-Match named its ETag (no body)"},
                       "404": {"description": "No such photo in the served index", "content": ref}}}}
-    doc.setdefault("info", {})["description"] = DESCRIPTION
+    doc.setdefault("info", {}).update(description=DESCRIPTION, version=_api_version())  # BentoML wrote "None"
     _mark_nullable(doc)
     return doc
+
+
+def _api_version() -> str:
+    try:
+        return version("estate-image-search")
+    except PackageNotFoundError:  # run from a checkout that was not installed
+        return "unknown"
 
 
 def _schema(schemas: dict[str, Any], model: type[BaseModel]) -> dict[str, Any]:

@@ -356,6 +356,7 @@ def test_openapi_page_documents_the_error_shape(server):
     for status in ("400", "413", "415", "429", "503"):
         assert responses[status]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
     assert '"field"' in doc["info"]["description"] and "/index" in doc["paths"]
+    assert re.fullmatch(r"\d+\.\d+\.\d+", doc["info"]["version"]), doc["info"]  # the package's, not "None"
 
 
 def test_cors_is_closed_by_default(server):

@@ -97,6 +97,8 @@ def build(catalogue_path: Path, *, backbone: str | None = None, weights: str = "
     with timer.stage("read catalogue"):
         cat = read_catalogue(catalogue_path)
     report = report or cat.path.with_name(f"{cat.path.stem}.report.csv")
+    write_report(report, cat.bad)
+    _check_bad_share(cat, cat.bad, max_bad_share, report, " (its photos not read yet)")  # before the network loads
     with timer.stage("load embedder"):
         config, net = new_embedder(backbone, weights, descriptor, image_size)
         embedder_tag = save_embedder(config, net)
@@ -178,12 +180,15 @@ def build(catalogue_path: Path, *, backbone: str | None = None, weights: str = "
         thumbnails_made=ext.thumbnails_made, seconds=timer.seconds, evaluation=manifest.evaluation)
 
 
-def _check_bad_share(cat: Catalogue, bad: list[BadRow], limit: float, report: Path) -> None:
+def _check_bad_share(cat: Catalogue, bad: list[BadRow], limit: float, report: Path, unread: str = "") -> None:
+    """Fail the build when no row, or too few, can be indexed; `unread`: what the count does not cover yet."""
     share = len(bad) / max(cat.n_rows, 1)
+    if cat.n_rows == 0:
+        raise BuildError(f"{cat.path}: the catalogue has no rows: write one row per photo under its header")
     if cat.n_rows == len(bad):
         raise BuildError(f"{cat.path}: none of the {cat.n_rows} rows is usable; reasons in {report}")
     if share > limit:
-        raise BuildError(f"{cat.path}: {len(bad)} of {cat.n_rows} rows ({share:.1%}) are unusable, over the "
+        raise BuildError(f"{cat.path}: {len(bad)} of {cat.n_rows} rows ({share:.1%}) are unusable{unread}, over the "
                          f"{limit:.0%} limit (--max-bad-share); reasons in {report}")
 
 

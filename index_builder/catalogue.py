@@ -30,7 +30,7 @@ class CatalogueRow(BaseModel):
     title: str = Field(min_length=1)
     category: str = Field(min_length=1)
     price: float = Field(ge=0, allow_inf_nan=False)
-    currency: str = Field(pattern=r"^[A-Z]{3}$", description="ISO 4217 code, e.g. USD")
+    currency: str = Field(pattern=r"^[A-Za-z]{3}$", description="ISO 4217 code, e.g. USD (usd is read as USD)")
     sold_at: dt.date
     image_url: str | None = Field(None, pattern=r"^https?://\S+$", max_length=2000,
                                   description="optional public URL of the photo (e.g. on a CDN), shown instead of "
@@ -40,6 +40,11 @@ class CatalogueRow(BaseModel):
     @classmethod
     def _strip(cls, v: object) -> object:
         return v.strip() if isinstance(v, str) else v
+
+    @field_validator("currency", mode="after")
+    @classmethod
+    def _upper(cls, v: str) -> str:
+        return v.upper()
 
     @field_validator("image_url", mode="before")
     @classmethod
@@ -78,6 +83,26 @@ class Catalogue:
 
 def _raw_rows(path: Path) -> Iterator[tuple[int, dict | None, str]]:
     """(line, fields or None, error) for each data row of a .csv or .jsonl file."""
+    try:
+        yield from _decoded_rows(path)
+    except UnicodeDecodeError as exc:  # e.g. Excel's plain "CSV" on Windows writes cp1252, not UTF-8
+        raise CatalogueError(f"{path}: line {_line_of_byte(path, exc)} is not UTF-8 text (byte "
+                             f"0x{exc.object[exc.start]:02x}): save the catalogue as UTF-8 (in Excel: "
+                             "\"CSV UTF-8\")") from None
+
+
+def _line_of_byte(path: Path, exc: UnicodeDecodeError) -> int:
+    """The line of the first byte that is not UTF-8 (the error's offset is within one read of the file)."""
+    with path.open("rb") as f:
+        for line, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return line
+    return 1
+
+
+def _decoded_rows(path: Path) -> Iterator[tuple[int, dict | None, str]]:
     suffix = path.suffix.lower()
     if suffix == ".csv":
         with path.open(newline="", encoding="utf-8-sig") as f:
@@ -85,7 +110,7 @@ def _raw_rows(path: Path) -> Iterator[tuple[int, dict | None, str]]:
             missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
             if missing:
                 raise CatalogueError(f"{path}: missing column(s) {', '.join(missing)}; "
-                                     f"the header must name {','.join(COLUMNS)}")
+                                     f"the header must name {','.join(COLUMNS)}{_separator_hint(reader.fieldnames)}")
             for fields in reader:
                 if None in fields:
                     yield reader.line_num, None, f"{len(fields[None]) + len(COLUMNS)} or more fields, header has fewer"
@@ -106,8 +131,33 @@ def _raw_rows(path: Path) -> Iterator[tuple[int, dict | None, str]]:
         raise CatalogueError(f"{path}: unknown catalogue format {suffix!r}: use .csv or .jsonl")
 
 
+def _separator_hint(header: list[str] | None) -> str:
+    """Why a header lacks the columns, when it is only written with another separator (Excel in many European
+    locales writes ';')."""
+    text = ",".join(header or [])
+    for sep, name in ((";", "semicolons"), ("\t", "tabs")):
+        if all(c in text.split(sep) for c in ("item_id", "image_path")):
+            return f" separated by commas: this header is separated by {name} (in Excel: save as \"CSV UTF-8 (Comma delimited)\")"
+    return ""
+
+
+# What a field must hold, in the words a person writing a spreadsheet needs (pydantic's say "unable to parse
+# string as a number" or "invalid character in year").
+WANTED = {"price": "a number of 0 or more, such as 340.00, without a currency sign or thousands separators",
+          "currency": "a three-letter ISO 4217 code, such as USD",
+          "sold_at": "a date as YYYY-MM-DD",
+          "image_url": "an http:// or https:// URL without spaces, or empty"}
+
+
 def _validation_reason(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'row'}: {e['msg']}" for e in exc.errors())
+    reasons = []
+    for e in exc.errors():
+        field = ".".join(map(str, e["loc"])) or "row"
+        if field in WANTED and e["type"] != "missing":
+            reasons.append(f"{field} must be {WANTED[field]}; got {str(e['input'])[:60]!r}")
+        else:
+            reasons.append(f"{field}: {e['msg']}")
+    return "; ".join(reasons)
 
 
 def read_catalogue(path: Path) -> Catalogue:

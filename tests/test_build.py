@@ -95,8 +95,8 @@ def test_bad_rows_are_reported_and_the_index_still_builds(demo_catalogue, tmp_pa
              "x3,photos/notes.png,Notes,Art,5,USD,2024-01-01", "x4,photos/item-0000-120.png,Bad price,Art,-1,USD,2024-01-01"]
     (folder / "catalogue.csv").write_text("\n".join(good + extra) + "\n")
     before = index_versions()
-    with pytest.raises(BuildError, match=r"4 of 76 rows \(5.3%\).*over the 1% limit"):
-        build(folder / "catalogue.csv", progress=False, workers=0, max_bad_share=0.01)
+    with pytest.raises(BuildError, match=r"4 of 76 rows \(5.3%\) are unusable, over the 4% limit"):
+        build(folder / "catalogue.csv", progress=False, workers=0, max_bad_share=0.04)  # the 2 bad rows alone pass
     assert index_versions() == before  # a failed build leaves the store as it was
     summary = build(folder / "catalogue.csv", progress=False, workers=0)
     assert summary.photos_indexed == 72 and summary.bad_rows == 4
@@ -107,6 +107,30 @@ def test_bad_rows_are_reported_and_the_index_still_builds(demo_catalogue, tmp_pa
     assert "image file not found" in report["75"]
     assert "not an image" in report["76"]
     assert "price" in report["77"]
+
+
+def test_a_catalogue_without_a_usable_row_fails_before_the_network_loads(demo_catalogue, tmp_path, capsys):
+    """Rows alone decide it: the build says so at once, with the report, instead of loading the network (seconds;
+    a minute for VGG16) and embedding nothing."""
+    folder = tmp_path / "cat"
+    folder.mkdir()
+    shutil.copy(demo_catalogue.parent / "photos" / "item-0000-000.png", folder / "a.png")
+    header = demo_catalogue.read_text().splitlines()[0]
+    (folder / "empty.csv").write_text(header + "\n")
+    (folder / "bad.csv").write_text(header + "\n" + "x1,a.png,Vase,Ceramics,$340,USD,2024-01-01\n")
+    before = index_versions()
+    with pytest.raises(BuildError, match="empty.csv: the catalogue has no rows: write one row per photo"):
+        build(folder / "empty.csv", progress=False, workers=0)
+    with pytest.raises(BuildError, match=r"bad.csv: none of the 1 rows is usable; reasons in .*bad.report.csv"):
+        build(folder / "bad.csv", progress=False, workers=0)
+    (folder / "some.csv").write_text("\n".join([header, "x1,a.png,Vase,Ceramics,$340,USD,2024-01-01",
+                                                "x2,a.png,Vase,Ceramics,340,USD,2024-01-01"]) + "\n")
+    with pytest.raises(BuildError, match=r"some.csv: 1 of 2 rows \(50.0%\) are unusable \(its photos not read yet\), "
+                                         r"over the 20% limit"):
+        build(folder / "some.csv", progress=False, workers=0)
+    assert "[load embedder]" not in capsys.readouterr().err
+    assert "got '$340'" in (folder / "bad.report.csv").read_text()
+    assert index_versions() == before
 
 
 @pytest.mark.parametrize("engine", ["local", "ray"])

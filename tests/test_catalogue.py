@@ -32,10 +32,13 @@ def test_good_rows_and_several_photos_per_item(folder):
 
 
 @pytest.mark.parametrize("row, reason", [
-    ("i1,a.png,Vase,Ceramics,abc,USD,2024-05-01", "price"),
-    ("i1,a.png,Vase,Ceramics,-3,USD,2024-05-01", "price"),
-    ("i1,a.png,Vase,Ceramics,3,usd,2024-05-01", "currency"),
-    ("i1,a.png,Vase,Ceramics,3,USD,yesterday", "sold_at"),
+    ("i1,a.png,Vase,Ceramics,abc,USD,2024-05-01", "price must be a number of 0 or more"),
+    ("i1,a.png,Vase,Ceramics,-3,USD,2024-05-01", "price must be a number of 0 or more"),
+    ("i1,a.png,Vase,Ceramics,$340,USD,2024-05-01", "without a currency sign or thousands separators; got '$340'"),
+    ('i1,a.png,Vase,Ceramics,"1,200.50",USD,2024-05-01', "thousands separators; got '1,200.50'"),
+    ("i1,a.png,Vase,Ceramics,3,US$,2024-05-01", "currency must be a three-letter ISO 4217 code, such as USD; got 'US$'"),
+    ("i1,a.png,Vase,Ceramics,3,USD,yesterday", "sold_at must be a date as YYYY-MM-DD; got 'yesterday'"),
+    ("i1,a.png,Vase,Ceramics,3,USD,14/03/2025", "sold_at must be a date as YYYY-MM-DD; got '14/03/2025'"),
     (",a.png,Vase,Ceramics,3,USD,2024-05-01", "item_id"),
     ("i1,missing.png,Vase,Ceramics,3,USD,2024-05-01", "image file not found"),
     ("i1,.,Vase,Ceramics,3,USD,2024-05-01", "image_path is a folder, not a photo"),
@@ -59,6 +62,29 @@ def test_duplicate_photo_and_disagreeing_item_rows(folder):
 def test_missing_column_fails_the_whole_file(folder):
     with pytest.raises(CatalogueError, match="missing column.*price"):
         read_catalogue(write(folder, "item_id,image_path,title,category,currency,sold_at\n"))
+
+
+def test_a_lowercase_currency_is_read_as_its_code(folder):
+    cat = read_catalogue(write(folder, HEADER + "i1,a.png,Vase,Ceramics,3,usd,2024-05-01\n"))
+    assert cat.bad == [] and cat.photos[0].row.currency == "USD"
+
+
+@pytest.mark.parametrize("sep, name", [(";", "semicolons"), ("\t", "tabs")])
+def test_a_header_with_another_separator_says_so(folder, sep, name):
+    """Excel in many European locales saves "CSV" with semicolons: the error says that is what is wrong."""
+    text = HEADER.replace(",", sep) + sep.join(["i1", "a.png", "Vase", "Ceramics", "3", "USD", "2024-05-01"]) + "\n"
+    with pytest.raises(CatalogueError, match=f"separated by commas: this header is separated by {name}"):
+        read_catalogue(write(folder, text))
+
+
+def test_a_catalogue_not_in_utf8_names_the_line_and_the_fix(folder):
+    """Excel's plain "CSV" on Windows writes cp1252: the error named neither the file nor the line."""
+    path = folder / "cat.csv"
+    path.write_bytes((HEADER + "i0,c.png,Cup,Ceramics,1,USD,2024-01-01\n" + "i1,a.png,Café table,Furniture,3,USD,"
+                      "2024-05-01\n").encode("cp1252"))
+    with pytest.raises(CatalogueError, match=r"cat.csv: line 3 is not UTF-8 text \(byte 0xe9\): save the catalogue "
+                                             r"as UTF-8 \(in Excel: \"CSV UTF-8\"\)"):
+        read_catalogue(path)
 
 
 def test_json_lines(folder):

@@ -61,7 +61,7 @@ class RequestGuard:
             await self._serve(scope, receive, shaper, slot)
         except Exception:  # noqa: BLE001
             # Answer now: BentoML's TimeoutMiddleware would otherwise hold the client for its whole timeout
-            # (30 s, then 504) when the app raises before sending anything.
+            # (Settings.entry_backstop_s, then a 504 outside this guard) when the app raises before sending anything.
             log.exception("%s %s failed", scope["method"], scope["path"])
             if not shaper.started:
                 await _answer(scope, shaper.send, ApiError("internal error: the server log has the details; retry",

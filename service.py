@@ -363,9 +363,10 @@ class ImageSearch:
                 raise ApiError(str(exc), HTTPStatus.UNSUPPORTED_MEDIA_TYPE, field) from None
             return image_to_pixels(img, spec)
 
+        self._refuse_what_would_time_out(len(images))  # before its photos are decoded, on an overloaded server
         pixels = await asyncio.gather(*(asyncio.to_thread(prepare, p, n) for p, n in zip(images, names)))
         batch = np.stack(pixels)
-        self._refuse_what_would_time_out(len(batch))  # then at once in line: no other call between the two
+        self._refuse_what_would_time_out(len(batch))  # again, at once in line: no other call between the two
         async with self.photos.hold(len(batch)):
             return await self._call_embedder(lambda: self.embedder.to_async.embed(batch), len(batch))
 

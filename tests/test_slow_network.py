@@ -61,7 +61,8 @@ def test_clients_queued_behind_a_slow_network_are_answered_not_timed_out(slow_se
 def test_batches_that_would_wait_past_the_request_timeout_are_refused_at_once(slow_server):
     """/search_batch calls of 16 photos sent at once, enough to queue photos for more than the 10 s a request may
     take: those the embedder could not reach in time answer 429 at once, with the seconds to wait in
-    Retry-After, instead of a 503 when the timeout stops them; the others are answered."""
+    Retry-After, instead of a 503 when the timeout stops them; the others are answered. One sent while the
+    queue is full is refused before its photos are decoded (its broken photo would otherwise answer 415)."""
     pace = re.findall(r"embed limits: a batch of (\d+) takes ([\d.]+) s on each of (\d+)", slow_server.log.read_text())
     batch, batch_s, workers = int(pace[-1][0]), float(pace[-1][1]), int(pace[-1][2])
     calls = math.ceil(REQUEST_TIMEOUT_S * workers * batch / batch_s / 16) + 2  # 16 photos each: past the timeout
@@ -74,8 +75,13 @@ def test_batches_that_would_wait_past_the_request_timeout_are_refused_at_once(sl
         return r.status_code, time.perf_counter() - start, dict(r.headers), r.text
 
     with cf.ThreadPoolExecutor(calls) as pool:
-        answers = list(pool.map(post, range(calls)))
+        queued = pool.map(post, range(calls))
+        time.sleep(1)  # the first batches hold the embedder for seconds yet
+        with httpx.Client(base_url=slow_server.url, timeout=60) as http:  # refused before its photos are decoded
+            late = http.post("/search_batch", files=files[:-1] + [("images", ("x.png", b"not a photo", "image/png"))])
+        answers = list(queued)
     print([(status, round(took, 2), headers.get("retry-after")) for status, took, headers, _ in answers])
+    assert late.status_code == 429 and "photos are queued ahead" in late.text, late.text
     assert {status for status, *_ in answers} == {200, 429}, [(a[0], a[3][:200]) for a in answers]
     for status, took, headers, text in answers:
         if status == 429:

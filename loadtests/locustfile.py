@@ -14,26 +14,18 @@ from __future__ import annotations
 import functools
 import os
 import random
-from pathlib import Path
 from urllib.parse import quote
 
 import requests
 from locust import HttpUser, between, events, task
 
+from loadtests.photos import load_photos
 from model_store.preprocess import as_page_sends
 
-PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"}
-
-
-def load_photos(folder: str | None = None) -> list[tuple[str, bytes]]:
-    folder = Path(folder or os.environ.get("LOADTEST_PHOTOS", "demo/photos"))
-    photos = [(p.name, p.read_bytes()) for p in sorted(folder.iterdir()) if p.suffix.lower() in PHOTO_SUFFIXES]
-    if not photos:
-        raise SystemExit(f"no photos in {folder}: set LOADTEST_PHOTOS to a folder of JPEG/PNG files")
-    return photos
-
-
-PHOTOS = load_photos()
+try:
+    PHOTOS = load_photos()
+except ValueError as exc:
+    raise SystemExit(str(exc)) from None
 THINK = tuple(float(x) for x in os.environ.get("LOADTEST_THINK", "1,3").split(","))
 
 

@@ -18,8 +18,11 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
+import httpx
 import typer
 from pydantic import BaseModel
+
+from loadtests.photos import load_photos
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 app = typer.Typer(add_completion=False, help=__doc__)
@@ -91,6 +94,26 @@ def run_locust(host: str, users: int, spawn_rate: float, run_time: str, out: Pat
                      kinds=[r for r in rows if r.name != "all"], errors=raised)
 
 
+def check_target(host: str, photos: Path | None) -> None:
+    """Exit 2, saying why, before a run that cannot mean anything: no photos to send, or no service ready at
+    HOST (against a dead port Locust reported 1 request, failed, at 196 requests/s)."""
+    try:
+        load_photos(photos)
+    except ValueError as exc:
+        _refuse(str(exc))
+    try:
+        ready = httpx.get(f"{host.rstrip('/')}/readyz", timeout=10)
+    except httpx.HTTPError as exc:
+        _refuse(f"cannot reach {host} ({type(exc).__name__}): start the service (bash quickstart.sh) or pass --host")
+    if ready.status_code != 200:
+        _refuse(f"{host} is not ready ({ready.status_code} from /readyz): {ready.text[:300]}")
+
+
+def _refuse(message: str) -> None:
+    print(f"loadtests.run: {message}", file=sys.stderr)
+    raise typer.Exit(2)
+
+
 def _line(r: RunResult) -> str:
     def stats(s: Stats) -> str:
         return (f"requests={s.requests:<6} failures={s.failures:<4} rps={s.rps:<7} p50={s.p50_ms:.0f}ms "
@@ -116,6 +139,7 @@ def main(
                                           "search page requests); all: the three by weight")] = Mix.api,
 ) -> None:
     """Run Locust headless against HOST and judge the result against the SLO."""
+    check_target(host, photos)
     if not step:
         r = run_locust(host, users, spawn_rate, run_time, out, photos, mix=mix)
         print(_line(r))

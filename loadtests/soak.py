@@ -20,7 +20,6 @@ import datetime as dt
 import ipaddress
 import json
 import math
-import os
 import random
 import sys
 from collections import Counter
@@ -34,7 +33,8 @@ import psutil
 import typer
 from pydantic import BaseModel
 
-PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"}
+from loadtests.photos import load_photos
+
 LOOPBACK_V4 = ipaddress.ip_network("127.0.0.0/8")
 ERROR_SAMPLES = 5
 MiB = 2**20
@@ -155,17 +155,6 @@ def loopback_port(host: str) -> int:
             raise ValueError(f"refusing --host {host}: only loopback targets (127.0.0.0/8, localhost, [::1]) "
                              "are allowed here")
     return parts.port or (443 if parts.scheme == "https" else 80)
-
-
-def load_photos(folder: Path | None) -> list[tuple[str, bytes]]:
-    """Every photo in the folder (default $LOADTEST_PHOTOS or demo/photos), read once."""
-    folder = Path(folder or os.environ.get("LOADTEST_PHOTOS", "demo/photos"))
-    if not folder.is_dir():
-        raise ValueError(f"no folder {folder}: pass --photos DIR (quickstart.sh writes demo/photos)")
-    photos = [(p.name, p.read_bytes()) for p in sorted(folder.iterdir()) if p.suffix.lower() in PHOTO_SUFFIXES]
-    if not photos:
-        raise ValueError(f"no photos in {folder}: pass --photos with a folder of JPEG/PNG files")
-    return photos
 
 
 # ---- server memory -------------------------------------------------------------------------------------

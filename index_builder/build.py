@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from index_builder import ann, learn
 from index_builder.calibrate import calibrate
 from index_builder.catalogue import BadRow, Catalogue, read_catalogue, write_report
-from index_builder.evaluate import evaluate
+from index_builder.evaluate import evaluate, read_queries
 from index_builder.cache import EmbeddingCache
 from index_builder.extract import DEFAULT_WORKERS, default_batch_size, extract
 from model_store.embedder_config import Descriptor
@@ -99,6 +99,7 @@ def build(catalogue_path: Path, *, backbone: str | None = None, weights: str = "
     report = report or cat.path.with_name(f"{cat.path.stem}.report.csv")
     write_report(report, cat.bad)
     _check_bad_share(cat, cat.bad, max_bad_share, report, " (its photos not read yet)")  # before the network loads
+    queries = read_queries(eval_queries) if eval_queries is not None else None  # a bad file fails now, not at the end
     with timer.stage("load embedder"):
         config, net = new_embedder(backbone, weights, descriptor, image_size)
         embedder_tag = save_embedder(config, net)
@@ -163,7 +164,7 @@ def build(catalogue_path: Path, *, backbone: str | None = None, weights: str = "
         (artifact / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2))
         if eval_queries is not None:
             with timer.stage("evaluate"):
-                manifest.evaluation = evaluate(eval_queries, SearchIndex(artifact), embedder)
+                manifest.evaluation = evaluate(eval_queries, SearchIndex(artifact), embedder, queries)
         with timer.stage("register"):
             manifest.seconds = timer.seconds
             (artifact / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2))

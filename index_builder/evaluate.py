@@ -40,6 +40,9 @@ def read_queries(path: Path) -> list[Query]:
         raise EvalError(f"{path}: cannot read queries ({exc})") from exc
     if not queries:
         raise EvalError(f"{path}: no queries")
+    if not any(q.path.is_file() for q in queries):  # some missing are skipped (and listed) when evaluating
+        raise EvalError(f"{path}: none of the {len(queries)} query photos exists (line {queries[0].line}: "
+                        f"{queries[0].path}): image_path is relative to the queries file's folder")
     return queries
 
 
@@ -59,9 +62,10 @@ def metrics(rank: np.ndarray) -> dict[str, float]:
     }
 
 
-def evaluate(queries_file: Path, index: SearchIndex, embedder: Embedder) -> dict:
-    """Embed each query photo, search the index, score the ranking; unreadable queries are listed."""
-    queries = read_queries(queries_file)
+def evaluate(queries_file: Path, index: SearchIndex, embedder: Embedder, queries: list[Query] | None = None) -> dict:
+    """Embed each query photo, search the index, score the ranking; unreadable queries are listed. `queries`:
+    the file as read_queries read it, where it was read already."""
+    queries = queries or read_queries(queries_file)
     ranked, truth, skipped, spec = [], [], [], embedder.config.preprocess
     for q in queries:
         try:

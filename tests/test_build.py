@@ -22,6 +22,7 @@ from index_builder import build as build_module
 from index_builder.build import BuildError, build
 from index_builder.build import build as build_index
 from index_builder.catalogue import read_catalogue
+from index_builder.evaluate import EvalError
 from model_store.backbones import WeightsError, resolve_weights
 from model_store.embedder import load_embedder
 from model_store.index_artifact import ANNOY_FILE
@@ -109,9 +110,9 @@ def test_bad_rows_are_reported_and_the_index_still_builds(demo_catalogue, tmp_pa
     assert "price" in report["77"]
 
 
-def test_a_catalogue_without_a_usable_row_fails_before_the_network_loads(demo_catalogue, tmp_path, capsys):
-    """Rows alone decide it: the build says so at once, with the report, instead of loading the network (seconds;
-    a minute for VGG16) and embedding nothing."""
+def test_what_the_catalogue_or_queries_file_alone_decides_fails_before_the_network_loads(demo_catalogue, tmp_path, capsys):
+    """Rows alone decide it, or a queries file (--eval) that cannot be used: the build says so at once instead of
+    loading the network (seconds; a minute for VGG16) and embedding the catalogue first."""
     folder = tmp_path / "cat"
     folder.mkdir()
     shutil.copy(demo_catalogue.parent / "photos" / "item-0000-000.png", folder / "a.png")
@@ -128,6 +129,12 @@ def test_a_catalogue_without_a_usable_row_fails_before_the_network_loads(demo_ca
     with pytest.raises(BuildError, match=r"some.csv: 1 of 2 rows \(50.0%\) are unusable \(its photos not read yet\), "
                                          r"over the 20% limit"):
         build(folder / "some.csv", progress=False, workers=0)
+    (folder / "good.csv").write_text(header + "\nx2,a.png,Vase,Ceramics,340,USD,2024-01-01\n")
+    for queries, message in (("image_path,item\na.png,x2\n", "the header must name image_path,item_id"),
+                             ("image_path,item_id\nmissing.png,x2\n", "none of the 1 query photos exists")):
+        (folder / "queries.csv").write_text(queries)
+        with pytest.raises(EvalError, match=message):  # not after embedding the whole catalogue
+            build(folder / "good.csv", progress=False, workers=0, eval_queries=folder / "queries.csv")
     assert "[load embedder]" not in capsys.readouterr().err
     assert "got '$340'" in (folder / "bad.report.csv").read_text()
     assert index_versions() == before

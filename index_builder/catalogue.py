@@ -86,13 +86,14 @@ def _raw_rows(path: Path) -> Iterator[tuple[int, dict | None, str]]:
     try:
         yield from _decoded_rows(path)
     except UnicodeDecodeError as exc:  # e.g. Excel's plain "CSV" on Windows writes cp1252, not UTF-8
-        raise CatalogueError(f"{path}: line {_line_of_byte(path, exc)} is not UTF-8 text (byte "
+        raise CatalogueError(f"{path}: line {_first_line_not_utf8(path)} is not UTF-8 text (byte "
                              f"0x{exc.object[exc.start]:02x}): save the catalogue as UTF-8 (in Excel: "
                              "\"CSV UTF-8\")") from None
 
 
-def _line_of_byte(path: Path, exc: UnicodeDecodeError) -> int:
-    """The line of the first byte that is not UTF-8 (the error's offset is within one read of the file)."""
+def _first_line_not_utf8(path: Path) -> int:
+    """The line holding the first byte that is not UTF-8 (a decoding error's offset is within one read of the
+    file, not the file)."""
     with path.open("rb") as f:
         for line, raw in enumerate(f, 1):
             try:

@@ -102,27 +102,29 @@ class Embedder:
     model = bentoml.models.BentoModel(SERVED.embedder) if SERVED else None
 
     def __init__(self) -> None:
-        self.embedder, self.cores, self.batch_s = None, _core_share(), None
+        self.embedder, self.cores = None, _core_share()
         never_hold_batches_back()  # BentoML's batching otherwise slows lone searches after a burst
         # Every torch call of this process runs on this one thread. The event loop stays free during a pass, so
         # calls that arrive meanwhile are read and queued and leave together as the next batch; and no second
         # thread ever starts an OpenMP team: once a process holds more OpenMP threads than cores, libgomp
         # stops spinning and every pass slows down (28 -> 40 ms for one photo on 2 cores, docs/PERFORMANCE.md).
         self.torch = ThreadPoolExecutor(1, thread_name_prefix="torch")
+        batch_s = None
         if self.model is not None:  # BentoML resolves the class attribute to the stored model
-            self.torch.submit(self._load).result()
+            batch_s = self.torch.submit(self._load).result()
         # A slower network's waits are longer: each limit grows as the embed deadline does (query/embed_pace.py)
-        self.measured = {"batch_s": self.batch_s, "max_batch": EMBED_MAX_BATCH, "workers": EMBEDDER_WORKERS}
+        self.measured = {"batch_s": batch_s, "max_batch": EMBED_MAX_BATCH, "workers": EMBEDDER_WORKERS}
         pace = _pace_of(self.measured)
         longer = pace.deadline_s / settings.embed_deadline_s
         batching_backstop_at_least(settings.embed_max_latency_ms / 1000 * longer)
-        if self.cores and self.batch_s:  # waiting for a core as long as another worker's pass may take
-            self.cores.max_wait_s = max(MAX_WAIT_S, MARGIN * self.batch_s)
+        if self.cores and batch_s:  # waiting for a core as long as another worker's pass may take
+            self.cores.max_wait_s = max(MAX_WAIT_S, MARGIN * batch_s)
         if bentoml.server_context.worker_index is not None:  # under `bentoml serve`: the entry drains first
             keep_answering_after_sigterm(settings.embedder_drain_s * longer)
         log.info("embedder pace: %s", pace.why)
 
-    def _load(self) -> None:
+    def _load(self) -> float:
+        """Load and warm up the stored embedder; returns the seconds a full batch takes as a busy worker runs it."""
         import torch
 
         from model_store.embedder import embedder_from_folder
@@ -139,8 +141,9 @@ class Embedder:
                  embedder.device, embedder.half, len(embedder.graphs), warm_s)
         # A full batch timed as a busy worker runs it (where workers share a CPU, on its share of the cores):
         # this worker's waits and the entry's (from `describe`) are sized from it
-        self.batch_s = round(embedder.time_pass(EMBED_MAX_BATCH, _busy_threads() if self.cores else None), 4)
+        batch_s = round(embedder.time_pass(EMBED_MAX_BATCH, _busy_threads() if self.cores else None), 4)
         self.embedder = embedder
+        return batch_s
 
     def __is_ready__(self) -> bool:
         return self.embedder is not None

@@ -164,7 +164,7 @@ def build(catalogue_path: Path, *, backbone: str | None = None, weights: str = "
         (artifact / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2))
         if eval_queries is not None:
             with timer.stage("evaluate"):
-                manifest.evaluation = evaluate(eval_queries, SearchIndex(artifact), embedder, queries)
+                manifest.evaluation = evaluate(eval_queries, queries, SearchIndex(artifact), embedder)
         with timer.stage("register"):
             manifest.seconds = timer.seconds
             (artifact / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2))

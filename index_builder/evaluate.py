@@ -62,10 +62,9 @@ def metrics(rank: np.ndarray) -> dict[str, float]:
     }
 
 
-def evaluate(queries_file: Path, index: SearchIndex, embedder: Embedder, queries: list[Query] | None = None) -> dict:
-    """Embed each query photo, search the index, score the ranking; unreadable queries are listed. `queries`:
-    the file as read_queries read it, where it was read already."""
-    queries = queries or read_queries(queries_file)
+def evaluate(queries_file: Path, queries: list[Query], index: SearchIndex, embedder: Embedder) -> dict:
+    """Embed each query photo (`queries`, as read_queries read `queries_file`), search the index, score the
+    ranking; unreadable queries are listed."""
     ranked, truth, skipped, spec = [], [], [], embedder.config.preprocess
     for q in queries:
         try:

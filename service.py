@@ -61,15 +61,27 @@ SERVED = stages.served(settings.stage)
 T = TypeVar("T")
 STATIC = Path(__file__).resolve().parent / "query" / "static"  # the search page, served at /ui/
 GPU_PROBE = "_IMAGESEARCH_EMBEDS_ON_GPU"  # the supervisor's answer, inherited by every worker it starts
+# Without one of these, torch finds no GPU: NVIDIA's driver, WSL2's GPU, AMD's (ROCm builds of torch call it cuda)
+GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
+
+
+def _may_have_gpu() -> bool:
+    """False where the embedder will not run on a GPU, told without importing torch."""
+    if settings.device != "auto":
+        return settings.device != "cpu"
+    return sys.platform != "linux" or any(map(os.path.exists, GPU_DEVICE_FILES))
 
 
 def _embeds_on_gpu() -> bool:
-    """Whether the embedder runs on a GPU. Only torch can tell, and importing it costs a process ~470 MB and
-    ~3 s: a short-lived child process asks once, for the supervisor of `bentoml serve` (which reads this
-    file first), and its workers find the answer in the environment they inherit, so neither the supervisor
-    nor the entry's workers ever import torch (tests/test_service.py)."""
+    """Whether the embedder runs on a GPU. Where one may be, only torch can tell, and importing it costs a
+    process ~470 MB and ~3 s: a short-lived child process asks once, for the supervisor of `bentoml serve`
+    (which reads this file first), and its workers find the answer in the environment they inherit, so neither
+    the supervisor nor the entry's workers ever import torch (tests/test_service.py). Where there is no GPU
+    driver, every start of the service skips those ~3 s."""
     key = f"{settings.device}="
     probed = os.environ.get(GPU_PROBE, "")
+    if not probed.startswith(key) and not _may_have_gpu():
+        probed = os.environ[GPU_PROBE] = key + "0"
     if not probed.startswith(key):
         ask = "import sys; from model_store.embedder import pick_device; print(pick_device(sys.argv[1]).type)"
         answer = subprocess.run([sys.executable, "-c", ask, settings.device], cwd=Path(__file__).resolve().parent,

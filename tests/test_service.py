@@ -531,6 +531,23 @@ def test_the_entry_workers_never_load_torch(server):
     assert not loads_torch(psutil.Process(server.proc.pid))  # the supervisor
 
 
+def test_torch_is_asked_about_a_gpu_only_where_there_may_be_one(python):
+    """Where no GPU driver is, the service knows it without the child process that imports torch (~3 s of each
+    start); where one may be, or one is asked for, the child asks torch."""
+    from conftest import ROOT, run_env
+    from service import GPU_DEVICE_FILES, GPU_PROBE
+
+    ask = ("import sys; seen = []\n"
+           "sys.addaudithook(lambda e, a: e == 'subprocess.Popen' and 'pick_device' in str(a) and seen.append(a))\n"
+           "import service; print(len(seen), service.EMBED_ON_GPU)")
+    driver = any(Path(f).exists() for f in GPU_DEVICE_FILES)
+    for device, expected in (("cpu", "0 False"), ("cuda", "1 True"), ("auto", "1" if driver else "0 False")):
+        env = {k: v for k, v in run_env(IMAGESEARCH_DEVICE=device).items() if k != GPU_PROBE}
+        out = subprocess.run([python, "-c", ask], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.split()[-2:][:len(expected.split())] == expected.split(), (device, out.stdout)
+
+
 def test_embedder_workers_start_with_one_malloc_arena(server):
     """Their torch thread then allocates from the main heap, which keeps what a pass frees for the next one
     (model_store/malloc.py): served at 16 clients, 4-32 page faults per search instead of 1,400-3,600."""

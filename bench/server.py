@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import signal
@@ -90,9 +91,20 @@ class Server:
         return roles
 
     def stop(self) -> None:
+        """SIGTERM, as an orchestrator stops it. Once the entry workers have gone, nothing is left for the
+        embedder workers' drain (IMAGESEARCH_EMBEDDER_DRAIN_S) to finish: a second SIGTERM stops them at once
+        instead of ~3 s later (a test run stops some thirty servers)."""
         self.http.close()
         try:
+            workers = self.processes()
+        except psutil.NoSuchProcess:  # it has exited already
+            workers = {"entry": [], "embedder": []}
+        try:
             os.killpg(self.proc.pid, signal.SIGTERM)
+            psutil.wait_procs(workers["entry"], timeout=10)
+            for p in workers["embedder"]:
+                with contextlib.suppress(psutil.Error):
+                    p.send_signal(signal.SIGTERM)
             self.proc.wait(20)
         except ProcessLookupError:
             pass

@@ -30,7 +30,7 @@ from model_store.registry import get_model, register
 from model_store.settings import INDEX_MODEL, get_settings
 from query.search_index import SearchIndex, item_query
 
-from conftest import TOKEN, Server
+from conftest import ROOT, TOKEN, Server, run_env
 
 pytestmark = pytest.mark.slow
 
@@ -455,10 +455,6 @@ def test_random_weights_are_announced(demo_catalogue):
 
 
 def test_loadtest_runner_judges_the_slo(server, demo_catalogue, tmp_path, python):
-    import subprocess
-
-    from conftest import ROOT, run_env
-
     cmd = [python, "-m", "loadtests.run", "--host", server.url, "--users", "2", "--spawn-rate", "2",
            "--run-time", "4s", "--photos", str(demo_catalogue.parent / "photos"), "--out", str(tmp_path)]
     ok = subprocess.run(cmd + ["--slo-ms", "60000"], cwd=ROOT, env=run_env(), capture_output=True, text=True,
@@ -503,8 +499,6 @@ def test_the_slo_holds_only_when_every_kind_of_request_holds_it():
 
 
 def test_page_visitors_request_what_the_page_does_and_each_kind_is_judged(server, demo_catalogue, tmp_path, python):
-    from conftest import ROOT, run_env
-
     cmd = [python, "-m", "loadtests.run", "--host", server.url, "--mix", "page", "--users", "2", "--spawn-rate", "2",
            "--run-time", "6s", "--photos", str(demo_catalogue.parent / "photos"), "--out", str(tmp_path),
            "--slo-ms", "60000"]
@@ -533,19 +527,18 @@ def test_the_entry_workers_never_load_torch(server):
 
 def test_torch_is_asked_about_a_gpu_only_where_there_may_be_one(python):
     """Where no GPU driver is, the service knows it without the child process that imports torch (~3 s of each
-    start); where one may be, or one is asked for, the child asks torch."""
-    from conftest import ROOT, run_env
-    from service import GPU_DEVICE_FILES, GPU_PROBE
-
-    ask = ("import sys; seen = []\n"
+    start); where one may be, or one is asked for, the child asks torch. Each import in a process of its own:
+    this one's environment would keep the answer (service.GPU_PROBE) for every server the tests start."""
+    ask = ("import os, sys; seen = []\n"
            "sys.addaudithook(lambda e, a: e == 'subprocess.Popen' and 'pick_device' in str(a) and seen.append(a))\n"
-           "import service; print(len(seen), service.EMBED_ON_GPU)")
-    driver = any(Path(f).exists() for f in GPU_DEVICE_FILES)
-    for device, expected in (("cpu", "0 False"), ("cuda", "1 True"), ("auto", "1" if driver else "0 False")):
-        env = {k: v for k, v in run_env(IMAGESEARCH_DEVICE=device).items() if k != GPU_PROBE}
+           "import service; print(len(seen), service.EMBED_ON_GPU, any(map(os.path.exists, service.GPU_DEVICE_FILES)))")
+    for device in ("cpu", "cuda", "auto"):
+        env = {k: v for k, v in run_env(IMAGESEARCH_DEVICE=device).items() if not k.startswith("_IMAGESEARCH")}
         out = subprocess.run([python, "-c", ask], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr[-2000:]
-        assert out.stdout.split()[-2:][:len(expected.split())] == expected.split(), (device, out.stdout)
+        probes, on_gpu, driver = out.stdout.split()[-3:]
+        auto = ("1", on_gpu) if driver == "True" else ("0", "False")  # with a driver, torch tells
+        assert (probes, on_gpu) == {"cpu": ("0", "False"), "cuda": ("1", "True"), "auto": auto}[device], out.stdout
 
 
 def test_embedder_workers_start_with_one_malloc_arena(server):

@@ -57,7 +57,7 @@ class Server:
         self.http = httpx.Client(base_url=self.url, timeout=60)
         self.while_starting: list[tuple[int, str]] = []  # what wait() was answered: status, body
 
-    def wait(self, path: str = "/readyz", timeout: float = 180) -> "Server":
+    def wait(self, path: str = "/readyz", timeout: float = 180, every: float = 0.5) -> "Server":
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -69,7 +69,7 @@ class Server:
                     return self
             except httpx.TransportError:
                 pass
-            time.sleep(0.5)
+            time.sleep(every)
         raise TimeoutError(f"{path} not 200 after {timeout}s:\n{self.log.read_text()[-3000:]}")
 
     def processes(self) -> dict[str, list[psutil.Process]]:

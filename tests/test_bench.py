@@ -86,6 +86,11 @@ def test_embedder_hop(python):
     assert '"served_over_bare"' in out
 
 
+def test_startup(python):
+    out = quick("bench.startup", python)
+    assert '"seconds_to_ready"' in out and '"this checkout": [' in out
+
+
 def test_freed_memory(python):
     out = quick("bench.freed_memory", python)
     assert "| efficientnet-lite0 | 64 | 1 | 1 |" in out and "kept / handed back" in out

@@ -53,6 +53,8 @@ class RequestGuard:
         self.client_limit, self.health_problem = client_limit, health_problem
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            return await _refuse_websocket(scope, receive, send)
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         slot = Slot(self.slots)
@@ -412,6 +414,16 @@ def _replay(body: bytes) -> Receive:
         return {"type": "http.request", "body": body, "more_body": False}
 
     return receive
+
+
+async def _refuse_websocket(scope: Scope, receive: Receive, send: Send) -> None:
+    """No endpoint speaks WebSocket. Its handshake was refused with uvicorn's bare 403; where the server can
+    answer a handshake with a response (uvicorn can: ASGI's websocket.http.response), it is a 400 in the one
+    shape, and otherwise closed."""
+    if "websocket.http.response" not in scope.get("extensions", {}):
+        return await send({"type": "websocket.close", "code": 1008})
+    message = f"{scope['path']} does not take WebSocket connections: send HTTP requests (the API at / lists them)"
+    await error_response(message, HTTPStatus.BAD_REQUEST)(scope, receive, send)
 
 
 async def _answer(scope: Scope, send: Send, exc: ApiError, headers: dict | None = None) -> None:

@@ -196,6 +196,16 @@ def test_heads_the_http_server_cannot_take_get_a_4xx_in_the_one_shape(server):
     assert raw_exchange(server.port, ok + b"X-Big: " + b"a" * 30_000 + b"\r\n\r\n").startswith("HTTP/1.1 200")
 
 
+def test_a_websocket_handshake_gets_a_4xx_in_the_one_shape(server):
+    """No endpoint speaks WebSocket: a handshake got uvicorn's 403 with no body at all."""
+    handshake = (b"Host: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+    for path in (b"/search", b"/ui/", b"/nowhere"):
+        got, body = shaped_error(raw_exchange(server.port, b"GET " + path + b" HTTP/1.1\r\n" + handshake))
+        assert got == 400 and "does not take WebSocket connections" in body["error"] and body["field"] is None, body
+    assert server.http.get("/readyz").status_code == 200
+
+
 def test_a_header_that_never_ends_is_refused_as_it_arrives(server):
     """Without a limit the server holds whatever a header brings: here 64 MB are offered in 64 KB pieces and the
     server must close the connection long before (431 when the answer can still be read), then keep serving."""

@@ -25,7 +25,7 @@ from bench.ann_scale import command_line
 from bench.coil import COIL, coil_path
 from bench.evaluate_grocery import machine, replace_block, search_metrics
 from bench.grocery import CREDIT, GROCERY, read_split
-from index_builder.build import DEFAULT_DESCRIPTOR
+from index_builder.build_defaults import DEFAULT_DESCRIPTOR
 from model_store.embedder import Embedder, new_embedder
 from model_store.preprocess import PreprocessSpec, image_to_pixels, load_image_file
 from model_store.settings import get_settings

@@ -5,18 +5,19 @@ from __future__ import annotations
 import errno
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from index_builder import cache
-from index_builder.build import DEFAULT_DESCRIPTOR, DEFAULT_PROJECTION, BuildError, BuildSummary, build
+from index_builder.build_defaults import (CPU_BATCH_SIZE, DEFAULT_DESCRIPTOR, DEFAULT_PROJECTION, DEFAULT_WORKERS,
+                                          GPU_BATCH_SIZE)
 from index_builder.catalogue import CatalogueError
 from index_builder.demo import make_demo_catalogue
-from index_builder.evaluate import EvalError
-from index_builder.extract import CPU_BATCH_SIZE, DEFAULT_WORKERS, GPU_BATCH_SIZE
-from model_store.backbones import WeightsError
 from model_store.build_lock import StoreBusy
+
+if TYPE_CHECKING:  # the build imports torch: only `build` loads it (tests/test_build.py)
+    from index_builder.build import BuildSummary
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -73,6 +74,10 @@ def build_cmd(
              "existing ones are reused)")] = True,
 ) -> None:
     """Build an index from CATALOGUE and register it; the last line printed is the new tag."""
+    from index_builder.build import BuildError, build
+    from index_builder.evaluate import EvalError
+    from model_store.backbones import WeightsError
+
     if descriptor not in ("gem", "rmac", "pool5"):
         raise typer.BadParameter("choose gem, rmac or pool5", param_hint="--descriptor")
     if engine not in ("local", "ray"):

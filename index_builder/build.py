@@ -19,7 +19,8 @@ from index_builder.calibrate import calibrate
 from index_builder.catalogue import BadRow, Catalogue, read_catalogue, write_report
 from index_builder.evaluate import evaluate, read_queries
 from index_builder.cache import EmbeddingCache
-from index_builder.extract import DEFAULT_WORKERS, default_batch_size, extract
+from index_builder.build_defaults import DEFAULT_DESCRIPTOR, DEFAULT_PROJECTION, DEFAULT_WORKERS, ProjectionKind
+from index_builder.extract import default_batch_size, extract
 from model_store.embedder_config import Descriptor
 from model_store.build_lock import building
 from model_store.embedder import Embedder, new_embedder, save_embedder
@@ -31,13 +32,6 @@ from model_store.thumbnails import store_dir
 from query.search_index import SearchIndex
 
 PCA_FIT_SAMPLE = 20_000  # photos used to learn the projection; more changes it little
-ProjectionKind = Literal["learned", "pca", "none"]
-# Regional GeM: top-1 0.655 against GeM's 0.612 on shop photos with EfficientNet-Lite2, at the same cost, and
-# level on COIL-100 (docs/EVALUATION.md).
-DEFAULT_DESCRIPTOR: Descriptor = "rmac"
-# Learned projections beat PCA on unseen items of a shop-photo catalogue but lost to it against clean catalogue
-# photos (docs/EVALUATION.md): PCA stays the default, `--projection learned` checks per catalogue.
-DEFAULT_PROJECTION: ProjectionKind = "pca"
 
 
 class BuildError(RuntimeError):

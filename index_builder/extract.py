@@ -7,7 +7,6 @@ so a killed build resumes where it stopped.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from index_builder.build_defaults import CPU_BATCH_SIZE, DEFAULT_WORKERS, GPU_BATCH_SIZE
 from index_builder.cache import EmbeddingCache
 from index_builder.sources import cheap_keys, read_many
 from model_store.embedder import Embedder
@@ -23,11 +23,6 @@ from model_store.preprocess import (BUILD_MAX_BYTES, BUILD_MAX_PIXELS, ImageErro
                                     image_to_pixels)
 from model_store.thumbnails import ensure_thumbnail, photo_key, thumbnail_path
 
-# Measured (docs/PERFORMANCE.md, builder): one decoding worker per spare core.
-DEFAULT_WORKERS = max(1, min(4, (os.cpu_count() or 2) - 1))
-# Photos per forward pass. On a CPU small batches win: Lite2 builds 1.3-1.7x faster at 4 than at 16 on the
-# 2-core VM (its activations stop fitting the caches); a GPU wants large ones (docs/PERFORMANCE.md).
-CPU_BATCH_SIZE, GPU_BATCH_SIZE = 4, 64
 
 
 def default_batch_size(gpu: bool) -> int:

@@ -290,6 +290,19 @@ def test_a_full_disk_fails_the_build_and_leaves_the_store_as_it_was(demo_index, 
         subprocess.run(["umount", str(home)], check=True)
 
 
+def test_only_the_build_command_loads_torch(python, tmp_path):
+    """`--help`, `cache` and `demo` need no network: the CLI starts in well under a second without torch."""
+    run = ("import runpy, sys\nsys.argv = ['index_builder', *sys.argv[1:]]\ntry:\n"
+           "    runpy.run_module('index_builder', run_name='__main__')\nexcept SystemExit as exc:\n"
+           "    print('exit', exc.code)\nprint('torch loaded:', 'torch' in sys.modules)")
+    for args in (["--help"], ["build", "--help"], ["cache"], ["demo", str(tmp_path / "demo"), "--items-per-family", "1"]):
+        out = subprocess.run([python, "-c", run, *args], cwd=tmp_path, env=run_env(), capture_output=True, text=True,
+                             timeout=120)
+        assert "torch loaded: False" in out.stdout and "exit 0" in out.stdout, (args, out.stdout[-1000:], out.stderr[-2000:])
+    assert "[default: rmac]" in subprocess.run([python, "-m", "index_builder", "build", "--help"], env=run_env(),
+                                               capture_output=True, text=True, timeout=120).stdout
+
+
 def _ray_processes() -> set[str]:
     """Process ids of the Ray nodes on this machine (a cluster's raylet and GCS server)."""
     return set(subprocess.run(["pgrep", "-f", "raylet|gcs_server"], capture_output=True, text=True).stdout.split())

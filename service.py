@@ -80,18 +80,20 @@ def _embeds_on_gpu() -> bool:
     driver, every start of the service skips those ~3 s."""
     key = f"{settings.device}="
     probed = os.environ.get(GPU_PROBE, "")
-    if not probed.startswith(key) and not _may_have_gpu():
-        probed = os.environ[GPU_PROBE] = key + "0"
     if not probed.startswith(key):
-        ask = "import sys; from model_store.embedder import pick_device; print(pick_device(sys.argv[1]).type)"
-        answer = subprocess.run([sys.executable, "-c", ask, settings.device], cwd=Path(__file__).resolve().parent,
-                                capture_output=True, text=True, check=False)
-        if answer.returncode != 0:
-            raise RuntimeError(f"cannot tell whether the embedder has a GPU (IMAGESEARCH_DEVICE="
-                               f"{settings.device!r}): {answer.stderr.strip()[-2000:]}")
-        on_gpu = answer.stdout.split()[-1:] == ["cuda"]  # the last word: whatever else an import may print
-        probed = os.environ[GPU_PROBE] = key + str(int(on_gpu))
+        probed = os.environ[GPU_PROBE] = key + str(int(_may_have_gpu() and _torch_finds_gpu()))
     return probed == key + "1"
+
+
+def _torch_finds_gpu() -> bool:
+    """Asked in a child process, which alone imports torch."""
+    ask = "import sys; from model_store.embedder import pick_device; print(pick_device(sys.argv[1]).type)"
+    answer = subprocess.run([sys.executable, "-c", ask, settings.device], cwd=Path(__file__).resolve().parent,
+                            capture_output=True, text=True, check=False)
+    if answer.returncode != 0:
+        raise RuntimeError(f"cannot tell whether the embedder has a GPU (IMAGESEARCH_DEVICE="
+                           f"{settings.device!r}): {answer.stderr.strip()[-2000:]}")
+    return answer.stdout.split()[-1:] == ["cuda"]  # the last word: whatever else an import may print
 
 
 EMBED_ON_GPU = _embeds_on_gpu()

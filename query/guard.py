@@ -54,7 +54,7 @@ class RequestGuard:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
-            return await _refuse_websocket(scope, receive, send)
+            return await _refuse_websocket(scope, send)
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         slot = Slot(self.slots)
@@ -416,14 +416,14 @@ def _replay(body: bytes) -> Receive:
     return receive
 
 
-async def _refuse_websocket(scope: Scope, receive: Receive, send: Send) -> None:
+async def _refuse_websocket(scope: Scope, send: Send) -> None:
     """No endpoint speaks WebSocket. Its handshake was refused with uvicorn's bare 403; where the server can
     answer a handshake with a response (uvicorn can: ASGI's websocket.http.response), it is a 400 in the one
     shape, and otherwise closed."""
     if "websocket.http.response" not in scope.get("extensions", {}):
         return await send({"type": "websocket.close", "code": 1008})
-    message = f"{scope['path']} does not take WebSocket connections: send HTTP requests (the API at / lists them)"
-    await error_response(message, HTTPStatus.BAD_REQUEST)(scope, receive, send)
+    await _answer(scope, send, ApiError(f"{scope['path']} does not take WebSocket connections: send HTTP requests "
+                                        "(the API at / lists them)", HTTPStatus.BAD_REQUEST))
 
 
 async def _answer(scope: Scope, send: Send, exc: ApiError, headers: dict | None = None) -> None:

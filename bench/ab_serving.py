@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from bench.ann_scale import machine
-from bench.overhead import DOCS, checkout, cpu_ms_per_request, cpu_seconds, demo_index, hide_newer_packages
+from bench.overhead import (DOCS, checkout, cpu_ms_per_request, cpu_seconds, demo_index, hide_newer_packages,
+                            remove_checkout)
 from bench.server import ROOT, Server
 from bench.wrk import closed_loop
 
@@ -108,7 +108,7 @@ def main(before: Annotated[str, typer.Option(help="git ref to compare this check
                     results[-1][label] = loads(srv, photos, seconds, levels)
                 print(json.dumps({"round": i, label: results[-1][label]}), flush=True)
     finally:
-        subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=ROOT, capture_output=True, check=False)
+        remove_checkout(old)
     command = " ".join(["python -m bench.ab_serving", f"--before {before}", f"--rounds {rounds}", f"--seconds {seconds:g}",
                         *(f"--env {pair}" for pair in env), *(f"--clients {n}" for n in clients),
                         *([f"--backbone {backbone} --weights {weights}"] if backbone else [])])

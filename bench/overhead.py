@@ -229,6 +229,11 @@ def checkout(ref: str, where: Path) -> Path:
     return where
 
 
+def remove_checkout(where: Path) -> None:
+    """Undo checkout(): the worktree and git's record of it."""
+    subprocess.run(["git", "worktree", "remove", "--force", str(where)], cwd=ROOT, capture_output=True, check=False)
+
+
 def pinned(root: Path) -> set[str]:
     """Names of the packages root's requirements.txt pins."""
     lines = (root / "requirements.txt").read_text().splitlines()
@@ -375,7 +380,7 @@ def main(before: Annotated[str, typer.Option(help="git ref, or the folder of an 
         older = Path(before) if Path(before).is_dir() else checkout(before, tmp / "before")
         result["rows"].append(measure(older, f"before ({before})", tag, tmp, plan, {}))
         if older == tmp / "before":
-            subprocess.run(["git", "worktree", "remove", "--force", str(older)], cwd=ROOT, capture_output=True)
+            remove_checkout(older)
         save(result, out, quick)
     for env in layouts_env:
         result["rows"].append(measure(ROOT, layout_label(env), tag, tmp, plan, env))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Annotated
@@ -20,7 +19,7 @@ from typing import Annotated
 import typer
 
 from bench.ann_scale import machine
-from bench.overhead import DOCS, checkout, demo_index, hide_newer_packages
+from bench.overhead import DOCS, checkout, demo_index, hide_newer_packages, remove_checkout
 from bench.server import ROOT, Server
 
 
@@ -51,8 +50,9 @@ def main(before: Annotated[str, typer.Option(help="git ref to compare with ('' f
                 print(json.dumps({"round": i, label: seconds[label][-1]}), flush=True)
     finally:
         if old:
-            subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=ROOT, capture_output=True)
-    result = {"machine": machine(), "command": f"python -m bench.startup --before {before} --rounds {rounds}",
+            remove_checkout(old)
+    command = " ".join(["python -m bench.startup", *([f"--before {before}"] if old else []), f"--rounds {rounds}"])
+    result = {"machine": machine(), "command": command,
               "index": tag, "seconds_to_ready": seconds,
               "median_s": {label: statistics.median(s) for label, s in seconds.items()}}
     print(json.dumps(result, indent=2))

@@ -22,7 +22,7 @@ import httpx
 import typer
 from pydantic import BaseModel
 
-from loadtests.photos import load_photos
+from loadtests.photos import photo_paths
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 app = typer.Typer(add_completion=False, help=__doc__)
@@ -98,7 +98,7 @@ def check_target(host: str, photos: Path | None) -> None:
     """Exit 2, saying why, before a run that cannot mean anything: no photos to send, or no service ready at
     HOST (against a dead port Locust reported 1 request, failed, at 196 requests/s)."""
     try:
-        load_photos(photos)
+        photo_paths(photos)  # the Locust process reads them
     except ValueError as exc:
         _refuse(str(exc))
     try:

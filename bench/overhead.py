@@ -11,6 +11,8 @@
                                                  # rows of this checkout served by 1 entry and 1 embedder process,
                                                  # then 8 and 4 (a GPU box's spare cores), driven harder
     IMAGESEARCH_DEVICE=cuda python -m bench.overhead --before '' --out docs/overhead_gpu.json   # on a GPU
+    python -m bench.overhead --before '' --upload page --apart --out docs/overhead_apart_page.json
+                                                 # each service on cores of its own, as BentoCloud deploys them
 
 Every row serves the same demo index (the default embedder) from one temporary BentoML home, with the code
 of that row, and compares it with that code's own bare network:
@@ -23,6 +25,9 @@ of that row, and compares it with that code's own bare network:
   single-threaded process per core (on a GPU: as many processes as the row's embedder workers, when more than
   one, sharing the GPU and the cores); batches of 1, 2, 4 and 8. The bare networks run in helper processes
   (bench/bare_worker.py) importing the row's code.
+With --apart each service runs as deploy/bentocloud.yaml deploys it, a server of its own on cores of its own
+(bench.server.ServedApart): the Embedder on the first half of this process's cores, the entry and the load
+generator on the rest; the bare network runs on the Embedder's cores.
 Rounds alternate bare and served measurements, so the machine's drift hits both; ratios are taken per round
 and the median is reported with every round's. At saturation the CPU each server process spends per request
 is read with psutil, and wrk's own from its resource usage: where the cores go.
@@ -48,7 +53,7 @@ import psutil
 import typer
 
 from bench.ann_scale import command_line, machine
-from bench.server import ROOT, Server, python_path
+from bench.server import ROOT, ServedApart, Server, on_cores, python_path
 from bench.wrk import closed_loop
 from model_store.core_share import available_cores, worker_count
 from model_store.embedder import pick_device
@@ -113,6 +118,19 @@ class Plan:
     clients: tuple[int, ...] = (4, 8, 16)
     seconds: float = 15
     bare_seconds: float = 6
+    apart: tuple[set[int], set[int]] | None = None  # --apart: (the Embedder's cores, the entry's and load's)
+
+
+def cores_label(cores: set[int]) -> str:
+    return ("core " if len(cores) == 1 else "cores ") + ", ".join(map(str, sorted(cores)))
+
+
+def split_cores() -> tuple[set[int], set[int]]:
+    """--apart's cores: the first half of this process's for the Embedder, the rest for the entry and the load."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        raise typer.BadParameter(f"--apart needs 2 cores or more, one for each service; this process has {len(cores)}")
+    return set(cores[:len(cores) // 2]), set(cores[len(cores) // 2:])
 
 
 def bare_processes(cores: int, gpu: bool, embedder_workers: int) -> int:
@@ -260,19 +278,29 @@ def measure(root: Path, label: str, tag: str, tmp: Path, plan: Plan, layout: dic
     from model_store.settings import Settings
 
     stages.promote(tag, "production", force=True)
-    cores = 1 if plan.quick else available_cores()
-    served = serving_layout(Settings(**{k.removeprefix("IMAGESEARCH_").lower(): v for k, v in layout.items()}))
-    if root != ROOT:  # older code may have no such setting
-        served.pop("entry_threads")
-    gpu = pick_device(served["device"]).type == "cuda"
-    bare = BareEmbedders(root, get_model(tag).info.metadata["embedder"],
-                         bare_processes(cores, gpu, served["embedder_workers"]),
-                         {k: v for k, v in layout.items() if k not in PROCESSES})
+    embedder_cores, entry_cores = plan.apart or (os.sched_getaffinity(0),) * 2
+    settings = Settings(**{k.removeprefix("IMAGESEARCH_").lower(): v for k, v in layout.items()})
+    with on_cores(embedder_cores):  # the bare network, and the Embedder's layout, on the Embedder's cores
+        cores = 1 if plan.quick else available_cores()
+        served = serving_layout(settings)
+        if root != ROOT:  # older code may have no such setting
+            served.pop("entry_threads")
+        gpu = pick_device(served["device"]).type == "cuda"
+        bare = BareEmbedders(root, get_model(tag).info.metadata["embedder"],
+                             bare_processes(cores, gpu, served["embedder_workers"]),
+                             {k: v for k, v in layout.items() if k not in PROCESSES})
+    if plan.apart:
+        served["entry_threads"] = settings.entry_thread_count(len(entry_cores))
     seconds, levels = (2, (4,)) if plan.quick else (plan.seconds, plan.clients)
     photos, ctype, per_round = plan.photos, plan.ctype, []
     env = {**(hide_newer_packages(root, tmp / f"hidden-{root.name}") if root != ROOT else {}), **layout}
+    log = tmp / re.sub(r"\W+", "-", label).strip("-")
     try:
-        with Server(tmp / (re.sub(r"\W+", "-", label).strip("-") + ".log"), root=root, **env).wait() as srv:
+        with (on_cores(entry_cores), ServedApart(log, embedder_cores, entry_cores, **env).wait() if plan.apart
+              else Server(log.with_suffix(".log"), root=root, **env).wait() as srv):
+            if plan.apart:  # the cores each service's processes are allowed, as read from them
+                served |= {f"{role}_cores": sorted(set().union(*(p.cpu_affinity() for p in procs)))
+                           for role, procs in srv.processes().items() if role != "supervisor"}
             for _ in range(plan.rounds):
                 rates = bare_rates(bare, cores, 1 if plan.quick else plan.bare_seconds)
                 lat = latency(srv, bare, photos, ctype, 2 if plan.quick else 6, 5 if plan.quick else 20)
@@ -362,6 +390,8 @@ def main(before: Annotated[str, typer.Option(help="git ref, or the folder of an 
          rounds: Annotated[int, typer.Option(help="alternating bare/served rounds per row")] = 2,
          backbone: Annotated[str, typer.Option(help="the index's backbone ('' for the default embedder's)")] = "",
          weights: Annotated[str, typer.Option(help="its weights, as the builder's --weights takes them")] = "default",
+         apart: Annotated[bool, typer.Option(help="each service a server of its own on cores of its own (the "
+                                                  "Embedder on the first half), as BentoCloud deploys them")] = False,
          quick: Annotated[bool, typer.Option(help="tiny run, no docs")] = False,
          out: Annotated[Path, typer.Option(help="where the JSON goes (written after each row)")] = DOCS / "overhead.json"
          ) -> None:
@@ -370,9 +400,12 @@ def main(before: Annotated[str, typer.Option(help="git ref, or the folder of an 
     if upload_kind not in ("demo", "phone", "page"):  # before the minute the demo index takes
         raise typer.BadParameter(f"--upload {upload_kind!r}: use demo, phone or page")
     layouts_env = [parse_layout(text) for text in layout] or [{}]
+    if apart and before:
+        raise typer.BadParameter("--apart serves this checkout only: add --before ''")
+    cores = split_cores() if apart else None
     tmp, folder, tag = demo_index("bench-overhead-", quick, backbone, weights)
     photos, ctype = uploads(upload_kind, folder, tag, quick)
-    plan = Plan(photos, ctype, 1 if quick else rounds, quick, tuple(clients), seconds, bare_seconds)
+    plan = Plan(photos, ctype, 1 if quick else rounds, quick, tuple(clients), seconds, bare_seconds, cores)
     result = {"machine": machine(), "photos": len(photos), "upload": upload_kind, "rows": [], "backbone": backbone,
               "weights": weights,
               "layout": serving_layout(get_settings()), "command": command_line("bench.overhead")}
@@ -383,7 +416,9 @@ def main(before: Annotated[str, typer.Option(help="git ref, or the folder of an 
             remove_checkout(older)
         save(result, out, quick)
     for env in layouts_env:
-        result["rows"].append(measure(ROOT, layout_label(env), tag, tmp, plan, env))
+        label = layout_label(env) + (f", apart: the Embedder on {cores_label(cores[0])}, the entry and the load on "
+                                     f"{cores_label(cores[1])}" if cores else "")
+        result["rows"].append(measure(ROOT, label, tag, tmp, plan, env))
         save(result, out, quick)
 
 

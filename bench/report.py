@@ -101,13 +101,19 @@ def load_generator(d: dict) -> str:
 def overhead_table(d: dict) -> str:
     """bench.overhead: each row's code against its own bare network, medians of alternating rounds."""
     upload = UPLOADS[d.get("upload", "demo")]
-    layout = d["layout"]
+    apart = "embedder_cores" in d["rows"][-1].get("layout", {})  # bench.overhead --apart: the row's own cores and processes
+    layout = d["rows"][-1]["layout"] if apart else d["layout"]
     names = list(dict.fromkeys(n for r in d["rows"] for n in r["served_over_bare"]))  # bare layouts, in order
     clients = ", ".join(map(str, d["rows"][-1].get("clients", (4, 8, 16))))
     has_spaced = all("bare_spaced_p50_ms" in r for r in d["rows"])  # measured since 2026-12-03
     spaced_head = ("bare forward p50 ms, spaced as lone searches | **HTTP / spaced bare** | " if has_spaced else "")
     where = ("the embedder on the GPU, server processes and load generator on the CPU cores" if "NVIDIA" in d["machine"]
              else "server, embedder and load generator share the cores")
+    if apart:
+        on = lambda cores: ("core " if len(cores) == 1 else "cores ") + ", ".join(map(str, cores))  # noqa: E731
+        where = (f"each service a server of its own, as BentoCloud deploys them: the Embedder on "
+                 f"{on(layout['embedder_cores'])}, the entry and the load generator on {on(layout['entry_cores'])}; "
+                 f"the bare network on {on(layout['embedder_cores'])} too")
     embedder = (f"{d['backbone']}, weights: {d['weights']}" + (" (speed only)" if d["weights"] == "random" else "")
                 if d.get("backbone") else "default embedder")
     lines = [f"Machine: {d['machine']}; `{d['command']}`; the demo index ({embedder}), {d['photos']} {upload} "
@@ -231,6 +237,10 @@ def ab_table(d: dict) -> str:
 SECTIONS = {"overhead": ("overhead.json", overhead_table), "overhead-phone": ("overhead_phone.json", overhead_table),
             "overhead-page": ("overhead_page.json", overhead_table),
             "overhead-vgg16": ("overhead_vgg16.json", overhead_table),
+            "overhead-apart": ("overhead_apart.json", overhead_table),
+            "overhead-apart-page": ("overhead_apart_page.json", overhead_table),
+            "overhead-apart-phone": ("overhead_apart_phone.json", overhead_table),
+            "overhead-shared-page": ("overhead_shared_page.json", overhead_table),
             "ab-slow-network": ("ab_slow_network.json", ab_table),
             "ab-pace-default": ("ab_pace_default.json", ab_table),
             "overhead-freed": ("overhead_freed.json", overhead_table),

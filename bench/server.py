@@ -8,8 +8,9 @@ import resource
 import signal
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -116,6 +117,69 @@ class Server:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+# What a Bento's image runs for one service of it (`bentoml containerize`, BentoCloud): its workers, not the others'
+ONE_SERVICE = (sys.executable, "-m", "bentoml_cli._internal.start", "start-http-server")
+
+
+class ServedApart:
+    """The Embedder and the entry (ImageSearch) as two servers, the way a Bento's image runs each service on
+    instances of its own (deploy/bentocloud.yaml): each on `cores` of its own, with the Embedder's `envs` as the
+    image sets them (a row's own environment wins); the entry reaches the Embedder at its URL. Has what the benchmarks use of a Server: url,
+    http, processes() (each server's processes under its role) and stop()."""
+
+    def __init__(self, log_dir: Path, embedder_cores: set[int], entry_cores: set[int], **env: str):
+        from service import Embedder
+
+        log_dir.mkdir(parents=True, exist_ok=True)
+        image = {"BENTOML_CONTAINERIZED": "true", **env}
+        envs = {e.name: e.value for e in Embedder.envs}
+        with on_cores(embedder_cores):
+            self.embedder = Server(log_dir / "embedder.log", command=ONE_SERVICE,
+                                   serve_args=["--service-name", "Embedder"], **{**envs, **image})
+        try:
+            self.embedder.wait()
+            with on_cores(entry_cores):
+                self.entry = Server(log_dir / "entry.log", command=ONE_SERVICE, **image, serve_args=[
+                    "--service-name", "ImageSearch", "--depends", f"Embedder={self.embedder.url}"])
+        except BaseException:
+            self.embedder.stop()
+            raise
+        self.url, self.http = self.entry.url, self.entry.http
+
+    def wait(self) -> "ServedApart":
+        try:
+            self.entry.wait()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def processes(self) -> dict[str, list[psutil.Process]]:
+        every = lambda srv: [p for procs in srv.processes().values() for p in procs]  # noqa: E731
+        return {"supervisor": [], "entry": every(self.entry), "embedder": every(self.embedder)}
+
+    def stop(self) -> None:
+        self.entry.stop()
+        self.embedder.stop()
+
+    def __enter__(self) -> "ServedApart":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def on_cores(cores: set[int]) -> Iterator[None]:
+    """This process, and what it starts meanwhile, on `cores` only (Linux's CPU affinity, which children inherit)."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cores)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def _soft_open_files(n: int) -> None:

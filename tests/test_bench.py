@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 import time
@@ -48,6 +50,16 @@ def test_overhead(python):
                 "--backbone", "efficientnet-lite0", "--weights", "default")  # as the VGG16 run names its network
     assert '"served_over_bare"' in out and '"http_over_bare"' in out
     assert '"this checkout, 1 entry x 2 embedder processes, IMAGESEARCH_ENTRY_THREADS=2"' in out
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="--apart gives each service a core of its own")
+def test_overhead_with_each_service_apart_on_cores_of_its_own(python):
+    out = quick("bench.overhead", python, "--before", "", "--apart")
+    row, cores = json.loads(out.strip().splitlines()[-1]), sorted(os.sched_getaffinity(0))
+    assert row["code"].startswith("this checkout, apart: the Embedder on core"), row
+    half = len(cores) // 2
+    assert (row["layout"]["embedder_cores"], row["layout"]["entry_cores"]) == (cores[:half], cores[half:]), row
+    assert row["served_over_bare"]["one process"] > 0 and row["http_over_bare"] > 0
 
 
 def test_overhead_reads_a_layout_and_names_its_row():

@@ -8,7 +8,6 @@ import os
 import random
 import re
 import signal
-import sys
 import threading
 import time
 from collections import Counter
@@ -20,7 +19,7 @@ import httpx
 import psutil
 import pytest
 
-from bench.server import deployed_serve_args
+from bench.server import ONE_SERVICE, deployed_serve_args
 from conftest import TOKEN, Server
 from index_builder.demo import draw_object
 from model_store import stages
@@ -265,17 +264,14 @@ def test_an_embedder_that_stays_unreachable_fails_liveness_until_it_answers(faul
 
 # One service of the Bento alone, reaching the others at URLs given with --depends: how services deployed apart
 # run (deploy/bentocloud.yaml puts the embedder on GPU instances of its own); BentoML's image runs this command.
-START_ONE_SERVICE = (sys.executable, "-m", "bentoml_cli._internal.start", "start-http-server")
-
-
 def test_an_embedder_deployed_apart_that_stops_answering_fails_readiness_not_liveness(fault_stages, tmp_path):
     """Searches go through an embedder served apart, at its URL. When it stops answering, /readyz says so at once,
     but /livez stays 200 past IMAGESEARCH_EMBEDDER_LOST_S: restarting the entry cannot bring back an embedder
     that another server runs, and every entry replica restarting at once would only add to the outage."""
     env = {"IMAGESEARCH_EMBEDDER_LOST_S": str(LOST_S), "BENTOML_CONTAINERIZED": "true"}
-    embedder = Server(fault_stages, tmp_path / "embedder.log", command=START_ONE_SERVICE,
+    embedder = Server(fault_stages, tmp_path / "embedder.log", command=ONE_SERVICE,
                       serve_args=["--service-name", "Embedder"], **env)
-    entry = Server(fault_stages, tmp_path / "entry.log", command=START_ONE_SERVICE,
+    entry = Server(fault_stages, tmp_path / "entry.log", command=ONE_SERVICE,
                    serve_args=["--service-name", "ImageSearch", "--depends", f"Embedder={embedder.url}"], **env)
     try:
         entry.wait()

@@ -127,7 +127,7 @@ class ServedApart:
     """The Embedder and the entry (ImageSearch) as two servers, the way a Bento's image runs each service on
     instances of its own (deploy/bentocloud.yaml): each on `cores` of its own, with the Embedder's `envs` as the
     image sets them (a row's own environment wins); the entry reaches the Embedder at its URL. Has what the benchmarks use of a Server: url,
-    http, processes() (each server's processes under its role) and stop()."""
+    http, processes() (both servers' processes by role) and stop()."""
 
     def __init__(self, log_dir: Path, embedder_cores: set[int], entry_cores: set[int], **env: str):
         from service import Embedder
@@ -157,8 +157,8 @@ class ServedApart:
         return self
 
     def processes(self) -> dict[str, list[psutil.Process]]:
-        every = lambda srv: [p for procs in srv.processes().values() for p in procs]  # noqa: E731
-        return {"supervisor": [], "entry": every(self.entry), "embedder": every(self.embedder)}
+        entry, embedder = self.entry.processes(), self.embedder.processes()
+        return {role: entry[role] + embedder[role] for role in entry}
 
     def stop(self) -> None:
         self.entry.stop()

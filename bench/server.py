@@ -21,10 +21,32 @@ ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s.yaml"
 
 
+def deployed_containers() -> dict[str, dict]:
+    """deploy/k8s.yaml's containers by the service each runs (the `--service-name` of its args)."""
+    found = {}
+    for doc in yaml.safe_load_all(K8S.read_text()):
+        if doc and doc["kind"] == "Deployment":
+            (container,) = doc["spec"]["template"]["spec"]["containers"]
+            args = container["args"]
+            found[args[args.index("--service-name") + 1]] = container
+    return found
+
+
+# What a container's args choose rather than how its server runs: `bentoml serve` runs every service
+SERVICE_CHOICE = ("--service-name", "--depends")
+
+
 def deployed_serve_args() -> list[str]:
-    """The `bentoml serve` options the Kubernetes container runs with (deploy/k8s.yaml), to serve as deployed."""
-    deployment = next(d for d in yaml.safe_load_all(K8S.read_text()) if d and d["kind"] == "Deployment")
-    return list(deployment["spec"]["template"]["spec"]["containers"][0].get("args", []))
+    """The server options the entry's container runs with (deploy/k8s.yaml), to serve as deployed with
+    `bentoml serve`: its args less the command and the choice of service and of the Embedder's address."""
+    command, *args = deployed_containers()["ImageSearch"]["args"]
+    if command != "start-http-server":
+        raise ValueError(f"{K8S.name}: the entry's args begin with {command!r}, not start-http-server")
+    kept = []
+    for i, arg in enumerate(args):
+        if arg not in SERVICE_CHOICE and (i == 0 or args[i - 1] not in SERVICE_CHOICE):
+            kept.append(arg)
+    return kept
 
 
 def python_path(*folders: Path) -> str:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
+from pathlib import Path
 
+import bentoml
 import pytest
 import yaml
 
-from conftest import ROOT, run_env
+from bench.server import Server as BenchServer, deployed_containers
+from conftest import ROOT, TOKEN, run_env
+from index_builder.demo import draw_object
 from model_store import stages
 from model_store.registry import bentoml_home
-from test_service import Server
+from test_service import Server, png
 
 pytestmark = pytest.mark.slow
 
@@ -27,13 +32,18 @@ def pinned(stages_dir, demo_index):
         stages.PIN_FILE.write_bytes(before)
 
 
-def test_bento_carries_code_and_promoted_models_and_serves(pinned, stages_dir, tmp_path):
+def build() -> tuple[str, Path]:
+    """`bentoml build`: the Bento's tag and folder."""
     out = subprocess.run(["bentoml", "build", "--output", "tag"], cwd=ROOT, env=run_env(), capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     tag = out.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
     name, version = tag.split(":")
-    folder = bentoml_home() / "bentos" / name / version
+    return tag, bentoml_home() / "bentos" / name / version
+
+
+def test_bento_carries_code_and_promoted_models_and_serves(pinned, stages_dir, tmp_path):
+    tag, folder = build()
     info = yaml.safe_load((folder / "bento.yaml").read_text())
     packed = {m["tag"] for s in info["services"] for m in s["models"]}
     assert packed == {pinned.tag, pinned.embedder}
@@ -55,3 +65,59 @@ def test_bento_carries_code_and_promoted_models_and_serves(pinned, stages_dir, t
         assert len(workers) == len(killed) and {p.pid for p in workers}.isdisjoint(p.pid for p in killed)
     finally:
         srv.stop()
+
+
+# What `bentoml containerize` makes the image's entrypoint: it runs `start-http-server ARGS $BENTO_PATH` for args
+# that begin with start-http-server, as deploy/k8s.yaml's containers' do
+ENTRYPOINT = Path(bentoml.__file__).parent / "_internal" / "container" / "frontend" / "dockerfile" / "entrypoint.sh"
+
+
+def in_a_container(service: str, folder: Path, log: Path, embedder_url: str = "", **env: str) -> BenchServer:
+    """`service` as its Deployment in deploy/k8s.yaml runs it: BentoML's image entrypoint on the Bento in `folder`,
+    the container's args and environment, on 127.0.0.1 (the entry reaching the Embedder at `embedder_url` rather
+    than the cluster's Service)."""
+    container = deployed_containers()[service]
+    command, *args = container["args"]
+    args = [re.sub(r"^Embedder=.*", f"Embedder={embedder_url}", a) for a in args]
+    given = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    home = log.with_suffix(".home")  # a container's own, where BentoML keeps its Prometheus files; the models its
+    home.mkdir()                      # image carries are this session's store's
+    (home / "models").symlink_to(bentoml_home() / "models")
+    return BenchServer(log, command, command=("bash", str(ENTRYPOINT)), root=folder / "src", serve_args=args,
+                       BENTO_PATH=str(folder), BENTOML_CONTAINERIZED="true", BENTOML_HOME=str(home),
+                       IMAGESEARCH_ADMIN_TOKEN=TOKEN, **given, **env)
+
+
+def in_flight_series(server: BenchServer) -> list[str]:
+    """The requests-in-flight series the server exports, which deploy/k8s.yaml's ScaledObjects sum."""
+    text = server.http.get("/metrics").text
+    return re.findall(r"^bentoml_service_request_in_progress\{[^}]*\}", text, re.M)
+
+
+def test_bento_serves_each_service_apart_as_the_kubernetes_containers_run_it(pinned, stages_dir, tmp_path):
+    """Each Deployment's args, given to the image's own entrypoint, start that service alone: the Embedder's
+    workers in one server, the entry's in the other, which searches through the first. Each exports the series
+    its ScaledObject scales on, labelled with its service (tests/test_deploy.py checks the queries)."""
+    tag, folder = build()
+    stages.PIN_FILE.unlink()  # no stage record where it runs: the packed served.json says what to serve
+    no_stages = str(tmp_path / "no-stages")
+    embedder = in_a_container("Embedder", folder, tmp_path / "embedder.log", IMAGESEARCH_STAGES_DIR=no_stages)
+    try:
+        embedder.wait()
+        entry = in_a_container("ImageSearch", folder, tmp_path / "entry.log", embedder.url,
+                               IMAGESEARCH_STAGES_DIR=no_stages)
+        try:
+            entry.wait()
+            assert entry.http.get("/index").json()["served"]["index"] == pinned.tag
+            assert entry.processes()["embedder"] == [] and embedder.processes()["entry"] == []
+            assert embedder.processes()["embedder"] and entry.processes()["entry"]
+            assert embedder.http.get("/livez").status_code == 200  # the Embedder's own probes answer
+            found = entry.http.post("/search", files={"image": ("p.png", png(draw_object(3, 0, 30)))}, data={"k": "3"})
+            assert found.status_code == 200 and len(found.json()["results"]) == 3, found.text
+            for server, service in ((entry, "ImageSearch"), (embedder, "Embedder")):
+                series = in_flight_series(server)
+                assert series and all(f'runner_name="{service}"' in s for s in series), series
+        finally:
+            entry.stop()
+    finally:
+        embedder.stop()

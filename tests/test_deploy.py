@@ -22,7 +22,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from bench.server import K8S, deployed_serve_args
+from bench.server import K8S, deployed_containers, deployed_serve_args
 from model_store.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +32,8 @@ SERVICE_PY = ROOT / "service.py"
 
 K8S_VERSION = "1.37"  # newest schema set in kubernetes-validate 1.37.0
 IN_FLIGHT_METRIC = "bentoml_service_request_in_progress"
+# deploy/k8s.yaml's Deployment, Service and ScaledObject of each service
+NAMES = {"ImageSearch": "estate-image-search", "Embedder": "estate-image-search-embedder"}
 
 
 @pytest.fixture(autouse=True)
@@ -52,10 +54,16 @@ def k8s_docs() -> list[dict]:
     return [d for d in yaml.safe_load_all(K8S.read_text()) if d]
 
 
-def k8s_doc(kind: str) -> dict:
-    found = [d for d in k8s_docs() if d["kind"] == kind]
-    assert len(found) == 1, f"expected one {kind} in {K8S.name}, found {len(found)}"
+def k8s_doc(kind: str, service: str = "ImageSearch") -> dict:
+    """The one `kind` of `service` (named as NAMES says) in deploy/k8s.yaml."""
+    found = [d for d in k8s_docs() if d["kind"] == kind and d["metadata"]["name"] == NAMES[service]]
+    assert len(found) == 1, f"expected one {kind} named {NAMES[service]} in {K8S.name}, found {len(found)}"
     return found[0]
+
+
+def container(service: str) -> dict:
+    (found,) = k8s_doc("Deployment", service)["spec"]["template"]["spec"]["containers"]
+    return found
 
 
 def validate_core(doc: dict) -> None:
@@ -131,13 +139,16 @@ def test_k8s_schemas_are_bundled_offline():
 
 
 def test_k8s_manifest_kinds():
-    kinds = sorted(d["kind"] for d in k8s_docs())
-    assert kinds == ["Deployment", "ScaledObject", "Service"]  # the CPU HPA is gone
+    """A Deployment, a Service and a ScaledObject for each service, as BentoCloud deploys them: the CPU HPA is gone."""
+    found = sorted((d["kind"], d["metadata"]["name"]) for d in k8s_docs())
+    assert found == sorted((kind, name) for kind in ("Deployment", "ScaledObject", "Service") for name in NAMES.values())
+    assert set(deployed_containers()) == set(NAMES) == service_names()  # each Deployment runs its service
 
 
+@pytest.mark.parametrize("service", NAMES)
 @pytest.mark.parametrize("kind", ["Deployment", "Service"])
-def test_k8s_core_kinds_validate(kind):
-    validate_core(k8s_doc(kind))
+def test_k8s_core_kinds_validate(kind, service):
+    validate_core(k8s_doc(kind, service))
 
 
 def _typo_in_probe(doc):
@@ -161,10 +172,12 @@ def test_k8s_broken_deployment_fails(breakage):
         validate_core(doc)
 
 
-def test_k8s_deployment_probes_and_scrape_annotations():
-    dep = k8s_doc("Deployment")
+@pytest.mark.parametrize("service", NAMES)
+def test_k8s_deployment_probes_and_scrape_annotations(service):
+    dep = k8s_doc("Deployment", service)
     pod = dep["spec"]["template"]
-    c = pod["spec"]["containers"][0]
+    c = container(service)
+    assert c["args"][:3] == ["start-http-server", "--service-name", service]  # what the image runs for one service
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 3000}
     assert c["livenessProbe"]["httpGet"] == {"path": "/livez", "port": 3000}
     assert "replicas" not in dep["spec"], "the ScaledObject owns the replica count"
@@ -172,13 +185,42 @@ def test_k8s_deployment_probes_and_scrape_annotations():
     assert ann["prometheus.io/scrape"] == "true"
     assert ann["prometheus.io/port"] == "3000"
     assert ann["prometheus.io/path"] == "/metrics"
-    assert k8s_doc("Service")["spec"]["selector"] == pod["metadata"]["labels"]
+    svc = k8s_doc("Service", service)["spec"]
+    assert svc["selector"] == pod["metadata"]["labels"] == dep["spec"]["selector"]["matchLabels"]
+    assert [p["targetPort"] for p in svc["ports"]] == [p["containerPort"] for p in c["ports"]] == [3000]
+
+
+def start_options(args: list[str]) -> dict:
+    """`start-http-server`'s options (the command BentoML's image runs for args that begin with it), as its own
+    command line parser reads them (it raises on an unknown one)."""
+    from bentoml_cli._internal.start import start_command
+
+    command, *options = args
+    return start_command.commands[command].make_context(command, [*options, "/home/bentoml/bento"]).params
+
+
+@pytest.mark.parametrize("service", NAMES)
+def test_k8s_containers_args_are_start_http_servers_own(service):
+    assert start_options(container(service)["args"])["service_name"] == service
+    broken = [*container(service)["args"], "--timeout-keep-alives", "620"]
+    with pytest.raises(Exception, match="No such option"):
+        start_options(broken)
+
+
+def test_k8s_entry_reaches_the_embedder_at_its_service():
+    """The entry's --depends names the Embedder's Service and port: the entry runs no embedder of its own."""
+    depends = start_options(container("ImageSearch")["args"])["depends"]
+    (only,) = depends
+    name, url = only.split("=", 1)
+    embedder = k8s_doc("Service", "Embedder")
+    (port,) = embedder["spec"]["ports"]
+    assert (name, url) == ("Embedder", f"http://{embedder['metadata']['name']}:{port['port']}")
 
 
 def test_k8s_readiness_probe_waits_for_the_embedders_answer():
     """/readyz asks the embedder: one deadline and one retry while it starts. A probe that gives up sooner
     reads a timeout instead of the reason."""
-    probe = k8s_doc("Deployment")["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
+    probe = container("ImageSearch")["readinessProbe"]
     assert probe["timeoutSeconds"] > 2 * Settings.model_fields["embed_deadline_s"].default  # not set in the pod
 
 
@@ -192,7 +234,8 @@ def serve_options(args: list[str]) -> dict:
 def test_k8s_entry_keeps_idle_connections_longer_than_load_balancers():
     """Longer than AWS ALB's and ingress-nginx's 60 s and Google's load balancers' 600 s: the server closing an
     idle connection first can fail a request sent on it (tests/test_service.py serves with these options)."""
-    assert serve_options(deployed_serve_args())["timeout_keep_alive"] > 600
+    assert start_options(container("ImageSearch")["args"])["timeout_keep_alive"] > 600
+    assert serve_options(deployed_serve_args())["timeout_keep_alive"] > 600  # as the tests serve it
     with pytest.raises(Exception, match="No such option"):
         serve_options(["--timeout-keep-alives", "620"])
 
@@ -206,8 +249,9 @@ def test_keda_schema_is_vendored_with_its_source():
         assert needle in head
 
 
-def test_scaledobject_validates():
-    validate_scaledobject(k8s_doc("ScaledObject"))
+@pytest.mark.parametrize("service", NAMES)
+def test_scaledobject_validates(service):
+    validate_scaledobject(k8s_doc("ScaledObject", service))
 
 
 def _threshold_as_int(doc):
@@ -234,32 +278,32 @@ def test_scaledobject_broken_copy_fails(breakage):
         validate_scaledobject(doc)
 
 
-def test_scaledobject_scales_the_deployment_on_requests_in_flight():
-    so = k8s_doc("ScaledObject")
-    dep = k8s_doc("Deployment")
+@pytest.mark.parametrize("service", NAMES)
+def test_scaledobject_scales_its_deployment_on_its_requests_in_flight(service):
+    """Each service's pods scale on that service's requests in flight, between the bounds BentoCloud gives it."""
+    so = k8s_doc("ScaledObject", service)
     spec = so["spec"]
     assert so["apiVersion"] == "keda.sh/v1alpha1"
-    assert spec["scaleTargetRef"]["name"] == dep["metadata"]["name"]
+    assert spec["scaleTargetRef"]["name"] == k8s_doc("Deployment", service)["metadata"]["name"]
     assert spec["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
-    assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (2, 10)
+    scaling = yaml.safe_load(BENTOCLOUD.read_text())["services"][service]["scaling"]
+    assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (scaling["min_replicas"], scaling["max_replicas"])
     (trigger,) = spec["triggers"]
     assert trigger["type"] == "prometheus"
     assert trigger.get("metricType", "AverageValue") == "AverageValue"
-    query = trigger["metadata"]["query"]
-    assert IN_FLIGHT_METRIC in query
-    # In a built Bento service_name is the Bento's name; the service class is runner_name.
-    assert 'runner_name="ImageSearch"' in query
-    assert float(trigger["metadata"]["threshold"]) == 16
+    # In a built Bento service_name is the Bento's name; the service class is runner_name (the series each server
+    # exports: tests/test_bento.py).
+    assert trigger["metadata"]["query"] == f'sum({IN_FLIGHT_METRIC}{{runner_name="{service}"}})'
 
 
-def test_scaledobject_threshold_matches_service_concurrency():
-    """The autoscaler's target per pod is the concurrency the entry service declares to BentoML."""
-    from model_store.settings import Settings
-
-    deco = service_decorators()["ImageSearch"]
-    assert re.search(r"[\"']concurrency[\"']\s*:\s*settings\.search_concurrency", deco), deco
-    threshold = float(k8s_doc("ScaledObject")["spec"]["triggers"][0]["metadata"]["threshold"])
-    assert threshold == Settings().search_concurrency
+@pytest.mark.parametrize("service, setting", [("ImageSearch", "search_concurrency"),
+                                              ("Embedder", "embedder_concurrency")])
+def test_scaledobject_threshold_matches_service_concurrency(service, setting):
+    """The autoscaler's target per pod is the concurrency the service declares to BentoML (BentoCloud's)."""
+    deco = service_decorators()[service]
+    assert re.search(rf"[\"']concurrency[\"']\s*:\s*settings\.{setting}\b", deco), deco
+    threshold = float(k8s_doc("ScaledObject", service)["spec"]["triggers"][0]["metadata"]["threshold"])
+    assert threshold == getattr(Settings(), setting) == 16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,8 +350,7 @@ def test_bentocloud_broken_copy_fails(breakage, error):
 def test_every_setting_the_deployments_give_exists_and_is_valid():
     """Settings ignore variables they do not know (extra="ignore"), so a misspelt name in a manifest would leave
     the pod on the default without a word: each IMAGESEARCH_ variable must be a setting, and its value valid."""
-    pod = k8s_doc("Deployment")["spec"]["template"]["spec"]["containers"][0]
-    given = [(e["name"], e["value"]) for e in pod["env"] if "value" in e]
+    given = [(e["name"], e["value"]) for service in NAMES for e in container(service)["env"] if "value" in e]
     given += [(e["name"], e["value"]) for e in yaml.safe_load(BENTOCLOUD.read_text())["envs"]]
     known = {f"IMAGESEARCH_{name.upper()}" for name in Settings.model_fields}
     ours = {name: value for name, value in given if name.startswith("IMAGESEARCH_")}

@@ -557,8 +557,9 @@ def livez_on(conn: http.client.HTTPConnection) -> int:
 
 
 def test_idle_connections_outlive_uvicorns_keep_alive(server):
-    """Served as deployed (deploy/k8s.yaml's `bentoml serve` options), an idle connection is still open after
-    uvicorn's default keep-alive of 5 s: a load balancer keeping it longer must not send a request into a close."""
+    """Served as deployed (the entry container's server options in deploy/k8s.yaml), an idle connection is still
+    open after uvicorn's default keep-alive of 5 s: a load balancer keeping it longer must not send a request into
+    a close."""
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
     answers = []
     try:

@@ -32,21 +32,26 @@ def deployed_containers() -> dict[str, dict]:
     return found
 
 
+def deployed_args(service: str, embedder_url: str | None = None) -> list[str]:
+    """The args `service`'s container gives start-http-server (deploy/k8s.yaml), the Embedder's address in the
+    cluster replaced by `embedder_url` where given."""
+    command, *args = deployed_containers()[service]["args"]
+    if command != "start-http-server":
+        raise ValueError(f"{K8S.name}: the {service} container's args begin with {command!r}, not start-http-server")
+    if embedder_url is not None:
+        args = [f"Embedder={embedder_url}" if a.startswith("Embedder=") else a for a in args]
+    return args
+
+
 # What a container's args choose rather than how its server runs: `bentoml serve` runs every service
 SERVICE_CHOICE = ("--service-name", "--depends")
 
 
 def deployed_serve_args() -> list[str]:
     """The server options the entry's container runs with (deploy/k8s.yaml), to serve as deployed with
-    `bentoml serve`: its args less the command and the choice of service and of the Embedder's address."""
-    command, *args = deployed_containers()["ImageSearch"]["args"]
-    if command != "start-http-server":
-        raise ValueError(f"{K8S.name}: the entry's args begin with {command!r}, not start-http-server")
-    kept = []
-    for i, arg in enumerate(args):
-        if arg not in SERVICE_CHOICE and (i == 0 or args[i - 1] not in SERVICE_CHOICE):
-            kept.append(arg)
-    return kept
+    `bentoml serve`: its args less the choice of service and of the Embedder's address."""
+    args = deployed_args("ImageSearch")
+    return [a for i, a in enumerate(args) if a not in SERVICE_CHOICE and (i == 0 or args[i - 1] not in SERVICE_CHOICE)]
 
 
 def python_path(*folders: Path) -> str:
@@ -147,7 +152,7 @@ ONE_SERVICE = (sys.executable, "-m", "bentoml_cli._internal.start", "start-http-
 
 class ServedApart:
     """The Embedder and the entry (ImageSearch) as two servers, the way a Bento's image runs each service on
-    instances of its own (deploy/bentocloud.yaml): each on `cores` of its own, with the Embedder's `envs` as the
+    instances of its own (deploy/bentocloud.yaml; deploy/k8s.yaml, whose containers' args they are given): each on `cores` of its own, with the Embedder's `envs` as the
     image sets them (a row's own environment wins); the entry reaches the Embedder at its URL. Has what the benchmarks use of a Server: url,
     http, processes() (both servers' processes by role) and stop()."""
 
@@ -159,12 +164,12 @@ class ServedApart:
         envs = {e.name: e.value for e in Embedder.envs}
         with on_cores(embedder_cores):
             self.embedder = Server(log_dir / "embedder.log", command=ONE_SERVICE,
-                                   serve_args=["--service-name", "Embedder"], **{**envs, **image})
+                                   serve_args=deployed_args("Embedder"), **{**envs, **image})
         try:
             self.embedder.wait()
             with on_cores(entry_cores):
-                self.entry = Server(log_dir / "entry.log", command=ONE_SERVICE, **image, serve_args=[
-                    "--service-name", "ImageSearch", "--depends", f"Embedder={self.embedder.url}"])
+                self.entry = Server(log_dir / "entry.log", command=ONE_SERVICE, **image,
+                                    serve_args=deployed_args("ImageSearch", self.embedder.url))
         except BaseException:
             self.embedder.stop()
             raise

@@ -10,7 +10,7 @@ import bentoml
 import pytest
 import yaml
 
-from bench.server import Server as BenchServer, deployed_containers
+from bench.server import Server as BenchServer, deployed_args, deployed_containers
 from conftest import ROOT, TOKEN, run_env
 from index_builder.demo import draw_object
 from model_store import stages
@@ -72,18 +72,16 @@ def test_bento_carries_code_and_promoted_models_and_serves(pinned, stages_dir, t
 ENTRYPOINT = Path(bentoml.__file__).parent / "_internal" / "container" / "frontend" / "dockerfile" / "entrypoint.sh"
 
 
-def in_a_container(service: str, folder: Path, log: Path, embedder_url: str = "", **env: str) -> BenchServer:
+def in_a_container(service: str, folder: Path, log: Path, embedder_url: str | None = None, **env: str) -> BenchServer:
     """`service` as its Deployment in deploy/k8s.yaml runs it: BentoML's image entrypoint on the Bento in `folder`,
     the container's args and environment, on 127.0.0.1 (the entry reaching the Embedder at `embedder_url` rather
     than the cluster's Service)."""
-    container = deployed_containers()[service]
-    command, *args = container["args"]
-    args = [re.sub(r"^Embedder=.*", f"Embedder={embedder_url}", a) for a in args]
-    given = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    given = {e["name"]: e["value"] for e in deployed_containers()[service]["env"] if "value" in e}
     home = log.with_suffix(".home")  # a container's own, where BentoML keeps its Prometheus files; the models its
     home.mkdir()                      # image carries are this session's store's
     (home / "models").symlink_to(bentoml_home() / "models")
-    return BenchServer(log, command, command=("bash", str(ENTRYPOINT)), root=folder / "src", serve_args=args,
+    return BenchServer(log, "start-http-server", command=("bash", str(ENTRYPOINT)), root=folder / "src",
+                       serve_args=deployed_args(service, embedder_url),
                        BENTO_PATH=str(folder), BENTOML_CONTAINERIZED="true", BENTOML_HOME=str(home),
                        IMAGESEARCH_ADMIN_TOKEN=TOKEN, **given, **env)
 

@@ -19,7 +19,7 @@ import httpx
 import psutil
 import pytest
 
-from bench.server import ONE_SERVICE, deployed_serve_args
+from bench.server import ONE_SERVICE, deployed_args, deployed_serve_args
 from conftest import TOKEN, Server
 from index_builder.demo import draw_object
 from model_store import stages
@@ -262,17 +262,18 @@ def test_an_embedder_that_stays_unreachable_fails_liveness_until_it_answers(faul
     fault_server.wait()
 
 
-# One service of the Bento alone, reaching the others at URLs given with --depends: how services deployed apart
-# run (deploy/bentocloud.yaml puts the embedder on GPU instances of its own); BentoML's image runs this command.
+# One service of the Bento alone, reaching the others at URLs given with --depends: how services deployed apart run
+# (both manifests put the embedder on instances of its own); BentoML's image runs this command, with the args of
+# deploy/k8s.yaml's containers.
 def test_an_embedder_deployed_apart_that_stops_answering_fails_readiness_not_liveness(fault_stages, tmp_path):
     """Searches go through an embedder served apart, at its URL. When it stops answering, /readyz says so at once,
     but /livez stays 200 past IMAGESEARCH_EMBEDDER_LOST_S: restarting the entry cannot bring back an embedder
     that another server runs, and every entry replica restarting at once would only add to the outage."""
     env = {"IMAGESEARCH_EMBEDDER_LOST_S": str(LOST_S), "BENTOML_CONTAINERIZED": "true"}
     embedder = Server(fault_stages, tmp_path / "embedder.log", command=ONE_SERVICE,
-                      serve_args=["--service-name", "Embedder"], **env)
+                      serve_args=deployed_args("Embedder"), **env)
     entry = Server(fault_stages, tmp_path / "entry.log", command=ONE_SERVICE,
-                   serve_args=["--service-name", "ImageSearch", "--depends", f"Embedder={embedder.url}"], **env)
+                   serve_args=deployed_args("ImageSearch", embedder.url), **env)
     try:
         entry.wait()
         assert entry.processes()["embedder"] == []  # it runs no embedder of its own

@@ -152,9 +152,10 @@ ONE_SERVICE = (sys.executable, "-m", "bentoml_cli._internal.start", "start-http-
 
 class ServedApart:
     """The Embedder and the entry (ImageSearch) as two servers, the way a Bento's image runs each service on
-    instances of its own (deploy/bentocloud.yaml; deploy/k8s.yaml, whose containers' args they are given): each on `cores` of its own, with the Embedder's `envs` as the
-    image sets them (a row's own environment wins); the entry reaches the Embedder at its URL. Has what the benchmarks use of a Server: url,
-    http, processes() (both servers' processes by role) and stop()."""
+    instances of its own (deploy/bentocloud.yaml; deploy/k8s.yaml, whose containers' args they are given): each
+    on `cores` of its own, with the Embedder's `envs` as the image sets them (a row's own environment wins); the
+    entry reaches the Embedder at its URL. Has what the benchmarks use of a Server: url, http, processes() (both
+    servers' processes by role) and stop()."""
 
     def __init__(self, log_dir: Path, embedder_cores: set[int], entry_cores: set[int], **env: str):
         from service import Embedder

@@ -141,7 +141,8 @@ def test_k8s_schemas_are_bundled_offline():
 def test_k8s_manifest_kinds():
     """A Deployment, a Service and a ScaledObject for each service, as BentoCloud deploys them: the CPU HPA is gone."""
     found = sorted((d["kind"], d["metadata"]["name"]) for d in k8s_docs())
-    assert found == sorted((kind, name) for kind in ("Deployment", "ScaledObject", "Service") for name in NAMES.values())
+    kinds = ("Deployment", "ScaledObject", "Service")
+    assert found == sorted((kind, name) for kind in kinds for name in NAMES.values())
     assert set(deployed_containers()) == set(NAMES) == service_names()  # each Deployment runs its service
 
 

@@ -12,7 +12,7 @@
                                                  # then 8 and 4 (a GPU box's spare cores), driven harder
     IMAGESEARCH_DEVICE=cuda python -m bench.overhead --before '' --out docs/overhead_gpu.json   # on a GPU
     python -m bench.overhead --before '' --upload page --apart --out docs/overhead_apart_page.json
-                                                 # each service on cores of its own, as BentoCloud deploys them
+                                                 # each service on cores of its own, as both manifests deploy them
 
 Every row serves the same demo index (the default embedder) from one temporary BentoML home, with the code
 of that row, and compares it with that code's own bare network:
@@ -391,7 +391,8 @@ def main(before: Annotated[str, typer.Option(help="git ref, or the folder of an 
          backbone: Annotated[str, typer.Option(help="the index's backbone ('' for the default embedder's)")] = "",
          weights: Annotated[str, typer.Option(help="its weights, as the builder's --weights takes them")] = "default",
          apart: Annotated[bool, typer.Option(help="each service a server of its own on cores of its own (the "
-                                                  "Embedder on the first half), as BentoCloud deploys them")] = False,
+                                                  "Embedder on the first half), with deploy/k8s.yaml's containers' "
+                                                  "args, as both manifests deploy them")] = False,
          quick: Annotated[bool, typer.Option(help="tiny run, no docs")] = False,
          out: Annotated[Path, typer.Option(help="where the JSON goes (written after each row)")] = DOCS / "overhead.json"
          ) -> None:

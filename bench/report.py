@@ -111,7 +111,7 @@ def overhead_table(d: dict) -> str:
              else "server, embedder and load generator share the cores")
     if apart:
         on = lambda cores: ("core " if len(cores) == 1 else "cores ") + ", ".join(map(str, cores))  # noqa: E731
-        where = (f"each service a server of its own, as BentoCloud deploys them: the Embedder on "
+        where = (f"each service a server of its own, as both manifests deploy them: the Embedder on "
                  f"{on(layout['embedder_cores'])}, the entry and the load generator on {on(layout['entry_cores'])}; "
                  f"the bare network on {on(layout['embedder_cores'])} too")
     embedder = (f"{d['backbone']}, weights: {d['weights']}" + (" (speed only)" if d["weights"] == "random" else "")
@@ -240,6 +240,7 @@ SECTIONS = {"overhead": ("overhead.json", overhead_table), "overhead-phone": ("o
             "overhead-apart": ("overhead_apart.json", overhead_table),
             "overhead-apart-page": ("overhead_apart_page.json", overhead_table),
             "overhead-apart-phone": ("overhead_apart_phone.json", overhead_table),
+            "overhead-apart-k8s-page": ("overhead_apart_k8s_page.json", overhead_table),
             "overhead-shared-page": ("overhead_shared_page.json", overhead_table),
             "ab-slow-network": ("ab_slow_network.json", ab_table),
             "ab-pace-default": ("ab_pace_default.json", ab_table),

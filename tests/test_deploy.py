@@ -209,7 +209,7 @@ def test_k8s_containers_args_are_start_http_servers_own(service):
 
 
 def test_k8s_entry_reaches_the_embedder_at_its_service():
-    """The entry's --depends names the Embedder's Service and port: the entry runs no embedder of its own."""
+    """The entry's --depends names the Embedder's Service at its port (tests/test_bento.py runs the pair)."""
     depends = start_options(container("ImageSearch")["args"])["depends"]
     (only,) = depends
     name, url = only.split("=", 1)

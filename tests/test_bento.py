@@ -10,7 +10,7 @@ import bentoml
 import pytest
 import yaml
 
-from bench.server import Server as BenchServer, deployed_args, deployed_containers
+from bench.server import Server as BenchServer, deployed_args, deployed_containers, home_of_its_own
 from conftest import ROOT, TOKEN, run_env
 from index_builder.demo import draw_object
 from model_store import stages
@@ -77,9 +77,7 @@ def in_a_container(service: str, folder: Path, log: Path, embedder_url: str | No
     the container's args and environment, on 127.0.0.1 (the entry reaching the Embedder at `embedder_url` rather
     than the cluster's Service)."""
     given = {e["name"]: e["value"] for e in deployed_containers()[service]["env"] if "value" in e}
-    home = log.with_suffix(".home")  # a container's own, where BentoML keeps its Prometheus files; the models its
-    home.mkdir()                      # image carries are this session's store's
-    (home / "models").symlink_to(bentoml_home() / "models")
+    home = home_of_its_own(log.with_suffix(".home"), bentoml_home())  # the models are this session's store's
     return BenchServer(log, "start-http-server", command=("bash", str(ENTRYPOINT)), root=folder / "src",
                        serve_args=deployed_args(service, embedder_url),
                        BENTO_PATH=str(folder), BENTOML_CONTAINERIZED="true", BENTOML_HOME=str(home),

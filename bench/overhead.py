@@ -53,6 +53,7 @@ import psutil
 import typer
 
 from bench.ann_scale import command_line, machine
+from bench.report import cores_label
 from bench.server import ROOT, ServedApart, Server, on_cores, python_path
 from bench.wrk import closed_loop
 from model_store.core_share import available_cores, worker_count
@@ -119,10 +120,6 @@ class Plan:
     seconds: float = 15
     bare_seconds: float = 6
     apart: tuple[set[int], set[int]] | None = None  # --apart: (the Embedder's cores, the entry's and load's)
-
-
-def cores_label(cores: set[int]) -> str:
-    return ("core " if len(cores) == 1 else "cores ") + ", ".join(map(str, sorted(cores)))
 
 
 def split_cores() -> tuple[set[int], set[int]]:

@@ -98,10 +98,15 @@ def load_generator(d: dict) -> str:
     return "wrk" if "load_generator_cpu_s" in d["rows"][-1]["rounds"][0]["loads"][0] else "httpx"
 
 
+def cores_label(cores) -> str:
+    """'core 0' or 'cores 2, 3': where bench.overhead --apart put a service."""
+    return ("core " if len(cores) == 1 else "cores ") + ", ".join(map(str, sorted(cores)))
+
+
 def overhead_table(d: dict) -> str:
     """bench.overhead: each row's code against its own bare network, medians of alternating rounds."""
     upload = UPLOADS[d.get("upload", "demo")]
-    apart = "embedder_cores" in d["rows"][-1].get("layout", {})  # bench.overhead --apart: the row's own cores and processes
+    apart = "embedder_cores" in d["rows"][-1].get("layout", {})  # --apart: the row's own cores and processes
     layout = d["rows"][-1]["layout"] if apart else d["layout"]
     names = list(dict.fromkeys(n for r in d["rows"] for n in r["served_over_bare"]))  # bare layouts, in order
     clients = ", ".join(map(str, d["rows"][-1].get("clients", (4, 8, 16))))
@@ -110,10 +115,10 @@ def overhead_table(d: dict) -> str:
     where = ("the embedder on the GPU, server processes and load generator on the CPU cores" if "NVIDIA" in d["machine"]
              else "server, embedder and load generator share the cores")
     if apart:
-        on = lambda cores: ("core " if len(cores) == 1 else "cores ") + ", ".join(map(str, cores))  # noqa: E731
-        where = (f"each service a server of its own, as both manifests deploy them: the Embedder on "
-                 f"{on(layout['embedder_cores'])}, the entry and the load generator on {on(layout['entry_cores'])}; "
-                 f"the bare network on {on(layout['embedder_cores'])} too")
+        embedder_on = cores_label(layout["embedder_cores"])
+        where = (f"each service a server of its own, as both manifests deploy them: the Embedder on {embedder_on}, "
+                 f"the entry and the load generator on {cores_label(layout['entry_cores'])}; the bare network on "
+                 f"{embedder_on} too")
     embedder = (f"{d['backbone']}, weights: {d['weights']}" + (" (speed only)" if d["weights"] == "random" else "")
                 if d.get("backbone") else "default embedder")
     lines = [f"Machine: {d['machine']}; `{d['command']}`; the demo index ({embedder}), {d['photos']} {upload} "

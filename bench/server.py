@@ -165,17 +165,17 @@ class ServedApart:
     """The Embedder and the entry (ImageSearch) as two servers, the way a Bento's image runs each service on
     instances of its own (deploy/bentocloud.yaml; deploy/k8s.yaml, whose containers' args they are given): each
     on `cores` of its own with a home of its own, with the Embedder's `envs` as the image sets them (a row's own
-    environment wins); the entry reaches the Embedder at its URL. Has what the benchmarks use of a Server: url, http, processes() (both
-    servers' processes by role) and stop()."""
+    environment wins); the entry reaches the Embedder at its URL. Has what the benchmarks use of a Server: url,
+    http, processes() (both servers' processes by role) and stop()."""
 
     def __init__(self, log_dir: Path, embedder_cores: set[int], entry_cores: set[int], **env: str):
+        from model_store.registry import bentoml_home
         from service import Embedder
 
         log_dir.mkdir(parents=True, exist_ok=True)
         image = {"BENTOML_CONTAINERIZED": "true", **env}
         envs = {e.name: e.value for e in Embedder.envs}
-        home = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml"))
-        own = {name: str(home_of_its_own(log_dir / f"{name}.home", home)) for name in ("embedder", "entry")}
+        own = {name: str(home_of_its_own(log_dir / f"{name}.home", bentoml_home())) for name in ("embedder", "entry")}
         with on_cores(embedder_cores):
             self.embedder = Server(log_dir / "embedder.log", command=ONE_SERVICE, serve_args=deployed_args("Embedder"),
                                    **{**envs, "BENTOML_HOME": own["embedder"], **image})

@@ -526,8 +526,9 @@ class ImageSearch:
     @bentoml.api
     async def reload(self, ctx: bentoml.Context) -> ReloadResponse:
         """Serve what is promoted to this stage now (after promote or rollback). Needs the admin token."""
-        token = ctx.request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not settings.admin_token or not hmac.compare_digest(token, settings.admin_token):
+        # Compared as bytes: compare_digest refuses str with non-ASCII characters, which a client can send.
+        token = ctx.request.headers.get("authorization", "").removeprefix("Bearer ").strip().encode("latin-1")
+        if not settings.admin_token or not hmac.compare_digest(token, settings.admin_token.encode()):
             raise ApiError("send the admin token as 'Authorization: Bearer <IMAGESEARCH_ADMIN_TOKEN>'",
                            HTTPStatus.UNAUTHORIZED)
         return await self._switch()

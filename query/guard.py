@@ -138,10 +138,11 @@ class RequestGuard:
             raise ApiError(f"Content-Encoding {coding[:40]} is not accepted: send the body uncompressed (photos are "
                            "compressed already)", HTTPStatus.UNSUPPORTED_MEDIA_TYPE)
         ctype = headers.get("content-type", "")
+        media_type = ctype.split(";")[0].strip().lower()  # RFC 9110: a media type is case-insensitive
         first_file = next(iter(fields.files), None)
-        if not ctype.startswith("multipart/form-data"):
+        if media_type != "multipart/form-data":
             example = f" (curl -F {first_file}=@photo.jpg)" if first_file else ""
-            if first_file and (not body or ctype.startswith("application/x-www-form-urlencoded")):
+            if first_file and (not body or media_type == "application/x-www-form-urlencoded"):
                 raise ApiError(f"{first_file} is missing: send the photo as a file in a multipart/form-data "
                                f"request{example}", field=first_file)  # a form without its file
             raise ApiError(f"send the request as multipart/form-data{example}; got Content-Type "

@@ -126,6 +126,8 @@ CASES = [
     ("reload with a body it does not take", "POST", "/reload", {"content": raw_multipart([("x", None, b"1")])}, 401,
      r"admin token", None),
     ("reload without token", "POST", "/reload", {}, 401, r"admin token", None),
+    ("a token that is not ASCII", "POST", "/reload", {"headers": {"Authorization": "Bearer été".encode()}}, 401,
+     r"admin token", None),
 ]
 
 
@@ -151,6 +153,14 @@ def test_every_malformed_request_gets_one_clear_4xx_and_the_server_keeps_serving
     assert not failures, "\n".join(failures)
     r = server.http.post("/search", files={"image": PHOTO}, data={"k": "2"})
     assert r.status_code == 200 and len(r.json()["results"]) == 2
+
+
+def test_a_media_type_in_capitals_is_the_same_media_type(server):
+    """RFC 9110: a media type and its parameter names are case-insensitive."""
+    body, _ = raw_multipart([("image", "p.png", GOOD), ("k", None, b"2")])
+    r = server.http.post("/search", content=body, headers={"Content-Type": "Multipart/Form-Data; Boundary=XyZ"})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["results"]) == 2
 
 
 def test_a_huge_declared_body_is_refused_before_it_is_sent(server):

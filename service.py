@@ -43,6 +43,7 @@ from query.client_limit import ClientLimit
 from query.compare import cosine, verdict
 from query.embed_pace import MARGIN, EmbedPace, embed_pace
 from query.embedder_health import EmbedderHealth
+from query.embedder_token import EmbedderTokenGuard, send_token
 from query.errors import ApiError, error_response
 from query.fields import EndpointFields, read_query_params
 from query.guard import RequestGuard
@@ -181,6 +182,8 @@ class Embedder:
 
 
 media_types_worked_out_once(Embedder)
+if settings.embedder_token:  # deployed apart, its port unpickles what it is sent: only the entry may call it
+    Embedder.add_asgi_middleware(EmbedderTokenGuard, token=settings.embedder_token)
 api_errors_in_one_line()  # a client's mistake is one line of log, not an ERROR and its traceback
 start_dead_workers_again(settings.worker_check_s)  # promptly, and in a container too
 
@@ -291,6 +294,8 @@ class ImageSearch:
         # The guard only sees a request once uvicorn has read its head: limits on that part of its own
         limit_request_heads(settings.max_head_bytes, settings.head_timeout_s)
         tune_client(self.embedder)
+        if settings.embedder_token:
+            send_token(self.embedder, settings.embedder_token)
         self.health = EmbedderHealth(self.embedder, settings.embedder_lost_s)
         if SERVED is None:
             self.problem = f"nothing is promoted to {settings.stage}"
@@ -426,6 +431,9 @@ class ImageSearch:
                 break
             except BentoMLException as exc:
                 self.health.answered()  # with an error
+                if exc.error_code == HTTPStatus.UNAUTHORIZED:
+                    raise ApiError("the embedder service refused the call: give both services the same "
+                                   "IMAGESEARCH_EMBEDDER_TOKEN", HTTPStatus.SERVICE_UNAVAILABLE) from None
                 if exc.error_code in (HTTPStatus.TOO_MANY_REQUESTS, HTTPStatus.SERVICE_UNAVAILABLE):
                     raise ApiError("the embedder is at capacity: retry in a second",
                                    HTTPStatus.TOO_MANY_REQUESTS) from None

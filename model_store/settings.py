@@ -25,6 +25,10 @@ class Settings(BaseSettings):
     # --- serving -----------------------------------------------------------------
     stage: Stage = Field("production", description="Which stage the service serves.")
     admin_token: str = Field("", description="Bearer token for POST /reload; empty disables it.")
+    embedder_token: str = Field(
+        "", description="A secret both services are given where the Embedder is deployed apart: it then answers only "
+        "calls that carry it (query/embedder_token.py); empty: it answers any caller that reaches its port."
+    )
     follow_stage_s: float = Field(
         5.0, ge=0, description="Seconds between checks of the stage record by each replica; 0 = only /reload."
     )

@@ -104,8 +104,9 @@ def served_stages(tmp_path_factory, demo_index):
 
 @pytest.fixture(scope="session")
 def server(served_stages, tmp_path_factory):
+    # The Embedder guarded by a token (query/embedder_token.py) as deployed, here in one server: the entry sends it
     srv = Server(served_stages, tmp_path_factory.mktemp("logs") / "serve.log", serve_args=deployed_serve_args(),
-                 IMAGESEARCH_FOLLOW_STAGE_S="0", IMAGESEARCH_HEAD_TIMEOUT_S="3", IMAGESEARCH_UPLOAD_TIMEOUT_S="5",
+                 IMAGESEARCH_EMBEDDER_TOKEN="test-embedder-token", IMAGESEARCH_FOLLOW_STAGE_S="0", IMAGESEARCH_HEAD_TIMEOUT_S="3", IMAGESEARCH_UPLOAD_TIMEOUT_S="5",
                  IMAGESEARCH_MAX_IMAGE_BYTES="2000000", IMAGESEARCH_MAX_IMAGE_PIXELS="4000000")
     try:
         srv.wait()

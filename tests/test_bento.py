@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pickle
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import bentoml
+import httpx
 import pytest
 import yaml
 
@@ -18,6 +21,7 @@ from model_store.registry import bentoml_home
 from test_service import Server, png
 
 pytestmark = pytest.mark.slow
+EMBEDDER_TOKEN = "test-embedder-token"  # both containers get it from one Secret (tests/test_deploy.py)
 
 
 @pytest.fixture
@@ -81,7 +85,36 @@ def in_a_container(service: str, folder: Path, log: Path, embedder_url: str | No
     return BenchServer(log, "start-http-server", command=("bash", str(ENTRYPOINT)), root=folder / "src",
                        serve_args=deployed_args(service, embedder_url),
                        BENTO_PATH=str(folder), BENTOML_CONTAINERIZED="true", BENTOML_HOME=str(home),
-                       IMAGESEARCH_ADMIN_TOKEN=TOKEN, **given, **env)
+                       **{"IMAGESEARCH_ADMIN_TOKEN": TOKEN, "IMAGESEARCH_EMBEDDER_TOKEN": EMBEDDER_TOKEN, **given, **env})
+
+
+class Planted:
+    """Unpickled, it creates a file: what a caller without the token could make the Embedder run."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return Path.touch, (self.path,)
+
+
+def pickled_call(server: BenchServer, planted: Path, token: str | None = None) -> httpx.Response:
+    """A call to the Embedder's embed as BentoML's client sends one (a pickled body), from someone else."""
+    headers = {"Content-Type": "application/vnd.bentoml+pickle"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    return server.http.post("/embed", content=pickle.dumps({"batch": Planted(planted)}, protocol=5), headers=headers)
+
+
+def until_answered(server: BenchServer, path: str, timeout: float = 120) -> httpx.Response:
+    """The first answer of a starting server at `path`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            return server.http.get(path)
+        except httpx.TransportError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{path} did not answer within {timeout:g} s")
 
 
 def in_flight_series(server: BenchServer) -> list[str]:
@@ -108,6 +141,20 @@ def test_bento_serves_each_service_apart_as_the_kubernetes_containers_run_it(pin
             assert entry.processes()["embedder"] == [] and embedder.processes()["entry"] == []
             assert embedder.processes()["embedder"] and entry.processes()["entry"]
             assert embedder.http.get("/livez").status_code == 200  # the Embedder's own probes answer
+            planted = tmp_path / "planted"
+            for token in (None, "a-guess"):  # refused before its body is unpickled
+                refused = pickled_call(embedder, planted, token)
+                assert refused.status_code == 401 and "IMAGESEARCH_EMBEDDER_TOKEN" in refused.json()["error"]
+            assert not planted.exists()
+            # An entry given no token, or another, is not ready, and says why
+            stray = in_a_container("ImageSearch", folder, tmp_path / "stray.log", embedder.url,
+                                   IMAGESEARCH_STAGES_DIR=no_stages, IMAGESEARCH_EMBEDDER_TOKEN="")
+            try:
+                answer = until_answered(stray, "/readyz")
+                assert answer.status_code == 503 and "give both services the same IMAGESEARCH_EMBEDDER_TOKEN" in \
+                    answer.json()["error"], answer.text
+            finally:
+                stray.stop()
             found = entry.http.post("/search", files={"image": ("p.png", png(draw_object(3, 0, 30)))}, data={"k": "3"})
             assert found.status_code == 200 and len(found.json()["results"]) == 3, found.text
             for server, service in ((entry, "ImageSearch"), (embedder, "Embedder")):

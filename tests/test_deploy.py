@@ -16,6 +16,7 @@ import copy
 import re
 import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import jsonschema
 import kubernetes_validate
@@ -142,7 +143,8 @@ def test_k8s_manifest_kinds():
     """A Deployment, a Service and a ScaledObject for each service, as BentoCloud deploys them: the CPU HPA is gone."""
     found = sorted((d["kind"], d["metadata"]["name"]) for d in k8s_docs())
     kinds = ("Deployment", "ScaledObject", "Service")
-    assert found == sorted((kind, name) for kind in kinds for name in NAMES.values())
+    fenced = [("NetworkPolicy", NAMES["Embedder"])]  # only the entry reaches the Embedder
+    assert found == sorted([(kind, name) for kind in kinds for name in NAMES.values()] + fenced)
     assert set(deployed_containers()) == set(NAMES) == service_names()  # each Deployment runs its service
 
 
@@ -150,6 +152,34 @@ def test_k8s_manifest_kinds():
 @pytest.mark.parametrize("kind", ["Deployment", "Service"])
 def test_k8s_core_kinds_validate(kind, service):
     validate_core(k8s_doc(kind, service))
+
+
+def test_k8s_network_policy_validates():
+    validate_core(k8s_doc("NetworkPolicy", "Embedder"))
+
+
+def test_k8s_only_the_entry_and_prometheus_reach_the_embedder():
+    """The Embedder's pods take connections on their port from the entry's pods and from the namespace of the
+    Prometheus the ScaledObjects ask (its scrapes), and from nothing else."""
+    policy = k8s_doc("NetworkPolicy", "Embedder")["spec"]
+    pod_labels = {service: k8s_doc("Deployment", service)["spec"]["template"]["metadata"]["labels"]
+                  for service in NAMES}
+    assert policy["podSelector"] == {"matchLabels": pod_labels["Embedder"]}
+    assert policy["policyTypes"] == ["Ingress"]
+    (rule,) = policy["ingress"]
+    assert rule["ports"] == [{"port": port["targetPort"], "protocol": "TCP"}
+                             for port in k8s_doc("Service", "Embedder")["spec"]["ports"]]
+    prometheus = {urlparse(so["spec"]["triggers"][0]["metadata"]["serverAddress"]).hostname.split(".")[1]
+                  for so in (k8s_doc("ScaledObject", service) for service in NAMES)}
+    assert rule["from"] == [{"podSelector": {"matchLabels": pod_labels["ImageSearch"]}}] + [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}} for namespace in prometheus]
+
+
+def test_k8s_both_services_get_the_embedder_token_from_one_secret():
+    """The entry sends the token the Embedder asks for (query/embedder_token.py; tests/test_bento.py runs them)."""
+    sources = [[e["valueFrom"] for e in container(service)["env"] if e["name"] == "IMAGESEARCH_EMBEDDER_TOKEN"]
+               for service in NAMES]
+    assert sources[0] == sources[1] and len(sources[0]) == 1 and "secretKeyRef" in sources[0][0], sources
 
 
 def _typo_in_probe(doc):

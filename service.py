@@ -609,7 +609,7 @@ ImageSearch.add_asgi_middleware(
     RequestGuard, service=ImageSearch, max_concurrency=settings.max_concurrency,
     max_request_bytes=settings.max_request_bytes, max_file_bytes=settings.max_image_bytes,
     max_files=settings.max_batch_images, timeout_s=settings.request_timeout_s, max_uploads=settings.max_uploads,
-    upload_timeout_s=settings.upload_timeout_s,
+    upload_timeout_s=settings.upload_timeout_s, max_body_bytes=settings.max_body_bytes,
     client_limit=ClientLimit(settings.client_photos_per_s, settings.client_burst_photos, settings.forwarded_hops)
     if settings.client_photos_per_s else None,
     health_problem=lambda: _instances[0].problem if _instances else "starting up")

@@ -239,6 +239,21 @@ def ab_table(d: dict) -> str:
     return "\n".join(lines)
 
 
+def upload_flood_table(d: dict) -> str:
+    lines = [f"Machine: {d['machine']}; `{d['command']}`; {d['clients']} requests of {d['mb']:g} MB sent at once "
+             "per round; the entry process's RSS (MiB), sampled every 20 ms.", "",
+             "| code | round | answers | seconds | RSS before | **peak RSS** | RSS a second after |",
+             "|---|---|---|---|---|---|---|"]
+    for row in d["rows"]:
+        before = row["start_rss"]
+        for i, r in enumerate(row["rounds"], 1):
+            answers = ", ".join(f"{n} x {status}" for status, n in r["answers"].items())
+            lines.append(f"| {row['code']} | {i} | {answers} | {r['seconds']} | {before / 2**20:,.0f} | "
+                         f"**{r['peak_rss'] / 2**20:,.0f}** | {r['rss_after'] / 2**20:,.0f} |")
+            before = r["rss_after"]
+    return "\n".join(lines)
+
+
 SECTIONS = {"overhead": ("overhead.json", overhead_table), "overhead-phone": ("overhead_phone.json", overhead_table),
             "overhead-page": ("overhead_page.json", overhead_table),
             "overhead-vgg16": ("overhead_vgg16.json", overhead_table),
@@ -267,7 +282,8 @@ SECTIONS = {"overhead": ("overhead.json", overhead_table), "overhead-phone": ("o
             "loadtest-5min": ("loadtest_5min.json", loadtest_table),
             "loadtest-overload": ("loadtest_overload.json", loadtest_table), "soak": ("soak.json", soak_table),
             "loadtest-page-step": ("loadtest_page_step.json", loadtest_table),
-            "loadtest-api-step-same-run": ("loadtest_api_step_same_run.json", loadtest_table)}
+            "loadtest-api-step-same-run": ("loadtest_api_step_same_run.json", loadtest_table),
+            "upload-flood": ("upload_flood.json", upload_flood_table)}
 
 
 def main() -> None:

@@ -101,6 +101,11 @@ class Settings(BaseSettings):
                              "max_request_bytes); more get 429.")
     upload_timeout_s: float = Field(30.0, gt=0, description="Longest a request's body may take to arrive; "
                                     "slower gets 408.")
+    max_body_bytes: int = Field(
+        512 * 2**20, gt=0, description="Bytes of request bodies an entry process holds at once (each is kept, and "
+        "copied, until its answer leaves); a request that would pass it gets 429 before its body is read. Never "
+        "below max_request_bytes: one body of that size always fits."
+    )
     client_photos_per_s: float = Field(
         0, ge=0, le=10_000, description="Photos a second each client may send, sustained; past its burst a client "
         "gets 429 with Retry-After while others are served (query/client_limit.py). 0 = no per-client limit. Per "

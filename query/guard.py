@@ -2,11 +2,12 @@
 
 An ASGI middleware that runs before BentoML's request parser. For the API endpoints it refuses load
 beyond `max_concurrency` (429), a client past its share of photos (429, query.client_limit), bodies over the
-byte limit (413) before reading them, more than `max_uploads` bodies arriving at once (429) or one slower
-than `upload_timeout_s` (408), any query parameter (a POST reads its fields from the body: 400 saying so),
-and any form field that is unknown, missing, of the wrong kind or value (4xx naming the field); what passes is handed on
-re-encoded, so BentoML's parser only ever sees values it reads back exactly. Every answer of 400 or
-more, whoever produced it, leaves in the shape of query.errors.ErrorBody.
+byte limit (413) before reading them, more than `max_uploads` bodies arriving at once or more than
+`max_body_bytes` of bodies held at once (429), one slower than `upload_timeout_s` (408), any query
+parameter (a POST reads its fields from the body: 400 saying so), and any form field that is unknown,
+missing, of the wrong kind or value (4xx naming the field); what passes is handed on re-encoded, so
+BentoML's parser only ever sees values it reads back exactly. Every answer of 400 or more, whoever
+produced it, leaves in the shape of query.errors.ErrorBody.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ class RequestGuard:
 
     def __init__(self, app: Any, *, service: Any, max_concurrency: int, max_request_bytes: int,
                  max_file_bytes: int, max_files: int, timeout_s: float, max_uploads: int = 64,
-                 upload_timeout_s: float = 30.0, client_limit: ClientLimit | None = None,
+                 upload_timeout_s: float = 30.0, max_body_bytes: int = 512 * 2**20,
+                 client_limit: ClientLimit | None = None,
                  health_problem: Callable[[], str | None] = lambda: None) -> None:  # why /readyz or /livez fails
         self.app = app
         self.endpoints = {"/" + m.route.strip("/"): EndpointFields.of(m.input_spec) for m in service.apis.values()}
@@ -51,6 +53,7 @@ class RequestGuard:
         self.max_concurrency, self.max_request_bytes = max_concurrency, max_request_bytes
         self.max_file_bytes, self.max_files, self.timeout_s = max_file_bytes, max_files, timeout_s
         self.client_limit, self.health_problem = client_limit, health_problem
+        self.bodies = BodyBytes(max_body_bytes, max_request_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
@@ -58,7 +61,8 @@ class RequestGuard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         slot = Slot(self.slots)
-        shaper = ErrorShaper(scope, slot.freed_by_last_byte(send), collect_errors(), self.health_problem)
+        raised = collect_errors()
+        shaper = ErrorShaper(scope, slot.freed_by_last_byte(send), raised, self.health_problem)
         try:
             await self._serve(scope, receive, shaper, slot)
         except Exception:  # noqa: BLE001
@@ -70,6 +74,10 @@ class RequestGuard:
                                                            HTTPStatus.INTERNAL_SERVER_ERROR))
         finally:
             slot.free()
+            # The errors' tracebacks hold this request's frames, and with them its body, in a cycle through this
+            # list: freed at once here, not whenever the cyclic collector next runs (seldom: it counts objects,
+            # and a request allocates few; a flood of refused 48 MB uploads kept ~1 GB per 20 of them).
+            raised.clear()
 
     async def _serve(self, scope: Scope, receive: Receive, shaper: ErrorShaper, slot: Slot) -> None:
         if scope["path"] == "/docs.json" and scope["method"] == "GET":
@@ -77,6 +85,17 @@ class RequestGuard:
         fields = self.endpoints.get(scope["path"]) if scope["method"] == "POST" else None
         if fields is None:
             return await self.app(scope, receive, shaper.send)
+        try:
+            held = self.bodies.hold(scope)  # before the body is read
+        except ApiError as exc:
+            return await _answer(scope, shaper.send, exc, _HEADERS.get(exc.status))
+        try:
+            await self._serve_api(scope, receive, shaper, slot, fields)
+        finally:
+            self.bodies.free(held)
+
+    async def _serve_api(self, scope: Scope, receive: Receive, shaper: ErrorShaper, slot: Slot,
+                         fields: EndpointFields) -> None:
         try:
             refuse_query_params(parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True),
                                 fields, scope["path"])
@@ -184,6 +203,29 @@ class RequestGuard:
             parts.append((f.name, _safe_filename(v.filename), v.content_type or "application/octet-stream",
                           await v.read()))
         return parts
+
+
+class BodyBytes:
+    """The bytes of request bodies an entry process holds at once. A body is kept until its answer leaves, and
+    copied on the way (parsed and re-encoded here, parsed again by BentoML): 32 requests of 48 MB in flight
+    took the entry to 7.6 GiB (docs/PERFORMANCE.md). A request holds its Content-Length (without one, the largest a body may be) from
+    before its body is read; one of the largest size always fits."""
+
+    def __init__(self, limit: int, largest: int):
+        self.limit, self.largest, self.held = max(limit, largest), largest, 0
+
+    def hold(self, scope: Scope) -> int:
+        declared = Headers(scope=scope).get("content-length", "")
+        size = min(int(declared), self.largest) if declared.isdigit() else self.largest
+        if self.held + size > self.limit:
+            raise ApiError(f"the service is holding {self.held / 2**20:.0f} MB of uploads and this request's "
+                           f"{size / 2**20:.1f} MB would pass its limit of {self.limit / 2**20:.0f} MB: retry in a "
+                           "second", HTTPStatus.TOO_MANY_REQUESTS)
+        self.held += size
+        return size
+
+    def free(self, size: int) -> None:
+        self.held -= size
 
 
 class Slot:

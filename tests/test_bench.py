@@ -62,6 +62,11 @@ def test_overhead_with_each_service_apart_on_cores_of_its_own(python):
     assert row["served_over_bare"]["one process"] > 0 and row["http_over_bare"] > 0
 
 
+def test_upload_flood(python):
+    out = quick("bench.upload_flood", python, "--before", "")
+    assert "this checkout [({'415': 4}, 'peak " in out, out  # 4 requests of 1 MB: each refused by the handler
+
+
 def test_a_home_of_its_own_shares_all_but_bentomls_prometheus_files(tmp_path):
     """Each server of the apart layout gets one (bench.server.ServedApart; tests/test_bento.py reads /metrics)."""
     from bench.server import home_of_its_own

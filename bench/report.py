@@ -261,6 +261,7 @@ SECTIONS = {"overhead": ("overhead.json", overhead_table), "overhead-phone": ("o
             "overhead-apart-page": ("overhead_apart_page.json", overhead_table),
             "overhead-apart-phone": ("overhead_apart_phone.json", overhead_table),
             "overhead-apart-k8s-page": ("overhead_apart_k8s_page.json", overhead_table),
+            "overhead-apart-token-page": ("overhead_apart_token_page.json", overhead_table),
             "overhead-shared-page": ("overhead_shared_page.json", overhead_table),
             "ab-slow-network": ("ab_slow_network.json", ab_table),
             "ab-pace-default": ("ab_pace_default.json", ab_table),

@@ -208,8 +208,8 @@ class RequestGuard:
 class BodyBytes:
     """The bytes of request bodies an entry process holds at once. A body is kept until its answer leaves, and
     copied on the way (parsed and re-encoded here, parsed again by BentoML): 32 requests of 48 MB in flight
-    took the entry to 7.6 GiB (docs/PERFORMANCE.md). A request holds its Content-Length (without one, the largest a body may be) from
-    before its body is read; one of the largest size always fits."""
+    took the entry to 7.6 GiB (docs/PERFORMANCE.md). A request holds its Content-Length (without one, the
+    largest a body may be) from before its body is read; one of the largest size always fits."""
 
     def __init__(self, limit: int, largest: int):
         self.limit, self.largest, self.held = max(limit, largest), largest, 0
@@ -218,8 +218,8 @@ class BodyBytes:
         declared = Headers(scope=scope).get("content-length", "")
         size = min(int(declared), self.largest) if declared.isdigit() else self.largest
         if self.held + size > self.limit:
-            raise ApiError(f"the service is holding {self.held / 2**20:.0f} MB of uploads and this request's "
-                           f"{size / 2**20:.1f} MB would pass its limit of {self.limit / 2**20:.0f} MB: retry in a "
+            raise ApiError(f"the service is holding {self.held / 2**20:.0f} MiB of uploads and this request's "
+                           f"{size / 2**20:.1f} MiB would pass its limit of {self.limit / 2**20:.0f} MiB: retry in a "
                            "second", HTTPStatus.TOO_MANY_REQUESTS)
         self.held += size
         return size

@@ -85,7 +85,8 @@ def in_a_container(service: str, folder: Path, log: Path, embedder_url: str | No
     return BenchServer(log, "start-http-server", command=("bash", str(ENTRYPOINT)), root=folder / "src",
                        serve_args=deployed_args(service, embedder_url),
                        BENTO_PATH=str(folder), BENTOML_CONTAINERIZED="true", BENTOML_HOME=str(home),
-                       **{"IMAGESEARCH_ADMIN_TOKEN": TOKEN, "IMAGESEARCH_EMBEDDER_TOKEN": EMBEDDER_TOKEN, **given, **env})
+                       **{"IMAGESEARCH_ADMIN_TOKEN": TOKEN, "IMAGESEARCH_EMBEDDER_TOKEN": EMBEDDER_TOKEN, **given,
+                          **env})
 
 
 class Planted:

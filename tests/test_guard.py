@@ -437,8 +437,8 @@ def test_bodies_past_the_bytes_held_at_once_get_429_before_they_are_read():
     (fits, _, _), (refused, headers, body), (after, _, _) = asyncio.run(while_one_is_held())
     assert (fits, refused, after) == (200, 429, 200)
     assert headers[b"retry-after"] == b"1"
-    assert json.loads(body) == {"error": "the service is holding 0 MB of uploads and this request's 0.0 MB would pass "
-                                         "its limit of 0 MB: retry in a second", "field": None}
+    assert json.loads(body) == {"error": "the service is holding 0 MiB of uploads and this request's 0.0 MiB would "
+                                         "pass its limit of 0 MiB: retry in a second", "field": None}
     assert guard.bodies.held == 0
 
 

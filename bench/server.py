@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -83,9 +83,18 @@ class Server:
             stdout=open(self.log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
             preexec_fn=(lambda: _soft_open_files(open_files)) if open_files else None)
         self.http = httpx.Client(base_url=self.url, timeout=60)
-        self.while_starting: list[tuple[int, str]] = []  # what wait() was answered: status, body
+        self.while_starting: list[tuple[int, str]] = []  # what wait() and first_answer() were answered: status, body
 
     def wait(self, path: str = "/readyz", timeout: float = 180, every: float = 0.5) -> "Server":
+        self._poll(path, timeout, every, lambda r: r.status_code == 200, "not 200")
+        return self
+
+    def first_answer(self, path: str = "/readyz", timeout: float = 120, every: float = 0.2) -> httpx.Response:
+        """The first answer at `path` of a starting server, whatever its status (a 503 that says why)."""
+        return self._poll(path, timeout, every, lambda r: True, "not answered")
+
+    def _poll(self, path: str, timeout: float, every: float, done: Callable[[httpx.Response], bool],
+              failed: str) -> httpx.Response:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -93,12 +102,12 @@ class Server:
             try:
                 r = self.http.get(path)
                 self.while_starting.append((r.status_code, r.text))
-                if r.status_code == 200:
-                    return self
+                if done(r):
+                    return r
             except httpx.TransportError:
                 pass
             time.sleep(every)
-        raise TimeoutError(f"{path} not 200 after {timeout}s:\n{self.log.read_text()[-3000:]}")
+        raise TimeoutError(f"{path} {failed} after {timeout}s:\n{self.log.read_text()[-3000:]}")
 
     def processes(self) -> dict[str, list[psutil.Process]]:
         """The live processes of this server by role: supervisor (`bentoml serve` itself and any helper it

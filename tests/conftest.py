@@ -33,6 +33,7 @@ from model_store.settings import get_settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "test-admin-token"
+EMBEDDER_TOKEN = "test-embedder-token"  # both services get it, as from one Secret (tests/test_deploy.py)
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
@@ -106,7 +107,8 @@ def served_stages(tmp_path_factory, demo_index):
 def server(served_stages, tmp_path_factory):
     # The Embedder guarded by a token (query/embedder_token.py) as deployed, here in one server: the entry sends it
     srv = Server(served_stages, tmp_path_factory.mktemp("logs") / "serve.log", serve_args=deployed_serve_args(),
-                 IMAGESEARCH_EMBEDDER_TOKEN="test-embedder-token", IMAGESEARCH_FOLLOW_STAGE_S="0", IMAGESEARCH_HEAD_TIMEOUT_S="3", IMAGESEARCH_UPLOAD_TIMEOUT_S="5",
+                 IMAGESEARCH_EMBEDDER_TOKEN=EMBEDDER_TOKEN, IMAGESEARCH_FOLLOW_STAGE_S="0",
+                 IMAGESEARCH_HEAD_TIMEOUT_S="3", IMAGESEARCH_UPLOAD_TIMEOUT_S="5",
                  IMAGESEARCH_MAX_IMAGE_BYTES="2000000", IMAGESEARCH_MAX_IMAGE_PIXELS="4000000")
     try:
         srv.wait()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pickle
 import re
 import subprocess
-import time
 from pathlib import Path
 
 import bentoml
@@ -14,14 +13,13 @@ import pytest
 import yaml
 
 from bench.server import Server as BenchServer, deployed_args, deployed_containers, home_of_its_own
-from conftest import ROOT, TOKEN, run_env
+from conftest import EMBEDDER_TOKEN, ROOT, TOKEN, run_env
 from index_builder.demo import draw_object
 from model_store import stages
 from model_store.registry import bentoml_home
 from test_service import Server, png
 
 pytestmark = pytest.mark.slow
-EMBEDDER_TOKEN = "test-embedder-token"  # both containers get it from one Secret (tests/test_deploy.py)
 
 
 @pytest.fixture
@@ -107,17 +105,6 @@ def pickled_call(server: BenchServer, planted: Path, token: str | None = None) -
     return server.http.post("/embed", content=pickle.dumps({"batch": Planted(planted)}, protocol=5), headers=headers)
 
 
-def until_answered(server: BenchServer, path: str, timeout: float = 120) -> httpx.Response:
-    """The first answer of a starting server at `path`."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            return server.http.get(path)
-        except httpx.TransportError:
-            time.sleep(0.5)
-    raise TimeoutError(f"{path} did not answer within {timeout:g} s")
-
-
 def in_flight_series(server: BenchServer) -> list[str]:
     """The requests-in-flight series the server exports, which deploy/k8s.yaml's ScaledObjects sum."""
     text = server.http.get("/metrics").text
@@ -151,7 +138,7 @@ def test_bento_serves_each_service_apart_as_the_kubernetes_containers_run_it(pin
             stray = in_a_container("ImageSearch", folder, tmp_path / "stray.log", embedder.url,
                                    IMAGESEARCH_STAGES_DIR=no_stages, IMAGESEARCH_EMBEDDER_TOKEN="")
             try:
-                answer = until_answered(stray, "/readyz")
+                answer = stray.first_answer("/readyz")
                 assert answer.status_code == 503 and "give both services the same IMAGESEARCH_EMBEDDER_TOKEN" in \
                     answer.json()["error"], answer.text
             finally:

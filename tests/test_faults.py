@@ -134,14 +134,9 @@ def test_readiness_while_starting_answers_503_with_the_reason(fault_stages, tmp_
     held = []
     try:
         held = hold_embedder_workers(srv)
-        answers, deadline = [], time.time() + 120
-        while not answers and time.time() < deadline:
-            try:
-                answers.append(srv.http.get("/readyz"))
-            except httpx.TransportError:  # the entry is not listening yet
-                time.sleep(0.2)
-        assert answers and answers[0].status_code == 503, answers
-        assert answers[0].json()["error"].startswith("not ready: the embedder"), answers[0].text
+        answer = srv.first_answer("/readyz")
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["error"].startswith("not ready: the embedder"), answer.text
         for p in held:
             p.send_signal(signal.SIGCONT)
         srv.wait()

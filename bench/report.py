@@ -262,6 +262,8 @@ SECTIONS = {"overhead": ("overhead.json", overhead_table), "overhead-phone": ("o
             "overhead-apart-phone": ("overhead_apart_phone.json", overhead_table),
             "overhead-apart-k8s-page": ("overhead_apart_k8s_page.json", overhead_table),
             "overhead-apart-token-page": ("overhead_apart_token_page.json", overhead_table),
+            "overhead-apart-coalesce-page": ("overhead_apart_coalesce_page.json", overhead_table),
+            "overhead-shared-coalesce-page": ("overhead_shared_coalesce_page.json", overhead_table),
             "overhead-shared-page": ("overhead_shared_page.json", overhead_table),
             "ab-slow-network": ("ab_slow_network.json", ab_table),
             "ab-pace-default": ("ab_pace_default.json", ab_table),

@@ -182,8 +182,8 @@ class Embedder:
 
 
 media_types_worked_out_once(Embedder)
-if settings.embedder_token:  # deployed apart, its port unpickles what it is sent: only the entry may call it
-    Embedder.add_asgi_middleware(EmbedderTokenGuard, token=settings.embedder_token)
+# Deployed apart, its port unpickles what it is sent: only the entry may call it (without a token: a warning)
+Embedder.add_asgi_middleware(EmbedderTokenGuard, token=settings.embedder_token)
 api_errors_in_one_line()  # a client's mistake is one line of log, not an ERROR and its traceback
 start_dead_workers_again(settings.worker_check_s)  # promptly, and in a container too
 

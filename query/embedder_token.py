@@ -5,12 +5,14 @@ the body of every call to it: it refuses `application/vnd.bentoml+pickle` only i
 Embedder's `embed` takes the pickled arrays the entry sends. Whoever reaches that port can run code in the
 Embedder. With `IMAGESEARCH_EMBEDDER_TOKEN` set on both services, the Embedder answers calls only when they carry
 the token, before anything reads their body, and the entry sends it with each call. (In one `bentoml serve` the
-Embedder listens on a Unix socket in a folder only its user can open.)
+Embedder listens on a Unix socket in a folder only its user can open.) An Embedder without the token that gets a
+call over TCP says in its log, once, that anyone who reaches its port can run code in it.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
 from http import HTTPStatus
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -21,19 +23,33 @@ from query.errors import error_response
 OPEN = frozenset({"/readyz", "/livez", "/healthz", "/metrics"})
 REFUSED = ("only the entry service calls the Embedder: send 'Authorization: Bearer <IMAGESEARCH_EMBEDDER_TOKEN>', "
            "the token both services are given")
+OPEN_PORT = ("the Embedder answers calls on {host}:{port} without IMAGESEARCH_EMBEDDER_TOKEN, and BentoML unpickles "
+             "what they send: anyone who reaches this port can run code here. Give both services the same token "
+             "(README, Deploy)")
+log = logging.getLogger("bentoml.imagesearch")
 
 
 class EmbedderTokenGuard:
-    """ASGI middleware of the Embedder: 401 for a call without the token, before its body is read."""
+    """ASGI middleware of the Embedder: 401 for a call without the token, before its body is read. With no
+    token (""), every call passes, and the first that comes over TCP logs the warning."""
 
     def __init__(self, app: ASGIApp, token: str) -> None:
-        self.app, self.expected = app, f"Bearer {token}".encode()
+        self.app, self.expected = app, f"Bearer {token}".encode() if token else None
+        self.warned = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self._open(scope) or self._carries_token(scope):
-            await self.app(scope, receive, send)
+        if scope["type"] == "http" and self.expected is None:
+            self._warn_once(scope)
+        elif scope["type"] == "http" and not self._open(scope) and not self._carries_token(scope):
+            await error_response(REFUSED, HTTPStatus.UNAUTHORIZED)(scope, receive, send)
             return
-        await error_response(REFUSED, HTTPStatus.UNAUTHORIZED)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def _warn_once(self, scope: Scope) -> None:
+        host, port = scope.get("server") or (None, None)  # uvicorn: (path, None) on a Unix socket
+        if port is not None and not self.warned:
+            self.warned = True
+            log.warning(OPEN_PORT.format(host=host, port=port))
 
     @staticmethod
     def _open(scope: Scope) -> bool:

@@ -178,6 +178,15 @@ def test_idle_connections_past_the_soft_open_file_limit_lock_no_search_out(fault
             conn.close()
 
 
+def test_an_embedder_on_a_unix_socket_says_nothing_of_an_open_port(fault_server):
+    """In one `bentoml serve` the Embedder, given no token, listens on a Unix socket only its user can open: no
+    warning (served apart on a TCP port, it warns: test_an_embedder_deployed_apart_...)."""
+    found = httpx.post(f"{fault_server.url}/search", files={"image": ("p.png", PHOTOS[0], "image/png")},
+                       data={"k": "3"}, timeout=10)
+    assert found.status_code == 200, found.text
+    assert "without IMAGESEARCH_EMBEDDER_TOKEN" not in fault_server.log.read_text()
+
+
 def test_cors_opens_only_to_configured_origins(fault_server):
     ask = {"Access-Control-Request-Method": "POST"}
     ok = fault_server.http.options("/search", headers={"Origin": "https://shop.example", **ask})
@@ -274,6 +283,8 @@ def test_an_embedder_deployed_apart_that_stops_answering_fails_readiness_not_liv
         assert entry.processes()["embedder"] == []  # it runs no embedder of its own
         found = entry.http.post("/search", files={"image": ("p.png", PHOTOS[0])}, data={"k": "3"})
         assert found.status_code == 200 and found.json()["results"], found.text
+        # no token given: its TCP port answers anyone, and it says so (query/embedder_token.py)
+        assert f"on 127.0.0.1:{embedder.port} without IMAGESEARCH_EMBEDDER_TOKEN" in embedder.log.read_text()
         held = [psutil.Process(embedder.proc.pid), *psutil.Process(embedder.proc.pid).children(recursive=True)]
         for p in held:
             p.send_signal(signal.SIGSTOP)

@@ -1,0 +1,70 @@
+"""The Embedder's token guard, in process (tests/test_bento.py and tests/test_faults.py run it in real servers)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+from query.embedder_token import EmbedderTokenGuard
+
+TCP, UNIX = ("10.0.0.7", 3000), ("/tmp/bentoml-uds-x/1.sock", None)
+
+
+def call(guard: EmbedderTokenGuard, server: tuple, method: str = "POST", path: str = "/embed",
+         headers: tuple = ()) -> int:
+    """The status the guard answers (200 where it lets the call through to the Embedder)."""
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": method, "path": path, "server": server, "headers": list(headers)}
+    asyncio.run(guard(scope, receive, send))
+    return sent[0]["status"]
+
+
+async def embedder(scope, receive, send) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"[]"})
+
+
+def test_with_a_token_only_calls_that_carry_it_pass_and_the_probes_stay_open(caplog):
+    guard = EmbedderTokenGuard(embedder, token="s3cret")
+    assert call(guard, TCP) == 401
+    assert call(guard, TCP, headers=((b"authorization", b"Bearer wrong"),)) == 401
+    assert call(guard, TCP, headers=((b"authorization", b"Bearer s3cret"),)) == 200
+    assert call(guard, TCP, method="GET", path="/readyz") == 200
+    assert call(guard, TCP, method="POST", path="/readyz") == 401
+    assert not [r for r in caplog.records if "without IMAGESEARCH_EMBEDDER_TOKEN" in r.getMessage()]
+
+
+def test_without_a_token_every_call_passes_and_one_over_tcp_warns_once(caplog):
+    caplog.set_level(logging.WARNING, logger="bentoml.imagesearch")
+    guard = EmbedderTokenGuard(embedder, token="")
+    assert [call(guard, UNIX), call(guard, UNIX, method="GET", path="/readyz")] == [200, 200]
+    assert not caplog.records  # one `bentoml serve`: a Unix socket only its user can open
+    assert [call(guard, TCP, method="GET", path="/readyz"), call(guard, TCP)] == [200, 200]
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "on 10.0.0.7:3000 without IMAGESEARCH_EMBEDDER_TOKEN" in warned[0], warned
+    assert "anyone who reaches this port can run code here" in warned[0]
+
+
+def test_the_refusal_is_in_the_one_error_shape():
+    guard = EmbedderTokenGuard(embedder, token="s3cret")
+    bodies: list[bytes] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.body":
+            bodies.append(message["body"])
+
+    scope = {"type": "http", "method": "POST", "path": "/embed", "server": TCP, "headers": []}
+    asyncio.run(guard(scope, receive, send))
+    body = json.loads(b"".join(bodies))
+    assert set(body) == {"error", "field"} and "IMAGESEARCH_EMBEDDER_TOKEN" in body["error"], body

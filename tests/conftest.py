@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -35,6 +36,26 @@ ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "test-admin-token"
 EMBEDDER_TOKEN = "test-embedder-token"  # both services get it, as from one Secret (tests/test_deploy.py)
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+async def asgi_call(app, scope: dict, body: bytes = b"", stall: bool = False) -> tuple[int, dict, bytes]:
+    """One request through an ASGI app (a middleware of ours), in process: its body sent at once, or never
+    (stall). Returns the answer's (status, headers, body)."""
+    answer: dict = {"body": b""}
+
+    async def receive():
+        if stall:
+            await asyncio.sleep(3600)
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            answer["status"], answer["headers"] = message["status"], dict(message["headers"])
+        else:
+            answer["body"] += message.get("body", b"")
+
+    await app(scope, receive, send)
+    return answer["status"], answer["headers"], answer["body"]
 
 
 def run_env(**extra: str) -> dict[str, str]:

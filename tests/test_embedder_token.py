@@ -8,25 +8,21 @@ import logging
 
 import pytest
 
+from conftest import asgi_call
 from query.embedder_token import EmbedderTokenGuard, log
 
 TCP, UNIX = ("10.0.0.7", 3000), ("/tmp/bentoml-uds-x/1.sock", None)
 
 
-def call(guard: EmbedderTokenGuard, server: tuple, method: str = "POST", path: str = "/embed",
-         headers: tuple = ()) -> int:
-    """The status the guard answers (200 where it lets the call through to the Embedder)."""
-    sent: list[dict] = []
-
-    async def receive() -> dict:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict) -> None:
-        sent.append(message)
-
+def answer(guard: EmbedderTokenGuard, server: tuple, method: str = "POST", path: str = "/embed",
+           headers: tuple = ()) -> tuple[int, dict, bytes]:
+    """The guard's answer (200 where it lets the call through to the Embedder): (status, headers, body)."""
     scope = {"type": "http", "method": method, "path": path, "server": server, "headers": list(headers)}
-    asyncio.run(guard(scope, receive, send))
-    return sent[0]["status"]
+    return asyncio.run(asgi_call(guard, scope))
+
+
+def call(guard: EmbedderTokenGuard, server: tuple, **request) -> int:
+    return answer(guard, server, **request)[0]
 
 
 @pytest.fixture
@@ -72,17 +68,7 @@ def test_without_a_token_every_call_passes_and_one_over_tcp_warns_once(warnings_
 
 
 def test_the_refusal_is_in_the_one_error_shape():
-    guard = EmbedderTokenGuard(embedder, token="s3cret")
-    bodies: list[bytes] = []
-
-    async def receive() -> dict:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict) -> None:
-        if message["type"] == "http.response.body":
-            bodies.append(message["body"])
-
-    scope = {"type": "http", "method": "POST", "path": "/embed", "server": TCP, "headers": []}
-    asyncio.run(guard(scope, receive, send))
-    body = json.loads(b"".join(bodies))
+    status, _, raw = answer(EmbedderTokenGuard(embedder, token="s3cret"), TCP)
+    body = json.loads(raw)
+    assert status == 401
     assert set(body) == {"error", "field"} and "IMAGESEARCH_EMBEDDER_TOKEN" in body["error"], body

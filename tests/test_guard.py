@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 from pydantic import BaseModel
 
-from conftest import ROOT, run_env
+from conftest import ROOT, asgi_call, run_env
 from index_builder.demo import draw_object
 
 pytestmark = pytest.mark.slow
@@ -328,22 +328,8 @@ def ping_guard(app, **limits):
 async def post_ping(guard, stall: bool = False, body: bytes = b"", headers: dict | None = None,
                     path: str = "/ping") -> tuple[int, dict, bytes]:
     """POST `path` (/ping) through `guard`, its body (empty) sent at once or never: (status, headers, body)."""
-    answer: dict = {"body": b""}
-
-    async def receive():
-        if stall:
-            await asyncio.sleep(3600)
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    async def send(message):
-        if message["type"] == "http.response.start":
-            answer["status"], answer["headers"] = message["status"], dict(message["headers"])
-        else:
-            answer["body"] += message.get("body", b"")
-
     head = [(name.lower().encode(), value.encode()) for name, value in (headers or {}).items()]
-    await guard({"type": "http", "method": "POST", "path": path, "headers": head}, receive, send)
-    return answer["status"], answer["headers"], answer["body"]
+    return await asgi_call(guard, {"type": "http", "method": "POST", "path": path, "headers": head}, body, stall)
 
 
 def test_an_upload_that_does_not_arrive_in_time_gets_408_and_frees_its_place():

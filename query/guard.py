@@ -22,7 +22,7 @@ from typing import Any, Awaitable, Callable
 from urllib.parse import parse_qsl
 
 from starlette.datastructures import Headers, UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.formparsers import MultiPartException, MultiPartParser, parse_options_header
 
 from query.client_limit import ClientLimit
 from query.errors import ApiError, ErrorBody, collect_errors, error_response
@@ -366,6 +366,21 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
             return b"".join(chunks)
 
 
+class _ClosedMultiPart(MultiPartParser):
+    """Starlette's parser, which also tells whether the body reached its closing boundary: without it the
+    last part is dropped without a word, so a trailing max_price or the photo itself would go missing."""
+
+    closed = False
+
+    def on_end(self) -> None:
+        self.closed = True
+
+    def part_cut_off(self) -> str | None:
+        """The name of the part the body ended in, when its headers arrived."""
+        part = getattr(self, "_current_part", None)
+        return getattr(part, "field_name", "") or None
+
+
 async def _parse(headers: Headers, body: bytes, fields: EndpointFields, max_files: int) -> Any:
     async def stream():
         yield body
@@ -374,15 +389,29 @@ async def _parse(headers: Headers, body: bytes, fields: EndpointFields, max_file
     # Room beyond what is accepted, so that the checks after parsing name the field at fault ("sent 2 times",
     # "send 1 to 16 photos", "unknown field") instead of the parser refusing the whole body.
     room = max_files + 1
-    parser = MultiPartParser(headers, stream(), max_files=accepted + room, max_fields=len(fields.texts) + 16,
-                             max_part_size=TEXT_PART_BYTES)
+    parser = _ClosedMultiPart(headers, stream(), max_files=accepted + room, max_fields=len(fields.texts) + 16,
+                              max_part_size=TEXT_PART_BYTES)
     try:
-        return await parser.parse()
+        form = await parser.parse()
     except MultiPartException as exc:
         if exc.message.startswith("Too many files"):
             raise _too_many_files(fields, max_files) from None
         raise ApiError(f"the multipart body cannot be read ({exc.message}): send a well-formed multipart/form-data "
                        f"request with fields {', '.join(fields.names)}") from None
+    if body and not parser.closed:  # an empty body is a form without its fields: they are named as missing
+        await form.close()
+        raise _cut_short(headers, parser.part_cut_off(), fields)
+    return form
+
+
+def _cut_short(headers: Headers, part: str | None, fields: EndpointFields) -> ApiError:
+    """The body ended before its closing boundary, in part `part` if its headers arrived."""
+    boundary = parse_options_header(headers["content-type"])[1][b"boundary"].decode("latin-1")[:70]
+    where = f", inside part {part[:40]!r}, which was cut off" if part else ""
+    first_file = next(iter(fields.files), None)
+    example = f" (curl -F {first_file}=@photo.jpg builds it)" if first_file else ""
+    return ApiError(f"the multipart body ends before its closing boundary --{boundary}--{where}: send the whole "
+                    f"body{example}", field=part if part in fields.names else None)
 
 
 def _too_many_files(fields: EndpointFields, max_files: int) -> ApiError:

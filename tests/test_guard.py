@@ -36,13 +36,14 @@ GOOD = png(draw_object(2, 1, 30))
 PHOTO = ("photo.png", GOOD, "image/png")
 
 
-def raw_multipart(parts: list[tuple[str, str | None, bytes]], boundary: str = "XyZ") -> tuple[bytes, dict]:
-    """A hand-made multipart body: (name, filename or None, content) per part."""
+def raw_multipart(parts: list[tuple[str, str | None, bytes]], boundary: str = "XyZ",
+                  end: bytes = b"--XyZ--\r\n") -> tuple[bytes, dict]:
+    """A hand-made multipart body: (name, filename or None, content) per part, then `end` (the closing boundary)."""
     out = b""
     for name, filename, content in parts:
         disp = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
         out += f"--{boundary}\r\nContent-Disposition: {disp}\r\n\r\n".encode() + content + b"\r\n"
-    return out + f"--{boundary}--\r\n".encode(), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    return out + end.replace(b"XyZ", boundary.encode()), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
 
 
 # (name, method, path, request kwargs, status, message pattern, field)
@@ -91,6 +92,14 @@ CASES = [
     ("broken multipart", "POST", "/search",
      {"content": b"--nope\r\ngarbage", "headers": {"Content-Type": "multipart/form-data; boundary=XyZ"}}, 400,
      r"image is missing|cannot be read", None),
+    # Without its closing boundary the parser drops the last part unsaid: a filter or the photo went missing
+    ("a price cut off at the end", "POST", "/search",
+     {"content": raw_multipart([("image", "p.png", GOOD), ("max_price", None, b"50")], end=b"")}, 400,
+     r"the multipart body ends before its closing boundary --XyZ--, inside part 'max_price', which was cut off: "
+     r"send the whole body \(curl -F image=@photo.jpg builds it\)", "max_price"),
+    ("a photo cut off at the end", "POST", "/estimate",
+     {"content": raw_multipart([("category", None, b"Lamps"), ("image", "p.png", GOOD[:100])], end=b"--Xy")}, 400,
+     r"ends before its closing boundary --XyZ--, inside part 'image'", "image"),
     ("multipart without boundary", "POST", "/search",
      {"content": b"abc", "headers": {"Content-Type": "multipart/form-data"}}, 400, r"cannot be read|missing", None),
     ("17 photos in a batch", "POST", "/search_batch", {"files": [("images", PHOTO)] * 17}, 400,
@@ -161,6 +170,14 @@ def test_a_media_type_in_capitals_is_the_same_media_type(server):
     """RFC 9110: a media type and its parameter names are case-insensitive."""
     body, _ = raw_multipart([("image", "p.png", GOOD), ("k", None, b"2")])
     r = server.http.post("/search", content=body, headers={"Content-Type": "Multipart/Form-Data; Boundary=XyZ"})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["results"]) == 2
+
+
+def test_what_follows_the_closing_boundary_is_let_be(server):
+    """RFC 2046 allows an epilogue after the closing boundary: the request stands, all of its fields read."""
+    body, headers = raw_multipart([("image", "p.png", GOOD), ("k", None, b"2")], end=b"--XyZ--\r\nan epilogue")
+    r = server.http.post("/search", content=body, headers=headers)
     assert r.status_code == 200, r.text
     assert len(r.json()["results"]) == 2
 

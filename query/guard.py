@@ -30,6 +30,9 @@ from query.fields import EndpointFields, refuse_query_params
 from query.openapi import serve_amended
 
 log = logging.getLogger("bentoml.imagesearch")
+# The multipart parser logs a WARNING for each body it cannot read: the client's mistake, which its 400 names
+# and the access log shows, is not the operator's
+logging.getLogger("python_multipart").setLevel(logging.ERROR)
 Scope, Message = dict[str, Any], dict[str, Any]
 Receive, Send = Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]
 TEXT_PART_BYTES = 64 * 1024
@@ -396,12 +399,23 @@ async def _parse(headers: Headers, body: bytes, fields: EndpointFields, max_file
     except MultiPartException as exc:
         if exc.message.startswith("Too many files"):
             raise _too_many_files(fields, max_files) from None
-        raise ApiError(f"the multipart body cannot be read ({exc.message}): send a well-formed multipart/form-data "
-                       f"request with fields {', '.join(fields.names)}") from None
+        raise ApiError(f"the multipart body cannot be read ({_why_unreadable(exc)}): send a well-formed "
+                       f"multipart/form-data request with fields {', '.join(fields.names)}") from None
     if body and not parser.closed:  # an empty body is a form without its fields: they are named as missing
         await form.close()
         raise _cut_short(headers, parser.part_cut_off(), fields)
     return form
+
+
+def _why_unreadable(exc: MultiPartException) -> str:
+    """What the multipart parser stopped at: Starlette says "Invalid multipart data." for every fault the
+    parser underneath finds, and keeps that parser's reason as the cause."""
+    cause = str(exc.__cause__ or "")
+    if cause.startswith("Maximum header size"):  # python-multipart's limits on each part's headers
+        return "a part has a header line over 4 KB: send shorter file names"
+    if cause.startswith("Maximum header count"):
+        return "a part has more than 8 headers: send Content-Disposition and Content-Type"
+    return f"{exc.message[:-1]}: {cause[:100]}" if cause else exc.message
 
 
 def _cut_short(headers: Headers, part: str | None, fields: EndpointFields) -> ApiError:

@@ -100,6 +100,16 @@ CASES = [
     ("a photo cut off at the end", "POST", "/estimate",
      {"content": raw_multipart([("category", None, b"Lamps"), ("image", "p.png", GOOD[:100])], end=b"--Xy")}, 400,
      r"ends before its closing boundary --XyZ--, inside part 'image'", "image"),
+    # Starlette says "Invalid multipart data." for any fault its parser finds: the guard says which
+    ("a file name over 4 KB", "POST", "/search", {"files": {"image": ("x" * 5000 + ".png", GOOD, "image/png")}}, 400,
+     r"cannot be read \(a part has a header line over 4 KB: send shorter file names\)", None),
+    ("a part with 20 headers", "POST", "/search",
+     {"content": (b"--XyZ\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(20)) + b"Content-Disposition: form-data; "
+                  b'name="k"\r\n\r\n3\r\n--XyZ--\r\n', {"Content-Type": "multipart/form-data; boundary=XyZ"})}, 400,
+     r"cannot be read \(a part has more than 8 headers: send Content-Disposition and Content-Type\)", None),
+    ("a header line that is not one", "POST", "/search",
+     {"content": (b"--XyZ\r\nnot a header\r\n\r\nx\r\n--XyZ--\r\n", {"Content-Type": "multipart/form-data; boundary=XyZ"})},
+     400, r"cannot be read \(Invalid multipart data: Found invalid character 32 in header", None),
     ("multipart without boundary", "POST", "/search",
      {"content": b"abc", "headers": {"Content-Type": "multipart/form-data"}}, 400, r"cannot be read|missing", None),
     ("17 photos in a batch", "POST", "/search_batch", {"files": [("images", PHOTO)] * 17}, 400,

@@ -41,6 +41,14 @@ class CatalogueRow(BaseModel):
     def _strip(cls, v: object) -> object:
         return v.strip() if isinstance(v, str) else v
 
+    @field_validator("price", mode="before")
+    @classmethod
+    def _no_underscores(cls, v: object) -> object:
+        """Python's float() reads "1_000" as 1000, and a typo's "1_00" as 100: refused, as commas are."""
+        if isinstance(v, str) and "_" in v:
+            raise ValueError("thousands separators")
+        return v
+
     @field_validator("currency", mode="after")
     @classmethod
     def _upper(cls, v: str) -> str:

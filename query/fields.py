@@ -45,7 +45,8 @@ class TextField:
         except ValidationError:
             shown = value if len(value) <= 40 else value[:37] + "..."
             raise ApiError(f"{self.name} must be {self.expected}; got {shown!r}", field=self.name) from None
-        if isinstance(parsed, float) and not math.isfinite(parsed):
+        # Python's numbers take "1_000" (and a typo's "1_00" as 100): digits only, as the message says
+        if (isinstance(parsed, float) and not math.isfinite(parsed)) or (isinstance(parsed, (int, float)) and "_" in value):
             raise ApiError(f"{self.name} must be {self.expected}; got {value!r}", field=self.name)
         return parsed
 

@@ -12,7 +12,7 @@ import typer
 from model_store import stages, thumbnails
 from model_store.build_lock import StoreBusy
 from model_store.index_artifact import ArtifactError
-from model_store.registry import get_model, list_models
+from model_store.registry import bentoml_home, get_model, list_models
 from model_store.settings import EMBEDDER_MODEL, INDEX_MODEL, Stage
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -29,15 +29,20 @@ def list_cmd() -> None:
     """Embedders and indexes in the store, newest first, with their stage and key metadata."""
     state = stages.read_state()
     serving = {s: stack[-1].index for s, stack in state.stack.items() if stack}
+    indexes, embedders = list_models(INDEX_MODEL), list_models(EMBEDDER_MODEL)
+    if not indexes and not embedders:
+        print(f"the store ({bentoml_home() / 'models'}) holds no embedder or index yet: build one with `python -m "
+              "index_builder build CATALOGUE` (or ./quickstart.sh, which builds a demo)")
+        return
     print(f"{'TAG':<42} {'STAGE':<20} {'CREATED':<17} DETAILS")
-    for model in list_models(INDEX_MODEL):
+    for model in indexes:
         m, tag = model.info.metadata, str(model.tag)
         stage = ",".join(s for s, t in serving.items() if t == tag) or "-"
         random = "" if model.info.labels.get("weights") != "random" else " RANDOM-WEIGHTS"
         print(f"{tag:<42} {stage:<20} {model.info.creation_time:%Y-%m-%d %H:%M} "
               f"{m.get('n_photos')} photos/{m.get('n_items')} items, {m.get('dim')}-d, "
               f"recall@10={m.get('ann_recall_at_10')}, embedder={m.get('embedder')}{random}")
-    for model in list_models(EMBEDDER_MODEL):
+    for model in embedders:
         c = model.info.metadata["config"]
         print(f"{str(model.tag):<42} {'-':<20} {model.info.creation_time:%Y-%m-%d %H:%M} "
               f"{c['backbone']} {c['descriptor']} {c['dim']}-d, weights {c['weights']['source']}")
@@ -132,6 +137,8 @@ def history_cmd(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
     if as_json:
         print(json.dumps([e.model_dump(mode="json") for e in events], indent=2))
         return
+    if not events:
+        print("no promotion or rollback yet: `python -m model_store promote TAG --stage staging` puts an index on a stage")
     for e in events:
         flags = " (forced)" if e.forced else ""
         print(f"{e.at:%Y-%m-%d %H:%M:%S} {e.by:<24} {e.action:<8} {e.stage:<10} {e.index}{flags}"

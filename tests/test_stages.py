@@ -119,6 +119,21 @@ def test_cli(stages_dir, demo_index, second_index, python):
     assert shown["stages"] == ["production"] and shown["metadata"]["embedder"] == demo_index.embedder
 
 
+def test_an_empty_store_says_how_to_fill_it(tmp_path, python):
+    """A new user's first `list` and `history` printed a bare header, or nothing at all."""
+    env = run_env(BENTOML_HOME=str(tmp_path / "bentoml"), IMAGESEARCH_STAGES_DIR=str(tmp_path / "stages"))
+
+    def cli(*args):
+        return subprocess.run([python, "-m", "model_store", *args], env=env, capture_output=True, text=True,
+                              timeout=120)
+
+    listed, history = cli("list"), cli("history")
+    assert listed.returncode == 0 and "holds no embedder or index yet: build one with `python -m index_builder build" \
+        in listed.stdout, listed.stdout + listed.stderr
+    assert history.returncode == 0 and "no promotion or rollback yet" in history.stdout
+    assert json.loads(cli("history", "--json").stdout) == []
+
+
 def test_the_registry_cli_starts_without_torch(python):
     """Promotions and listings answer in about a second: manifests are read without loading the network."""
     code = "import sys, model_store.__main__; assert 'torch' not in sys.modules, 'the CLI imported torch'"

@@ -378,7 +378,8 @@ class ImageSearch:
             field = name.split("[")[0]
             try:
                 img = decode_image(path.read_bytes(), max_bytes=settings.max_image_bytes,
-                                   max_pixels=settings.max_image_pixels, name=name, spec=spec)
+                                   max_pixels=settings.max_image_pixels, name=name, spec=spec,
+                                   min_bytes_per_mp=settings.min_image_bytes_per_megapixel)
             except ImageTooLarge as exc:
                 raise ApiError(str(exc), HTTPStatus.REQUEST_ENTITY_TOO_LARGE, field) from None
             except ImageError as exc:

@@ -63,11 +63,11 @@ def as_page_sends(data: bytes, short_side: int) -> bytes:
 
 
 def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, name: str = "image",
-                 spec: PreprocessSpec | None = None) -> Image.Image:
+                 spec: PreprocessSpec | None = None, min_bytes_per_mp: int = 0) -> Image.Image:
     """Bytes of any format Pillow reads -> RGB image; raises ImageError with the reason. With the `spec` the
     pixels are for, a JPEG is decoded at the smallest scale libjpeg offers (1/2, 1/4, 1/8) whose short side
     still reaches spec.resize: a 12-megapixel phone photo decodes in a fraction of the time, and builder and
-    service, passing the same spec, get the same pixels."""
+    service, passing the same spec, get the same pixels. `min_bytes_per_mp`: see _check_density."""
     if not data:
         raise ImageError(f"{name} is empty (0 bytes): upload a JPEG, PNG, WebP or HEIC photo")
     if len(data) > max_bytes:
@@ -77,6 +77,7 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, name: str = "i
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             _check_pixels(img, max_pixels, name)
+            _check_density(img, len(data), min_bytes_per_mp, name)
             if spec is not None and img.format == "JPEG":
                 img.draft(None, (spec.resize, spec.resize))
             img.load()  # decode now, so truncated files fail here and not later
@@ -113,6 +114,22 @@ def _check_pixels(img: Image.Image, max_pixels: int, name: str) -> None:
             f"{name} is {img.width}x{img.height} = {pixels:,} pixels; the limit is {max_pixels:,}: "
             "send a smaller photo"
         )
+
+
+# Below this many pixels a whole decode is cheap (~20 ms on a 2-core VM): any file is let through.
+DENSITY_FROM_PIXELS = 2_000_000
+
+
+def _check_density(img: Image.Image, size: int, min_bytes_per_mp: int, name: str) -> None:
+    """Refuse a file of too few bytes for its pixels in a format decoded whole (all but JPEG): such a file holds
+    one colour, not a photo, and costs as much to decode as a real photo of megabytes."""
+    pixels = img.width * img.height
+    least = pixels * min_bytes_per_mp // 1_000_000
+    if img.format == "JPEG" or pixels <= DENSITY_FROM_PIXELS or size >= least:
+        return
+    raise ImageTooLarge(f"{name} is a {img.width}x{img.height} {img.format} image in only {size:,} bytes (a photo "
+                        f"that size takes {least:,} or more): it holds no photo, yet would take as long to decode as "
+                        "one; send the photo as the camera saved it")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

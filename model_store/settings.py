@@ -34,6 +34,12 @@ class Settings(BaseSettings):
     )
     max_image_bytes: int = Field(20 * 1024 * 1024, gt=0, description="Largest upload accepted.")
     max_image_pixels: int = Field(40_000_000, gt=0, description="Largest width*height decoded.")
+    min_image_bytes_per_megapixel: int = Field(
+        500, ge=0, description="Fewest bytes per megapixel of an upload over 2 MP in a format decoded whole (all but "
+        "JPEG, which is decoded at a fraction of its size): a 6000x4000 lossless WebP of one colour is 978 bytes and "
+        "took 0.23 s to decode, as long as a photo of megabytes (docs/PERFORMANCE.md). Photos hold 25 times this or "
+        "more; 0 = no floor."
+    )
     max_request_bytes: int = Field(50 * 1024 * 1024, gt=0, description="Largest request body (all parts).")
     max_head_bytes: int = Field(
         32 * 1024, ge=1024, le=60 * 1024, description="Largest request URL and headers together; more get 414 or 431 "

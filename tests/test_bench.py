@@ -131,6 +131,11 @@ def test_entry_threads(python):
     assert "| pool threads | searches/s | CPU ms per search |" in out and '"threads": 2' in out
 
 
+def test_sparse_images(python):
+    out = quick("bench.sparse_images", python)
+    assert "| WebP lossless | one colour |" in out and "| JPEG 2000 | photo |" in out
+
+
 def test_decode(python):
     out = quick("bench.decode", python)
     assert '"reduced_ms"' in out and '"page_ms"' in out and '"heic_ms"' in out

@@ -34,6 +34,9 @@ def png(img: Image.Image) -> bytes:
 
 GOOD = png(draw_object(2, 1, 30))
 PHOTO = ("photo.png", GOOD, "image/png")
+_flat = io.BytesIO()
+Image.new("RGB", (2000, 1600), "white").save(_flat, "WEBP", lossless=True)
+FLAT_WEBP = _flat.getvalue()  # ~100 bytes that decode as long as a photo of megabytes
 
 
 def raw_multipart(parts: list[tuple[str, str | None, bytes]], boundary: str = "XyZ",
@@ -85,6 +88,9 @@ CASES = [
      r"category must be text of at most 200 characters", "category"),
     ("empty photo", "POST", "/search", {"files": {"image": ("e.png", b"", "image/png")}}, 415,
      r"image is empty \(0 bytes\)", "image"),
+    ("a large photo of one colour in a few bytes", "POST", "/search",
+     {"files": {"image": ("flat.webp", FLAT_WEBP, "image/webp")}}, 413,
+     r"image is a 2000x1600 WEBP image in only [\d,]+ bytes \(a photo that size takes 1,600 or more\)", "image"),
     ("photo is text", "POST", "/estimate", {"files": {"image": ("n.txt", b"just text", "text/plain")}}, 415,
      r"not an image", "image"),
     ("compressed body", "POST", "/search", {"files": {"image": PHOTO}, "headers": {"Content-Encoding": "gzip"}}, 415,

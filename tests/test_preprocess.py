@@ -136,6 +136,27 @@ def test_decompression_bomb_is_refused():
         decode_image(bomb, max_bytes=10**9, max_pixels=10**10)
 
 
+@pytest.mark.parametrize("fmt, kw", [("WEBP", {"lossless": True}), ("AVIF", {}), ("JPEG2000", {})])
+def test_a_large_image_of_one_colour_is_refused_before_it_is_decoded(fmt, kw):
+    """A few hundred bytes that decode as long as a photo of megabytes (docs/PERFORMANCE.md, "Uploads of few bytes")."""
+    flat = encode(Image.new("RGB", (3000, 2000), (250, 250, 250)), fmt, **kw)
+    assert len(flat) < 3_000
+    with pytest.raises(ImageError, match=rf"image is a 3000x2000 {fmt} image in only [\d,]+ bytes \(a photo that "
+                                         r"size takes 3,000 or more\): it holds no photo"):
+        decode_image(flat, max_bytes=10**8, max_pixels=10**8, min_bytes_per_mp=500)
+    assert decode_image(flat, max_bytes=10**8, max_pixels=10**8).size == (3000, 2000)  # no floor: decoded
+
+
+def test_what_the_byte_floor_lets_through(photo):
+    """Small images, JPEGs (decoded at a fraction of their size) and anything holding a picture, even a 96-pixel
+    drawing blown up to 4.3 MP and saved as AVIF (1,540 bytes a megapixel, three times the floor)."""
+    floor = dict(max_bytes=10**8, max_pixels=10**8, min_bytes_per_mp=500)
+    assert decode_image(encode(Image.new("RGB", (1400, 1400)), "WEBP", lossless=True), **floor).size == (1400, 1400)
+    assert decode_image(encode(Image.new("RGB", (3000, 2000)), "JPEG"), **floor).size == (3000, 2000)
+    blown_up = photo.convert("RGB").resize((2400, 1800), Image.BICUBIC)
+    assert decode_image(encode(blown_up, "AVIF", quality=50), **floor).size == (2400, 1800)
+
+
 def test_pixels_shape_and_crop(photo):
     spec = PreprocessSpec(resize=64, crop=56)
     arr = image_to_pixels(photo.resize((120, 80)), spec)

@@ -6,6 +6,7 @@ import csv
 import datetime as dt
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -48,6 +49,14 @@ class CatalogueRow(BaseModel):
         if isinstance(v, str) and "_" in v:
             raise ValueError("thousands separators")
         return v
+
+    @field_validator("sold_at", mode="before")
+    @classmethod
+    def _iso_date(cls, v: object) -> object:
+        """pydantic also reads a number as seconds since 1970 ("0" is 1970-01-01) and takes a midnight time."""
+        if isinstance(v, dt.date) or (isinstance(v, str) and re.fullmatch(r"\d{4}-\d{2}-\d{2}", v.strip())):
+            return v.strip() if isinstance(v, str) else v
+        raise ValueError("not YYYY-MM-DD")
 
     @field_validator("currency", mode="after")
     @classmethod

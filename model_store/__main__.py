@@ -138,7 +138,8 @@ def history_cmd(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
         print(json.dumps([e.model_dump(mode="json") for e in events], indent=2))
         return
     if not events:
-        print("no promotion or rollback yet: `python -m model_store promote TAG --stage staging` puts an index on a stage")
+        print("no promotion or rollback yet: `python -m model_store promote TAG --stage staging` puts an index "
+              "on a stage")
     for e in events:
         flags = " (forced)" if e.forced else ""
         print(f"{e.at:%Y-%m-%d %H:%M:%S} {e.by:<24} {e.action:<8} {e.stage:<10} {e.index}{flags}"

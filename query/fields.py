@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Union, get_args, get_origin
 
@@ -46,7 +47,10 @@ class TextField:
             shown = value if len(value) <= 40 else value[:37] + "..."
             raise ApiError(f"{self.name} must be {self.expected}; got {shown!r}", field=self.name) from None
         # Python's numbers take "1_000" (and a typo's "1_00" as 100): digits only, as the message says
-        if (isinstance(parsed, float) and not math.isfinite(parsed)) or (isinstance(parsed, (int, float)) and "_" in value):
+        underscored = isinstance(parsed, (int, float)) and "_" in value
+        # pydantic also reads a date from seconds since 1970 ("0") and from a midnight time: YYYY-MM-DD only
+        not_iso = isinstance(parsed, dt.date) and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value)
+        if underscored or not_iso or (isinstance(parsed, float) and not math.isfinite(parsed)):
             raise ApiError(f"{self.name} must be {self.expected}; got {value!r}", field=self.name)
         return parsed
 

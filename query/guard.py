@@ -21,6 +21,7 @@ from http import HTTPStatus
 from typing import Any, Awaitable, Callable
 from urllib.parse import parse_qsl
 
+from python_multipart.multipart import DEFAULT_MAX_HEADER_COUNT, DEFAULT_MAX_HEADER_SIZE
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser, parse_options_header
 
@@ -412,9 +413,9 @@ def _why_unreadable(exc: MultiPartException) -> str:
     parser underneath finds, and keeps that parser's reason as the cause."""
     cause = str(exc.__cause__ or "")
     if cause.startswith("Maximum header size"):  # python-multipart's limits on each part's headers
-        return "a part has a header line over 4 KB: send shorter file names"
+        return f"a part has a header line over {DEFAULT_MAX_HEADER_SIZE:,} bytes: send shorter file names"
     if cause.startswith("Maximum header count"):
-        return "a part has more than 8 headers: send Content-Disposition and Content-Type"
+        return f"a part has more than {DEFAULT_MAX_HEADER_COUNT} headers: send Content-Disposition and Content-Type"
     return f"{exc.message[:-1]}: {cause[:100]}" if cause else exc.message
 
 

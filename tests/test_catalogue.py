@@ -40,6 +40,8 @@ def test_good_rows_and_several_photos_per_item(folder):
     ("i1,a.png,Vase,Ceramics,3,US$,2024-05-01", "currency must be a three-letter ISO 4217 code, such as USD; got 'US$'"),
     ("i1,a.png,Vase,Ceramics,3,USD,yesterday", "sold_at must be a date as YYYY-MM-DD; got 'yesterday'"),
     ("i1,a.png,Vase,Ceramics,3,USD,14/03/2025", "sold_at must be a date as YYYY-MM-DD; got '14/03/2025'"),
+    ("i1,a.png,Vase,Ceramics,3,USD,0", "sold_at must be a date as YYYY-MM-DD; got '0'"),
+    ("i1,a.png,Vase,Ceramics,3,USD,2024-05-01T00:00", "sold_at must be a date as YYYY-MM-DD; got '2024-05-01T00:00'"),
     (",a.png,Vase,Ceramics,3,USD,2024-05-01", "item_id"),
     ("i1,missing.png,Vase,Ceramics,3,USD,2024-05-01", "image file not found"),
     ("i1,.,Vase,Ceramics,3,USD,2024-05-01", "image_path is a folder, not a photo"),

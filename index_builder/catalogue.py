@@ -161,7 +161,8 @@ def _separator_hint(header: list[str] | None) -> str:
 
 # What a field must hold, in the words a person writing a spreadsheet needs (pydantic's say "unable to parse
 # string as a number" or "invalid character in year").
-WANTED = {"price": "a number of 0 or more, such as 340.00, without a currency sign or thousands separators",
+WANTED = {"price": "a number of 0 or more, such as 340.00, without a currency sign or thousands separators and "
+                   "with a point, not a comma, before the cents",
           "currency": "a three-letter ISO 4217 code, such as USD",
           "sold_at": "a date as YYYY-MM-DD",
           "image_url": "an http:// or https:// URL without spaces, or empty"}

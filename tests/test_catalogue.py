@@ -34,9 +34,11 @@ def test_good_rows_and_several_photos_per_item(folder):
 @pytest.mark.parametrize("row, reason", [
     ("i1,a.png,Vase,Ceramics,abc,USD,2024-05-01", "price must be a number of 0 or more"),
     ("i1,a.png,Vase,Ceramics,-3,USD,2024-05-01", "price must be a number of 0 or more"),
-    ("i1,a.png,Vase,Ceramics,$340,USD,2024-05-01", "without a currency sign or thousands separators; got '$340'"),
-    ('i1,a.png,Vase,Ceramics,"1,200.50",USD,2024-05-01', "thousands separators; got '1,200.50'"),
-    ("i1,a.png,Vase,Ceramics,1_200,USD,2024-05-01", "thousands separators; got '1_200'"),
+    ("i1,a.png,Vase,Ceramics,$340,USD,2024-05-01", "without a currency sign or thousands separators"),
+    ('i1,a.png,Vase,Ceramics,"1,200.50",USD,2024-05-01', "before the cents; got '1,200.50'"),
+    ("i1,a.png,Vase,Ceramics,1_200,USD,2024-05-01", "thousands separators and with a point, not a comma, before "
+                                                    "the cents; got '1_200'"),
+    ('i1,a.png,Vase,Ceramics,"12,50",EUR,2024-05-01', "with a point, not a comma, before the cents; got '12,50'"),
     ("i1,a.png,Vase,Ceramics,3,US$,2024-05-01", "currency must be a three-letter ISO 4217 code, such as USD; got 'US$'"),
     ("i1,a.png,Vase,Ceramics,3,USD,yesterday", "sold_at must be a date as YYYY-MM-DD; got 'yesterday'"),
     ("i1,a.png,Vase,Ceramics,3,USD,14/03/2025", "sold_at must be a date as YYYY-MM-DD; got '14/03/2025'"),

@@ -39,6 +39,12 @@ class PreprocessSpec(BaseModel):
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
 
+# What Pillow opens as JPEG: a JPEG, or an MPO, a JPEG with more pictures after the first in the same file, as
+# phones write an HDR gain map or a depth map (Apple's and Android's Ultra HDR JPEGs). Each first picture is an
+# ordinary JPEG, which libjpeg can decode at a fraction of its size.
+JPEG_FORMATS = ("JPEG", "MPO")
+
+
 def upload_px(spec: PreprocessSpec) -> int:
     """The short side an upload needs: twice what the network sees. decode_image reads such a JPEG at half
     scale and the resize then averages each output pixel over several; more pixels are decoded only to be
@@ -52,7 +58,7 @@ def as_page_sends(data: bytes, short_side: int) -> bytes:
     JPEG, PNG or WebP. Load tests and benchmarks send what the page sends."""
     img = Image.open(io.BytesIO(data))
     scale = short_side / min(img.size)
-    if scale >= 1 and img.format in ("JPEG", "PNG", "WEBP"):
+    if scale >= 1 and img.format in (*JPEG_FORMATS, "PNG", "WEBP"):
         return data
     img = img.convert("RGB")
     if scale < 1:
@@ -78,7 +84,7 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, name: str = "i
             img = Image.open(io.BytesIO(data))
             _check_pixels(img, max_pixels, name)
             _check_density(img, len(data), min_bytes_per_mp, name)
-            if spec is not None and img.format == "JPEG":
+            if spec is not None and img.format in JPEG_FORMATS:
                 img.draft(None, (spec.resize, spec.resize))
             img.load()  # decode now, so truncated files fail here and not later
     except ImageError:
@@ -125,7 +131,7 @@ def _check_density(img: Image.Image, size: int, min_bytes_per_mp: int, name: str
     one colour, not a photo, and costs as much to decode as a real photo of megabytes."""
     pixels = img.width * img.height
     least = pixels * min_bytes_per_mp // 1_000_000
-    if img.format == "JPEG" or pixels <= DENSITY_FROM_PIXELS or size >= least:
+    if img.format in JPEG_FORMATS or pixels <= DENSITY_FROM_PIXELS or size >= least:
         return
     raise ImageTooLarge(f"{name} is a {img.width}x{img.height} {img.format} image in only {size:,} bytes (a photo "
                         f"that size takes {least:,} or more): it holds no photo, yet would take as long to decode as "

@@ -207,6 +207,20 @@ def test_builder_and_service_give_the_same_input(tmp_path, photo, size):
     np.testing.assert_array_equal(from_file, from_upload)
 
 
+def test_a_phone_jpeg_with_a_second_picture_is_decoded_as_a_jpeg(photo):
+    """Phones append an HDR gain map or a depth map to their JPEGs (MPO, to Pillow), which were decoded whole:
+    the first picture is an ordinary JPEG, decoded at reduced scale to the same pixels."""
+    large = photo.convert("RGB").resize((1600, 1200))
+    buf = io.BytesIO()
+    large.save(buf, "MPO", save_all=True, append_images=[large.resize((400, 300))], quality=90)
+    assert Image.open(io.BytesIO(buf.getvalue())).format == "MPO"
+    spec = PreprocessSpec(resize=224)
+    mpo = decode_image(buf.getvalue(), **LIMITS, spec=spec)
+    assert mpo.size == (400, 300)
+    plain = decode_image(encode(large, "JPEG", quality=90), **LIMITS, spec=spec)
+    np.testing.assert_array_equal(image_to_pixels(mpo, spec), image_to_pixels(plain, spec))
+
+
 def test_a_large_jpeg_is_decoded_at_the_smallest_scale_that_keeps_the_networks_resolution(photo):
     data = encode(photo.resize((1600, 1200)), "JPEG", quality=90)
     assert decode_image(data, **LIMITS).size == (1600, 1200)

@@ -32,7 +32,7 @@ from starlette.staticfiles import NotModifiedResponse, StaticFiles
 from model_store import stages, thumbnails
 from model_store.core_share import MAX_WAIT_S, SHARING, SPIN_COUNT, CoreShare, available_cores, worker_count
 from model_store.malloc import ONE_ARENA
-from model_store.preprocess import ImageError, ImageTooLarge, decode_image, image_to_pixels
+from model_store.preprocess import UPLOAD_FORMATS, ImageError, ImageTooLarge, decode_image, image_to_pixels
 from model_store.settings import get_settings
 from query.active import Active, load_active, stage_mtime
 from query.assist import assist, estimate as estimate_for
@@ -379,7 +379,7 @@ class ImageSearch:
             try:
                 img = decode_image(path.read_bytes(), max_bytes=settings.max_image_bytes,
                                    max_pixels=settings.max_image_pixels, name=name, spec=spec,
-                                   min_bytes_per_mp=settings.min_image_bytes_per_megapixel)
+                                   min_bytes_per_mp=settings.min_image_bytes_per_megapixel, formats=UPLOAD_FORMATS)
             except ImageTooLarge as exc:
                 raise ApiError(str(exc), HTTPStatus.REQUEST_ENTITY_TOO_LARGE, field) from None
             except ImageError as exc:

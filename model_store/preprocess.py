@@ -45,6 +45,13 @@ class PreprocessSpec(BaseModel):
 JPEG_FORMATS = ("JPEG", "MPO")
 
 
+# The formats the service decodes from an upload: what phones, cameras, scanners and browsers save ("JPEG" opens
+# MPO files too). Pillow reads some 35 more (PSD, EPS, FITS, JPEG 2000, ...): decoders anyone on the internet
+# could reach, for no buyer's photo. The builder reads the operator's own files in any of them.
+UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP", "HEIF", "AVIF", "GIF", "TIFF", "BMP")
+UPLOAD_FORMAT_NAMES = "JPEG, PNG, WebP, HEIC, AVIF, GIF, TIFF or BMP"
+
+
 def upload_px(spec: PreprocessSpec) -> int:
     """The short side an upload needs: twice what the network sees. decode_image reads such a JPEG at half
     scale and the resize then averages each output pixel over several; more pixels are decoded only to be
@@ -69,11 +76,13 @@ def as_page_sends(data: bytes, short_side: int) -> bytes:
 
 
 def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, name: str = "image",
-                 spec: PreprocessSpec | None = None, min_bytes_per_mp: int = 0) -> Image.Image:
+                 spec: PreprocessSpec | None = None, min_bytes_per_mp: int = 0,
+                 formats: tuple[str, ...] | None = None) -> Image.Image:
     """Bytes of any format Pillow reads -> RGB image; raises ImageError with the reason. With the `spec` the
     pixels are for, a JPEG is decoded at the smallest scale libjpeg offers (1/2, 1/4, 1/8) whose short side
     still reaches spec.resize: a 12-megapixel phone photo decodes in a fraction of the time, and builder and
-    service, passing the same spec, get the same pixels. `min_bytes_per_mp`: see _check_density."""
+    service, passing the same spec, get the same pixels. `min_bytes_per_mp`: see _check_density. `formats`:
+    the only formats read (None: any Pillow reads)."""
     if not data:
         raise ImageError(f"{name} is empty (0 bytes): upload a JPEG, PNG, WebP or HEIC photo")
     if len(data) > max_bytes:
@@ -81,7 +90,7 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, name: str = "i
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=formats)
             _check_pixels(img, max_pixels, name)
             _check_density(img, len(data), min_bytes_per_mp, name)
             if spec is not None and img.format in JPEG_FORMATS:
@@ -92,6 +101,9 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, name: str = "i
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLarge(f"{name} is a decompression bomb ({exc}): send an ordinary photo") from exc
     except Image.UnidentifiedImageError as exc:
+        if formats is not None:
+            raise ImageError(f"{name} is not an image in a format the service reads: upload a "
+                             f"{UPLOAD_FORMAT_NAMES} photo") from exc
         raise ImageError(f"{name} is not an image Pillow can read: upload a JPEG, PNG, WebP or HEIC photo") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{name} could not be decoded ({exc}): the file is truncated or corrupt") from exc

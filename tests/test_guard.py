@@ -37,6 +37,9 @@ PHOTO = ("photo.png", GOOD, "image/png")
 _flat = io.BytesIO()
 Image.new("RGB", (2000, 1600), "white").save(_flat, "WEBP", lossless=True)
 FLAT_WEBP = _flat.getvalue()  # ~100 bytes that decode as long as a photo of megabytes
+_jp2 = io.BytesIO()
+draw_object(2, 1, 30).convert("RGB").save(_jp2, "JPEG2000")
+JP2 = _jp2.getvalue()
 
 
 def raw_multipart(parts: list[tuple[str, str | None, bytes]], boundary: str = "XyZ",
@@ -95,6 +98,10 @@ CASES = [
     ("a large photo of one colour in a few bytes", "POST", "/search",
      {"files": {"image": ("flat.webp", FLAT_WEBP, "image/webp")}}, 413,
      r"image is a 2000x1600 WEBP image in only [\d,]+ bytes \(a photo that size takes 1,600 or more\)", "image"),
+    ("a JPEG 2000 (Pillow reads it; no phone saves it)", "POST", "/search",
+     {"files": {"image": ("scan.jp2", JP2, "image/jp2")}}, 415,
+     r"image is not an image in a format the service reads: upload a JPEG, PNG, WebP, HEIC, AVIF, GIF, TIFF or BMP "
+     r"photo", "image"),
     ("photo is text", "POST", "/estimate", {"files": {"image": ("n.txt", b"just text", "text/plain")}}, 415,
      r"not an image", "image"),
     ("compressed body", "POST", "/search", {"files": {"image": PHOTO}, "headers": {"Content-Encoding": "gzip"}}, 415,

@@ -15,8 +15,8 @@ from PIL import Image
 from bench.resample_crop import resize_whole_then_crop
 from index_builder.demo import draw_object
 from index_builder.extract import PhotoBatches
-from model_store.preprocess import (ImageError, PreprocessSpec, as_page_sends, decode_image, image_to_pixels, to_rgb,
-                                    upload_px)
+from model_store.preprocess import (UPLOAD_FORMATS, ImageError, PreprocessSpec, as_page_sends, decode_image,
+                                    image_to_pixels, to_rgb, upload_px)
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMITS = dict(max_bytes=5_000_000, max_pixels=4_000_000)
@@ -134,6 +134,19 @@ def test_decompression_bomb_is_refused():
     assert len(bomb) < 1_000_000
     with pytest.raises(ImageError, match="decompression bomb"):
         decode_image(bomb, max_bytes=10**9, max_pixels=10**10)
+
+
+def test_uploads_are_read_only_in_the_formats_photos_come_in(photo):
+    """The service decodes an upload only in UPLOAD_FORMATS; the builder reads the operator's files in any."""
+    rgb = photo.convert("RGB")
+    for fmt in UPLOAD_FORMATS:
+        assert decode_image(encode(rgb, fmt), **LIMITS, formats=UPLOAD_FORMATS).size == rgb.size, fmt
+    for fmt in ("JPEG2000", "TGA", "PPM", "SGI", "ICO", "PCX"):
+        data = encode(rgb, fmt)
+        with pytest.raises(ImageError, match=r"image is not an image in a format the service reads: upload a JPEG, "
+                                             r"PNG, WebP, HEIC, AVIF, GIF, TIFF or BMP photo"):
+            decode_image(data, **LIMITS, formats=UPLOAD_FORMATS)
+        assert decode_image(data, **LIMITS).width > 0, fmt  # any format, for the builder
 
 
 @pytest.mark.parametrize("fmt, kw", [("WEBP", {"lossless": True}), ("AVIF", {}), ("JPEG2000", {})])

@@ -6,7 +6,8 @@ format the service reads whole (all but JPEG), and which ones the byte floor ref
 
 A "photo" is a demo drawing enlarged with sensor-like noise (bench.decode.jpeg's), so it compresses as a photo
 does; "one colour" is a flat light grey. Decode time: median of `repeat` full decodes (Pillow, one thread).
-The floor: `IMAGESEARCH_MIN_IMAGE_BYTES_PER_MEGAPIXEL` (model_store/preprocess.py, _check_density).
+The floor: `IMAGESEARCH_MIN_IMAGE_BYTES_PER_MEGAPIXEL` (model_store/preprocess.py, _check_density). JPEG 2000 is
+measured for the record: the service refuses it in an upload whatever its size (UPLOAD_FORMATS).
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def table(result: dict) -> str:
     size = result["size"]
     lines = [f"{size[0]}x{size[1]} images ({size[0] * size[1] / 1e6:.1f} MP), floor {result['floor']:,} bytes a "
              f"megapixel. Machine: {result['machine']}. Command: `{result['command']}`.", "",
-             "| format | image | bytes | bytes a megapixel | decode ms | refused |", "|---|---|---|---|---|---|"]
+             "| format | image | bytes | bytes a megapixel | decode ms | refused by the floor |",
+             "|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['format']} | {r['image']} | {r['bytes']:,} | {r['bytes_per_mp']:,} | {r['decode_ms']} | "
                      f"{'yes' if r['refused'] else 'no'} |")

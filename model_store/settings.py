@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     min_image_bytes_per_megapixel: int = Field(
         500, ge=0, description="Fewest bytes per megapixel of an upload over 2 MP in a format decoded whole (all but "
         "JPEG, which is decoded at a fraction of its size): a 6000x4000 lossless WebP of one colour is 978 bytes and "
-        "took 0.23 s to decode, as long as a photo of megabytes (docs/PERFORMANCE.md). Photos hold 25 times this or "
+        "took 0.24 s to decode, as long as a photo of megabytes (docs/PERFORMANCE.md). Photos hold 25 times this or "
         "more; 0 = no floor."
     )
     max_request_bytes: int = Field(50 * 1024 * 1024, gt=0, description="Largest request body (all parts).")

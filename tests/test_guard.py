@@ -40,6 +40,10 @@ FLAT_WEBP = _flat.getvalue()  # ~100 bytes that decode as long as a photo of meg
 _jp2 = io.BytesIO()
 draw_object(2, 1, 30).convert("RGB").save(_jp2, "JPEG2000")
 JP2 = _jp2.getvalue()
+_avif = io.BytesIO()
+draw_object(2, 1, 30).convert("RGB").save(_avif, "AVIF")
+_picture = _avif.getvalue().find(b"mdat") + 4
+BROKEN_AVIF = _avif.getvalue()[:_picture] + b"\xff" * (len(_avif.getvalue()) - _picture)  # its picture is noise
 
 
 def raw_multipart(parts: list[tuple[str, str | None, bytes]], boundary: str = "XyZ",
@@ -102,6 +106,9 @@ CASES = [
      {"files": {"image": ("scan.jp2", JP2, "image/jp2")}}, 415,
      r"image is not an image in a format the service reads: upload a JPEG, PNG, WebP, HEIC, AVIF, GIF, TIFF or BMP "
      r"photo", "image"),
+    ("an AVIF whose picture is corrupt (libavif's error was a 500)", "POST", "/search",
+     {"files": {"image": ("p.avif", BROKEN_AVIF, "image/avif")}}, 415,
+     r"image could not be decoded \(RuntimeError: .*\): the file is truncated or corrupt", "image"),
     ("photo is text", "POST", "/estimate", {"files": {"image": ("n.txt", b"just text", "text/plain")}}, 415,
      r"not an image", "image"),
     ("compressed body", "POST", "/search", {"files": {"image": PHOTO}, "headers": {"Content-Encoding": "gzip"}}, 415,
@@ -204,6 +211,15 @@ def test_a_media_type_in_capitals_is_the_same_media_type(server):
     r = server.http.post("/search", content=body, headers={"Content-Type": "Multipart/Form-Data; Boundary=XyZ"})
     assert r.status_code == 200, r.text
     assert len(r.json()["results"]) == 2
+
+
+def test_an_animation_with_a_broken_frame_after_the_first_is_searched_by_its_first(server):
+    """Counting its frames read the broken one, and the search answered 500."""
+    from test_preprocess import gif_with_a_broken_second_frame
+
+    r = server.http.post("/search", files={"image": ("a.gif", gif_with_a_broken_second_frame(64), "image/gif")})
+    assert r.status_code == 200, r.text
+    assert r.json()["results"]
 
 
 def test_what_follows_the_closing_boundary_is_let_be(server):

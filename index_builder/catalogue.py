@@ -42,6 +42,15 @@ class CatalogueRow(BaseModel):
     def _strip(cls, v: object) -> object:
         return v.strip() if isinstance(v, str) else v
 
+    @field_validator("image_path", mode="after")
+    @classmethod
+    def _no_control_characters(cls, v: str) -> str:
+        """A NUL in a path stopped the whole build with a traceback (the OS takes no such path)."""
+        if any(ord(c) < 32 or ord(c) == 127 for c in v):
+            raise ValueError(f"holds a control character (a tab, a line break or NUL): {v[:60]!r}; write the "
+                             "photo's path or URL alone")
+        return v
+
     @field_validator("price", mode="before")
     @classmethod
     def _no_underscores(cls, v: object) -> object:
@@ -175,7 +184,7 @@ def _validation_reason(exc: ValidationError) -> str:
         if field in WANTED and e["type"] != "missing":
             reasons.append(f"{field} must be {WANTED[field]}; got {str(e['input'])[:60]!r}")
         else:
-            reasons.append(f"{field}: {e['msg']}")
+            reasons.append(f"{field}: {e['msg'].removeprefix('Value error, ')}")
     return "; ".join(reasons)
 
 

@@ -45,6 +45,8 @@ def test_good_rows_and_several_photos_per_item(folder):
     ("i1,a.png,Vase,Ceramics,3,USD,0", "sold_at must be a date as YYYY-MM-DD; got '0'"),
     ("i1,a.png,Vase,Ceramics,3,USD,2024-05-01T00:00", "sold_at must be a date as YYYY-MM-DD; got '2024-05-01T00:00'"),
     (",a.png,Vase,Ceramics,3,USD,2024-05-01", "item_id"),
+    ("i1,a\x00.png,Vase,Ceramics,3,USD,2024-05-01", "image_path: holds a control character (a tab, a line break or "
+                                                    "NUL): 'a\\x00.png'; write the photo's path or URL alone"),
     ("i1,missing.png,Vase,Ceramics,3,USD,2024-05-01", "image file not found"),
     ("i1,.,Vase,Ceramics,3,USD,2024-05-01", "image_path is a folder, not a photo"),
     ("i1,a.png,Vase,Ceramics,3,USD,2024-05-01,extra", "fields"),

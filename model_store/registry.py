@@ -62,7 +62,12 @@ def list_models(name: str) -> list[bentoml.Model]:
 
 
 def get_model(tag: str) -> bentoml.Model:
-    """The stored model for `tag`; raises LookupError with the tag when absent."""
+    """The stored model for `tag`; raises LookupError with the tag when absent or not a tag."""
+    try:
+        bentoml.Tag.from_taglike(tag)
+    except (bentoml.exceptions.BentoMLException, ValueError) as exc:  # BentoML's own words, without its traceback
+        raise LookupError(f"{tag!r} is not a model tag ({exc}): write it as `python -m model_store list` shows it, "
+                          "NAME:VERSION") from None
     try:
         return bentoml.models.get(tag)
     except bentoml.exceptions.NotFound:

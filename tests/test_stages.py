@@ -114,6 +114,10 @@ def test_cli(stages_dir, demo_index, second_index, python):
     assert "new build" in cli("history").stdout
     bad = cli("promote", "image-index:nope", "--stage", "production")
     assert bad.returncode == 2 and "no such model" in bad.stderr
+    for command in (("show",), ("delete",), ("promote", "--stage", "staging")):  # BentoML's traceback before
+        malformed = cli(*command, "image-index:")
+        assert malformed.returncode == 2 and "'image-index:' is not a model tag" in malformed.stderr, malformed.stderr
+        assert "Traceback" not in malformed.stderr
     assert cli("promote", demo_index.tag, "--stage", "prod").returncode == 2
     shown = json.loads(cli("show", demo_index.tag).stdout)
     assert shown["stages"] == ["production"] and shown["metadata"]["embedder"] == demo_index.embedder

@@ -48,18 +48,18 @@ def build_cmd(
     weights: Annotated[str, typer.Option(help="'default' (ImageNet), 'random' (tests only) or a state-dict file")] = "default",
     descriptor: Annotated[str, typer.Option(
         help="rmac (regional GeM), gem (GeM over the whole map) or pool5 (flattened conv map)")] = DEFAULT_DESCRIPTOR,
-    pca_dim: Annotated[int, typer.Option(help="dimension of the projection learned at build time; 0 = none")] = 256,
+    pca_dim: Annotated[int, typer.Option(min=0, help="dimension of the projection learned at build time; 0 = none")] = 256,
     projection: Annotated[str, typer.Option(
         help="learned (from the catalogue's items, kept only when it beats PCA on held-out items), pca or none"
     )] = DEFAULT_PROJECTION,
     whiten: Annotated[bool, typer.Option(help="whiten the PCA components")] = False,
     image_size: Annotated[Optional[int], typer.Option(
-        help="network input size [default: the backbone's: 224 Lite0, 240 Lite1, 260 Lite2, 224 VGG16]; smaller "
+        min=32, max=1024, help="network input size [default: the backbone's: 224 Lite0, 240 Lite1, 260 Lite2, 224 VGG16]; smaller "
              "only for fast tests")] = None,
     batch_size: Annotated[Optional[int], typer.Option(
         min=1, help=f"photos per forward pass [default: {CPU_BATCH_SIZE} on a CPU, {GPU_BATCH_SIZE} on a GPU]")] = None,
     workers: Annotated[int, typer.Option(min=0, help="image-decoding worker processes [default: cores - 1, 1..4]")] = DEFAULT_WORKERS,
-    seed: Annotated[int, typer.Option(help="seed of the Annoy trees and samples")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="seed of the Annoy trees and samples")] = 0,
     eval: Annotated[Optional[Path], typer.Option("--eval", help="queries CSV image_path,item_id to score")] = None,
     report: Annotated[Optional[Path], typer.Option(help="bad-row report [default: CATALOGUE.report.csv]")] = None,
     max_bad_share: Annotated[Optional[float], typer.Option(min=0, max=1, help="fail above this share of bad rows [default: 0.2]")] = None,

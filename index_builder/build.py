@@ -196,6 +196,9 @@ def _fit_projection(vectors: np.ndarray, item_ids: list[str], kind: ProjectionKi
         if kind != "none" and 0 < dim < vectors.shape[1]:
             print(f"[project] skipped: a {dim}-d projection needs at least {2 * dim} photos, have {len(vectors)}",
                   file=sys.stderr)
+        elif kind != "none" and dim >= vectors.shape[1]:
+            print(f"[project] skipped: --pca-dim {dim} does not shrink the {vectors.shape[1]}-d vectors",
+                  file=sys.stderr)
         return "none", None, None
     training = None
     if kind == "learned":

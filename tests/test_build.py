@@ -7,6 +7,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -288,6 +289,22 @@ def test_a_full_disk_fails_the_build_and_leaves_the_store_as_it_was(demo_index, 
         assert not list((home / "bentoml" / "tmp").glob("staging-*"))
     finally:
         subprocess.run(["umount", str(home)], check=True)
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--image-size", "100000", "less than or equal to 1024"),  # allocated 28 GB, then a traceback
+    ("--image-size", "0", "greater than or equal to 32"),  # built at the backbone's size, as if left out
+    ("--pca-dim", "-5", "greater than or equal to 0"),  # built without a projection, unsaid
+    ("--seed", "-1", "greater than or equal to 0"),  # Annoy's "expected non-negative integer", after the embedding
+])
+def test_absurd_build_options_are_refused_before_any_work(demo_catalogue, option, value, message):
+    from typer.testing import CliRunner
+
+    from index_builder.__main__ import app
+
+    result = CliRunner().invoke(app, ["build", str(demo_catalogue), option, value])
+    said = " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.output).split())  # the text of typer's box, unwrapped
+    assert result.exit_code == 2 and f"Invalid value for '{option}'" in said and message in said, result.output
 
 
 def test_only_the_build_command_loads_torch(python, tmp_path):

@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Stage = Literal["staging", "production"]
@@ -202,6 +202,15 @@ class Settings(BaseSettings):
         return self.embed_max_batch_size or (8 if gpu else 4)
 
 
+class SettingsError(ValueError):
+    """IMAGESEARCH_* variables that do not hold valid values, named as they are set."""
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    return Settings()
+    try:
+        return Settings()
+    except ValidationError as exc:  # pydantic names the fields (max_k), not the variables that were set
+        wrong = [f"{Settings.model_config['env_prefix']}{'.'.join(map(str, e['loc'])).upper()}={e['input']!r}: "
+                 f"{e['msg']}" for e in exc.errors()]
+        raise SettingsError("; ".join(wrong) + " (README, Configuration)") from None

@@ -19,7 +19,7 @@ from model_store.build_lock import StoreBusy
 if TYPE_CHECKING:  # the build imports torch: only `build` loads it (tests/test_build.py)
     from index_builder.build import BuildSummary
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, rich_markup_mode=None)
 
 
 def _print_summary(s: BuildSummary) -> None:
@@ -54,8 +54,8 @@ def build_cmd(
     )] = DEFAULT_PROJECTION,
     whiten: Annotated[bool, typer.Option(help="whiten the PCA components")] = False,
     image_size: Annotated[Optional[int], typer.Option(
-        min=32, max=1024, help="network input size [default: the backbone's: 224 Lite0, 240 Lite1, 260 Lite2, 224 VGG16]; smaller "
-             "only for fast tests")] = None,
+        min=32, max=1024, help="network input size [default: the backbone's: 224 Lite0, 240 Lite1, 260 Lite2, "
+                               "224 VGG16]; smaller only for fast tests")] = None,
     batch_size: Annotated[Optional[int], typer.Option(
         min=1, help=f"photos per forward pass [default: {CPU_BATCH_SIZE} on a CPU, {GPU_BATCH_SIZE} on a GPU]")] = None,
     workers: Annotated[int, typer.Option(min=0, help="image-decoding worker processes [default: cores - 1, 1..4]")] = DEFAULT_WORKERS,

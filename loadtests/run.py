@@ -25,7 +25,7 @@ from pydantic import BaseModel
 from loadtests.photos import photo_paths
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
-app = typer.Typer(add_completion=False, help=__doc__)
+app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None)
 
 
 class Mix(str, Enum):

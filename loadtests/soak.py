@@ -38,7 +38,7 @@ from loadtests.photos import load_photos
 LOOPBACK_V4 = ipaddress.ip_network("127.0.0.0/8")
 ERROR_SAMPLES = 5
 MiB = 2**20
-app = typer.Typer(add_completion=False, help=__doc__)
+app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None)
 
 
 # ---- results -------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from model_store.index_artifact import ArtifactError
 from model_store.registry import bentoml_home, get_model, list_models
 from model_store.settings import EMBEDDER_MODEL, INDEX_MODEL, Stage
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, rich_markup_mode=None)
 StageOpt = Annotated[Stage, typer.Option("--stage", help="staging or production")]
 
 

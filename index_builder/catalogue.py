@@ -63,8 +63,10 @@ class CatalogueRow(BaseModel):
     @classmethod
     def _iso_date(cls, v: object) -> object:
         """pydantic also reads a number as seconds since 1970 ("0" is 1970-01-01) and takes a midnight time."""
-        if isinstance(v, dt.date) or (isinstance(v, str) and re.fullmatch(r"\d{4}-\d{2}-\d{2}", v.strip())):
-            return v.strip() if isinstance(v, str) else v
+        if isinstance(v, dt.date):
+            return v
+        if isinstance(v, str) and re.fullmatch(r"\d{4}-\d{2}-\d{2}", v.strip()):
+            return v.strip()
         raise ValueError("not YYYY-MM-DD")
 
     @field_validator("currency", mode="after")

@@ -106,11 +106,10 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, name: str = "i
             raise ImageError(f"{name} is not an image in a format the service reads: upload a "
                              f"{UPLOAD_FORMAT_NAMES} photo") from exc
         raise ImageError(f"{name} is not an image Pillow can read: upload a JPEG, PNG, WebP or HEIC photo") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"{name} could not be decoded ({exc}): the file is truncated or corrupt") from exc
-    except Exception as exc:  # noqa: BLE001 -- a decoder's own error (AVIF's: RuntimeError) is still a bad file
-        raise ImageError(f"{name} could not be decoded ({type(exc).__name__}: {str(exc)[:200]}): the file is "
-                         "truncated or corrupt") from exc
+    except Exception as exc:  # noqa: BLE001 -- any decoder's error is a bad file; AVIF's is a RuntimeError
+        expected = isinstance(exc, (OSError, SyntaxError, ValueError))  # what Pillow raises for a broken file
+        reason = str(exc) if expected else f"{type(exc).__name__}: {str(exc)[:200]}"
+        raise ImageError(f"{name} could not be decoded ({reason}): the file is truncated or corrupt") from exc
 
 
 def load_image_file(path: Path, *, max_bytes: int = BUILD_MAX_BYTES, max_pixels: int = BUILD_MAX_PIXELS,

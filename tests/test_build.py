@@ -7,7 +7,6 @@ import functools
 import hashlib
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -303,8 +302,8 @@ def test_absurd_build_options_are_refused_before_any_work(demo_catalogue, option
     from index_builder.__main__ import app
 
     result = CliRunner().invoke(app, ["build", str(demo_catalogue), option, value])
-    said = " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.output).split())  # typer's error, unwrapped
-    assert result.exit_code == 2 and f"Invalid value for '{option}'" in said and message in said, result.output
+    assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output and message in result.output, \
+        result.output
 
 
 def test_only_the_build_command_loads_torch(python, tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import io
 import json
 import re
 import socket
@@ -22,28 +21,16 @@ from pydantic import BaseModel
 
 from conftest import ROOT, asgi_call, run_env
 from index_builder.demo import draw_object
+from test_preprocess import avif_with_a_corrupt_picture, encode, gif_with_a_broken_second_frame
 
 pytestmark = pytest.mark.slow
 
 
-def png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
-
-
-GOOD = png(draw_object(2, 1, 30))
+GOOD = encode(draw_object(2, 1, 30))
 PHOTO = ("photo.png", GOOD, "image/png")
-_flat = io.BytesIO()
-Image.new("RGB", (2000, 1600), "white").save(_flat, "WEBP", lossless=True)
-FLAT_WEBP = _flat.getvalue()  # ~100 bytes that decode as long as a photo of megabytes
-_jp2 = io.BytesIO()
-draw_object(2, 1, 30).convert("RGB").save(_jp2, "JPEG2000")
-JP2 = _jp2.getvalue()
-_avif = io.BytesIO()
-draw_object(2, 1, 30).convert("RGB").save(_avif, "AVIF")
-_picture = _avif.getvalue().find(b"mdat") + 4
-BROKEN_AVIF = _avif.getvalue()[:_picture] + b"\xff" * (len(_avif.getvalue()) - _picture)  # its picture is noise
+FLAT_WEBP = encode(Image.new("RGB", (2000, 1600), "white"), "WEBP", lossless=True)  # ~100 bytes, a slow decode
+JP2 = encode(draw_object(2, 1, 30).convert("RGB"), "JPEG2000")
+BROKEN_AVIF = avif_with_a_corrupt_picture(draw_object(2, 1, 30))
 
 
 def raw_multipart(parts: list[tuple[str, str | None, bytes]], boundary: str = "XyZ",
@@ -215,8 +202,6 @@ def test_a_media_type_in_capitals_is_the_same_media_type(server):
 
 def test_an_animation_with_a_broken_frame_after_the_first_is_searched_by_its_first(server):
     """Counting its frames read the broken one, and the search answered 500."""
-    from test_preprocess import gif_with_a_broken_second_frame
-
     r = server.http.post("/search", files={"image": ("a.gif", gif_with_a_broken_second_frame(64), "image/gif")})
     assert r.status_code == 200, r.text
     assert r.json()["results"]

@@ -102,6 +102,14 @@ EMBEDDER_WORKERS = worker_count(settings.embedder_workers, EMBED_ON_GPU)
 EMBED_MAX_BATCH = settings.embed_batch_limit(EMBED_ON_GPU)
 
 
+def embedder_call_records(access_log: bool, tracing: bool) -> dict:
+    """The Embedder's per-call records, off by default: each call is one the entry makes and logs already, and
+    BentoML's access log line and OpenTelemetry span (recorded even with no exporter) were a third of the
+    Embedder's event loop per call (docs/PERFORMANCE.md, section 6). On, BentoML's own configuration applies."""
+    records = {} if access_log else {"logging": {"access": {"enabled": False}}}
+    return records | ({} if tracing else {"tracing": {"excluded_urls": ["."]}})  # "." matches every URL
+
+
 @bentoml.service(
     resources={"gpu": 1, "cpu": "2"},
     workers=EMBEDDER_WORKERS,  # one per GPU; on a CPU one per core, sharing the cores (model_store/core_share.py)
@@ -110,6 +118,7 @@ EMBED_MAX_BATCH = settings.embed_batch_limit(EMBED_ON_GPU)
     # Idle torch threads stop spinning sooner (the workers share the cores); the torch thread allocates from
     # the main arena, which keeps the memory a pass frees for the next one (model_store/malloc.py).
     envs=[SPIN_COUNT, *([ONE_ARENA] if settings.keep_freed_memory else [])],
+    **embedder_call_records(settings.embedder_access_log, settings.embedder_tracing),
 )
 class Embedder:
     """(N, 3, H, W) uint8 photos, resized and cropped -> (N, D) L2-normalised descriptors."""

@@ -115,19 +115,24 @@ def embedder_socket(srv: Server) -> str:
     return runner_map["Embedder"].removeprefix("file://")
 
 
+def promoted_demo_index(prefix: str, quick: bool) -> tuple[Path, str, bytes]:
+    """The demo index in production in a temporary store: (its folder, its embedder's tag, the entry's call)."""
+    from model_store import stages
+    from model_store.registry import get_model
+
+    tmp, _, tag = demo_index(prefix, quick)
+    stages.promote(tag, "production", force=True)
+    embedder = get_model(tag).info.metadata["embedder"]
+    return tmp, embedder, embed_call(embedder)
+
+
 def main(rounds: Annotated[int, typer.Option(help="alternating bare/served rounds")] = 3,
          clients: Annotated[list[int], typer.Option(help="closed loops' client counts")] = [1, 4, 8, 16],  # noqa: B006
          seconds: Annotated[float, typer.Option(help="seconds per closed loop")] = 15,
          bare_seconds: Annotated[float, typer.Option(help="seconds per bare rate (layout and batch)")] = 6,
          quick: Annotated[bool, typer.Option(help="a tiny network, one short round, no docs")] = False,
          out: Annotated[Path, typer.Option(help="where the JSON goes")] = DOCS / "embedder_hop.json") -> None:
-    from model_store import stages
-    from model_store.registry import get_model
-
-    tmp, _, tag = demo_index("bench-hop-", quick)
-    stages.promote(tag, "production", force=True)
-    embedder = get_model(tag).info.metadata["embedder"]
-    call = embed_call(embedder)
+    tmp, embedder, call = promoted_demo_index("bench-hop-", quick)
     cores = 1 if quick else available_cores()
     rounds, levels = (1, (2,)) if quick else (rounds, tuple(clients))
     seconds, bare_seconds = (2, 1) if quick else (seconds, bare_seconds)

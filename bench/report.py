@@ -254,6 +254,18 @@ def upload_flood_table(d: dict) -> str:
     return "\n".join(lines)
 
 
+def embedder_records_table(d: dict) -> str:
+    lines = [f"Machine: {d['machine']}; `{d['command']}`; one Embedder worker driven by {d['clients']} raw-socket "
+             "clients with the entry's one-photo call, a server per row and round, rows alternating.", "",
+             "| Embedder's per-call records | round | photos/s | **event loop CPU ms per call** | "
+             "CPU ms per call on its other threads (the pass) |", "|---|---|---|---|---|"]
+    for row in d["rows"]:
+        for i, r in enumerate(row["rounds"], 1):
+            lines.append(f"| {row['row']} | {i} | {r['photos_per_s']} | **{r['event_loop_ms_per_call']}** | "
+                         f"{r['other_threads_ms_per_call']} |")
+    return "\n".join(lines)
+
+
 SECTIONS = {"overhead": ("overhead.json", overhead_table), "overhead-phone": ("overhead_phone.json", overhead_table),
             "overhead-page": ("overhead_page.json", overhead_table),
             "overhead-vgg16": ("overhead_vgg16.json", overhead_table),
@@ -265,6 +277,8 @@ SECTIONS = {"overhead": ("overhead.json", overhead_table), "overhead-phone": ("o
             "overhead-apart-coalesce-page": ("overhead_apart_coalesce_page.json", overhead_table),
             "overhead-shared-coalesce-page": ("overhead_shared_coalesce_page.json", overhead_table),
             "overhead-shared-page": ("overhead_shared_page.json", overhead_table),
+            "overhead-apart-records-page": ("overhead_apart_records_page.json", overhead_table),
+            "embedder-records": ("embedder_records.json", embedder_records_table),
             "ab-slow-network": ("ab_slow_network.json", ab_table),
             "ab-pace-default": ("ab_pace_default.json", ab_table),
             "overhead-freed": ("overhead_freed.json", overhead_table),

@@ -116,6 +116,15 @@ def test_embedder_hop(python):
     assert '"served_over_bare"' in out
 
 
+def test_embedder_records(python):
+    """Both rows serve every call, and the Embedder's event loop is read apart from its other threads."""
+    out = quick("bench.embedder_records", python)
+    rows = re.findall(r'^records (on|off) .*"failed": (\d+), "event_loop_ms_per_call": ([\d.]+), '
+                      r'"other_threads_ms_per_call": ([\d.]+)', out, re.M)
+    assert [(row, failed) for row, failed, *_ in rows] == [("on", "0"), ("off", "0")], out[-2000:]
+    assert all(0 < float(loop) < float(other) for *_, loop, other in rows), out[-2000:]
+
+
 def test_startup(python):
     out = quick("bench.startup", python)
     assert '"seconds_to_ready"' in out and '"this checkout": [' in out

@@ -253,6 +253,34 @@ def test_a_clients_mistake_is_one_line_of_log(server, demo_catalogue, rows):
     assert re.search(r"\[INFO\].*POST /search answered 415: image is not an image", logged), logged[-3000:]
 
 
+def test_the_embedder_keeps_no_access_log_of_the_entrys_calls(server, demo_catalogue, rows):
+    """The entry logs each request; the Embedder's line for each embed call it makes was ~10% of the Embedder's
+    event loop per call (docs/PERFORMANCE.md, section 6)."""
+    start = server.log.stat().st_size
+    assert server.http.post("/search", files=upload(photo_bytes(demo_catalogue, rows[0]["image_path"]))).is_success
+    time.sleep(0.5)  # let the entry's log reach the file
+    with open(server.log) as f:
+        f.seek(start)
+        logged = f.read()
+    assert re.search(r"\[INFO\].*path=/search\b.*status=200", logged), logged[-3000:]
+    assert "/embed" not in logged, logged[-3000:]
+
+
+@pytest.mark.parametrize("switch", ["", "true"])
+def test_the_embedders_call_records_are_off_unless_asked_for(python, switch):
+    """BentoML's own configuration, as each Embedder worker loads it: no access log and no OpenTelemetry span
+    per call (BentoML records one even with no exporter); IMAGESEARCH_EMBEDDER_ACCESS_LOG / _TRACING turn each
+    back on. The access log is seen off on a real server above; a span leaves no trace outside the process."""
+    ask = ("import service\nfrom bentoml._internal.configuration.containers import BentoMLContainer as C\n"
+           "service.Embedder.inject_config()\n"
+           "print(C.api_server_config.logging.access.enabled.get(),"
+           " C.tracing_excluded_urls.get().url_disabled('http://127.0.0.1:3000/embed'))")
+    env = run_env(IMAGESEARCH_EMBEDDER_ACCESS_LOG=switch or "false", IMAGESEARCH_EMBEDDER_TRACING=switch or "false")
+    out = subprocess.run([python, "-c", ask], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == (["True", "False"] if switch else ["False", "True"]), out.stdout
+
+
 @pytest.mark.parametrize("mode, fmt", [("CMYK", "JPEG"), ("I;16", "PNG"), ("P", "GIF"), ("LA", "PNG")])
 def test_unusual_modes_work(server, demo_catalogue, rows, mode, fmt):
     img = Image.open(demo_catalogue.parent / rows[0]["image_path"])

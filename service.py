@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import hmac
 import logging
 import math
 import os
@@ -36,6 +35,7 @@ from model_store.preprocess import UPLOAD_FORMATS, ImageError, ImageTooLarge, de
 from model_store.settings import get_settings
 from query.active import Active, load_active, stage_mtime
 from query.assist import assist, estimate as estimate_for
+from query.bearer import carries
 from query.bentoml_fixes import (api_errors_in_one_line, batching_backstop_at_least, keep_answering_after_sigterm,
                                  media_types_worked_out_once, never_hold_batches_back, start_dead_workers_again,
                                  tune_client)
@@ -544,9 +544,7 @@ class ImageSearch:
     @bentoml.api
     async def reload(self, ctx: bentoml.Context) -> ReloadResponse:
         """Serve what is promoted to this stage now (after promote or rollback). Needs the admin token."""
-        # Compared as bytes: compare_digest refuses str with non-ASCII characters, which a client can send.
-        token = ctx.request.headers.get("authorization", "").removeprefix("Bearer ").strip().encode("latin-1")
-        if not settings.admin_token or not hmac.compare_digest(token, settings.admin_token.encode()):
+        if not carries(ctx.request.headers.get("authorization", "").encode("latin-1"), settings.admin_token):
             raise ApiError("send the admin token as 'Authorization: Bearer <IMAGESEARCH_ADMIN_TOKEN>'",
                            HTTPStatus.UNAUTHORIZED)
         return await self._switch()

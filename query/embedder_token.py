@@ -11,12 +11,12 @@ call over TCP says in its log, once, that anyone who reaches its port can run co
 
 from __future__ import annotations
 
-import hmac
 import logging
 from http import HTTPStatus
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from query.bearer import carries
 from query.errors import error_response
 
 # What needs no token: the probes and Prometheus' scrapes (deploy/k8s.yaml) read nothing from a body
@@ -34,11 +34,11 @@ class EmbedderTokenGuard:
     token (""), every call passes, and the first that comes over TCP logs the warning."""
 
     def __init__(self, app: ASGIApp, token: str) -> None:
-        self.app, self.expected = app, f"Bearer {token}".encode() if token else None
+        self.app, self.token = app, token
         self.warned = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.expected is None:
+        if scope["type"] == "http" and not self.token:
             self._warn_once(scope)
         elif scope["type"] == "http" and not self._open(scope) and not self._carries_token(scope):
             await error_response(REFUSED, HTTPStatus.UNAUTHORIZED)(scope, receive, send)
@@ -57,7 +57,7 @@ class EmbedderTokenGuard:
 
     def _carries_token(self, scope: Scope) -> bool:
         given = [value for name, value in scope["headers"] if name.lower() == b"authorization"]
-        return len(given) == 1 and hmac.compare_digest(given[0].strip(), self.expected)
+        return len(given) == 1 and carries(given[0], self.token)
 
 
 def send_token(proxy: object, token: str) -> None:

@@ -52,6 +52,9 @@ def test_with_a_token_only_calls_that_carry_it_pass_and_the_probes_stay_open(war
     assert call(guard, TCP) == 401
     assert call(guard, TCP, headers=((b"authorization", b"Bearer wrong"),)) == 401
     assert call(guard, TCP, headers=((b"authorization", b"Bearer s3cret"),)) == 200
+    assert call(guard, TCP, headers=((b"authorization", b"bearer  s3cret "),)) == 200  # RFC 7235: any case
+    assert call(guard, TCP, headers=((b"authorization", b"s3cret"),)) == 401  # the scheme is required
+    assert call(guard, TCP, headers=((b"authorization", b"Basic s3cret"),)) == 401
     assert call(guard, TCP, method="GET", path="/readyz") == 200
     assert call(guard, TCP, method="POST", path="/readyz") == 401
     assert not warnings_logged

@@ -359,6 +359,9 @@ def test_the_entry_decodes_and_searches_on_a_few_threads(server, demo_catalogue,
 def test_reload_needs_the_token(server):
     assert server.http.post("/reload").status_code == 401
     assert server.http.post("/reload", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    bare = server.http.post("/reload", headers={"Authorization": TOKEN})  # the scheme is part of what to send
+    assert bare.status_code == 401 and "'Authorization: Bearer <IMAGESEARCH_ADMIN_TOKEN>'" in bare.text, bare.text
+    assert server.http.post("/reload", headers={"Authorization": f"bearer {TOKEN}"}).status_code == 200  # any case
 
 
 def test_promote_and_rollback_switch_with_no_failed_request(server, served_stages, demo_index, second_index,

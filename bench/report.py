@@ -278,6 +278,7 @@ SECTIONS = {"overhead": ("overhead.json", overhead_table), "overhead-phone": ("o
             "overhead-shared-coalesce-page": ("overhead_shared_coalesce_page.json", overhead_table),
             "overhead-shared-page": ("overhead_shared_page.json", overhead_table),
             "overhead-apart-records-page": ("overhead_apart_records_page.json", overhead_table),
+            "overhead-shared-records-page": ("overhead_shared_records_page.json", overhead_table),
             "embedder-records": ("embedder_records.json", embedder_records_table),
             "ab-slow-network": ("ab_slow_network.json", ab_table),
             "ab-pace-default": ("ab_pace_default.json", ab_table),

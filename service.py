@@ -529,6 +529,9 @@ class ImageSearch:
         """GET /similar/{item_id}: items like a catalogue item, from its stored photo vectors (no upload)."""
         start = time.perf_counter()
         active = self._require()
+        if not item_id:
+            raise ApiError("item_id is empty: ask for GET /similar/<item_id>, with an item_id from a search's results",
+                           HTTPStatus.BAD_REQUEST, "item_id")
         f = active.filters(**filters)
         vector = active.index.item_vector(item_id)
         if vector is None:

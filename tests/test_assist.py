@@ -162,6 +162,7 @@ def test_similar_finds_the_items_family_without_an_upload(server, rows):
 
 @pytest.mark.parametrize("path, status, field", [
     ("/similar/no-such-item", 404, "item_id"),
+    ("/similar/", 400, "item_id"),  # not "no item ''"
     ("/similar/item-0000?k=0", 400, "k"),
     ("/similar/item-0000?k=ten", 400, "k"),
     ("/similar/item-0000?k=2&k=3", 400, "k"),

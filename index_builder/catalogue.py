@@ -6,7 +6,6 @@ import csv
 import datetime as dt
 import hashlib
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -14,6 +13,7 @@ from typing import Iterator
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from index_builder.sources import is_remote
+from model_store.index_artifact import ISO_DATE
 
 COLUMNS = ("item_id", "image_path", "title", "category", "price", "currency", "sold_at")
 OPTIONAL_COLUMNS = ("image_url",)
@@ -65,7 +65,7 @@ class CatalogueRow(BaseModel):
         """pydantic also reads a number as seconds since 1970 ("0" is 1970-01-01) and takes a midnight time."""
         if isinstance(v, dt.date):
             return v
-        if isinstance(v, str) and re.fullmatch(r"\d{4}-\d{2}-\d{2}", v.strip()):
+        if isinstance(v, str) and ISO_DATE.fullmatch(v.strip()):
             return v.strip()
         raise ValueError("not YYYY-MM-DD")
 

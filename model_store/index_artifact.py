@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import math
+import re
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,10 @@ REPORT_FILE = "bad_rows.csv"
 CHUNK = 65_536  # rows projected at a time
 # 2: photos carry a thumbnail key and an optional image_url; 3: and the SHA-256 of their bytes (1 and 2 are read)
 FORMAT_VERSION = 3
+# A sale's date, as catalogues and requests must write it: items.sqlite keeps sold_at as this text, which
+# SQLite compares with the date filters' own. pydantic alone also reads a number (seconds since 1970) or a
+# midnight time as a date.
+ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
 class ArtifactError(RuntimeError):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-import re
 from dataclasses import dataclass
 from typing import Any, Union, get_args, get_origin
 
@@ -18,6 +17,7 @@ import annotated_types as at
 from pydantic import TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
+from model_store.index_artifact import ISO_DATE
 from query.errors import ApiError
 
 
@@ -49,7 +49,7 @@ class TextField:
         # Python's numbers take "1_000" (and a typo's "1_00" as 100): digits only, as the message says
         underscored = isinstance(parsed, (int, float)) and "_" in value
         # pydantic also reads a date from seconds since 1970 ("0") and from a midnight time: YYYY-MM-DD only
-        not_iso = isinstance(parsed, dt.date) and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value)
+        not_iso = isinstance(parsed, dt.date) and not ISO_DATE.fullmatch(value)
         if underscored or not_iso or (isinstance(parsed, float) and not math.isfinite(parsed)):
             raise ApiError(f"{self.name} must be {self.expected}; got {value!r}", field=self.name)
         return parsed

@@ -84,7 +84,7 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, name: str = "i
     service, passing the same spec, get the same pixels. `min_bytes_per_mp`: see _check_density. `formats`:
     the only formats read (None: any Pillow reads)."""
     if not data:
-        raise ImageError(f"{name} is empty (0 bytes): upload a JPEG, PNG, WebP or HEIC photo")
+        raise ImageError(f"{name} is empty (0 bytes): {_what_to_send(formats)}")
     if len(data) > max_bytes:
         raise ImageTooLarge(f"{name} is {len(data):,} bytes; the limit is {max_bytes:,}: send a smaller photo")
     try:
@@ -103,13 +103,20 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, name: str = "i
         raise ImageTooLarge(f"{name} is a decompression bomb ({exc}): send an ordinary photo") from exc
     except Image.UnidentifiedImageError as exc:
         if formats is not None:
-            raise ImageError(f"{name} is not an image in a format the service reads: upload a "
-                             f"{UPLOAD_FORMAT_NAMES} photo") from exc
-        raise ImageError(f"{name} is not an image Pillow can read: upload a JPEG, PNG, WebP or HEIC photo") from exc
+            raise ImageError(f"{name} is not an image in a format the service reads: {_what_to_send(formats)}") from exc
+        raise ImageError(f"{name} is not an image Pillow can read: {_what_to_send(formats)}") from exc
     except Exception as exc:  # noqa: BLE001 -- any decoder's error is a bad file; AVIF's is a RuntimeError
         expected = isinstance(exc, (OSError, SyntaxError, ValueError))  # what Pillow raises for a broken file
         reason = str(exc) if expected else f"{type(exc).__name__}: {str(exc)[:200]}"
         raise ImageError(f"{name} could not be decoded ({reason}): the file is truncated or corrupt") from exc
+
+
+def _what_to_send(formats: tuple[str, ...] | None) -> str:
+    """What an error about an unreadable file asks for: a client of the service (reading `formats`) sends a
+    photo in one of them; an operator's build (any format) gets the file converted."""
+    if formats is None:
+        return "save it as a JPEG or PNG photo"
+    return f"upload a {UPLOAD_FORMAT_NAMES} photo"
 
 
 def load_image_file(path: Path, *, max_bytes: int = BUILD_MAX_BYTES, max_pixels: int = BUILD_MAX_PIXELS,

@@ -85,7 +85,7 @@ CASES = [
     ("long category", "POST", "/search", {"files": {"image": PHOTO}, "data": {"category": "x" * 500}}, 400,
      r"category must be text of at most 200 characters", "category"),
     ("empty photo", "POST", "/search", {"files": {"image": ("e.png", b"", "image/png")}}, 415,
-     r"image is empty \(0 bytes\)", "image"),
+     r"image is empty \(0 bytes\): upload a JPEG, PNG, WebP, HEIC, AVIF, GIF, TIFF or BMP photo", "image"),
     ("a large photo of one colour in a few bytes", "POST", "/search",
      {"files": {"image": ("flat.webp", FLAT_WEBP, "image/webp")}}, 413,
      r"image is a 2000x1600 WEBP image in only [\d,]+ bytes \(a photo that size takes 1,600 or more\)", "image"),

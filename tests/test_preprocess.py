@@ -159,6 +159,16 @@ def test_bad_bytes_raise_image_error(data, message):
         decode_image(data, **LIMITS)
 
 
+@pytest.mark.parametrize("data", [b"", b"this is plain text, not a photo"])
+def test_what_an_unreadable_file_asks_for(data):
+    """A client of the service is asked for a photo in every format the service reads; an operator's build,
+    which reads any format Pillow knows, to save the file as a photo."""
+    with pytest.raises(ImageError, match=r": upload a JPEG, PNG, WebP, HEIC, AVIF, GIF, TIFF or BMP photo$"):
+        decode_image(data, **LIMITS, formats=UPLOAD_FORMATS)
+    with pytest.raises(ImageError, match=r": save it as a JPEG or PNG photo$"):
+        decode_image(data, **LIMITS)
+
+
 @pytest.mark.parametrize("fmt", ["JPEG", "HEIF"])
 def test_truncated_image_is_refused(photo, fmt):
     data = encode(photo.convert("RGB"), fmt)

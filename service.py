@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import math
 import os
 import resource
 import subprocess
@@ -15,12 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from http import HTTPStatus
 from pathlib import Path
-from typing import Awaitable, Callable, Optional, Sequence, TypeVar
+from typing import Awaitable, Callable, Optional, Sequence
 
 import bentoml
-import aiohttp
 import numpy as np
-from bentoml.exceptions import BentoMLException
 from starlette.applications import Starlette
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -42,7 +39,7 @@ from query.bentoml_fixes import (api_errors_in_one_line, batching_backstop_at_le
 from query.client_limit import ClientLimit
 from query.compare import cosine, verdict
 from query.embed_pace import MARGIN, EmbedPace, embed_pace
-from query.embedder_health import EmbedderHealth
+from query.embedder_calls import EmbedderCalls
 from query.embedder_token import EmbedderTokenGuard, send_token
 from query.errors import ApiError, error_response
 from query.fields import EndpointFields, read_query_params
@@ -50,16 +47,13 @@ from query.guard import RequestGuard
 from query.models import (K, AssistResponse, BatchSearchResponse, Category, CompareResponse, CompareThresholds,
                           EstimateResponse, IndexInfo, MoreImages, Price, ReloadResponse, SearchResponse,
                           SimilarQuery, SimilarResponse)
-from query.photo_budget import PhotoBudget
 from query.request_head import limit_request_heads
-from query.retry_budget import RetryBudget
 from query.search_index import item_query
 
 log = logging.getLogger("bentoml.imagesearch")
 settings = get_settings()
 # Reads one small JSON file; None until an index is promoted (the services then start but stay unready).
 SERVED = stages.served(settings.stage)
-T = TypeVar("T")
 STATIC = Path(__file__).resolve().parent / "query" / "static"  # the search page, served at /ui/
 GPU_PROBE = "_IMAGESEARCH_EMBEDS_ON_GPU"  # the supervisor's answer, inherited by every worker it starts
 # Without one of these, torch finds no GPU: NVIDIA's driver, WSL2's GPU, AMD's (ROCm builds of torch call it cuda)
@@ -288,11 +282,7 @@ class ImageSearch:
     def __init__(self) -> None:
         self.active: Active | None = None
         self.problem: str | None = None  # why the service is not ready (or not alive), for /readyz and /livez
-        self.embedder_tag: str | None = None
         self._switch_lock = asyncio.Lock()
-        self.retries = RetryBudget(settings.embed_retry_share)
-        self.photos = PhotoBudget(settings.max_photos_in_flight)
-        self.pace, self.measured = _pace_of({}), {}  # from the slowest pass the embedder's workers measured
         self._stage_mtime = stage_mtime()
         _instances[:] = [self]
         _limit_blas_threads()
@@ -305,7 +295,9 @@ class ImageSearch:
         tune_client(self.embedder)
         if settings.embedder_token:
             send_token(self.embedder, settings.embedder_token)
-        self.health = EmbedderHealth(self.embedder, settings.embedder_lost_s)
+        self.calls = EmbedderCalls(self.embedder, _pace_of, max_batch=EMBED_MAX_BATCH,
+                                   retry_share=settings.embed_retry_share, lost_s=settings.embedder_lost_s,
+                                   request_timeout_s=settings.request_timeout_s)
         if SERVED is None:
             self.problem = f"nothing is promoted to {settings.stage}"
         else:
@@ -324,13 +316,13 @@ class ImageSearch:
         if self.active is None:
             return False
         try:
-            await self._ask_embedder_tag(retry=False)
+            tag = await self.calls.ask_tag(retry=False)
         except ApiError as exc:  # the embedder is still starting, or gone: not ready, and /readyz says why
             self.problem = exc.message
             return False
-        if self.embedder_tag != self.active.index.manifest.embedder:
+        if tag != self.active.index.manifest.embedder:
             self.problem = (f"index {self.active.served.index} needs embedder {self.active.index.manifest.embedder}, "
-                            f"the embedder service runs {self.embedder_tag}: redeploy")
+                            f"the embedder service runs {tag}: redeploy")
             return False
         return True
 
@@ -338,40 +330,15 @@ class ImageSearch:
         """Alive unless the embedder this server runs has answered nothing for embedder_lost_s and does not
         answer now either. Its dead workers are started again; this is for a server where that does not help,
         so that the orchestrator restarts it."""
-        if not self.health.restart_needed():
+        if not self.calls.health.restart_needed():
             return True
         try:
-            await self._ask_embedder_tag(retry=False)
+            await self.calls.ask_tag(retry=False)
             return True
         except ApiError:
-            self.problem = (f"the embedder service has not answered for {self.health.lost_for_s():.0f} s: "
+            self.problem = (f"the embedder service has not answered for {self.calls.health.lost_for_s():.0f} s: "
                             "restart the server")
             return False
-
-    async def _ask_embedder_tag(self, retry: bool = True) -> str | None:
-        """The tag of the embedder the embedder service runs, asked now (and kept in embedder_tag), and the
-        pass it measured."""
-        described = await self._call_embedder(self.embedder.to_async.describe, retry=retry)
-        if described.get("tag") != self.embedder_tag:
-            self.measured = {}
-        self.embedder_tag = described.get("tag")
-        self._learn_pace(described.get("pace") or {})
-        return self.embedder_tag
-
-    def _learn_pace(self, measured: dict) -> None:
-        """Size the embed deadline and the photos in flight from the slowest pass that a worker of this
-        embedder has reported (each worker times its own; a probe reaches one of them)."""
-        if (measured.get("batch_s") or 0) > (self.measured.get("batch_s") or 0):
-            self.measured = measured
-        pace = _pace_of(self.measured)
-        if pace != self.pace:
-            log.info("embed limits: %s", pace.why)
-            self.pace = pace
-            self.photos.resize(pace.photos_in_flight)
-
-    async def _embedder_tag(self) -> str | None:
-        """The tag of the embedder the embedder service runs, asked until it answers once."""
-        return self.embedder_tag if self.embedder_tag is not None else await self._ask_embedder_tag()
 
     def _require(self) -> Active:
         if self.active is None:
@@ -395,63 +362,9 @@ class ImageSearch:
                 raise ApiError(str(exc), HTTPStatus.UNSUPPORTED_MEDIA_TYPE, field) from None
             return image_to_pixels(img, spec)
 
-        self._refuse_what_would_time_out(len(images))  # before its photos are decoded, on an overloaded server
+        self.calls.refuse_what_would_time_out(len(images))  # before its photos are decoded, on an overloaded server
         pixels = await asyncio.gather(*(asyncio.to_thread(prepare, p, n) for p, n in zip(images, names)))
-        batch = np.stack(pixels)
-        self._refuse_what_would_time_out(len(batch))  # again, at once in line: no other call between the two
-        async with self.photos.hold(len(batch)):
-            return await self._call_embedder(lambda: self.embedder.to_async.embed(batch), len(batch))
-
-    def _refuse_what_would_time_out(self, photos: int) -> None:
-        """429 at once, with the seconds to wait, for photos the embedder would hardly reach before the request's
-        timeout stops it with a 503: those whose wait, from the measured pass (query/embed_pace.py) and MARGIN
-        times, is past that timeout. Only /search_batch calls stacked up get there (the default network on
-        2 cores: over 300 photos queued ahead)."""
-        ahead = self.photos.ahead()
-        wait_s = self.pace.wait_s(ahead + photos)
-        if wait_s is None or MARGIN * wait_s <= settings.request_timeout_s:
-            return
-        retry = math.ceil(wait_s - settings.request_timeout_s / MARGIN)  # when the queue ahead is short enough
-        raise ApiError(f"the service is at capacity: {ahead} photos are queued ahead of this request's {photos}, "
-                       f"about {wait_s:.0f} s of work, too close to the {settings.request_timeout_s:g} s a request "
-                       f"may take: retry in {retry} s", HTTPStatus.TOO_MANY_REQUESTS, headers={"Retry-After": str(retry)})
-
-    async def _call_embedder(self, call: Callable[[], Awaitable[T]], photos: int = 1, retry: bool = True) -> T:
-        """One call to the embedder service, with a deadline (one embed deadline for each embedder batch the
-        photos fill); a call that stalls or drops is sent once more (embedding is idempotent) while the retry
-        budget allows, then the client gets a 503 that says so. retry=False: one try, nothing logged."""
-        failure: Exception | None = None
-        deadline_s = self.pace.deadline_s * -(-photos // EMBED_MAX_BATCH)
-        self.retries.sent()
-        for attempt in (1, 2):
-            try:
-                answer = await asyncio.wait_for(call(), deadline_s)
-                self.health.answered()
-                return answer
-            except (asyncio.TimeoutError, aiohttp.ClientConnectionError, RuntimeError) as exc:
-                # RuntimeError: "Session is closed", when BentoML closes its client at shutdown
-                failure = exc
-                if not retry:
-                    break
-                if attempt == 1 and self.retries.take():
-                    log.warning("embedder call 1 failed (%s): sending it again", type(exc).__name__)
-                    continue
-                log.warning("embedder call %d failed (%s)%s", attempt, type(exc).__name__,
-                            ": retry budget spent" if attempt == 1 else "")
-                break
-            except BentoMLException as exc:
-                self.health.answered()  # with an error
-                if exc.error_code == HTTPStatus.UNAUTHORIZED:
-                    raise ApiError("the embedder service refused the call: give both services the same "
-                                   "IMAGESEARCH_EMBEDDER_TOKEN", HTTPStatus.SERVICE_UNAVAILABLE) from None
-                if exc.error_code in (HTTPStatus.TOO_MANY_REQUESTS, HTTPStatus.SERVICE_UNAVAILABLE):
-                    raise ApiError("the embedder is at capacity: retry in a second",
-                                   HTTPStatus.TOO_MANY_REQUESTS) from None
-                raise
-        reason = "did not answer in time" if isinstance(failure, asyncio.TimeoutError) else "is unreachable"
-        self.health.lost()
-        raise ApiError(f"the embedder service {reason} (restarting?): retry in a few seconds",
-                       HTTPStatus.SERVICE_UNAVAILABLE)
+        return await self.calls.embed(np.stack(pixels))
 
     async def _item_photos(self, active: Active, image: Path, more_images: Sequence[Path]) -> np.ndarray:
         """The vectors (index space) of `image` and any `more_images` of the same item (other sides, a label)."""
@@ -562,9 +475,9 @@ class ImageSearch:
                 raise ApiError(f"nothing is promoted to {settings.stage}", HTTPStatus.CONFLICT)
             if old is not None and deployment.index == old.deployment.index:
                 return ReloadResponse(changed=False, served=old.served)
-            if deployment.embedder != await self._embedder_tag():
+            if deployment.embedder != (tag := await self.calls.known_tag()):
                 raise ApiError(f"{deployment.index} needs embedder {deployment.embedder}, but the embedder "
-                               f"service runs {self.embedder_tag}: redeploy the service", HTTPStatus.CONFLICT)
+                               f"service runs {tag}: redeploy the service", HTTPStatus.CONFLICT)
             try:
                 new = await asyncio.to_thread(load_active, deployment, None, settings.stage)
             except Exception as exc:  # noqa: BLE001 -- whatever is wrong with it, the old index stays

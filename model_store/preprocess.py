@@ -50,6 +50,7 @@ JPEG_FORMATS = ("JPEG", "MPO")
 # could reach, for no buyer's photo. The builder reads the operator's own files in any of them.
 UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP", "HEIF", "AVIF", "GIF", "TIFF", "BMP")
 UPLOAD_FORMAT_NAMES = "JPEG, PNG, WebP, HEIC, AVIF, GIF, TIFF or BMP"
+SEND_AN_UPLOAD = f"upload a {UPLOAD_FORMAT_NAMES} photo"  # what an unreadable or empty upload is asked for
 
 
 def upload_px(spec: PreprocessSpec) -> int:
@@ -103,7 +104,7 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, name: str = "i
         raise ImageTooLarge(f"{name} is a decompression bomb ({exc}): send an ordinary photo") from exc
     except Image.UnidentifiedImageError as exc:
         if formats is not None:
-            raise ImageError(f"{name} is not an image in a format the service reads: {_what_to_send(formats)}") from exc
+            raise ImageError(f"{name} is not an image in a format the service reads: {SEND_AN_UPLOAD}") from exc
         raise ImageError(f"{name} is not an image Pillow can read: {_what_to_send(formats)}") from exc
     except Exception as exc:  # noqa: BLE001 -- any decoder's error is a bad file; AVIF's is a RuntimeError
         expected = isinstance(exc, (OSError, SyntaxError, ValueError))  # what Pillow raises for a broken file
@@ -114,9 +115,7 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, name: str = "i
 def _what_to_send(formats: tuple[str, ...] | None) -> str:
     """What an error about an unreadable file asks for: a client of the service (reading `formats`) sends a
     photo in one of them; an operator's build (any format) gets the file converted."""
-    if formats is None:
-        return "save it as a JPEG or PNG photo"
-    return f"upload a {UPLOAD_FORMAT_NAMES} photo"
+    return "save it as a JPEG or PNG photo" if formats is None else SEND_AN_UPLOAD
 
 
 def load_image_file(path: Path, *, max_bytes: int = BUILD_MAX_BYTES, max_pixels: int = BUILD_MAX_PIXELS,

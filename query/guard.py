@@ -25,7 +25,7 @@ from python_multipart.multipart import DEFAULT_MAX_HEADER_COUNT, DEFAULT_MAX_HEA
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser, parse_options_header
 
-from model_store.preprocess import UPLOAD_FORMAT_NAMES
+from model_store.preprocess import SEND_AN_UPLOAD
 from query.client_limit import ClientLimit
 from query.errors import ApiError, ErrorBody, collect_errors, error_response
 from query.fields import EndpointFields, refuse_query_params
@@ -200,7 +200,7 @@ class RequestGuard:
         for i, v in enumerate(values):
             name = f"{f.name}[{i}]" if f.many else f.name
             if v.size == 0:
-                raise ApiError(f"{name} is empty (0 bytes): upload a {UPLOAD_FORMAT_NAMES} photo",
+                raise ApiError(f"{name} is empty (0 bytes): {SEND_AN_UPLOAD}",
                                HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f.name)
             if v.size > self.max_file_bytes:
                 raise ApiError(f"{name} is {v.size:,} bytes; the limit is {self.max_file_bytes:,}: send a smaller "

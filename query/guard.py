@@ -171,7 +171,7 @@ class RequestGuard:
                                f"request{example}", field=first_file)  # a form without its file
             raise ApiError(f"send the request as multipart/form-data{example}; got Content-Type "
                            f"{ctype or 'none'}", HTTPStatus.UNSUPPORTED_MEDIA_TYPE)
-        form = await _parse(headers, body, fields, self.max_files)
+        form = await _parse(headers, body, fields, self.max_files, scope["path"])
         try:
             _refuse_unknown(form, fields, scope["path"])
             more = next((f.name for f in fields.files.values() if f.many and not f.required), None)
@@ -186,11 +186,11 @@ class RequestGuard:
     async def _files(self, form: Any, f: Any, more: str | None) -> list[tuple[str, str, str, bytes]]:
         """The parts of file field `f`; `more`: the endpoint's field for more photos of the same item, if any."""
         values = form.getlist(f.name)
-        how = f"send the photo as a file part named {f.name!r} (curl -F {f.name}=@photo.jpg)"
+        how = _send_file(f.name)
         if not values and f.required:
             raise ApiError(f"{f.name} is missing: {how}", field=f.name)
         if any(not isinstance(v, UploadFile) for v in values):
-            raise ApiError(f"{f.name} must be a file upload, not text: {how}", field=f.name)
+            raise _text_for_a_photo(f.name)
         if not f.many and len(values) > 1:
             others = f" (more photos of the same item go in {more})" if more else ""
             raise ApiError(f"{f.name} was sent {len(values)} times: send one photo{others}", field=f.name)
@@ -380,13 +380,14 @@ class _ClosedMultiPart(MultiPartParser):
     def on_end(self) -> None:
         self.closed = True
 
-    def part_cut_off(self) -> str | None:
-        """The name of the part the body ended in, when its headers arrived."""
+    def current_part(self) -> str | None:
+        """The name of the part the parser is in (that the body ended in, or it stopped at), once its headers
+        arrived."""
         part = getattr(self, "_current_part", None)
         return getattr(part, "field_name", "") or None
 
 
-async def _parse(headers: Headers, body: bytes, fields: EndpointFields, max_files: int) -> Any:
+async def _parse(headers: Headers, body: bytes, fields: EndpointFields, max_files: int, path: str) -> Any:
     async def stream():
         yield body
 
@@ -401,11 +402,13 @@ async def _parse(headers: Headers, body: bytes, fields: EndpointFields, max_file
     except MultiPartException as exc:
         if exc.message.startswith("Too many files"):
             raise _too_many_files(fields, max_files) from None
+        if exc.message.startswith("Part exceeded"):
+            raise _text_too_long(parser.current_part(), fields, path) from None
         raise ApiError(f"the multipart body cannot be read ({_why_unreadable(exc)}): send a well-formed "
                        f"multipart/form-data request with fields {', '.join(fields.names)}") from None
     if body and not parser.closed:  # an empty body is a form without its fields: they are named as missing
         await form.close()
-        raise _cut_short(headers, parser.part_cut_off(), fields)
+        raise _cut_short(headers, parser.current_part(), fields)
     return form
 
 
@@ -440,15 +443,37 @@ def _too_many_files(fields: EndpointFields, max_files: int) -> ApiError:
     return ApiError(f"too many files: send at most {most}", field=takes[0][0] if len(takes) == 1 else None)
 
 
+def _text_too_long(part: str | None, fields: EndpointFields, path: str) -> ApiError:
+    """The parser stopped at a text part over TEXT_PART_BYTES: say which field, as the checks after parsing
+    would. A photo sent as text (`curl -F image=<photo.jpg`, where `@` sends a file) is the usual one."""
+    if part in fields.files:
+        return _text_for_a_photo(part)
+    if part in fields.texts:
+        return ApiError(f"{part} is over {TEXT_PART_BYTES // 1024} KB: send {fields.texts[part].expected}",
+                        field=part)
+    return _unknown(part or "", False, fields, path)
+
+
 def _refuse_unknown(form: Any, fields: EndpointFields, path: str) -> None:
     for name, value in form.multi_items():
-        if name in fields.names:
-            continue
-        hint = ""
-        required = [f.name for f in fields.files.values() if f.required]
-        if isinstance(value, UploadFile) and len(required) == 1:
-            hint = f" (send the photo as {required[0]!r})"
-        raise ApiError(f"unknown field {name!r}{hint}: {path} takes {', '.join(fields.names)}", field=name)
+        if name not in fields.names:
+            raise _unknown(name, isinstance(value, UploadFile), fields, path)
+
+
+def _unknown(name: str, is_file: bool, fields: EndpointFields, path: str) -> ApiError:
+    hint = ""
+    required = [f.name for f in fields.files.values() if f.required]
+    if is_file and len(required) == 1:
+        hint = f" (send the photo as {required[0]!r})"
+    return ApiError(f"unknown field {name!r}{hint}: {path} takes {', '.join(fields.names)}", field=name)
+
+
+def _send_file(name: str) -> str:
+    return f"send the photo as a file part named {name!r} (curl -F {name}=@photo.jpg)"
+
+
+def _text_for_a_photo(name: str) -> ApiError:
+    return ApiError(f"{name} must be a file upload, not text: {_send_file(name)}", field=name)
 
 
 def _text(form: Any, t: Any) -> str | None:

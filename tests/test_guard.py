@@ -138,6 +138,15 @@ CASES = [
      r"too many files: send at most 1 photo in image and 16 in more_images", None),
     ("17 more photos of an item", "POST", "/assist", {"files": [("image", PHOTO)] + [("more_images", PHOTO)] * 17},
      400, r"send 1 to 16 photos in more_images; got 17", "more_images"),
+    # The parser stops at a text part over 64 KB: the answer names it as the checks after parsing would
+    ("a photo sent as text (curl -F image=<photo.jpg)", "POST", "/search",
+     {"content": raw_multipart([("image", None, b"\xff\xd8\xff" + bytes(70_000))])}, 400,
+     r"image must be a file upload, not text: send the photo as a file part named 'image' "
+     r"\(curl -F image=@photo.jpg\)", "image"),
+    ("a category over 64 KB", "POST", "/search", {"files": {"image": PHOTO}, "data": {"category": "x" * 70_000}},
+     400, r"category is over 64 KB: send text of at most 200 characters", "category"),
+    ("an unknown text field over 64 KB", "POST", "/estimate", {"files": {"image": PHOTO}, "data": {"notes": "x" * 70_000}},
+     400, r"unknown field 'notes': /estimate takes image, ", "notes"),
     ("text in more_images", "POST", "/search", {"files": {"image": PHOTO}, "data": {"more_images": "the back"}},
      400, r"more_images must be a file upload, not text", "more_images"),
     ("more_images without image", "POST", "/estimate", {"files": {"more_images": PHOTO}}, 400,

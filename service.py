@@ -460,6 +460,12 @@ class ImageSearch:
     @bentoml.api
     async def reload(self, ctx: bentoml.Context) -> ReloadResponse:
         """Serve what is promoted to this stage now (after promote or rollback). Needs the admin token."""
+        if not settings.admin_token:
+            follows = (f"it follows promotions on its own within {settings.follow_stage_s:g} s"
+                       if settings.follow_stage_s else "it serves what was promoted when it started")
+            raise ApiError(f"reload is off: this server has no IMAGESEARCH_ADMIN_TOKEN ({follows}); to switch at "
+                           "once, set the token where it runs and send it as 'Authorization: Bearer <token>'",
+                           HTTPStatus.FORBIDDEN)
         if not carries(ctx.request.headers.get("authorization", "").encode("latin-1"), settings.admin_token):
             raise ApiError("send the admin token as 'Authorization: Bearer <IMAGESEARCH_ADMIN_TOKEN>'",
                            HTTPStatus.UNAUTHORIZED)

@@ -16,7 +16,8 @@ DESCRIPTION = """Reverse image search over sold estate-sale items: upload a phot
 and an expected price. The search page for people is at [/ui](/ui/); match photos are at each match's `photo_url`.
 
 **Errors.** Every 4xx and 5xx answer has one shape, `{"error": "what is wrong and what to send", "field":
-"the request field at fault, or null"}`: 400 a field is missing, unknown or invalid; 401 no admin token; 404 no
+"the request field at fault, or null"}`: 400 a field is missing, unknown or invalid; 401 no admin token; 403
+reload is off (the server has no admin token); 404 no
 such endpoint; 405 wrong method; 409 a reload that cannot be done; 413 a photo or request over the limits; 414
 or 431 a URL, or URL and headers, over the limit; 415 not a photo (or not multipart/form-data); 408 the request's
 body took too long to arrive; 429 over capacity, or this client past its share of photos: retry after the

@@ -109,8 +109,8 @@ class Server(BenchServer):
                  serve_args: Sequence[str] = (), open_files: int | None = None,
                  command: Sequence[str] = ("bentoml", "serve"), **env: str):
         super().__init__(log, bento, serve_args=serve_args, open_files=open_files, command=command,
-                         IMAGESEARCH_STAGES_DIR=str(stages_dir), IMAGESEARCH_ADMIN_TOKEN=TOKEN,
-                         BENTOML_HOME=os.environ["BENTOML_HOME"], **env)
+                         **{"IMAGESEARCH_STAGES_DIR": str(stages_dir), "IMAGESEARCH_ADMIN_TOKEN": TOKEN,
+                            "BENTOML_HOME": os.environ["BENTOML_HOME"], **env})
 
 
 @pytest.fixture(scope="session")

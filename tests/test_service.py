@@ -468,11 +468,16 @@ def test_corrupt_or_missing_index_is_never_served(tmp_path, demo_index, monkeypa
         assert srv.http.post("/search", files=upload(good)).status_code == 200
     finally:
         srv.stop()
-    empty = Server(tmp_path / "nothing-promoted", tmp_path / "serve2.log")
+    empty = Server(tmp_path / "nothing-promoted", tmp_path / "serve2.log", IMAGESEARCH_ADMIN_TOKEN="")
     try:
         empty.wait("/livez")
         assert empty.http.get("/readyz").status_code == 503
         assert empty.http.get("/index").status_code == 503
+        # without a token of its own the server says that reload is off, not that the caller's token is missing
+        off = empty.http.post("/reload", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert off.status_code == 403 and off.json() == {"field": None, "error": (
+            "reload is off: this server has no IMAGESEARCH_ADMIN_TOKEN (it follows promotions on its own within 5 s); "
+            "to switch at once, set the token where it runs and send it as 'Authorization: Bearer <token>'")}, off.text
     finally:
         empty.stop()
 

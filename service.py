@@ -231,6 +231,9 @@ def _answer_errors(route: Callable[[Request], Awaitable[Response]]) -> Callable[
 
 @_answer_errors
 async def _get_index(request: Request) -> JSONResponse:
+    if request.query_params:  # as /similar and every POST: a parameter it would ignore is refused
+        name = next(iter(request.query_params))[:40]
+        raise ApiError(f"unknown query parameter {name!r}: GET /index takes no query parameters", field=name)
     return JSONResponse(_instances[0].index_info().model_dump(mode="json"))
 
 

@@ -17,6 +17,7 @@ import json
 import logging
 import re
 import uuid
+from collections import Counter
 from http import HTTPStatus
 from typing import Any, Awaitable, Callable
 from urllib.parse import parse_qsl
@@ -386,6 +387,10 @@ class _ClosedMultiPart(MultiPartParser):
         part = getattr(self, "_current_part", None)
         return getattr(part, "field_name", "") or None
 
+    def text_parts(self) -> list[str]:
+        """The names of the text parts read so far, the one it is in included."""
+        return [name for name, value in self.items if isinstance(value, str)] + [self.current_part() or ""]
+
 
 async def _parse(headers: Headers, body: bytes, fields: EndpointFields, max_files: int, path: str) -> Any:
     async def stream():
@@ -404,6 +409,8 @@ async def _parse(headers: Headers, body: bytes, fields: EndpointFields, max_file
             raise _too_many_files(fields, max_files) from None
         if exc.message.startswith("Part exceeded"):
             raise _text_too_long(parser.current_part(), fields, path) from None
+        if exc.message.startswith("Too many fields"):
+            raise _too_many_texts(parser.text_parts(), fields, path) from None
         raise ApiError(f"the multipart body cannot be read ({_why_unreadable(exc)}): send a well-formed "
                        f"multipart/form-data request with fields {', '.join(fields.names)}") from None
     if body and not parser.closed:  # an empty body is a form without its fields: they are named as missing
@@ -452,6 +459,18 @@ def _text_too_long(part: str | None, fields: EndpointFields, path: str) -> ApiEr
         return ApiError(f"{part} is over {TEXT_PART_BYTES // 1024} KB: send {fields.texts[part].expected}",
                         field=part)
     return _unknown(part or "", False, fields, path)
+
+
+def _too_many_texts(names: list[str], fields: EndpointFields, path: str) -> ApiError:
+    """The parser stopped at more text parts than it reads (each field once, and room): name one at fault."""
+    unknown = next((n for n in names if n not in fields.names), None)  # "" too: a part named ""
+    if unknown is not None:
+        return _unknown(unknown, False, fields, path)
+    photo = next((n for n in names if n in fields.files), None)
+    if photo is not None:
+        return _text_for_a_photo(photo)
+    name, times = Counter(names).most_common(1)[0]
+    return ApiError(f"{name} was sent {times} times or more: send it once", field=name)
 
 
 def _refuse_unknown(form: Any, fields: EndpointFields, path: str) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from index_builder.sources import is_remote
 from model_store.index_artifact import ISO_DATE
@@ -25,6 +25,9 @@ class CatalogueError(ValueError):
 
 class CatalogueRow(BaseModel):
     """One photo of one sold item, as written in the catalogue."""
+
+    # JSON Lines exported from a database give numeric ids as numbers ({"item_id": 1017}): read as text
+    model_config = ConfigDict(coerce_numbers_to_str=True)
 
     item_id: str = Field(min_length=1)
     image_path: str = Field(min_length=1)
@@ -183,8 +186,12 @@ def _validation_reason(exc: ValidationError) -> str:
     reasons = []
     for e in exc.errors():
         field = ".".join(map(str, e["loc"])) or "row"
-        if field in WANTED and e["type"] != "missing":
+        if e["type"] in ("missing", "string_too_short"):  # too short: empty, or spaces only
+            reasons.append(f"{field} is {'missing' if e['type'] == 'missing' else 'empty'}: every row needs one")
+        elif field in WANTED:
             reasons.append(f"{field} must be {WANTED[field]}; got {str(e['input'])[:60]!r}")
+        elif e["type"] == "string_type":  # JSON Lines: null, true, a list...
+            reasons.append(f"{field} must be text; got {json.dumps(e['input'])[:60]}")
         else:
             reasons.append(f"{field}: {e['msg'].removeprefix('Value error, ')}")
     return "; ".join(reasons)

@@ -44,7 +44,8 @@ def test_good_rows_and_several_photos_per_item(folder):
     ("i1,a.png,Vase,Ceramics,3,USD,14/03/2025", "sold_at must be a date as YYYY-MM-DD; got '14/03/2025'"),
     ("i1,a.png,Vase,Ceramics,3,USD,0", "sold_at must be a date as YYYY-MM-DD; got '0'"),
     ("i1,a.png,Vase,Ceramics,3,USD,2024-05-01T00:00", "sold_at must be a date as YYYY-MM-DD; got '2024-05-01T00:00'"),
-    (",a.png,Vase,Ceramics,3,USD,2024-05-01", "item_id"),
+    (",a.png,Vase,Ceramics,3,USD,2024-05-01", "item_id is empty: every row needs one"),
+    ("i1,a.png,   ,Ceramics,3,USD,2024-05-01", "title is empty: every row needs one"),
     ("i1,a\x00.png,Vase,Ceramics,3,USD,2024-05-01", "image_path: holds a control character (a tab, a line break or "
                                                     "NUL): 'a\\x00.png'; write the photo's path or URL alone"),
     ("i1,missing.png,Vase,Ceramics,3,USD,2024-05-01", "image file not found"),
@@ -102,6 +103,18 @@ def test_json_lines(folder):
     assert len(cat.photos) == 1 and cat.photos[0].row.currency == "EUR"
     assert {b.line: b.reason for b in cat.bad} == {2: "not valid JSON (Expecting property name enclosed in "
                                                        "double quotes)", 3: "not a JSON object"}
+
+
+def test_json_lines_rows_name_what_is_missing_or_not_text(folder):
+    """Exports from a database write numeric ids as numbers, leave keys out and write null."""
+    row = {"item_id": 1017, "image_path": "a.png", "title": "Vase", "category": "Ceramics", "price": 3,
+           "currency": "EUR", "sold_at": "2024-02-02"}
+    no_title = {k: v for k, v in row.items() if k != "title"} | {"image_path": "b.png"}
+    text = "\n".join(json.dumps(r) for r in (row, no_title, row | {"image_path": "c.png", "category": None}))
+    cat = read_catalogue(write(folder, text + "\n", "cat.jsonl"))
+    assert [p.row.item_id for p in cat.photos] == ["1017"]  # as the same id reads from a CSV
+    assert {b.line: b.reason for b in cat.bad} == {2: "title is missing: every row needs one",
+                                                   3: "category must be text; got null"}
 
 
 def test_unknown_format(folder):

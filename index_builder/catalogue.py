@@ -139,7 +139,12 @@ def _decoded_rows(path: Path) -> Iterator[tuple[int, dict | None, str]]:
     if suffix == ".csv":
         with path.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
-            missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+            if reader.fieldnames is None:
+                raise CatalogueError(f"{path}: the file is empty: its first line must be the header "
+                                     f"{','.join(COLUMNS)}, and each line after it one photo")
+            # a spreadsheet's "Title" or "item_id, image_path" (a space after each comma) names the same columns
+            reader.fieldnames = [name.strip().lower() for name in reader.fieldnames]
+            missing = [c for c in COLUMNS if c not in reader.fieldnames]
             if missing:
                 raise CatalogueError(f"{path}: missing column(s) {', '.join(missing)}; "
                                      f"the header must name {','.join(COLUMNS)}{_separator_hint(reader.fieldnames)}")

@@ -72,6 +72,19 @@ def test_missing_column_fails_the_whole_file(folder):
         read_catalogue(write(folder, "item_id,image_path,title,category,currency,sold_at\n"))
 
 
+def test_an_empty_file_asks_for_the_header(folder):
+    with pytest.raises(CatalogueError, match="the file is empty: its first line must be the header item_id,"):
+        read_catalogue(write(folder, ""))
+
+
+@pytest.mark.parametrize("header", ["Item_ID,Image_Path,Title,Category,Price,Currency,Sold_At",
+                                    "item_id, image_path, title, category, price, currency, sold_at"])
+def test_a_spreadsheets_header_names_the_same_columns(folder, header):
+    """Capitals, or a space after each comma, as people type headers in a spreadsheet."""
+    cat = read_catalogue(write(folder, header + "\ni1,a.png,Vase,Ceramics,12.5,USD,2024-05-01\n"))
+    assert cat.bad == [] and cat.photos[0].row.title == "Vase"
+
+
 def test_a_lowercase_currency_is_read_as_its_code(folder):
     cat = read_catalogue(write(folder, HEADER + "i1,a.png,Vase,Ceramics,3,usd,2024-05-01\n"))
     assert cat.bad == [] and cat.photos[0].row.currency == "USD"

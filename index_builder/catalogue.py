@@ -8,7 +8,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -138,12 +138,10 @@ def _decoded_rows(path: Path) -> Iterator[tuple[int, dict | None, str]]:
     suffix = path.suffix.lower()
     if suffix == ".csv":
         with path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            if reader.fieldnames is None:
+            reader = spreadsheet_csv(f)
+            if not reader.fieldnames:
                 raise CatalogueError(f"{path}: the file is empty: its first line must be the header "
                                      f"{','.join(COLUMNS)}, and each line after it one photo")
-            # a spreadsheet's "Title" or "item_id, image_path" (a space after each comma) names the same columns
-            reader.fieldnames = [name.strip().lower() for name in reader.fieldnames]
             missing = [c for c in COLUMNS if c not in reader.fieldnames]
             if missing:
                 raise CatalogueError(f"{path}: missing column(s) {', '.join(missing)}; "
@@ -166,6 +164,14 @@ def _decoded_rows(path: Path) -> Iterator[tuple[int, dict | None, str]]:
                 yield (line, fields, "") if isinstance(fields, dict) else (line, None, "not a JSON object")
     else:
         raise CatalogueError(f"{path}: unknown catalogue format {suffix!r}: use .csv or .jsonl")
+
+
+def spreadsheet_csv(f: IO[str]) -> csv.DictReader:
+    """Rows of a CSV whose header is read as people type one in a spreadsheet: "Title", or "item_id, image_path"
+    (a space after each comma), names the same column as "title" and "image_path"."""
+    reader = csv.DictReader(f)
+    reader.fieldnames = [name.strip().lower() for name in reader.fieldnames or []]
+    return reader
 
 
 def _separator_hint(header: list[str] | None) -> str:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from index_builder.catalogue import spreadsheet_csv
 from model_store.embedder import Embedder
 from query.search_index import SearchIndex
 from model_store.preprocess import ImageError, image_to_pixels, load_image_file
@@ -31,10 +31,10 @@ def read_queries(path: Path) -> list[Query]:
     path = Path(path)
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            if not {"image_path", "item_id"} <= set(reader.fieldnames or []):
+            reader = spreadsheet_csv(f)
+            if not {"image_path", "item_id"} <= set(reader.fieldnames):
                 raise EvalError(f"{path}: the header must name image_path,item_id")
-            queries = [Query(reader.line_num, (path.parent / r["image_path"]).resolve(), r["item_id"].strip())
+            queries = [Query(reader.line_num, (path.parent / r["image_path"].strip()).resolve(), r["item_id"].strip())
                        for r in reader]
     except OSError as exc:
         raise EvalError(f"{path}: cannot read queries ({exc})") from exc

@@ -131,7 +131,9 @@ def test_what_the_catalogue_or_queries_file_alone_decides_fails_before_the_netwo
         build(folder / "some.csv", progress=False, workers=0)
     (folder / "good.csv").write_text(header + "\nx2,a.png,Vase,Ceramics,340,USD,2024-01-01\n")
     for queries, message in (("image_path,item\na.png,x2\n", "the header must name image_path,item_id"),
-                             ("image_path,item_id\nmissing.png,x2\n", "none of the 1 query photos exists")):
+                             ("image_path,item_id\nmissing.png,x2\n", "none of the 1 query photos exists"),
+                             # a spreadsheet's header is read as the catalogue's is: the photo is looked for
+                             ("Image_Path, Item_ID\nmissing.png,x2\n", "none of the 1 query photos exists")):
         (folder / "queries.csv").write_text(queries)
         with pytest.raises(EvalError, match=message):  # not after embedding the whole catalogue
             build(folder / "good.csv", progress=False, workers=0, eval_queries=folder / "queries.csv")

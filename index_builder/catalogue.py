@@ -140,8 +140,9 @@ def _decoded_rows(path: Path) -> Iterator[tuple[int, dict | None, str]]:
         with path.open(newline="", encoding="utf-8-sig") as f:
             reader = spreadsheet_csv(f)
             if not reader.fieldnames:
-                raise CatalogueError(f"{path}: the file is empty: its first line must be the header "
-                                     f"{','.join(COLUMNS)}, and each line after it one photo")
+                what = "the file is empty" if path.stat().st_size == 0 else "its first line is blank"
+                raise CatalogueError(f"{path}: {what}: the first line must be the header {','.join(COLUMNS)}, "
+                                     "and each line after it one photo")
             missing = [c for c in COLUMNS if c not in reader.fieldnames]
             if missing:
                 raise CatalogueError(f"{path}: missing column(s) {', '.join(missing)}; "

@@ -72,9 +72,11 @@ def test_missing_column_fails_the_whole_file(folder):
         read_catalogue(write(folder, "item_id,image_path,title,category,currency,sold_at\n"))
 
 
-def test_an_empty_file_asks_for_the_header(folder):
-    with pytest.raises(CatalogueError, match="the file is empty: its first line must be the header item_id,"):
+def test_an_empty_file_or_a_blank_first_line_asks_for_the_header(folder):
+    with pytest.raises(CatalogueError, match="the file is empty: the first line must be the header item_id,"):
         read_catalogue(write(folder, ""))
+    with pytest.raises(CatalogueError, match="its first line is blank: the first line must be the header item_id,"):
+        read_catalogue(write(folder, "\n" + HEADER))
 
 
 @pytest.mark.parametrize("header", ["Item_ID,Image_Path,Title,Category,Price,Currency,Sold_At",

@@ -17,6 +17,7 @@ import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit
 
 import httpx
 import typer
@@ -101,6 +102,8 @@ def check_target(host: str, photos: Path | None) -> None:
         photo_paths(photos)  # the Locust process reads them
     except ValueError as exc:
         _refuse(str(exc))
+    if urlsplit(host).scheme not in ("http", "https"):
+        _refuse(f"--host {host} is not an http(s) URL: write it as http://{host.split('://')[-1]}")
     try:
         ready = httpx.get(f"{host.rstrip('/')}/readyz", timeout=10)
     except httpx.HTTPError as exc:

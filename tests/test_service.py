@@ -520,6 +520,10 @@ def test_loadtest_runner_refuses_a_run_that_cannot_mean_anything(demo_catalogue,
                           (["--photos", photos], f"cannot reach {dead} (ConnectError): start the service")):
         result = CliRunner().invoke(run.app, ["--host", dead, "--out", str(tmp_path / "out"), *args])
         assert result.exit_code == 2 and message in result.output, result.output
+    no_scheme = CliRunner().invoke(run.app, ["--host", "localhost:3000", "--photos", photos, "--out",
+                                             str(tmp_path / "out")])
+    assert no_scheme.exit_code == 2, no_scheme.output
+    assert "--host localhost:3000 is not an http(s) URL: write it as http://localhost:3000" in no_scheme.output
     assert not (tmp_path / "out").exists()
 
 

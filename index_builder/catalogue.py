@@ -162,7 +162,10 @@ def _decoded_rows(path: Path) -> Iterator[tuple[int, dict | None, str]]:
                 except json.JSONDecodeError as exc:
                     yield line, None, f"not valid JSON ({exc.msg})"
                     continue
-                yield (line, fields, "") if isinstance(fields, dict) else (line, None, "not a JSON object")
+                if not isinstance(fields, dict):
+                    yield line, None, "not a JSON object"
+                    continue
+                yield line, {str(key).strip().lower(): value for key, value in fields.items()}, ""  # as CSV headers
     else:
         raise CatalogueError(f"{path}: unknown catalogue format {suffix!r}: use .csv or .jsonl")
 

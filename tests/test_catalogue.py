@@ -121,13 +121,14 @@ def test_json_lines(folder):
 
 
 def test_json_lines_rows_name_what_is_missing_or_not_text(folder):
-    """Exports from a database write numeric ids as numbers, leave keys out and write null."""
+    """Exports from a database write numeric ids as numbers, leave keys out, write null and capitalise keys."""
     row = {"item_id": 1017, "image_path": "a.png", "title": "Vase", "category": "Ceramics", "price": 3,
            "currency": "EUR", "sold_at": "2024-02-02"}
     no_title = {k: v for k, v in row.items() if k != "title"} | {"image_path": "b.png"}
-    text = "\n".join(json.dumps(r) for r in (row, no_title, row | {"image_path": "c.png", "category": None}))
-    cat = read_catalogue(write(folder, text + "\n", "cat.jsonl"))
-    assert [p.row.item_id for p in cat.photos] == ["1017"]  # as the same id reads from a CSV
+    capitals = {k.title(): v for k, v in row.items()} | {"Image_Path": "b.png"}  # keys read as CSV headers are
+    rows = (row, no_title, row | {"image_path": "c.png", "category": None}, capitals)
+    cat = read_catalogue(write(folder, "\n".join(json.dumps(r) for r in rows) + "\n", "cat.jsonl"))
+    assert [p.row.item_id for p in cat.photos] == ["1017", "1017"]  # as the same id reads from a CSV
     assert {b.line: b.reason for b in cat.bad} == {2: "title is missing: every row needs one",
                                                    3: "category must be text; got null"}
 

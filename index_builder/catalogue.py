@@ -143,6 +143,10 @@ def _decoded_rows(path: Path) -> Iterator[tuple[int, dict | None, str]]:
                 what = "the file is empty" if path.stat().st_size == 0 else "its first line is blank"
                 raise CatalogueError(f"{path}: {what}: the first line must be the header {','.join(COLUMNS)}, "
                                      "and each line after it one photo")
+            twice = sorted({c for c in (*COLUMNS, *OPTIONAL_COLUMNS) if reader.fieldnames.count(c) > 1})
+            if twice:  # csv would keep the last column of each name without a word
+                raise CatalogueError(f"{path}: the header names {', '.join(twice)} more than once (names are read "
+                                     "without case or spaces): keep one column of each")
             missing = [c for c in COLUMNS if c not in reader.fieldnames]
             if missing:
                 raise CatalogueError(f"{path}: missing column(s) {', '.join(missing)}; "

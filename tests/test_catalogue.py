@@ -87,6 +87,15 @@ def test_a_spreadsheets_header_names_the_same_columns(folder, header):
     assert cat.bad == [] and cat.photos[0].row.title == "Vase"
 
 
+def test_a_header_naming_a_column_twice_is_refused(folder):
+    with pytest.raises(CatalogueError, match=r"the header names price, title more than once \(names are read "
+                                             r"without case or spaces\): keep one column of each"):
+        read_catalogue(write(folder, HEADER.strip() + ",Title, PRICE\ni1,a.png,Vase,Ceramics,3,USD,2024-05-01,V,3\n"))
+    # columns the catalogue does not read may repeat
+    cat = read_catalogue(write(folder, HEADER.strip() + ",notes,notes\ni1,a.png,Vase,Ceramics,3,USD,2024-05-01,x,y\n"))
+    assert len(cat.photos) == 1
+
+
 def test_a_lowercase_currency_is_read_as_its_code(folder):
     cat = read_catalogue(write(folder, HEADER + "i1,a.png,Vase,Ceramics,3,usd,2024-05-01\n"))
     assert cat.bad == [] and cat.photos[0].row.currency == "USD"

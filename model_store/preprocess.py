@@ -86,13 +86,14 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, name: str = "i
     the only formats read (None: any Pillow reads)."""
     if not data:
         raise ImageError(f"{name} is empty (0 bytes): {_what_to_send(formats)}")
+    smaller = _smaller(formats)
     if len(data) > max_bytes:
-        raise ImageTooLarge(f"{name} is {len(data):,} bytes; the limit is {max_bytes:,}: send a smaller photo")
+        raise ImageTooLarge(f"{name} is {len(data):,} bytes; the limit is {max_bytes:,}: {smaller}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=formats)
-            _check_pixels(img, max_pixels, name)
+            _check_pixels(img, max_pixels, name, smaller)
             _check_density(img, len(data), min_bytes_per_mp, name)
             if spec is not None and img.format in JPEG_FORMATS:
                 img.draft(None, (spec.resize, spec.resize))
@@ -101,7 +102,7 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, name: str = "i
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLarge(f"{name} is a decompression bomb ({exc}): send an ordinary photo") from exc
+        raise ImageTooLarge(f"{name} is a decompression bomb ({exc}): {smaller}") from exc
     except Image.UnidentifiedImageError as exc:
         if formats is not None:
             raise ImageError(f"{name} is not an image in a format the service reads: {SEND_AN_UPLOAD}") from exc
@@ -116,6 +117,12 @@ def _what_to_send(formats: tuple[str, ...] | None) -> str:
     """What an error about an unreadable file asks for: a client of the service (reading `formats`) sends a
     photo in one of them; an operator's build (any format) gets the file converted."""
     return "save it as a JPEG or PNG photo" if formats is None else SEND_AN_UPLOAD
+
+
+def _smaller(formats: tuple[str, ...] | None) -> str:
+    """What an error about a file over the limits asks for: a client sends a smaller photo; an operator's build
+    is told to save a smaller copy of its file."""
+    return "save a smaller copy of the photo" if formats is None else "send a smaller photo"
 
 
 def load_image_file(path: Path, *, max_bytes: int = BUILD_MAX_BYTES, max_pixels: int = BUILD_MAX_PIXELS,
@@ -133,12 +140,11 @@ def read_photo_file(path: Path) -> bytes:
         raise ImageError(f"{path}: cannot read file ({exc.strerror or exc})") from exc
 
 
-def _check_pixels(img: Image.Image, max_pixels: int, name: str) -> None:
+def _check_pixels(img: Image.Image, max_pixels: int, name: str, smaller: str) -> None:
     pixels = img.width * img.height
     if pixels > max_pixels:
         raise ImageTooLarge(
-            f"{name} is {img.width}x{img.height} = {pixels:,} pixels; the limit is {max_pixels:,}: "
-            "send a smaller photo"
+            f"{name} is {img.width}x{img.height} = {pixels:,} pixels; the limit is {max_pixels:,}: {smaller}"
         )
 
 

@@ -29,6 +29,8 @@ class Query:
 def read_queries(path: Path) -> list[Query]:
     """CSV with columns image_path,item_id; paths relative to the file's folder."""
     path = Path(path)
+    if not path.is_file():  # as the catalogue's: not Python's "[Errno 2] No such file or directory"
+        raise EvalError(f"{path}: no such queries file")
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:
             reader = spreadsheet_csv(f)

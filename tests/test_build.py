@@ -137,6 +137,8 @@ def test_what_the_catalogue_or_queries_file_alone_decides_fails_before_the_netwo
         (folder / "queries.csv").write_text(queries)
         with pytest.raises(EvalError, match=message):  # not after embedding the whole catalogue
             build(folder / "good.csv", progress=False, workers=0, eval_queries=folder / "queries.csv")
+    with pytest.raises(EvalError, match=r"nowhere.csv: no such queries file$"):
+        build(folder / "good.csv", progress=False, workers=0, eval_queries=folder / "nowhere.csv")
     assert "[load embedder]" not in capsys.readouterr().err
     assert "got '$340'" in (folder / "bad.report.csv").read_text()
     assert index_versions() == before

@@ -216,6 +216,7 @@ _instances: list["ImageSearch"] = []  # the service instance of this worker, for
 
 
 SIMILAR_FIELDS = EndpointFields.of(SimilarQuery)
+NO_FIELDS = EndpointFields({}, {})  # GET /index's
 IMMUTABLE = {"Cache-Control": "public, max-age=31536000, immutable"}  # a thumbnail's name is its photo's hash
 UI_FILES = StaticFiles(directory=STATIC, html=True)  # the page; its If-None-Match check serves /photos too
 
@@ -231,15 +232,13 @@ def _answer_errors(route: Callable[[Request], Awaitable[Response]]) -> Callable[
 
 @_answer_errors
 async def _get_index(request: Request) -> JSONResponse:
-    if request.query_params:  # as /similar and every POST: a parameter it would ignore is refused
-        name = next(iter(request.query_params))[:40]
-        raise ApiError(f"unknown query parameter {name!r}: GET /index takes no query parameters", field=name)
+    read_query_params(request.query_params.multi_items(), NO_FIELDS, "/index")  # it would ignore one: refused
     return JSONResponse(_instances[0].index_info().model_dump(mode="json"))
 
 
 @_answer_errors
 async def _get_similar(request: Request) -> JSONResponse:
-    params = read_query_params(request.query_params.multi_items(), SIMILAR_FIELDS)
+    params = read_query_params(request.query_params.multi_items(), SIMILAR_FIELDS, "/similar")
     answer = await _instances[0].similar(request.path_params["item_id"], **params)
     return JSONResponse(answer.model_dump(mode="json"))
 

@@ -136,13 +136,14 @@ def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
-def read_query_params(params: list[tuple[str, str]], fields: EndpointFields) -> dict[str, Any]:
+def read_query_params(params: list[tuple[str, str]], fields: EndpointFields, path: str) -> dict[str, Any]:
     """A GET request's query parameters checked like form fields: unknown, repeated or invalid -> 400."""
     values: dict[str, Any] = {}
     for name, raw in params:
         field = fields.texts.get(name)
         if field is None:
-            raise ApiError(f"unknown query parameter {name!r}: use {', '.join(fields.texts)}", field=name)
+            takes = f"use {', '.join(fields.texts)}" if fields.texts else f"GET {path} takes no query parameters"
+            raise ApiError(f"unknown query parameter {name!r}: {takes}", field=name)
         if name in values:
             raise ApiError(f"{name} was sent twice: send it once", field=name)
         values[name] = field.check(raw)

@@ -169,16 +169,21 @@ def _decoded_rows(path: Path) -> Iterator[tuple[int, dict | None, str]]:
                 if not isinstance(fields, dict):
                     yield line, None, "not a JSON object"
                     continue
-                yield line, {str(key).strip().lower(): value for key, value in fields.items()}, ""  # as CSV headers
+                yield line, {column_name(str(key)): value for key, value in fields.items()}, ""
     else:
         raise CatalogueError(f"{path}: unknown catalogue format {suffix!r}: use .csv or .jsonl")
 
 
+def column_name(name: str) -> str:
+    """A column as people type one in a spreadsheet's header or a JSON key: "Title", or " image_path" after a
+    comma and a space, names the same column as "title" and "image_path"."""
+    return name.strip().lower()
+
+
 def spreadsheet_csv(f: IO[str]) -> csv.DictReader:
-    """Rows of a CSV whose header is read as people type one in a spreadsheet: "Title", or "item_id, image_path"
-    (a space after each comma), names the same column as "title" and "image_path"."""
+    """Rows of a CSV whose header names are read as column_name reads them."""
     reader = csv.DictReader(f)
-    reader.fieldnames = [name.strip().lower() for name in reader.fieldnames or []]
+    reader.fieldnames = [column_name(name) for name in reader.fieldnames or []]
     return reader
 
 

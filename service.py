@@ -5,10 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import os
 import resource
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -27,6 +24,7 @@ from starlette.staticfiles import NotModifiedResponse, StaticFiles
 
 from model_store import stages, thumbnails
 from model_store.core_share import MAX_WAIT_S, SHARING, SPIN_COUNT, CoreShare, available_cores, worker_count
+from model_store.gpu_probe import embeds_on_gpu
 from model_store.malloc import ONE_ARENA
 from model_store.preprocess import UPLOAD_FORMATS, ImageError, ImageTooLarge, decode_image, image_to_pixels
 from model_store.settings import get_settings
@@ -55,43 +53,7 @@ settings = get_settings()
 # Reads one small JSON file; None until an index is promoted (the services then start but stay unready).
 SERVED = stages.served(settings.stage)
 STATIC = Path(__file__).resolve().parent / "query" / "static"  # the search page, served at /ui/
-GPU_PROBE = "_IMAGESEARCH_EMBEDS_ON_GPU"  # the supervisor's answer, inherited by every worker it starts
-# Without one of these, torch finds no GPU: NVIDIA's driver, WSL2's GPU, AMD's (ROCm builds of torch call it cuda)
-GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
-
-
-def _may_have_gpu() -> bool:
-    """False where the embedder will not run on a GPU, told without importing torch."""
-    if settings.device != "auto":
-        return settings.device != "cpu"
-    return sys.platform != "linux" or any(map(os.path.exists, GPU_DEVICE_FILES))
-
-
-def _embeds_on_gpu() -> bool:
-    """Whether the embedder runs on a GPU. Where one may be, only torch can tell, and importing it costs a
-    process ~470 MB and ~3 s: a short-lived child process asks once, for the supervisor of `bentoml serve`
-    (which reads this file first), and its workers find the answer in the environment they inherit, so neither
-    the supervisor nor the entry's workers ever import torch (tests/test_service.py). Where there is no GPU
-    driver, every start of the service skips those ~3 s."""
-    key = f"{settings.device}="
-    probed = os.environ.get(GPU_PROBE, "")
-    if not probed.startswith(key):
-        probed = os.environ[GPU_PROBE] = key + str(int(_may_have_gpu() and _torch_finds_gpu()))
-    return probed == key + "1"
-
-
-def _torch_finds_gpu() -> bool:
-    """Asked in a child process, which alone imports torch."""
-    ask = "import sys; from model_store.embedder import pick_device; print(pick_device(sys.argv[1]).type)"
-    answer = subprocess.run([sys.executable, "-c", ask, settings.device], cwd=Path(__file__).resolve().parent,
-                            capture_output=True, text=True, check=False)
-    if answer.returncode != 0:
-        raise RuntimeError(f"cannot tell whether the embedder has a GPU (IMAGESEARCH_DEVICE="
-                           f"{settings.device!r}): {answer.stderr.strip()[-2000:]}")
-    return answer.stdout.split()[-1:] == ["cuda"]  # the last word: whatever else an import may print
-
-
-EMBED_ON_GPU = _embeds_on_gpu()
+EMBED_ON_GPU = embeds_on_gpu(settings.device)
 EMBEDDER_WORKERS = worker_count(settings.embedder_workers, EMBED_ON_GPU)
 EMBED_MAX_BATCH = settings.embed_batch_limit(EMBED_ON_GPU)
 

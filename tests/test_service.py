@@ -571,10 +571,11 @@ def test_the_entry_workers_never_load_torch(server):
 def test_torch_is_asked_about_a_gpu_only_where_there_may_be_one(python):
     """Where no GPU driver is, the service knows it without the child process that imports torch (~3 s of each
     start); where one may be, or one is asked for, the child asks torch. Each import in a process of its own:
-    this one's environment would keep the answer (service.GPU_PROBE) for every server the tests start."""
+    this one's environment would keep the answer (gpu_probe.ANSWER) for every server the tests start."""
     ask = ("import os, sys; seen = []\n"
            "sys.addaudithook(lambda e, a: e == 'subprocess.Popen' and 'pick_device' in str(a) and seen.append(a))\n"
-           "import service; print(len(seen), service.EMBED_ON_GPU, any(map(os.path.exists, service.GPU_DEVICE_FILES)))")
+           "import service; from model_store import gpu_probe\n"
+           "print(len(seen), service.EMBED_ON_GPU, any(map(os.path.exists, gpu_probe.GPU_DEVICE_FILES)))")
     for device in ("cpu", "cuda", "auto"):
         env = {k: v for k, v in run_env(IMAGESEARCH_DEVICE=device).items() if not k.startswith("_IMAGESEARCH")}
         out = subprocess.run([python, "-c", ask], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)

@@ -28,7 +28,7 @@ from model_store.gpu_probe import embeds_on_gpu
 from model_store.malloc import ONE_ARENA
 from model_store.preprocess import UPLOAD_FORMATS, ImageError, ImageTooLarge, decode_image, image_to_pixels
 from model_store.settings import get_settings
-from query.active import Active, load_active, stage_mtime
+from query.active import Active
 from query.assist import assist, estimate as estimate_for
 from query.bearer import carries
 from query.bentoml_fixes import (api_errors_in_one_line, batching_backstop_at_least, keep_answering_after_sigterm,
@@ -45,6 +45,7 @@ from query.guard import RequestGuard
 from query.models import (K, AssistResponse, BatchSearchResponse, Category, CompareResponse, CompareThresholds,
                           EstimateResponse, IndexInfo, MoreImages, Price, ReloadResponse, SearchResponse,
                           SimilarQuery, SimilarResponse)
+from query.replica import Replica
 from query.request_head import limit_request_heads
 from query.search_index import item_query
 
@@ -210,7 +211,7 @@ async def _get_photo(request: Request) -> Response:
     """A thumbnail of a photo of the served index, from the thumbnail store only."""
     name = request.path_params["name"]
     key = name.removesuffix(thumbnails.SUFFIX)
-    active = _instances[0]._require()
+    active = _instances[0].replica.require()
     if not thumbnails.KEY.match(key) or name == key or not active.index.has_thumbnail(key):
         raise ApiError(f"no photo {name[:80]!r} in index {active.served.index}", HTTPStatus.NOT_FOUND, "name")
     path = thumbnails.thumbnail_path(key)
@@ -244,10 +245,6 @@ class ImageSearch:
     index_model = bentoml.models.BentoModel(SERVED.index) if SERVED else None
 
     def __init__(self) -> None:
-        self.active: Active | None = None
-        self.problem: str | None = None  # why the service is not ready (or not alive), for /readyz and /livez
-        self._switch_lock = asyncio.Lock()
-        self._stage_mtime = stage_mtime()
         _instances[:] = [self]
         _limit_blas_threads()
         # asyncio.to_thread's pool (decoding, index searches): a few threads, not Python's cores + 4
@@ -262,33 +259,22 @@ class ImageSearch:
         self.calls = EmbedderCalls(self.embedder, _pace_of, max_batch=EMBED_MAX_BATCH,
                                    retry_share=settings.embed_retry_share, lost_s=settings.embedder_lost_s,
                                    request_timeout_s=settings.request_timeout_s)
-        if SERVED is None:
-            self.problem = f"nothing is promoted to {settings.stage}"
-        else:
-            try:
-                self.active = load_active(SERVED, Path(self.index_model.path), settings.stage)
-            except Exception as exc:  # noqa: BLE001 -- any broken artifact leaves the service up and unready
-                self.problem = f"index {SERVED.index} cannot be served: {exc}"
-        if self.problem:
-            log.error("not ready: %s", self.problem)
+        self.replica = Replica(settings.stage, self.calls.known_tag)
+        self.replica.start(SERVED, Path(self.index_model.path) if SERVED else None)
         if settings.follow_stage_s > 0:
-            self._follower = asyncio.get_running_loop().create_task(self._follow_stage())
+            self._follower = asyncio.get_running_loop().create_task(self.replica.follow_stage(settings.follow_stage_s))
 
     async def __is_ready__(self) -> bool:
         """Ready when an index is loaded and the embedder answers, now (each probe asks it), running the
         embedder the index was built with."""
-        if self.active is None:
+        if self.replica.active is None:
             return False
         try:
             tag = await self.calls.ask_tag(retry=False)
         except ApiError as exc:  # the embedder is still starting, or gone: not ready, and /readyz says why
-            self.problem = exc.message
+            self.replica.problem = exc.message
             return False
-        if tag != self.active.index.manifest.embedder:
-            self.problem = (f"index {self.active.served.index} needs embedder {self.active.index.manifest.embedder}, "
-                            f"the embedder service runs {tag}: redeploy")
-            return False
-        return True
+        return self.replica.built_with(tag)
 
     async def __is_alive__(self) -> bool:
         """Alive unless the embedder this server runs has answered nothing for embedder_lost_s and does not
@@ -300,14 +286,9 @@ class ImageSearch:
             await self.calls.ask_tag(retry=False)
             return True
         except ApiError:
-            self.problem = (f"the embedder service has not answered for {self.calls.health.lost_for_s():.0f} s: "
-                            "restart the server")
+            self.replica.problem = (f"the embedder service has not answered for "
+                                    f"{self.calls.health.lost_for_s():.0f} s: restart the server")
             return False
-
-    def _require(self) -> Active:
-        if self.active is None:
-            raise ApiError(f"not ready: {self.problem}", HTTPStatus.SERVICE_UNAVAILABLE)
-        return self.active
 
     async def _embed(self, active: Active, images: list[Path], names: list[str] | None = None) -> np.ndarray:
         """Embedder descriptors of uploaded photos; `names` are their fields, for the errors."""
@@ -345,7 +326,7 @@ class ImageSearch:
                      sold_before: Optional[dt.date] = None, more_images: MoreImages = ()) -> SearchResponse:
         """The k most similar sold items (distinct items, best first) to the item in the uploaded photo(s)."""
         start = time.perf_counter()
-        active = self._require()
+        active = self.replica.require()
         f = active.filters(category=category, min_price=min_price, max_price=max_price, sold_after=sold_after,
                            sold_before=sold_before)
         query = item_query(await self._item_photos(active, image, more_images))
@@ -357,7 +338,7 @@ class ImageSearch:
                        sold_before: Optional[dt.date] = None, more_images: MoreImages = ()) -> EstimateResponse:
         """Expected price from the most similar sold items, with a range and a confidence."""
         start = time.perf_counter()
-        active = self._require()
+        active = self.replica.require()
         f = active.filters(category=category, sold_after=sold_after, sold_before=sold_before)
         query = item_query(await self._item_photos(active, image, more_images))
         estimate = await asyncio.to_thread(estimate_for, active.index, query, f)
@@ -367,7 +348,7 @@ class ImageSearch:
     async def search_batch(self, images: list[Path], k: K = 10, category: Category = None) -> BatchSearchResponse:
         """Several photos in one request (1 to IMAGESEARCH_MAX_BATCH_IMAGES): one result list per photo."""
         start = time.perf_counter()
-        active = self._require()
+        active = self.replica.require()
         f = active.filters(category=category)
         descriptors = await self._embed(active, images)
         results = await asyncio.gather(*(asyncio.to_thread(active.index.search, d, k, f) for d in descriptors))
@@ -380,7 +361,7 @@ class ImageSearch:
         """For a new item's photo: the category its neighbours vote for, catalogue items so close they may be
         duplicates, the expected price and the k nearest items (filters apply to those two)."""
         start = time.perf_counter()
-        active = self._require()
+        active = self.replica.require()
         f = active.filters(category=category, min_price=min_price, max_price=max_price, sold_after=sold_after,
                            sold_before=sold_before)
         photos = await self._item_photos(active, image, more_images)
@@ -394,7 +375,7 @@ class ImageSearch:
     async def compare(self, image_a: Path, image_b: Path) -> CompareResponse:
         """How similar two photos are: cosine similarity and a verdict (same, similar, different)."""
         start = time.perf_counter()
-        active = self._require()
+        active = self.replica.require()
         a, b = await self._vectors(active, [image_a, image_b], ["image_a", "image_b"])
         measured = active.thresholds()
         thresholds = CompareThresholds(same=measured.same, similar=measured.similar)
@@ -405,7 +386,7 @@ class ImageSearch:
     async def similar(self, item_id: str, k: int = 10, **filters) -> SimilarResponse:
         """GET /similar/{item_id}: items like a catalogue item, from its stored photo vectors (no upload)."""
         start = time.perf_counter()
-        active = self._require()
+        active = self.replica.require()
         if not item_id:
             raise ApiError("item_id is empty: ask for GET /similar/<item_id>, with an item_id from a search's results",
                            HTTPStatus.BAD_REQUEST, "item_id")
@@ -419,7 +400,7 @@ class ImageSearch:
 
     def index_info(self) -> IndexInfo:
         """The served index: version, stage, counts, embedder and build metadata."""
-        return self._require().info()
+        return self.replica.require().info()
 
     @bentoml.api
     async def reload(self, ctx: bentoml.Context) -> ReloadResponse:
@@ -433,47 +414,7 @@ class ImageSearch:
         if not carries(ctx.request.headers.get("authorization", "").encode("latin-1"), settings.admin_token):
             raise ApiError("send the admin token as 'Authorization: Bearer <IMAGESEARCH_ADMIN_TOKEN>'",
                            HTTPStatus.UNAUTHORIZED)
-        return await self._switch()
-
-    async def _switch(self) -> ReloadResponse:
-        """Load what the stage record names now and swap it in; one switch at a time. A version that
-        cannot be loaded is never switched to: the old one keeps serving."""
-        async with self._switch_lock:
-            deployment = stages.current(settings.stage)
-            old = self.active
-            if deployment is None:
-                raise ApiError(f"nothing is promoted to {settings.stage}", HTTPStatus.CONFLICT)
-            if old is not None and deployment.index == old.deployment.index:
-                return ReloadResponse(changed=False, served=old.served)
-            if deployment.embedder != (tag := await self.calls.known_tag()):
-                raise ApiError(f"{deployment.index} needs embedder {deployment.embedder}, but the embedder "
-                               f"service runs {tag}: redeploy the service", HTTPStatus.CONFLICT)
-            try:
-                new = await asyncio.to_thread(load_active, deployment, None, settings.stage)
-            except Exception as exc:  # noqa: BLE001 -- whatever is wrong with it, the old index stays
-                raise ApiError(f"cannot load {deployment.index}, still serving "
-                               f"{old.served.index if old else 'nothing'}: {exc}", HTTPStatus.CONFLICT) from None
-            self.active, self.problem = new, None  # one reference swap: requests in flight keep their index
-            log.info("now serving %s (was %s)", deployment.index, old and old.deployment.index)
-            return ReloadResponse(changed=True, served=new.served, previous=old and old.deployment.index)
-
-    async def _follow_stage(self) -> None:
-        """In the background, every follow_stage_s: switch when the stage record changed. Requests never
-        wait for a switch; each replica follows promotions by itself."""
-        while True:
-            await asyncio.sleep(settings.follow_stage_s)
-            mtime = stage_mtime()  # None without a stage record (a container serving its packed served.json)
-            if mtime is None or mtime == self._stage_mtime:
-                continue
-            self._stage_mtime = mtime
-            try:
-                await self._switch()
-            except ApiError as exc:
-                log.warning("stage %s changed but was not loaded: %s", settings.stage, exc.message)
-                if self.active is None:
-                    self.problem = exc.message
-            except Exception:  # noqa: BLE001 -- following must never stop
-                log.exception("following stage %s failed", settings.stage)
+        return await self.replica.switch()
 
 
 def _limit_blas_threads() -> None:
@@ -506,7 +447,7 @@ ImageSearch.add_asgi_middleware(
     upload_timeout_s=settings.upload_timeout_s, max_body_bytes=settings.max_body_bytes,
     client_limit=ClientLimit(settings.client_photos_per_s, settings.client_burst_photos, settings.forwarded_hops)
     if settings.client_photos_per_s else None,
-    health_problem=lambda: _instances[0].problem if _instances else "starting up")
+    health_problem=lambda: _instances[0].replica.problem if _instances else "starting up")
 
 
 def _ms(start: float) -> float:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import resource
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from http import HTTPStatus
 from pathlib import Path
-from typing import Awaitable, Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import bentoml
 import numpy as np
@@ -23,10 +22,9 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import NotModifiedResponse, StaticFiles
 
 from model_store import stages, thumbnails
-from model_store.core_share import MAX_WAIT_S, SHARING, SPIN_COUNT, CoreShare, available_cores, worker_count
+from model_store.core_share import MAX_WAIT_S, SPIN_COUNT, busy_threads, share_of_worker, worker_count
 from model_store.gpu_probe import embeds_on_gpu
 from model_store.malloc import ONE_ARENA
-from model_store.preprocess import UPLOAD_FORMATS, ImageError, ImageTooLarge, decode_image, image_to_pixels
 from model_store.settings import get_settings
 from query.active import Active
 from query.assist import assist, estimate as estimate_for
@@ -39,15 +37,16 @@ from query.compare import cosine, verdict
 from query.embed_pace import MARGIN, EmbedPace, embed_pace
 from query.embedder_calls import EmbedderCalls
 from query.embedder_token import EmbedderTokenGuard, send_token
-from query.errors import ApiError, error_response
+from query.entry_process import set_up_entry_process
+from query.errors import ApiError, answers_errors
 from query.fields import EndpointFields, read_query_params
 from query.guard import RequestGuard
 from query.models import (K, AssistResponse, BatchSearchResponse, Category, CompareResponse, CompareThresholds,
                           EstimateResponse, IndexInfo, MoreImages, Price, ReloadResponse, SearchResponse,
                           SimilarQuery, SimilarResponse)
 from query.replica import Replica
-from query.request_head import limit_request_heads
 from query.search_index import item_query
+from query.uploads import field_names, upload_pixels
 
 log = logging.getLogger("bentoml.imagesearch")
 settings = get_settings()
@@ -83,7 +82,9 @@ class Embedder:
     model = bentoml.models.BentoModel(SERVED.embedder) if SERVED else None
 
     def __init__(self) -> None:
-        self.embedder, self.cores = None, _core_share()
+        self.embedder = None
+        self.cores = share_of_worker(EMBEDDER_WORKERS, bentoml.server_context.worker_index, EMBED_ON_GPU,
+                                     settings.torch_threads)
         never_hold_batches_back()  # BentoML's batching otherwise slows lone searches after a burst
         # Every torch call of this process runs on this one thread. The event loop stays free during a pass, so
         # calls that arrive meanwhile are read and queued and leave together as the next batch; and no second
@@ -122,7 +123,7 @@ class Embedder:
                  embedder.device, embedder.half, len(embedder.graphs), warm_s)
         # A full batch timed as a busy worker runs it (where workers share a CPU, on its share of the cores):
         # this worker's waits and the entry's (from `describe`) are sized from it
-        batch_s = round(embedder.time_pass(EMBED_MAX_BATCH, _busy_threads() if self.cores else None), 4)
+        batch_s = round(embedder.time_pass(EMBED_MAX_BATCH, busy_threads(EMBEDDER_WORKERS) if self.cores else None), 4)
         self.embedder = embedder
         return batch_s
 
@@ -154,19 +155,6 @@ api_errors_in_one_line()  # a client's mistake is one line of log, not an ERROR 
 start_dead_workers_again(settings.worker_check_s)  # promptly, and in a container too
 
 
-def _core_share() -> CoreShare | None:
-    """Embedder workers on a CPU share its cores (unless IMAGESEARCH_TORCH_THREADS fixes the threads)."""
-    worker = bentoml.server_context.worker_index  # 1, 2, ... under `bentoml serve`; None when called directly
-    if EMBED_ON_GPU or EMBEDDER_WORKERS == 1 or worker is None or settings.torch_threads or not SHARING:
-        return None
-    return CoreShare(EMBEDDER_WORKERS, worker - 1)
-
-
-def _busy_threads() -> int:
-    """torch threads of a worker's pass while every worker is busy (model_store/core_share.py)."""
-    return max(1, available_cores() // EMBEDDER_WORKERS)
-
-
 def _pace_of(measured: dict) -> EmbedPace:
     """The embed deadline and photos in flight for an embedder that measured `measured` (its describe's
     "pace"; {} when it measured nothing)."""
@@ -184,29 +172,20 @@ IMMUTABLE = {"Cache-Control": "public, max-age=31536000, immutable"}  # a thumbn
 UI_FILES = StaticFiles(directory=STATIC, html=True)  # the page; its If-None-Match check serves /photos too
 
 
-def _answer_errors(route: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
-    async def answer(request: Request) -> Response:
-        try:
-            return await route(request)
-        except ApiError as exc:
-            return error_response(exc.message, exc.status, exc.field)
-    return answer
-
-
-@_answer_errors
+@answers_errors
 async def _get_index(request: Request) -> JSONResponse:
     read_query_params(request.query_params.multi_items(), NO_FIELDS, "/index")  # it would ignore one: refused
     return JSONResponse(_instances[0].index_info().model_dump(mode="json"))
 
 
-@_answer_errors
+@answers_errors
 async def _get_similar(request: Request) -> JSONResponse:
     params = read_query_params(request.query_params.multi_items(), SIMILAR_FIELDS, "/similar")
     answer = await _instances[0].similar(request.path_params["item_id"], **params)
     return JSONResponse(answer.model_dump(mode="json"))
 
 
-@_answer_errors
+@answers_errors
 async def _get_photo(request: Request) -> Response:
     """A thumbnail of a photo of the served index, from the thumbnail store only."""
     name = request.path_params["name"]
@@ -246,13 +225,7 @@ class ImageSearch:
 
     def __init__(self) -> None:
         _instances[:] = [self]
-        _limit_blas_threads()
-        # asyncio.to_thread's pool (decoding, index searches): a few threads, not Python's cores + 4
-        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(
-            settings.entry_thread_count(available_cores()), thread_name_prefix="entry"))
-        _open_files_up_to_the_hard_limit()
-        # The guard only sees a request once uvicorn has read its head: limits on that part of its own
-        limit_request_heads(settings.max_head_bytes, settings.head_timeout_s)
+        set_up_entry_process(settings)
         tune_client(self.embedder)
         if settings.embedder_token:
             send_token(self.embedder, settings.embedder_token)
@@ -292,23 +265,10 @@ class ImageSearch:
 
     async def _embed(self, active: Active, images: list[Path], names: list[str] | None = None) -> np.ndarray:
         """Embedder descriptors of uploaded photos; `names` are their fields, for the errors."""
-        spec = active.index.manifest.embedder_config.preprocess
-        names = names or (["image"] if len(images) == 1 else [f"images[{i}]" for i in range(len(images))])
-
-        def prepare(path: Path, name: str) -> np.ndarray:
-            field = name.split("[")[0]
-            try:
-                img = decode_image(path.read_bytes(), max_bytes=settings.max_image_bytes,
-                                   max_pixels=settings.max_image_pixels, name=name, spec=spec,
-                                   min_bytes_per_mp=settings.min_image_bytes_per_megapixel, formats=UPLOAD_FORMATS)
-            except ImageTooLarge as exc:
-                raise ApiError(str(exc), HTTPStatus.REQUEST_ENTITY_TOO_LARGE, field) from None
-            except ImageError as exc:
-                raise ApiError(str(exc), HTTPStatus.UNSUPPORTED_MEDIA_TYPE, field) from None
-            return image_to_pixels(img, spec)
-
+        spec, names = active.index.manifest.embedder_config.preprocess, names or field_names(len(images))
         self.calls.refuse_what_would_time_out(len(images))  # before its photos are decoded, on an overloaded server
-        pixels = await asyncio.gather(*(asyncio.to_thread(prepare, p, n) for p, n in zip(images, names)))
+        pixels = await asyncio.gather(*(asyncio.to_thread(upload_pixels, path, name, spec, settings)
+                                        for path, name in zip(images, names)))
         return await self.calls.embed(np.stack(pixels))
 
     async def _item_photos(self, active: Active, image: Path, more_images: Sequence[Path]) -> np.ndarray:
@@ -415,26 +375,6 @@ class ImageSearch:
             raise ApiError("send the admin token as 'Authorization: Bearer <IMAGESEARCH_ADMIN_TOKEN>'",
                            HTTPStatus.UNAUTHORIZED)
         return await self.replica.switch()
-
-
-def _limit_blas_threads() -> None:
-    """The entry process does only small matrix products; idle BLAS threads spinning after each one
-    would take the cores the embedder needs (measured: docs/PERFORMANCE.md)."""
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(1)
-
-
-def _open_files_up_to_the_hard_limit() -> None:
-    """Each client connection is an open file, and as deployed idle ones are kept 620 s (deploy/k8s.yaml). The
-    soft limit can be 1,024 in a container whose hard limit is far higher; past it the entry accepts no new
-    connection. Like nginx and Go's runtime, the entry raises its soft limit to the hard one."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    try:
-        if soft != hard:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    except (ValueError, OSError) as exc:  # e.g. an unlimited hard limit above the kernel's nr_open
-        log.warning("open files: soft limit stays %s (%s)", soft, exc)
 
 
 if settings.cors_origins:  # closed by default; the outermost of our middlewares, so errors carry CORS headers too

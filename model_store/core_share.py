@@ -52,6 +52,20 @@ def worker_count(setting: int, on_gpu: bool) -> int:
     return 1 if on_gpu or not SHARING else min(available_cores(), MAX_AUTO_WORKERS)
 
 
+def share_of_worker(workers: int, worker_index: int | None, on_gpu: bool, fixed_threads: int) -> CoreShare | None:
+    """The cores embedder worker `worker_index` (1, 2, ... under `bentoml serve`; None when called directly) of
+    `workers` shares with the others; None where it does not share: on a GPU, alone, or where
+    IMAGESEARCH_TORCH_THREADS fixes the threads (`fixed_threads`)."""
+    if on_gpu or workers == 1 or worker_index is None or fixed_threads or not SHARING:
+        return None
+    return CoreShare(workers, worker_index - 1)
+
+
+def busy_threads(workers: int) -> int:
+    """torch threads of a worker's pass while every one of `workers` is busy."""
+    return max(1, available_cores() // workers)
+
+
 # libgomp (torch's OpenMP on Linux) lets an idle team thread spin 300,000 times before it sleeps. Workers that
 # share cores then spin on a core the other worker needs while its pass runs: at 16 clients, with the default
 # 35-36 searches/s, p99 1.0-1.6 s and embed calls past their deadline; with 10,000, 39-40 searches/s and p99

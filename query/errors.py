@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextvars
 from http import HTTPStatus
+from typing import Awaitable, Callable
 
 from bentoml.exceptions import BentoMLException
 from pydantic import BaseModel, Field
-from starlette.responses import JSONResponse
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
 
 class ErrorBody(BaseModel):
@@ -36,6 +38,16 @@ class ApiError(BentoMLException):
 
 def error_response(message: str, status: int, field: str | None = None, headers: dict | None = None) -> JSONResponse:
     return JSONResponse(ErrorBody(error=message, field=field).model_dump(), status_code=int(status), headers=headers)
+
+
+def answers_errors(route: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """A Starlette route whose ApiErrors are answered in the one shape."""
+    async def answer(request: Request) -> Response:
+        try:
+            return await route(request)
+        except ApiError as exc:
+            return error_response(exc.message, exc.status, exc.field)
+    return answer
 
 
 def collect_errors() -> list[ApiError]:

@@ -143,10 +143,9 @@ def _decoded_rows(path: Path) -> Iterator[tuple[int, dict | None, str]]:
                 what = "the file is empty" if path.stat().st_size == 0 else "its first line is blank"
                 raise CatalogueError(f"{path}: {what}: the first line must be the header {','.join(COLUMNS)}, "
                                      "and each line after it one photo")
-            twice = sorted({c for c in (*COLUMNS, *OPTIONAL_COLUMNS) if reader.fieldnames.count(c) > 1})
-            if twice:  # csv would keep the last column of each name without a word
-                raise CatalogueError(f"{path}: the header names {', '.join(twice)} more than once (names are read "
-                                     "without case or spaces): keep one column of each")
+            if twice := _named_twice(reader.fieldnames):  # csv would keep the last column of each name
+                raise CatalogueError(f"{path}: the header names {twice} more than once (names are read without case "
+                                     "or spaces): keep one column of each")
             missing = [c for c in COLUMNS if c not in reader.fieldnames]
             if missing:
                 raise CatalogueError(f"{path}: missing column(s) {', '.join(missing)}; "
@@ -162,16 +161,37 @@ def _decoded_rows(path: Path) -> Iterator[tuple[int, dict | None, str]]:
                 if not text.strip():
                     continue
                 try:
-                    fields = json.loads(text)
+                    pairs = json.loads(text, object_pairs_hook=_Pairs)
                 except json.JSONDecodeError as exc:
                     yield line, None, f"not valid JSON ({exc.msg})"
                     continue
-                if not isinstance(fields, dict):
+                if not isinstance(pairs, _Pairs):
                     yield line, None, "not a JSON object"
                     continue
-                yield line, {column_name(str(key)): value for key, value in fields.items()}, ""
+                names = [column_name(str(key)) for key, _ in pairs]
+                if twice := _named_twice(names):  # a dict would keep the last value of each name
+                    yield line, None, (f"the keys name {twice} more than once (keys are read without case or "
+                                       "spaces): keep one of each")
+                    continue
+                yield line, dict(zip(names, (_plain(value) for _, value in pairs))), ""
     else:
         raise CatalogueError(f"{path}: unknown catalogue format {suffix!r}: use .csv or .jsonl")
+
+
+class _Pairs(list):
+    """A JSON object's (key, value) pairs, in order and with any key given twice."""
+
+
+def _plain(value: object) -> object:
+    """A JSON value as json.loads gives it: objects within as dicts (their errors show them as written)."""
+    if isinstance(value, _Pairs):
+        return {key: _plain(v) for key, v in value}
+    return [_plain(v) for v in value] if isinstance(value, list) else value
+
+
+def _named_twice(names: list[str]) -> str:
+    """The catalogue's columns that `names` (a header's, or a JSON object's keys) names more than once."""
+    return ", ".join(sorted({c for c in (*COLUMNS, *OPTIONAL_COLUMNS) if names.count(c) > 1}))
 
 
 def column_name(name: str) -> str:

@@ -142,6 +142,21 @@ def test_json_lines_rows_name_what_is_missing_or_not_text(folder):
                                                    3: "category must be text; got null"}
 
 
+def test_a_json_lines_row_naming_a_column_twice_is_refused(folder):
+    """As a CSV header is: a JSON object keeps the last of two equal keys, and both "title" and "Title" name
+    the title."""
+    row = {"item_id": "i1", "image_path": "a.png", "title": "Vase", "category": "Ceramics", "price": 3,
+           "currency": "EUR", "sold_at": "2024-02-02"}
+    lines = [json.dumps(row | {"image_path": "b.png", "Title": "Urn"}),
+             json.dumps(row | {"image_path": "c.png"})[:-1] + ', "price": 4, "PRICE ": 5}',
+             json.dumps(row | {"image_path": "d.png", "Notes": "x", "notes": "y", "category": {"a": [{"b": 1}]}})]
+    cat = read_catalogue(write(folder, "\n".join(lines) + "\n", "cat.jsonl"))
+    assert {b.line: b.reason for b in cat.bad} == {
+        1: "the keys name title more than once (keys are read without case or spaces): keep one of each",
+        2: "the keys name price more than once (keys are read without case or spaces): keep one of each",
+        3: 'category must be text; got {"a": [{"b": 1}]}'}  # keys the catalogue does not read may repeat
+
+
 def test_unknown_format(folder):
     with pytest.raises(CatalogueError, match="use .csv or .jsonl"):
         read_catalogue(write(folder, "x", "cat.xlsx"))

@@ -17,11 +17,11 @@ import numpy as np
 from starlette.applications import Starlette
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
-from starlette.staticfiles import NotModifiedResponse, StaticFiles
+from starlette.staticfiles import StaticFiles
 
-from model_store import stages, thumbnails
+from model_store import stages
 from model_store.core_share import MAX_WAIT_S, SPIN_COUNT, busy_threads, share_of_worker, worker_count
 from model_store.gpu_probe import embeds_on_gpu
 from model_store.malloc import ONE_ARENA
@@ -44,6 +44,7 @@ from query.guard import RequestGuard
 from query.models import (K, AssistResponse, BatchSearchResponse, Category, CompareResponse, CompareThresholds,
                           EstimateResponse, IndexInfo, MoreImages, Price, ReloadResponse, SearchResponse,
                           SimilarQuery, SimilarResponse)
+from query.photos import thumbnail_response
 from query.replica import Replica
 from query.search_index import item_query
 from query.uploads import field_names, upload_pixels
@@ -168,8 +169,6 @@ _instances: list["ImageSearch"] = []  # the service instance of this worker, for
 
 SIMILAR_FIELDS = EndpointFields.of(SimilarQuery)
 NO_FIELDS = EndpointFields({}, {})  # GET /index's
-IMMUTABLE = {"Cache-Control": "public, max-age=31536000, immutable"}  # a thumbnail's name is its photo's hash
-UI_FILES = StaticFiles(directory=STATIC, html=True)  # the page; its If-None-Match check serves /photos too
 
 
 @answers_errors
@@ -187,27 +186,14 @@ async def _get_similar(request: Request) -> JSONResponse:
 
 @answers_errors
 async def _get_photo(request: Request) -> Response:
-    """A thumbnail of a photo of the served index, from the thumbnail store only."""
-    name = request.path_params["name"]
-    key = name.removesuffix(thumbnails.SUFFIX)
-    active = _instances[0].replica.require()
-    if not thumbnails.KEY.match(key) or name == key or not active.index.has_thumbnail(key):
-        raise ApiError(f"no photo {name[:80]!r} in index {active.served.index}", HTTPStatus.NOT_FOUND, "name")
-    path = thumbnails.thumbnail_path(key)
-    if not path.is_file():
-        raise ApiError(f"the thumbnail of {name} is missing from the store: rebuild the index",
-                       HTTPStatus.NOT_FOUND, "name")
-    photo = FileResponse(path, media_type=thumbnails.MEDIA_TYPE, headers={**IMMUTABLE, "ETag": f'"{key}"'})
-    if UI_FILES.is_not_modified(photo.headers, request.headers):  # a cache revalidating: no body to resend
-        return NotModifiedResponse(photo.headers)
-    return photo
+    return thumbnail_response(_instances[0].replica.require(), request.path_params["name"], request.headers)
 
 
 ROUTES = [Route("/index", _get_index, methods=["GET"]),
           Route("/similar/{item_id:path}", _get_similar, methods=["GET"]),
           Route("/photos/{name}", _get_photo, methods=["GET"]),
           Route("/ui", lambda request: RedirectResponse("/ui/", status_code=308), methods=["GET"]),
-          Mount("/ui", UI_FILES)]
+          Mount("/ui", StaticFiles(directory=STATIC, html=True))]
 
 
 # runner_probe off: __is_ready__ asks the embedder itself, within a deadline and saying why it failed (BentoML's

@@ -30,8 +30,8 @@ from query.active import Active
 from query.assist import assist, estimate as estimate_for
 from query.bearer import carries
 from query.bentoml_fixes import (api_errors_in_one_line, batching_backstop_at_least, keep_answering_after_sigterm,
-                                 media_types_worked_out_once, never_hold_batches_back, start_dead_workers_again,
-                                 tune_client)
+                                 media_types_worked_out_once, metrics_of_its_own, never_hold_batches_back,
+                                 start_dead_workers_again, tune_client)
 from query.client_limit import ClientLimit
 from query.compare import cosine, verdict
 from query.embed_pace import MARGIN, EmbedPace, embed_pace
@@ -154,6 +154,7 @@ media_types_worked_out_once(Embedder)
 Embedder.add_asgi_middleware(EmbedderTokenGuard, token=settings.embedder_token)
 api_errors_in_one_line()  # a client's mistake is one line of log, not an ERROR and its traceback
 start_dead_workers_again(settings.worker_check_s)  # promptly, and in a container too
+metrics_of_its_own()  # a second server on this store no longer deletes the first one's Prometheus files
 
 
 def _pace_of(measured: dict) -> EmbedPace:

@@ -155,17 +155,6 @@ class Server:
         self.stop()
 
 
-def home_of_its_own(folder: Path, home: Path) -> Path:
-    """A BENTOML_HOME at `folder` that links to all of `home` but BentoML's Prometheus files, so that a server
-    started with it keeps them apart from another server's, as in a pod of its own: BentoML empties that folder
-    when a server starts, and each /metrics reads every file in it."""
-    folder.mkdir(parents=True)
-    for entry in home.iterdir():
-        if entry.name != "prometheus_multiproc_dir":
-            (folder / entry.name).symlink_to(entry)
-    return folder
-
-
 # What a Bento's image runs for one service of it (`bentoml containerize`, BentoCloud): its workers, not the others'
 ONE_SERVICE = (sys.executable, "-m", "bentoml_cli._internal.start", "start-http-server")
 
@@ -173,25 +162,23 @@ ONE_SERVICE = (sys.executable, "-m", "bentoml_cli._internal.start", "start-http-
 class ServedApart:
     """The Embedder and the entry (ImageSearch) as two servers, the way a Bento's image runs each service on
     instances of its own (deploy/bentocloud.yaml; deploy/k8s.yaml, whose containers' args they are given): each
-    on `cores` of its own with a home of its own, with the Embedder's `envs` as the image sets them (a row's own
-    environment wins); the entry reaches the Embedder at its URL. Has what the benchmarks use of a Server: url,
-    http, processes() (both servers' processes by role) and stop()."""
+    on `cores` of its own, with the Embedder's `envs` as the image sets them (a row's own environment wins); the
+    entry reaches the Embedder at its URL. Has what the benchmarks use of a Server: url, http, processes() (both
+    servers' processes by role) and stop()."""
 
     def __init__(self, log_dir: Path, embedder_cores: set[int], entry_cores: set[int], **env: str):
-        from model_store.registry import bentoml_home
         from service import Embedder
 
         log_dir.mkdir(parents=True, exist_ok=True)
         image = {"BENTOML_CONTAINERIZED": "true", **env}
         envs = {e.name: e.value for e in Embedder.envs}
-        own = {name: str(home_of_its_own(log_dir / f"{name}.home", bentoml_home())) for name in ("embedder", "entry")}
         with on_cores(embedder_cores):
             self.embedder = Server(log_dir / "embedder.log", command=ONE_SERVICE, serve_args=deployed_args("Embedder"),
-                                   **{**envs, "BENTOML_HOME": own["embedder"], **image})
+                                   **{**envs, **image})
         try:
             self.embedder.wait()
             with on_cores(entry_cores):
-                self.entry = Server(log_dir / "entry.log", command=ONE_SERVICE, BENTOML_HOME=own["entry"], **image,
+                self.entry = Server(log_dir / "entry.log", command=ONE_SERVICE, **image,
                                     serve_args=deployed_args("ImageSearch", self.embedder.url))
         except BaseException:
             self.embedder.stop()

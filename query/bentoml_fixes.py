@@ -10,11 +10,16 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
+import shutil
 import signal
+import socket
 import threading
 import time
+from pathlib import Path
 
 import aiohttp
+import psutil
 
 from query.errors import ApiError
 
@@ -170,6 +175,31 @@ def start_dead_workers_again(check_s: float) -> None:
     create_watcher.respawns = True
     bentoml.serving.create_watcher = create_watcher
     bentoml_circus.create_standalone_arbiter = create_standalone_arbiter
+
+
+METRICS_FOLDERS = "prometheus_per_server"  # in BENTOML_HOME: a folder per server, named <host>-<process id>
+
+
+def metrics_of_its_own() -> None:
+    """BentoML keeps the Prometheus files of every server started with one BENTOML_HOME in one folder, and empties
+    it whenever a server starts. A second server on the same store (a staging server beside production, or the
+    two services started apart on one box) deleted the first one's files: its workers went on counting into
+    deleted files, and its /metrics lost their series (requests in flight, which the autoscalers follow, and the
+    Embedder's batch sizes among them) until it was restarted. Here each server gets a folder of its own, and
+    those of servers no longer running on this host are removed. Must run in the process that starts the server
+    (`bentoml serve` and `start-http-server` import the service there first); it hands the folder to its
+    workers in PROMETHEUS_MULTIPROC_DIR, so a worker, which has that, does nothing."""
+    import bentoml
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ or bentoml.server_context.worker_index is not None:
+        return
+    folders, host = Path(BentoMLContainer.bentoml_home.get()) / METRICS_FOLDERS, socket.gethostname()
+    for folder in folders.glob(f"{host}-*"):
+        pid = folder.name.removeprefix(f"{host}-")
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+    BentoMLContainer.prometheus_multiproc_dir.set(str(folders / f"{host}-{os.getpid()}"))
 
 
 def keep_answering_after_sigterm(grace_s: float) -> None:

@@ -67,19 +67,6 @@ def test_upload_flood(python):
     assert "this checkout [({'415': 4}, 'peak " in out, out  # 4 requests of 1 MB: each refused by the handler
 
 
-def test_a_home_of_its_own_shares_all_but_bentomls_prometheus_files(tmp_path):
-    """Each server of the apart layout gets one (bench.server.ServedApart; tests/test_bento.py reads /metrics)."""
-    from bench.server import home_of_its_own
-
-    home = tmp_path / "home"
-    for name in ("models", "bentos", "prometheus_multiproc_dir"):
-        (home / name).mkdir(parents=True)
-    (home / "prometheus_multiproc_dir" / "counter_1.db").write_bytes(b"x")
-    own = home_of_its_own(tmp_path / "own", home)
-    assert sorted(p.name for p in own.iterdir()) == ["bentos", "models"]
-    assert (own / "models").resolve() == home / "models"
-
-
 def test_overhead_reads_a_layout_and_names_its_row():
     import typer
     from bench.overhead import layout_label, parse_layout

@@ -12,7 +12,7 @@ import httpx
 import pytest
 import yaml
 
-from bench.server import Server as BenchServer, deployed_args, deployed_containers, home_of_its_own
+from bench.server import Server as BenchServer, deployed_args, deployed_containers
 from conftest import EMBEDDER_TOKEN, ROOT, TOKEN, run_env
 from index_builder.demo import draw_object
 from model_store import stages
@@ -79,10 +79,9 @@ def in_a_container(service: str, folder: Path, log: Path, embedder_url: str | No
     the container's args and environment, on 127.0.0.1 (the entry reaching the Embedder at `embedder_url` rather
     than the cluster's Service)."""
     given = {e["name"]: e["value"] for e in deployed_containers()[service]["env"] if "value" in e}
-    home = home_of_its_own(log.with_suffix(".home"), bentoml_home())  # the models are this session's store's
     return BenchServer(log, "start-http-server", command=("bash", str(ENTRYPOINT)), root=folder / "src",
                        serve_args=deployed_args(service, embedder_url),
-                       BENTO_PATH=str(folder), BENTOML_CONTAINERIZED="true", BENTOML_HOME=str(home),
+                       BENTO_PATH=str(folder), BENTOML_CONTAINERIZED="true",
                        **{"IMAGESEARCH_ADMIN_TOKEN": TOKEN, "IMAGESEARCH_EMBEDDER_TOKEN": EMBEDDER_TOKEN, **given,
                           **env})
 

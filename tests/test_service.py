@@ -7,8 +7,10 @@ import csv
 import http.client
 import io
 import json
+import os
 import re
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -28,6 +30,7 @@ from model_store.core_share import available_cores
 from model_store.malloc import ONE_ARENA
 from model_store.registry import get_model, register
 from model_store.settings import INDEX_MODEL, get_settings
+from query.bentoml_fixes import METRICS_FOLDERS
 from query.search_index import SearchIndex, item_query
 
 from conftest import ROOT, TOKEN, Server, run_env
@@ -566,6 +569,27 @@ def test_the_entry_workers_never_load_torch(server):
     assert torch_loaded["entry"] and not any(torch_loaded["entry"]), torch_loaded
     assert torch_loaded["embedder"] and all(torch_loaded["embedder"]), torch_loaded
     assert not loads_torch(psutil.Process(server.proc.pid))  # the supervisor
+
+
+def test_a_second_server_on_the_store_leaves_the_first_ones_metrics(server, demo_catalogue, rows, tmp_path):
+    """BentoML empties one Prometheus folder per BENTOML_HOME whenever a server starts: a server started beside
+    this one (staging beside production) used to delete this one's files, and its /metrics lost its workers'
+    series until a restart (query/bentoml_fixes.py). A folder left by a server no longer running goes."""
+    def embedder_series() -> list[str]:
+        text = server.http.get("/metrics").text
+        return re.findall(r'^bentoml_service_adaptive_batch_size_count\{[^}]*\}', text, re.M)
+
+    assert server.http.post("/search", files=upload(photo_bytes(demo_catalogue, rows[0]["image_path"]))).is_success
+    before = embedder_series()
+    assert before, "the embedder exported no batch sizes"
+    folders = Path(os.environ["BENTOML_HOME"]) / METRICS_FOLDERS
+    left = folders / f"{socket.gethostname()}-{2 ** 22 + 1}"  # above Linux's largest process id: never running
+    left.mkdir(parents=True)
+    with Server(tmp_path / "stages", tmp_path / "serve.log") as other:
+        other.wait("/livez")
+        assert embedder_series() == before
+        assert not left.exists()
+        assert {f.name.split("-")[-1] for f in folders.iterdir()} >= {str(server.proc.pid), str(other.proc.pid)}
 
 
 def test_torch_is_asked_about_a_gpu_only_where_there_may_be_one(python):

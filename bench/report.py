@@ -301,7 +301,8 @@ SECTIONS = {"overhead": ("overhead.json", overhead_table), "overhead-phone": ("o
             "loadtest-overload": ("loadtest_overload.json", loadtest_table), "soak": ("soak.json", soak_table),
             "loadtest-page-step": ("loadtest_page_step.json", loadtest_table),
             "loadtest-api-step-same-run": ("loadtest_api_step_same_run.json", loadtest_table),
-            "upload-flood": ("upload_flood.json", upload_flood_table)}
+            "upload-flood": ("upload_flood.json", upload_flood_table),
+            "upload-flood-trim": ("upload_flood_trim.json", upload_flood_table)}
 
 
 def main() -> None:

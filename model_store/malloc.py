@@ -50,3 +50,15 @@ def keep_freed_memory() -> bool:
         log.info("malloc: no mallopt here; freed memory goes back to the system as before")
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def give_back_freed_memory() -> bool:
+    """Hand the free pages of every malloc arena back to the kernel (glibc's malloc_trim); False where there is
+    no glibc to ask.
+    For a process that has just freed far more than it keeps holding, such as the entry after a flood of large
+    uploads: glibc keeps what it freed otherwise (query/guard.py, BodyBytes)."""
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # absent outside glibc
+    if trim is None:
+        return False
+    trim(0)
+    return True

@@ -26,6 +26,7 @@ from python_multipart.multipart import DEFAULT_MAX_HEADER_COUNT, DEFAULT_MAX_HEA
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser, parse_options_header
 
+from model_store.malloc import give_back_freed_memory
 from model_store.preprocess import SEND_AN_UPLOAD
 from query.client_limit import ClientLimit
 from query.errors import ApiError, ErrorBody, collect_errors, error_response
@@ -39,6 +40,8 @@ logging.getLogger("python_multipart").setLevel(logging.ERROR)
 Scope, Message = dict[str, Any], dict[str, Any]
 Receive, Send = Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]
 TEXT_PART_BYTES = 64 * 1024
+FLOOD_BYTES = 128 * 2**20  # bodies held at once past which their memory is handed back once they are gone
+TRIM_AFTER_S = 0.2
 # Headers of refusals that say when or how to come back: a 408 closes its connection (RFC 9110: the rest of
 # the body may still be on its way).
 _HEADERS = {HTTPStatus.TOO_MANY_REQUESTS: {"Retry-After": "1"}, HTTPStatus.REQUEST_TIMEOUT: {"Connection": "close"}}
@@ -218,7 +221,7 @@ class BodyBytes:
     largest a body may be) from before its body is read; one of the largest size always fits."""
 
     def __init__(self, limit: int, largest: int):
-        self.limit, self.largest, self.held = max(limit, largest), largest, 0
+        self.limit, self.largest, self.held, self.peak = max(limit, largest), largest, 0, 0
 
     def hold(self, scope: Scope) -> int:
         declared = Headers(scope=scope).get("content-length", "")
@@ -228,10 +231,18 @@ class BodyBytes:
                            f"{size / 2**20:.1f} MiB would pass its limit of {self.limit / 2**20:.0f} MiB: retry in a "
                            "second", HTTPStatus.TOO_MANY_REQUESTS)
         self.held += size
+        self.peak = max(self.peak, self.held)
         return size
 
     def free(self, size: int) -> None:
+        """Once nothing is held after a flood (FLOOD_BYTES held at once), glibc is asked to hand what the bodies
+        took back to the kernel; it keeps it otherwise (~1 GB after floods of 48 MB uploads, docs/PERFORMANCE.md).
+        Ordinary uploads never hold that much, so a search never waits for it."""
         self.held -= size
+        if self.held == 0 and self.peak >= FLOOD_BYTES:
+            self.peak = 0
+            loop = asyncio.get_running_loop()  # a little later: the request's last references go as it ends
+            loop.call_later(TRIM_AFTER_S, loop.run_in_executor, None, give_back_freed_memory)
 
 
 class Slot:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import platform
 import re
 import socket
 import subprocess
@@ -495,6 +496,45 @@ def test_bodies_past_the_bytes_held_at_once_get_429_before_they_are_read():
     assert json.loads(body) == {"error": "the service is holding 0 MiB of uploads and this request's 0.0 MiB would "
                                          "pass its limit of 0 MiB: retry in a second", "field": None}
     assert guard.bodies.held == 0
+
+
+def test_memory_is_handed_back_once_a_flood_of_bodies_is_gone(monkeypatch):
+    """glibc keeps what a flood of large uploads took (~1 GB of an entry after floods of 48 MB requests): once
+    FLOOD_BYTES were held at once and nothing is held any more, the guard asks it to hand the memory back. Ordinary
+    traffic never asks."""
+    from query import guard as guard_module
+    from query.guard import FLOOD_BYTES, TRIM_AFTER_S, BodyBytes
+
+    trims = []
+    monkeypatch.setattr(guard_module, "give_back_freed_memory", lambda: trims.append(time.monotonic()))
+
+    def scope(size: int) -> dict:
+        return {"type": "http", "headers": [(b"content-length", str(size).encode())]}
+
+    async def held_then_freed(sizes: list[int]) -> int:
+        bodies = BodyBytes(4 * FLOOD_BYTES, FLOOD_BYTES)
+        held = [bodies.hold(scope(size)) for size in sizes]
+        for size in held:
+            bodies.free(size)
+        await asyncio.sleep(TRIM_AFTER_S + 0.2)
+        return len(trims)
+
+    assert asyncio.run(held_then_freed([2 << 20] * 32)) == 0  # 32 phone photos in flight: 64 MiB
+    assert asyncio.run(held_then_freed([FLOOD_BYTES // 2, FLOOD_BYTES // 2])) == 1  # once, when both are gone
+    assert asyncio.run(held_then_freed([FLOOD_BYTES // 2] * 2)) == 2  # the next flood asks again
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
+def test_freed_memory_is_handed_back():
+    """300 blocks of 1 MiB freed between small blocks still held: glibc keeps their pages until asked."""
+    code = ("import psutil\nfrom model_store.malloc import give_back_freed_memory\n"
+            "rss = lambda: psutil.Process().memory_info().rss >> 20\n"
+            "x = b'x' * (1 << 20); del x\n"  # a freed 1 MiB mapping: glibc then takes such blocks from its heap
+            "blocks, small = [b'y' * (1 << 20) for _ in range(300)], [b'z' * 200 for _ in range(300)]\n"
+            "del blocks; kept = rss(); asked = give_back_freed_memory(); print(kept, rss(), asked)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=run_env(), capture_output=True, text=True)
+    kept, after, asked = out.stdout.split()
+    assert asked == "True" and int(kept) - int(after) >= 200, out.stdout + out.stderr
 
 
 def test_a_refused_request_leaves_no_cycle_that_keeps_its_body():

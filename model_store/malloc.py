@@ -53,10 +53,9 @@ def keep_freed_memory() -> bool:
 
 
 def give_back_freed_memory() -> bool:
-    """Hand the free pages of every malloc arena back to the kernel (glibc's malloc_trim); False where there is
-    no glibc to ask.
-    For a process that has just freed far more than it keeps holding, such as the entry after a flood of large
-    uploads: glibc keeps what it freed otherwise (query/guard.py, BodyBytes)."""
+    """Hand the free pages of every malloc arena back to the kernel (glibc's malloc_trim), for a process that has
+    just freed far more than it goes on holding, such as the entry after a flood of large uploads (glibc keeps
+    what it freed otherwise: query/guard.py, BodyBytes); False where there is no glibc to ask."""
     trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # absent outside glibc
     if trim is None:
         return False

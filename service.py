@@ -41,9 +41,9 @@ from query.entry_process import set_up_entry_process
 from query.errors import ApiError, answers_errors
 from query.fields import EndpointFields, read_query_params
 from query.guard import RequestGuard
-from query.models import (K, AssistResponse, BatchSearchResponse, Category, CompareResponse, CompareThresholds,
-                          EstimateResponse, IndexInfo, MoreImages, Price, ReloadResponse, SearchResponse,
-                          SimilarQuery, SimilarResponse)
+from query.models import (K, AssistResponse, BatchImages, BatchSearchResponse, Category, CompareResponse,
+                          CompareThresholds, EstimateResponse, IndexInfo, MoreImages, Price, ReloadResponse,
+                          SearchResponse, SimilarQuery, SimilarResponse)
 from query.photos import thumbnail_response
 from query.replica import Replica
 from query.search_index import item_query
@@ -292,7 +292,7 @@ class ImageSearch:
         return EstimateResponse(**estimate.model_dump(), served=active.served, took_ms=_ms(start))
 
     @bentoml.api
-    async def search_batch(self, images: list[Path], k: K = 10, category: Category = None) -> BatchSearchResponse:
+    async def search_batch(self, images: BatchImages, k: K = 10, category: Category = None) -> BatchSearchResponse:
         """Several photos in one request (1 to IMAGESEARCH_MAX_BATCH_IMAGES): one result list per photo."""
         start = time.perf_counter()
         active = self.replica.require()

@@ -199,7 +199,8 @@ class RequestGuard:
             others = f" (more photos of the same item go in {more})" if more else ""
             raise ApiError(f"{f.name} was sent {len(values)} times: send one photo{others}", field=f.name)
         if f.many and len(values) > self.max_files:
-            raise ApiError(f"send 1 to {self.max_files} photos in {f.name}; got {len(values)}", field=f.name)
+            count = f"1 to {self.max_files}" if f.required else f"at most {self.max_files}"
+            raise ApiError(f"send {count} photos in {f.name}; got {len(values)}", field=f.name)
         parts = []
         for i, v in enumerate(values):
             name = f"{f.name}[{i}]" if f.many else f.name

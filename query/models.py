@@ -15,10 +15,14 @@ _max_k = get_settings().max_k
 K = Annotated[int, Field(ge=1, le=_max_k, description=f"distinct items to return, 1..{_max_k}")]
 Price = Annotated[Optional[float], Field(ge=0, le=1e12, allow_inf_nan=False, description="a price, 0 or more")]
 Category = Annotated[Optional[str], Field(max_length=200, description="one of GET /index's categories")]
-_max_more = get_settings().max_batch_images
+_max_photos = get_settings().max_batch_images
+# The counts are in the OpenAPI document (minItems, maxItems); the request guard refuses other counts first.
+BatchImages = Annotated[list[Path], Field(
+    min_length=1, max_length=_max_photos, description=f"1 to {_max_photos} photos, each searched on its own")]
 # Declared with a default of () in service.py: BentoML cannot build an input model with Optional[list[Path]].
 MoreImages = Annotated[list[Path], Field(
-    description=f"up to {_max_more} more photos of the same item (other sides, a label, a maker's mark): the item "
+    max_length=_max_photos,
+    description=f"up to {_max_photos} more photos of the same item (other sides, a label, a maker's mark): the item "
                 "is searched as one, which finds it more often than any one photo")]
 
 

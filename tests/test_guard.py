@@ -138,7 +138,7 @@ CASES = [
     ("40 photos to a search", "POST", "/search", {"files": [("image", PHOTO)] * 40}, 400,
      r"too many files: send at most 1 photo in image and 16 in more_images", None),
     ("17 more photos of an item", "POST", "/assist", {"files": [("image", PHOTO)] + [("more_images", PHOTO)] * 17},
-     400, r"send 1 to 16 photos in more_images; got 17", "more_images"),
+     400, r"send at most 16 photos in more_images; got 17", "more_images"),
     # The parser stops at a text part over 64 KB: the answer names it as the checks after parsing would
     ("a photo sent as text (curl -F image=<photo.jpg)", "POST", "/search",
      {"content": raw_multipart([("image", None, b"\xff\xd8\xff" + bytes(70_000))])}, 400,
@@ -436,6 +436,14 @@ def test_openapi_page_documents_the_error_shape(server):
         assert responses[status]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
     assert '"field"' in doc["info"]["description"] and "/index" in doc["paths"]
     assert re.fullmatch(r"\d+\.\d+\.\d+", doc["info"]["version"]), doc["info"]  # the package's, not "None"
+    # How many photos each list takes (the guard's limit, IMAGESEARCH_MAX_BATCH_IMAGES), so clients and
+    # generators built from the document send counts the server accepts
+    form = "multipart/form-data"
+    images = doc["paths"]["/search_batch"]["post"]["requestBody"]["content"][form]["schema"]["properties"]["images"]
+    assert (images["minItems"], images["maxItems"]) == (1, 16), images
+    for path in ("/search", "/estimate", "/assist"):
+        more = doc["paths"][path]["post"]["requestBody"]["content"][form]["schema"]["properties"]["more_images"]
+        assert "minItems" not in more and more["maxItems"] == 16, (path, more)
 
 
 def test_cors_is_closed_by_default(server):

@@ -51,7 +51,7 @@ class Settings(BaseSettings):
         "or a later request's first byte); slower get 408, and a connection that sends nothing is closed."
     )
     max_k: int = Field(100, gt=0, description="Largest k a search may ask for.")
-    max_batch_images: int = Field(16, gt=0, description="Most photos in one /search_batch call.")
+    max_batch_images: int = Field(16, gt=0, description="Most photos in one /search_batch call, and in more_images.")
     device: str = Field("auto", description="torch device for the embedder: auto, cpu, cuda, cuda:N.")
     half_precision: bool = Field(True, description="Use fp16 on a CUDA device.")
     torch_compile: bool = Field(False, description="torch.compile the embedder network at startup.")

@@ -107,7 +107,8 @@ def build_cmd(
 @app.command("cache")
 def cache_cmd(
     prune: Annotated[bool, typer.Option(help="delete what no stored index version uses: the caches of embedders no "
-                                             "version uses, and the vectors of photos no version holds")] = False,
+                                             "version uses, and the vectors of photos no version holds (what a "
+                                             "killed or failed build wrote is kept for its rerun)")] = False,
     keep: Annotated[Optional[list[str]], typer.Option(help="an embedder tag whose whole cache is kept")] = None,
 ) -> None:
     """The embedding cache: vectors and bytes per embedder, and how much no stored index version uses;
@@ -128,12 +129,16 @@ def _cache_state(c: cache.CacheUse, pruned: bool) -> str:
         return "deleted: no stored index uses this embedder" if pruned else "no stored index uses it (--prune deletes it)"
     if c.unused is None:
         return f"kept whole: {c.why}"
-    if not c.unused:
-        return "every vector is used by a stored version"
-    if pruned:
-        return f"deleted {c.unused:,} vectors no stored version holds" + (
-            f"; compacted to {c.bytes_after / 1e6:,.1f} MB" if c.compacted else "; the next builds reuse their space")
-    return f"{c.unused:,} of them used by no stored version (--prune deletes them)"
+    parts = []
+    if c.unused and pruned:
+        parts.append(f"deleted {c.unused:,} vectors no stored version holds" + (
+            f"; compacted to {c.bytes_after / 1e6:,.1f} MB" if c.compacted else "; the next builds reuse their space"))
+    elif c.unused:
+        parts.append(f"{c.unused:,} of them used by no stored version (--prune deletes them)")
+    if c.unregistered:
+        parts.append(f"{c.unregistered:,} written by a build that registered no version (killed or failed): kept "
+                     "for its rerun")
+    return "; ".join(parts) or "every vector is used by a stored version"
 
 
 @app.command("demo")

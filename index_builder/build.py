@@ -19,6 +19,7 @@ from index_builder.calibrate import calibrate
 from index_builder.catalogue import BadRow, Catalogue, read_catalogue, write_report
 from index_builder.evaluate import evaluate, read_queries
 from index_builder.cache import EmbeddingCache
+from index_builder.cache import registered as cache_registered
 from index_builder.build_defaults import DEFAULT_DESCRIPTOR, DEFAULT_PROJECTION, DEFAULT_WORKERS, ProjectionKind
 from index_builder.extract import default_batch_size, extract
 from model_store.embedder_config import Descriptor
@@ -164,6 +165,7 @@ def build(catalogue_path: Path, *, backbone: str | None = None, weights: str = "
             (artifact / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2))
             tag = register(INDEX_MODEL, _labels(manifest), manifest.model_dump(mode="json", exclude_none=True),
                            lambda folder: shutil.copytree(artifact, folder, dirs_exist_ok=True))
+            cache_registered(embedder_tag)  # a prune keeps no earlier build's vectors for a rerun any more
     shutil.rmtree(work, ignore_errors=True)
     return BuildSummary(
         tag=tag, embedder=embedder_tag, pretrained=config.weights.pretrained, rows=cat.n_rows,

@@ -1,10 +1,11 @@
 """The embedding cache: one vector per (photo content, embedder), kept across builds in LMDB.
 
 A build asks it first and embeds only photos it has never embedded with that embedder. Each embedder has
-its own LMDB environment under $BENTOML_HOME/embedding-cache/ with two tables:
+its own LMDB environment under $BENTOML_HOME/embedding-cache/ with three tables:
 - vectors: SHA-256 of the photo's bytes -> the embedder's descriptor (float32 bytes);
 - seen: a cheap key of the photo as it was read (local: path, size and mtime; remote: URL and ETag, or size
-  and Last-Modified) -> that SHA-256, so an unchanged photo is neither read nor hashed again.
+  and Last-Modified) -> that SHA-256, so an unchanged photo is neither read nor hashed again;
+- unregistered: the SHA-256 of each vector written since a build of this embedder last registered a version.
 Written one transaction per batch as the build goes: a killed build resumes from what it wrote.
 
 On a living catalogue photos are replaced, and the vectors of the old ones stay (~8.5 KB each on disk with
@@ -12,8 +13,9 @@ the default embedder). `prune` deletes what no stored index version holds: whole
 version uses, and in the others the vectors of photos no version of that embedder holds (the next builds
 reuse their space; a prune that frees a tenth of a file or more compacts it). Only versions that record
 every photo's content hash (format 3) can be pruned that way; a store with an older version of an embedder
-keeps that embedder's cache whole and says which version. A prune also deletes what a killed build wrote
-and no version holds yet: rerun a killed build before pruning, or it embeds those photos again.
+keeps that embedder's cache whole and says which version. A prune keeps what a killed or failed build wrote
+(the unregistered vectors) for its rerun, until a build of that embedder registers a version: hours of
+embedding are not lost to a prune between a build that died and the one that resumes it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from model_store.registry import bentoml_home, list_models
 from model_store.settings import INDEX_MODEL
 
 MAP_SIZE = 1 << 40  # address space, not disk: LMDB files grow as they are written
+VECTORS, SEEN, UNREGISTERED = b"vectors", b"seen", b"unregistered"  # its tables
+MAX_DBS = 3
 DELETES_PER_TXN = 10_000  # a write transaction holds its dirty pages in memory: prune in steps
 # A prune compacts the file when it deletes at least this share of its vectors. Below, the freed pages are left
 # for the next builds to fill (a nightly prune stops the growth without copying 8.5 GB a night at a million).
@@ -50,8 +54,9 @@ def _folder(embedder_tag: str, root: Path | None) -> Path:
 
 @dataclass(frozen=True)
 class CacheUse:
-    """One embedder's cache: `unused` vectors of its `vectors` belong to no stored index version (None when that
-    is not known: `why` says so); `whole`: no stored version uses the embedder at all."""
+    """One embedder's cache: `unused` vectors of its `vectors` belong to no stored index version and to no build
+    that may be rerun (None when that is not known: `why` says so); `whole`: no stored version uses the
+    embedder at all, nor did a build that registered nothing."""
 
     embedder: str  # the folder's name: the tag with - for :
     vectors: int
@@ -60,6 +65,7 @@ class CacheUse:
     why: str = ""
     whole: bool = False
     bytes_after: int | None = None  # on disk after a prune (None: deleted, or not pruned)
+    unregistered: int = 0  # vectors no version holds, kept for the rerun of a build that registered nothing
     compacted: bool = False
 
 
@@ -70,9 +76,10 @@ class EmbeddingCache:
         self.embedder, self.dim = embedder_tag, dim
         self.folder = _folder(embedder_tag, root)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.env = lmdb.open(str(self.folder), map_size=MAP_SIZE, max_dbs=2)
-        self.vectors = self.env.open_db(b"vectors")
-        self.seen = self.env.open_db(b"seen")
+        self.env = lmdb.open(str(self.folder), map_size=MAP_SIZE, max_dbs=MAX_DBS)
+        self.vectors = self.env.open_db(VECTORS)
+        self.seen = self.env.open_db(SEEN)
+        self.unregistered = self.env.open_db(UNREGISTERED)
 
     def close(self) -> None:
         self.env.close()
@@ -100,6 +107,7 @@ class EmbeddingCache:
             with self.env.begin(write=True) as txn:
                 for cheap, sha, vector in entries:
                     txn.put(sha.encode(), np.ascontiguousarray(vector, np.float32).tobytes(), db=self.vectors)
+                    txn.put(sha.encode(), b"", db=self.unregistered)
                     if cheap:
                         txn.put(cheap.encode(), sha.encode(), db=self.seen)
         except lmdb.Error as exc:  # LMDB reports a full disk as an I/O error: say which it was
@@ -119,6 +127,17 @@ class EmbeddingCache:
     def __len__(self) -> int:
         with self.env.begin(db=self.vectors) as txn:
             return txn.stat(self.vectors)["entries"]
+
+
+def registered(embedder_tag: str, root: Path | None = None) -> None:
+    """A build of this embedder registered a version: what builds wrote before it is no longer kept for a
+    rerun (the version holds what it used; a prune may delete the rest)."""
+    env = lmdb.open(str(_folder(embedder_tag, root)), map_size=MAP_SIZE, max_dbs=MAX_DBS)
+    try:
+        with env.begin(write=True) as txn:
+            txn.drop(env.open_db(UNREGISTERED, txn=txn), delete=False)
+    finally:
+        env.close()
 
 
 def usage(keep_embedders: frozenset[str] = frozenset(), root: Path | None = None) -> list[CacheUse]:
@@ -162,14 +181,16 @@ def _walk(root: Path, used: dict[str, set[str] | str], keep_embedders: frozenset
     for folder in sorted(p for p in root.glob("*") if (p / "data.mdb").exists()):
         size = disk_bytes(folder)
         need = "kept with --keep" if folder.name in kept else hashes.get(folder.name)
+        if need is None and entries(folder, UNREGISTERED):  # no version yet, but a killed first build's vectors
+            need = set()
         if need is None:  # no stored version uses this embedder
-            out.append(CacheUse(folder.name, _count(folder), size, unused=None, whole=True))
+            out.append(CacheUse(folder.name, entries(folder, VECTORS), size, unused=None, whole=True))
             if delete:
                 shutil.rmtree(folder)
         elif isinstance(need, set):
             out.append(_drop_unused(folder, {h.encode() for h in need}, size, delete))
         else:
-            out.append(CacheUse(folder.name, _count(folder), size, unused=None, why=need))
+            out.append(CacheUse(folder.name, entries(folder, VECTORS), size, unused=None, why=need))
     return out
 
 
@@ -178,11 +199,12 @@ def disk_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.iterdir())
 
 
-def _count(folder: Path) -> int:
-    env = lmdb.open(str(folder), readonly=True, max_dbs=2, lock=False)
+def entries(folder: Path, db: bytes) -> int:
+    """How many entries table `db` of the cache in `folder` holds (0 for a cache written before it existed)."""
+    env = lmdb.open(str(folder), readonly=True, max_dbs=MAX_DBS, lock=False)
     try:
         with env.begin() as txn:
-            return txn.stat(env.open_db(b"vectors", txn=txn, create=False))["entries"]
+            return txn.stat(env.open_db(db, txn=txn, create=False))["entries"]
     except lmdb.Error:
         return 0
     finally:
@@ -190,16 +212,19 @@ def _count(folder: Path) -> int:
 
 
 def _drop_unused(folder: Path, keep: set[bytes], size: int, delete: bool) -> CacheUse:
-    """Count (and with `delete`, delete) the vectors whose hash is not in `keep`, and the cheap keys that
-    point to them; then compact the file (LMDB never shrinks it by itself) if that freed COMPACT_SHARE of it."""
-    env = lmdb.open(str(folder), map_size=MAP_SIZE, max_dbs=2, readonly=not delete)
+    """Count (and with `delete`, delete) the vectors whose hash is not in `keep` nor unregistered (a killed or
+    failed build's, kept for its rerun), and the cheap keys that point to them; then compact the file (LMDB
+    never shrinks it by itself) if that freed COMPACT_SHARE of it."""
+    env = lmdb.open(str(folder), map_size=MAP_SIZE, max_dbs=MAX_DBS, readonly=not delete)
     compacted = False
     try:
-        vectors, seen = env.open_db(b"vectors"), env.open_db(b"seen")
+        vectors, seen = env.open_db(VECTORS), env.open_db(SEEN)
         with env.begin() as txn:
             total = txn.stat(vectors)["entries"]
-            gone = [k for k in txn.cursor(vectors).iternext(keys=True, values=False) if k not in keep]
-            stale = [k for k, sha in txn.cursor(seen).iternext() if sha not in keep]
+            held = _keys(env, txn, UNREGISTERED)
+            unused = [k for k in txn.cursor(vectors).iternext(keys=True, values=False) if k not in keep]
+            gone = [k for k in unused if k not in held]
+            stale = [k for k, sha in txn.cursor(seen).iternext() if sha not in keep and sha not in held]
         if delete and (gone or stale):
             for db, keys in ((vectors, gone), (seen, stale)):
                 for s in range(0, len(keys), DELETES_PER_TXN):
@@ -210,7 +235,17 @@ def _drop_unused(folder: Path, keep: set[bytes], size: int, delete: bool) -> Cac
     finally:
         env.close()
     after = disk_bytes(folder) if delete else None
-    return CacheUse(folder.name, total, size, unused=len(gone), bytes_after=after, compacted=compacted)
+    return CacheUse(folder.name, total, size, unused=len(gone), unregistered=len(unused) - len(gone),
+                    bytes_after=after, compacted=compacted)
+
+
+def _keys(env: lmdb.Environment, txn: lmdb.Transaction, db: bytes) -> set[bytes]:
+    """The keys of table `db` (none in a cache written before it existed)."""
+    try:
+        table = env.open_db(db, txn=txn, create=False)
+    except lmdb.NotFoundError:
+        return set()
+    return set(txn.cursor(table).iternext(keys=True, values=False))
 
 
 def _compact(env: lmdb.Environment, folder: Path) -> bool:

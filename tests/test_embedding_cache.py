@@ -7,14 +7,19 @@ versions, some of them deliberately broken, and the caches other tests count on 
 from __future__ import annotations
 
 import hashlib
+import json
+import signal
 import sqlite3
+import subprocess
+import time
 from pathlib import Path
 
 import lmdb
 import numpy as np
 import pytest
 
-from index_builder.cache import EmbeddingCache
+from index_builder import cache
+from index_builder.cache import EmbeddingCache, registered
 from model_store import build_lock
 from test_build import _new_catalogue
 from test_thumbnail_store import Store, photos, replace_first_and_drop_last, sha
@@ -55,6 +60,7 @@ def test_prune_deletes_the_vectors_no_stored_version_holds(tmp_path, python):
     orphan = EmbeddingCache("image-embedder:nobodyusesthis", 4, store.home / "embedding-cache")
     orphan.put([(None, "ab" * 32, np.ones(4, np.float32))])
     orphan.close()
+    registered("image-embedder:nobodyusesthis", store.home / "embedding-cache")  # no build waits to resume it
     shown = store.run("index_builder", "cache")
     assert shown.returncode == 0, shown.stderr
     assert "every vector is used by a stored version" in shown.stdout
@@ -94,6 +100,7 @@ def test_no_prune_under_a_build_and_an_old_version_keeps_its_cache_whole(tmp_pat
     extra = EmbeddingCache(built["embedder"], 1280, store.home / "embedding-cache")
     extra.put([(None, "cd" * 32, np.ones(1280, np.float32))])  # a vector no version holds
     extra.close()
+    registered(built["embedder"], store.home / "embedding-cache")
 
     with build_lock.building(store.home / "build.lock"):
         refused = store.run("index_builder", "cache", "--prune")
@@ -116,11 +123,46 @@ def test_no_prune_under_a_build_and_an_old_version_keeps_its_cache_whole(tmp_pat
     assert len(entries(folder)["vectors"]) == 4
 
 
+def test_a_prune_keeps_what_a_killed_build_embedded_for_its_rerun(tmp_path, python):
+    """The store's first build of an embedder, killed halfway: no version uses the embedder yet, and a prune
+    used to delete its whole cache. Its vectors stay until a build of that embedder registers a version."""
+    store = Store(tmp_path, python)
+    catalogue = _new_catalogue(tmp_path / "cat", 60, seed=9800)
+    cmd = [python, "-m", "index_builder", "build", str(catalogue), "--backbone", "efficientnet-lite0", "--weights",
+           "random", "--batch-size", "2", "--workers", "0", "--no-progress", "--json"]
+    proc = subprocess.Popen(cmd, env=store.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    deadline, done = time.time() + 180, 0
+    while time.time() < deadline and done < 10 and proc.poll() is None:
+        time.sleep(0.05)
+        folders = list((store.home / "embedding-cache").glob("*/data.mdb"))
+        done = cache.entries(folders[0].parent, cache.VECTORS) if folders else 0
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    [folder] = [f.parent for f in (store.home / "embedding-cache").glob("*/data.mdb")]
+    done = len(entries(folder)["vectors"])
+    assert 10 <= done < 60, "the build must be killed halfway for this test to mean anything"
+
+    shown = store.run("index_builder", "cache")
+    assert f"{done} written by a build that registered no version (killed or failed): kept for its rerun" in shown.stdout
+    pruned = store.run("index_builder", "cache", "--prune")
+    assert pruned.returncode == 0, pruned.stderr
+    assert "kept for its rerun" in pruned.stdout and len(entries(folder)["vectors"]) == done
+
+    rerun = subprocess.run(cmd, env=store.env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    built = json.loads(rerun.stdout)
+    assert built["reused_photos"] >= done  # the killed build's work was not lost
+    assert "every vector is used by a stored version" in store.run("index_builder", "cache", "--prune").stdout
+    # registered: nothing is kept for a rerun any more, and a prune deletes what no version holds
+    assert store.run("model_store", "delete", built["tag"]).returncode == 0
+    pruned = store.run("index_builder", "cache", "--prune")
+    assert "deleted: no stored index uses this embedder" in pruned.stdout and not folder.exists(), pruned.stdout
+
+
 def test_nightly_prunes_keep_the_file_from_growing(tmp_path):
     """A catalogue that replaces 1% of its photos a night: pruned, the cache file stays the size it was (the
     next night's vectors fill the pages the prune freed); unpruned, it grows by each night's vectors. Vectors of
     1280 numbers, as the default embedder's: LMDB keeps each on pages of its own."""
-    from index_builder import cache
 
     def night(store: EmbeddingCache, name: str, n: int) -> list[str]:
         hashes = [hashlib.sha256(f"{name}-{i}".encode()).hexdigest() for i in range(n)]
@@ -140,6 +182,7 @@ def test_nightly_prunes_keep_the_file_from_growing(tmp_path):
             store = EmbeddingCache("image-embedder:nightly", 1280, root)
             live = live[20:] + night(store, f"night{n}", 20)
             store.close()
+            registered("image-embedder:nightly", root)  # the night's build registered its version
             if pruned:
                 [use] = cache._walk(root, {"image-embedder:nightly": set(live)}, frozenset(), delete=True)
                 assert (use.vectors, use.unused, use.compacted) == (2020, 20, False)  # 1%: not compacted

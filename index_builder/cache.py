@@ -131,13 +131,18 @@ class EmbeddingCache:
 
 def registered(embedder_tag: str, root: Path | None = None) -> None:
     """A build of this embedder registered a version: what builds wrote before it is no longer kept for a
-    rerun (the version holds what it used; a prune may delete the rest)."""
-    env = lmdb.open(str(_folder(embedder_tag, root)), map_size=MAP_SIZE, max_dbs=MAX_DBS)
+    rerun (the version holds what it used; a prune may delete the rest). Where that cannot be written (a full
+    disk), the version stays registered and a warning says what a prune keeps."""
     try:
-        with env.begin(write=True) as txn:
-            txn.drop(env.open_db(UNREGISTERED, txn=txn), delete=False)
-    finally:
-        env.close()
+        env = lmdb.open(str(_folder(embedder_tag, root)), map_size=MAP_SIZE, max_dbs=MAX_DBS)
+        try:
+            with env.begin(write=True) as txn:
+                txn.drop(env.open_db(UNREGISTERED, txn=txn), delete=False)
+        finally:
+            env.close()
+    except lmdb.Error as exc:
+        print(f"warning: the embedding cache could not record that a version was registered ({exc}): a prune "
+              "keeps this embedder's vectors no version holds until the next build registers one", file=sys.stderr)
 
 
 def usage(keep_embedders: frozenset[str] = frozenset(), root: Path | None = None) -> list[CacheUse]:

@@ -159,6 +159,14 @@ def test_a_prune_keeps_what_a_killed_build_embedded_for_its_rerun(tmp_path, pyth
     assert "deleted: no stored index uses this embedder" in pruned.stdout and not folder.exists(), pruned.stdout
 
 
+def test_a_version_registered_stays_so_when_the_cache_cannot_record_it(tmp_path, capsys):
+    """The build calls registered() after its version is in the store: a cache it cannot write (here not an
+    LMDB file at all) must not turn that build into a failure that says nothing was registered."""
+    (tmp_path / "image-embedder-broken" / "data.mdb").mkdir(parents=True)
+    registered("image-embedder:broken", tmp_path)
+    assert "a prune keeps this embedder's vectors no version holds" in capsys.readouterr().err
+
+
 def test_nightly_prunes_keep_the_file_from_growing(tmp_path):
     """A catalogue that replaces 1% of its photos a night: pruned, the cache file stays the size it was (the
     next night's vectors fill the pages the prune freed); unpruned, it grows by each night's vectors. Vectors of

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -23,6 +24,9 @@ os.environ["IMAGESEARCH_STAGES_DIR"] = str(_HOME / "stages")
 # which a local ray.init() turns on by default for the rest of its process, while a driver given an address
 # sends it only when told to. So every Ray of the session uses it (ray_cluster below).
 os.environ.setdefault("RAY_AUTH_MODE", "token")
+# The session's own token, which every Ray of the session is given: a token made by ray.init() would be
+# written to ~/.ray/auth_token, outside the session's temporary folders.
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 import pytest  # noqa: E402
 

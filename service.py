@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import os
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -96,7 +98,8 @@ class Embedder:
         if self.model is not None:  # BentoML resolves the class attribute to the stored model
             batch_s = self.torch.submit(self._load).result()
         # A slower network's waits are longer: each limit grows as the embed deadline does (query/embed_pace.py)
-        self.measured = {"batch_s": batch_s, "max_batch": EMBED_MAX_BATCH, "workers": EMBEDDER_WORKERS}
+        self.measured = {"batch_s": batch_s, "max_batch": EMBED_MAX_BATCH, "workers": EMBEDDER_WORKERS,
+                         "worker": f"{socket.gethostname()}/{os.getpid()}"}  # the entry tells the workers apart
         pace = _pace_of(self.measured)
         longer = pace.deadline_s / settings.embed_deadline_s
         batching_backstop_at_least(settings.embed_max_latency_ms / 1000 * longer)

@@ -12,7 +12,9 @@ of the cores a busy worker gets and says so in `describe`; both services size th
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
+from typing import Callable
 
 # The deadline over the slowest wait expected: a pass varies by ~25% between runs on a shared machine, and
 # the load may run beside it.
@@ -20,6 +22,10 @@ MARGIN = 1.5
 # Rounds of batches kept at the embedder: with two, a batch is queued at each worker when its pass ends, so
 # no worker idles while the entry sends the next.
 MIN_ROUNDS = 2
+# How long the entry counts a worker's report after it last heard it. Each readiness probe (every 5 s in
+# deploy/k8s.yaml) reaches one embedder worker: in 10 minutes each of 8 workers is heard from but for a chance
+# of 3 in 10,000. A worker not heard from for that long is gone (redeployed on other hardware, restarted).
+FORGET_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -53,3 +59,30 @@ def embed_pace(batch_s: float | None, max_batch: int, workers: int, entries: int
     why = (f"a batch of {max_batch} takes {batch_s:.2f} s on each of {workers} embedder worker(s): "
            f"{photos} photos in flight per entry process, embed deadline {deadline:.2f} s")
     return EmbedPace(deadline, photos, why, per_round / batch_s)
+
+
+class RecentPaces:
+    """The passes the embedder's workers reported (describe's "pace"), each kept FORGET_S after it was last
+    heard; `slowest` sizes the entry's limits. Each worker times its own pass and a probe reaches one of them,
+    so the slowest is kept while any slow worker is alive, and the limits tighten no longer once the slow
+    workers are gone: an embedder redeployed on faster hardware under the same tag gets its own limits."""
+
+    def __init__(self, forget_s: float = FORGET_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self.forget_s, self.clock = forget_s, clock
+        self.heard: dict[str, tuple[float, dict]] = {}  # worker -> (when last heard, its report)
+
+    def hear(self, measured: dict) -> None:
+        """A worker's report ({}: it measured nothing, and is not counted). A worker is named by its "worker";
+        a report without one (an older embedder) stands for itself."""
+        if not measured.get("batch_s"):
+            return
+        now = self.clock()
+        self.heard[measured.get("worker") or repr(sorted(measured.items()))] = (now, measured)
+        self.heard = {worker: (at, m) for worker, (at, m) in self.heard.items() if now - at <= self.forget_s}
+
+    def slowest(self) -> dict:
+        """The slowest report heard lately ({} for none)."""
+        return max((m for _, m in self.heard.values()), key=lambda m: m["batch_s"], default={})
+
+    def forget(self) -> None:
+        self.heard.clear()

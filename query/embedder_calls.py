@@ -20,7 +20,7 @@ import aiohttp
 import numpy as np
 from bentoml.exceptions import BentoMLException
 
-from query.embed_pace import MARGIN, EmbedPace
+from query.embed_pace import MARGIN, EmbedPace, RecentPaces
 from query.embedder_health import EmbedderHealth
 from query.errors import ApiError
 from query.photo_budget import PhotoBudget
@@ -36,11 +36,11 @@ class EmbedderCalls:
     Used from one event loop."""
 
     def __init__(self, proxy, pace_of: Callable[[dict], EmbedPace], *, max_batch: int, retry_share: float,
-                 lost_s: float, request_timeout_s: float) -> None:
+                 lost_s: float, request_timeout_s: float, paces: RecentPaces | None = None) -> None:
         self.proxy, self.pace_of, self.max_batch = proxy, pace_of, max_batch
         self.request_timeout_s = request_timeout_s
         self.tag: str | None = None  # of the embedder the embedder service runs, once it answered
-        self.measured: dict = {}  # the slowest pass the embedder's workers reported
+        self.paces = paces or RecentPaces()  # the passes the embedder's workers reported lately
         self.pace = pace_of({})
         self.photos = PhotoBudget(self.pace.photos_in_flight)
         self.retries = RetryBudget(retry_share)
@@ -51,7 +51,7 @@ class EmbedderCalls:
         measured."""
         described = await self.call(self.proxy.to_async.describe, retry=retry)
         if described.get("tag") != self.tag:
-            self.measured = {}
+            self.paces.forget()
         self.tag = described.get("tag")
         self._learn_pace(described.get("pace") or {})
         return self.tag
@@ -62,10 +62,9 @@ class EmbedderCalls:
 
     def _learn_pace(self, measured: dict) -> None:
         """Size the embed deadline and the photos in flight from the slowest pass that a worker of this
-        embedder has reported (each worker times its own; a probe reaches one of them)."""
-        if (measured.get("batch_s") or 0) > (self.measured.get("batch_s") or 0):
-            self.measured = measured
-        pace = self.pace_of(self.measured)
+        embedder reported lately (query/embed_pace.py, RecentPaces)."""
+        self.paces.hear(measured)
+        pace = self.pace_of(self.paces.slowest())
         if pace != self.pace:
             log.info("embed limits: %s", pace.why)
             self.pace = pace

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from bentoml.exceptions import BentoMLException
 
-from query.embed_pace import embed_pace
+from query.embed_pace import RecentPaces, embed_pace
 from query.embedder_calls import EmbedderCalls
 from query.errors import ApiError
 
@@ -107,8 +107,10 @@ def test_what_the_embedder_refuses_is_answered_at_once_and_it_counts_as_answerin
 
 
 def test_the_limits_follow_the_slowest_pass_of_the_embedder_served():
-    embedder = StandIn(described=[{"tag": "net:1", "pace": {"batch_s": 0.2}}, {"tag": "net:1", "pace": {"batch_s": 0.1}},
-                                  {"tag": "net:2", "pace": {"batch_s": 0.05}}])
+    embedder = StandIn(described=[{"tag": "net:1", "pace": {"batch_s": 0.2, "worker": "a"}},
+                                  {"tag": "net:1", "pace": {"batch_s": 0.1, "worker": "b"}},
+                                  {"tag": "net:1", "pace": {}},
+                                  {"tag": "net:2", "pace": {"batch_s": 0.05, "worker": "c"}}])
     calls = calls_to(embedder)
     assert calls.pace == pace_of({}) and calls.photos.limit == 32  # nothing measured yet: the settings
     asyncio.run(calls.ask_tag())
@@ -116,8 +118,38 @@ def test_the_limits_follow_the_slowest_pass_of_the_embedder_served():
     assert calls.pace == slowest and calls.photos.limit == slowest.photos_in_flight == 8
     asyncio.run(calls.ask_tag())  # another worker of the same embedder, faster: the slowest is kept
     assert calls.pace == slowest
+    asyncio.run(calls.ask_tag())  # a worker that measured nothing changes nothing
+    assert calls.pace == slowest
     asyncio.run(calls.ask_tag())  # a new embedder: its own pace
     assert calls.tag == "net:2" and calls.pace == pace_of({"batch_s": 0.05})
+
+
+def test_a_slow_worker_not_heard_from_for_a_while_no_longer_holds_the_limits_back():
+    """An embedder redeployed on faster hardware under the same tag: the old workers' pace is forgotten."""
+    now = [0.0]
+    reports = [{"batch_s": 0.4, "worker": "old-1"}, {"batch_s": 0.1, "worker": "new-1"},
+               {"batch_s": 0.1, "worker": "new-2"}, {"batch_s": 0.1, "worker": "new-1"}]
+    calls = EmbedderCalls(StandIn(described=[{"tag": "net:1", "pace": r} for r in reports]), pace_of,
+                          max_batch=4, retry_share=0.1, lost_s=30, request_timeout_s=5,
+                          paces=RecentPaces(forget_s=60, clock=lambda: now[0]))
+    for at in (0, 30, 60):  # old-1 was heard 60 s ago: still counted
+        now[0] = at
+        asyncio.run(calls.ask_tag())
+        assert calls.pace == pace_of({"batch_s": 0.4})
+    now[0] = 61
+    asyncio.run(calls.ask_tag())
+    assert calls.pace == pace_of({"batch_s": 0.1}) and calls.photos.limit == pace_of({"batch_s": 0.1}).photos_in_flight
+
+
+def test_the_last_report_counts_however_old():
+    """A server that nobody probes hears the embedder once: its pace holds until another report comes."""
+    now = [0.0]
+    paces = RecentPaces(forget_s=60, clock=lambda: now[0])
+    paces.hear({"batch_s": 0.4, "worker": "a"})
+    now[0] = 3600
+    assert paces.slowest() == {"batch_s": 0.4, "worker": "a"}
+    paces.hear({"batch_s": 0.1})  # an embedder that names no worker: the report stands for itself
+    assert paces.slowest() == {"batch_s": 0.1}
 
 
 def test_photos_that_would_wait_past_the_request_timeout_get_429_with_when_to_retry():

@@ -285,6 +285,9 @@ def test_an_embedder_deployed_apart_that_stops_answering_fails_readiness_not_liv
         assert found.status_code == 200 and found.json()["results"], found.text
         # no token given: its TCP port answers anyone, and it says so (query/embedder_token.py)
         assert f"on 127.0.0.1:{embedder.port} without IMAGESEARCH_EMBEDDER_TOKEN" in embedder.log.read_text()
+        # each worker names itself in what it measured: the entry counts each one's pace (query/embed_pace.py)
+        worker = embedder.http.post("/describe", json={}).json()["pace"]["worker"]
+        assert worker.split("/")[1] in {str(p.pid) for p in embedder.processes()["embedder"]}, worker
         held = [psutil.Process(embedder.proc.pid), *psutil.Process(embedder.proc.pid).children(recursive=True)]
         for p in held:
             p.send_signal(signal.SIGSTOP)

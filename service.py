@@ -291,7 +291,7 @@ class ImageSearch:
         active = self.replica.require()
         f = active.filters(category=category, sold_after=sold_after, sold_before=sold_before)
         query = item_query(await self._item_photos(active, image, more_images))
-        estimate = await asyncio.to_thread(estimate_for, active.index, query, f)
+        estimate = await asyncio.to_thread(estimate_for, active.index, query, f, active.floors())
         return EstimateResponse(**estimate.model_dump(), served=active.served, took_ms=_ms(start))
 
     @bentoml.api
@@ -317,7 +317,7 @@ class ImageSearch:
         photos = await self._item_photos(active, image, more_images)
         parts = await asyncio.to_thread(assist, active.index, photos, k, f, vote_neighbours=settings.vote_neighbours,
                                         vote_temperature=settings.vote_temperature,
-                                        vote_min_similarity=settings.vote_min_similarity,
+                                        floors=active.floors(),
                                         duplicate_threshold=active.thresholds().duplicate)
         return AssistResponse(**parts, served=active.served, took_ms=_ms(start))
 

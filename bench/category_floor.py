@@ -10,6 +10,7 @@ The vote is /assist's own (query/assist.py, the default neighbours and temperatu
 projection are the builder's defaults, as in bench.pricing.
 
     python -m bench.category_floor     # docs/EVALUATION.md's section (~6 min; seconds with bench/out cached)
+    python -m bench.category_floor --backbone efficientnet-lite1   # the same in another backbone's space
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from bench.coil import QUERIES_4, coil_path
 from bench.evaluate_grocery import measure_and_document
 from bench.features import embed_paths
 from bench.grocery import CREDIT, read_split
-from bench.pricing import nearest_items, sold_half
-from bench.thresholds import BACKBONE, DESCRIPTOR, coarse_names, projection
+from bench.pricing import Fit, nearest_items, sold_half
+from bench.thresholds import BACKBONE, BACKBONE_OPTION, DESCRIPTOR, coarse_names, projection
 from model_store.settings import get_settings
 from query.assist import vote_category
+from query.floors import PCA
 
 FLOORS = (None, 0.5, 0.55, 0.6, 0.65, 0.7)
 GROUPS = ("known", "unknown, sold kind", "unknown, new kind")
@@ -41,16 +43,17 @@ def evaluate(cat_vecs: np.ndarray, cat_products: np.ndarray, cat_kinds: np.ndarr
 
 
 def one_split(cat_vecs: np.ndarray, cat_products: np.ndarray, cat_kinds: np.ndarray, q_vecs: np.ndarray,
-              q_products: np.ndarray, q_kinds: np.ndarray, seed: int) -> list[dict]:
+              q_products: np.ndarray, q_kinds: np.ndarray, seed: int, fit: Fit = projection,
+              floors: tuple[float | None, ...] = FLOORS) -> list[dict]:
     s = get_settings()
     in_cat = sold_half(cat_products, np.random.default_rng(seed))
-    project = projection(cat_vecs[in_cat])
+    project = fit(cat_vecs[in_cat])
     catalogue, kinds = project(cat_vecs[in_cat]), cat_kinds[in_cat]
     neighbours = nearest_items(project(q_vecs), catalogue, kinds, np.zeros(len(catalogue)), s.vote_neighbours)
     known = np.isin(q_products, cat_products[in_cat])
     groups = dict(zip(GROUPS, (known, ~known & np.isin(q_kinds, kinds), ~known & ~np.isin(q_kinds, kinds))))
     rows = []
-    for floor in FLOORS:
+    for floor in floors:
         votes = [vote_category(n, s.vote_temperature, -1.0 if floor is None else floor) for n in neighbours]
         named = np.array([v.suggested is not None for v in votes])
         right = np.array([v.suggested == k for v, k in zip(votes, q_kinds)])
@@ -59,22 +62,33 @@ def one_split(cat_vecs: np.ndarray, cat_products: np.ndarray, cat_kinds: np.ndar
     return rows
 
 
-def grocery() -> list[dict]:
-    """Catalogue: train photos of half the products, the coarse class as category; queries: all val photos."""
+def grocery_arrays() -> tuple[np.ndarray, ...]:
+    """Catalogue: train photos, the coarse class as category; queries: val photos. (vectors, products, kinds)
+    of each."""
     (train, t_lab), (val, v_lab) = read_split("train"), read_split("val")
     coarse = coarse_names()
-    return evaluate(embed_paths(train, BACKBONE, "default", DESCRIPTOR), t_lab, np.array([coarse[c] for c in t_lab]),
-                    embed_paths(val, BACKBONE, "default", DESCRIPTOR), v_lab, np.array([coarse[c] for c in v_lab]))
+    return (embed_paths(train, BACKBONE, "default", DESCRIPTOR), t_lab, np.array([coarse[c] for c in t_lab]),
+            embed_paths(val, BACKBONE, "default", DESCRIPTOR), v_lab, np.array([coarse[c] for c in v_lab]))
 
 
-def coil() -> list[dict]:
-    """Catalogue: every 10th degree of half the objects, each object its own category; queries: views
-    45/135/225/315 of every object."""
+def coil_arrays() -> tuple[np.ndarray, ...]:
+    """Catalogue: every 10th degree of each object, each object its own category; queries: views
+    45/135/225/315. (vectors, objects, kinds) of each."""
     g_keys = [(o, a) for o in range(1, 101) for a in range(0, 360, 10)]
     q_keys = [(o, a) for o in range(1, 101) for a in QUERIES_4]
     feats = embed_paths([coil_path(o, a) for o, a in g_keys + q_keys], BACKBONE, "default", DESCRIPTOR)
     g_obj, q_obj = np.array([o for o, _ in g_keys]), np.array([o for o, _ in q_keys])
-    return evaluate(feats[:len(g_keys)], g_obj, g_obj.astype(str), feats[len(g_keys):], q_obj, q_obj.astype(str))
+    return feats[:len(g_keys)], g_obj, g_obj.astype(str), feats[len(g_keys):], q_obj, q_obj.astype(str)
+
+
+def grocery() -> list[dict]:
+    """The train photos of half the products as the catalogue; queries: all val photos."""
+    return evaluate(*grocery_arrays())
+
+
+def coil() -> list[dict]:
+    """Every 10th degree of half the objects as the catalogue; queries: views 45/135/225/315 of every object."""
+    return evaluate(*coil_arrays())
 
 
 def _pct(count: int, of: int) -> str:
@@ -97,7 +111,7 @@ def markdown(result: dict) -> str:
              "| unknown products of a new kind: named (all wrong) | suggestions right |", "|---|---|---|---|---|---|"]
     for data, rows in result["rows"].items():
         for r in rows:
-            floor = {None: "none (before)", s.vote_min_similarity: f"{r['floor']} (default)"}.get(r["floor"], r["floor"])
+            floor = {None: "none (before)", PCA.vote: f"{r['floor']} (default)"}.get(r["floor"], r["floor"])
             cells = [f"{_pct(r[g]['named'], r[g]['photos'])} / {_pct(r[g]['right'], r[g]['photos'])} of "
                      f"{r[g]['photos']}" if r[g]["photos"] else "-" for g in GROUPS[:2]]
             new = r[GROUPS[2]]
@@ -107,9 +121,12 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(docs: bool = typer.Option(True, help="write the section of docs/EVALUATION.md")) -> None:
+def main(docs: bool = typer.Option(True, help="write the section of docs/EVALUATION.md"),
+         backbone: str = BACKBONE_OPTION) -> None:
+    global BACKBONE
+    other, BACKBONE = backbone if backbone != BACKBONE else None, backbone
     measure_and_document("category-floor", lambda: {"rows": {"grocery": grocery(), "COIL-100": coil()}}, markdown,
-                         "## A category only from items similar enough", docs)
+                         "## A category only from items similar enough", docs, other)
 
 
 if __name__ == "__main__":

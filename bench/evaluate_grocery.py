@@ -316,10 +316,13 @@ def replace_block(text: str, name: str, body: str, heading: str) -> str:
 
 
 def measure_and_document(name: str, measure: Callable[[], dict], markdown: Callable[[dict], str], heading: str,
-                         docs: bool) -> None:
+                         docs: bool, other_backbone: str | None = None) -> None:
     """A measurement on shop photos and COIL-100: runs `measure`, stamps its result with the seconds, the
     machine and the date, prints it, keeps it as bench/out/NAME.json and, with `docs`, puts its markdown in
-    docs/EVALUATION.md's block NAME (appended under `heading` the first time)."""
+    docs/EVALUATION.md's block NAME (appended under `heading` the first time). Measured in `other_backbone`'s
+    space (not the docs' default): kept as bench/out/NAME-BACKBONE.json, and no docs."""
+    if other_backbone:
+        name, docs = f"{name}-{other_backbone}", False
     if not (GROCERY.exists() and COIL.exists()):
         raise SystemExit("needs ../shared/data/grocery-store and ../shared/data/coil-100")
     start = time.perf_counter()

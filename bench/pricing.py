@@ -16,12 +16,14 @@ an isotonic map to the share within 25% of its price), would hold as a chance fo
 for sold products, not for never-sold ones: docs/EVALUATION.md, so it is not shipped).
 
     python -m bench.pricing          # docs/EVALUATION.md's pricing section (~6 min; seconds with bench/out cached)
+    python -m bench.pricing --backbone efficientnet-lite0   # the same in another backbone's space
 """
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import typer
@@ -30,7 +32,7 @@ from bench.coil import QUERIES_4, coil_path
 from bench.evaluate_grocery import measure_and_document
 from bench.features import embed_paths
 from bench.grocery import CREDIT, read_split
-from bench.thresholds import BACKBONE, DESCRIPTOR, coarse_names, projection
+from bench.thresholds import BACKBONE, BACKBONE_OPTION, DESCRIPTOR, coarse_names, projection
 from index_builder.calibrate import calibrate
 from model_store.index_artifact import Thresholds
 from query.assist import ESTIMATE_NEIGHBOURS
@@ -44,6 +46,7 @@ CONFIDENCE_EDGES = (0, 0.05, 0.1, 0.2, 0.4, 1)
 CHANCE_EDGES = (0, 0.2, 0.4, 0.6, 0.8, 1)
 CALIBRATION_ITEMS = 1000  # catalogue items priced from the others to calibrate the confidence
 CALIBRATION_BIN = 20  # priced items per bin before the isotonic fit
+Fit = Callable[[np.ndarray], Callable[[np.ndarray], np.ndarray]]  # catalogue -> its projection
 
 
 @dataclass
@@ -117,13 +120,14 @@ def sold_half(products: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def make_setup(cat_vecs: np.ndarray, cat_products: np.ndarray, cat_kinds: np.ndarray, q_vecs: np.ndarray,
-               q_products: np.ndarray, seed: int = 0) -> Setup:
-    """Half of the products (drawn with `seed`) form the catalogue; queries of the rest are the unknown."""
+               q_products: np.ndarray, seed: int = 0, fit: Fit = projection) -> Setup:
+    """Half of the products (drawn with `seed`) form the catalogue; queries of the rest are the unknown. `fit`
+    learns the index space from the catalogue (the builder's default: PCA-256 from 512 photos)."""
     rng = np.random.default_rng(seed)
     products = np.unique(cat_products)
     in_cat = sold_half(cat_products, rng)
     known = np.isin(q_products, cat_products[in_cat])
-    project = projection(cat_vecs[in_cat])
+    project = fit(cat_vecs[in_cat])
     catalogue, level = project(cat_vecs[in_cat]), levels(products, seed)
     prices = np.array([level[int(p)] for p in cat_products[in_cat]]) * np.exp(rng.normal(0, SPREAD, in_cat.sum()))
     # calibrated as bench.thresholds does: photos of one product count as one item
@@ -324,9 +328,12 @@ def chance_markdown(result: dict) -> list[str]:
     return lines
 
 
-def main(docs: bool = typer.Option(True, help="write the section of docs/EVALUATION.md")) -> None:
+def main(docs: bool = typer.Option(True, help="write the section of docs/EVALUATION.md"),
+         backbone: str = BACKBONE_OPTION) -> None:
+    global BACKBONE
+    other, BACKBONE = backbone if backbone != BACKBONE else None, backbone
     measure_and_document("pricing", lambda: {"rows": {"grocery": evaluate(grocery()), "COIL-100": evaluate(coil())}},
-                         markdown, "## Price estimates", docs)
+                         markdown, "## Price estimates", docs, other)
 
 
 if __name__ == "__main__":

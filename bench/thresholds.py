@@ -29,6 +29,8 @@ from query.assist import vote_category
 from query.search_index import Match
 
 BACKBONE, DESCRIPTOR, DIM = "efficientnet-lite2", "rmac", 256
+BACKBONE_OPTION = typer.Option(BACKBONE, help="measure in another backbone's space (printed and kept in bench/out; "
+                                              "the docs hold the default's)")
 EDITS: dict[str, Callable[[Image.Image], Image.Image]] = {}
 
 

@@ -168,10 +168,12 @@ class Settings(BaseSettings):
     vote_temperature: float = Field(
         0.05, gt=0, description="/assist: a neighbour's vote is exp(-(best similarity - its similarity) / this)."
     )
-    # On shop photos this floor removes about three wrong suggestions (mostly for kinds the catalogue never sold)
-    # for each right one it loses; raising it to 0.6 trades one for one (bench.category_floor, EVALUATION.md).
-    vote_min_similarity: float = Field(
-        0.55, ge=-1, le=1, description="/assist: only nearest items at least this similar vote; none: no category."
+    # Measured per vector space (query/floors.py): 0.55 in the builder's PCA-256, where on shop photos it removes
+    # about three wrong suggestions (mostly for kinds the catalogue never sold) for each right one it loses;
+    # 0.65 in the raw descriptors of a catalogue under 512 photos (bench.category_floor, bench.small_catalogue).
+    vote_min_similarity: float | None = Field(
+        None, ge=-1, le=1, description="/assist: only nearest items at least this similar vote; none: no category. "
+        "Unset: the floor measured for the index's vector space (0.55 with PCA, 0.65 without)."
     )
     # --- building ----------------------------------------------------------------
     backbone: str = Field(

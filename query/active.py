@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 from model_store import stages
 from model_store.index_artifact import Thresholds
+from query.floors import Floors, floors_for
 from model_store.preprocess import upload_px
 from query.search_index import Filters, SearchIndex
 from model_store.registry import get_model
 from model_store.settings import get_settings
 from query.errors import ApiError
-from query.models import IndexInfo, Served
+from query.models import FloorsInfo, IndexInfo, Served
 
 
 @dataclass(frozen=True)
@@ -43,12 +45,17 @@ class Active:
         return Thresholds(duplicate=s.duplicate_similarity, same=s.same_similarity, similar=s.similar_similarity,
                           measured={"source": "IMAGESEARCH_* settings: this index has no measured thresholds"})
 
+    def floors(self) -> Floors:
+        """How similar sold items must be to price a photo or vote on its category, in this index's space."""
+        return floors_for(self.index.manifest.projection, get_settings().vote_min_similarity)
+
     def info(self) -> IndexInfo:
         m = self.index.manifest
         return IndexInfo(served=self.served, photos=m.n_photos, items=m.n_items, dim=m.dim, n_trees=m.n_trees,
                          search_k=m.search_k, ann_recall_at_10=m.ann_recall_at_10, built_at=m.built_at,
                          categories=sorted(self.index.category_names),
                          upload_px=upload_px(m.embedder_config.preprocess),
+                         floors=FloorsInfo(**dataclasses.asdict(self.floors())),
                          build=m.model_dump(mode="json", exclude={"embedder_config"}))
 
 

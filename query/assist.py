@@ -7,6 +7,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from query.floors import Floors
 from query.models import CategoryVote, Estimate
 from query.pricing import as_percent, estimate_price
 from query.search_index import Filters, Match, SearchIndex, item_query
@@ -49,14 +50,14 @@ def duplicates(per_photo: list[list[Match]], threshold: float) -> list[Match]:
     return sorted(found.values(), key=lambda m: -m.score)
 
 
-def estimate(index: SearchIndex, query: np.ndarray, filters: Filters) -> Estimate:
+def estimate(index: SearchIndex, query: np.ndarray, filters: Filters, floors: Floors) -> Estimate:
     """The expected price from the nearest items; price filters do not apply (they would bias it)."""
     f = filters.model_copy(update={"min_price": None, "max_price": None})
-    return estimate_price(index.nearest(query, ESTIMATE_NEIGHBOURS, f))
+    return estimate_price(index.nearest(query, ESTIMATE_NEIGHBOURS, f), floors.price)
 
 
 def assist(index: SearchIndex, photos: np.ndarray, k: int, filters: Filters, *, vote_neighbours: int,
-           vote_temperature: float, vote_min_similarity: float, duplicate_threshold: float) -> dict:
+           vote_temperature: float, floors: Floors, duplicate_threshold: float) -> dict:
     """The parts of an AssistResponse for the photos (N, dim, index space) of one item: the vote, the estimate
     and the nearest items from the item's query (query.search_index.item_query), the duplicates photo by
     photo. The vote and the duplicates look at the whole catalogue; the nearest items and the estimate
@@ -65,7 +66,7 @@ def assist(index: SearchIndex, photos: np.ndarray, k: int, filters: Filters, *, 
     unfiltered = index.nearest(query, vote_neighbours)
     # one photo's query is that photo: its nearest items are already here
     per_photo = [unfiltered] if len(photos) == 1 else [index.nearest(p, vote_neighbours) for p in photos]
-    return {"category": vote_category(unfiltered, vote_temperature, vote_min_similarity),
+    return {"category": vote_category(unfiltered, vote_temperature, floors.vote),
             "duplicates": duplicates(per_photo, duplicate_threshold),
-            "duplicate_threshold": duplicate_threshold, "estimate": estimate(index, query, filters),
+            "duplicate_threshold": duplicate_threshold, "estimate": estimate(index, query, filters, floors),
             "nearest": index.nearest(query, k, filters)}

@@ -77,6 +77,13 @@ class EstimateResponse(Estimate):
     took_ms: float
 
 
+class FloorsInfo(BaseModel):
+    """How similar sold items must be for /estimate to price a photo and for /assist to vote on its category."""
+    price: float
+    vote: float
+    space: str = Field(description="the index's vector space they were measured for (docs/EVALUATION.md)")
+
+
 class IndexInfo(BaseModel):
     served: Served
     photos: int
@@ -89,6 +96,7 @@ class IndexInfo(BaseModel):
     categories: list[str]
     upload_px: int = Field(description="the short side, in pixels, past which a photo gains nothing: clients "
                                        "save bandwidth and time by downscaling uploads to it (the page does)")
+    floors: FloorsInfo
     build: dict[str, Any] = Field(description="the index manifest: build parameters, timings, evaluation")
 
 

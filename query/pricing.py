@@ -7,15 +7,17 @@ from collections import Counter
 
 import numpy as np
 
+from query.floors import PCA
 from query.models import Estimate
 from query.search_index import Match
 
-# The floor a comparable must reach, in the default embedder's index space. Measured on shop photos and
-# COIL-100 with made-up prices (python -m bench.pricing, docs/EVALUATION.md "Price estimates"): at 0.6, 91% of
-# photos of sold products get a price (as many within 25% of their level as with any lower floor) and about a
-# third of photos of never-sold products are refused; the index's calibrated same/similar thresholds are
-# pairwise cuts (0.17-0.31) that would price every never-sold product.
-MIN_SIMILARITY = 0.6
+# The floor a comparable must reach depends on the index's vector space (query/floors.py). In the builder's
+# PCA-256, measured on shop photos and COIL-100 with made-up prices (python -m bench.pricing,
+# docs/EVALUATION.md "Price estimates"): at 0.6, 91% of photos of sold products get a price (as many within
+# 25% of their level as with any lower floor) and about a third of photos of never-sold products are refused;
+# the index's calibrated same/similar thresholds are pairwise cuts (0.17-0.31) that would price every
+# never-sold product.
+MIN_SIMILARITY = PCA.price
 # Comparables must also be nearly as similar as the best match: items a whole look away (other families
 # in the demo score 0.6-0.76 when the same family scores 0.8-0.98) would otherwise blur the price.
 RELATIVE_MARGIN = 0.1

@@ -107,8 +107,9 @@ def test_assist_names_no_category_for_a_photo_like_nothing_sold(server):
     assert r.status_code == 200, r.text
     vote = r.json()["category"]
     assert (vote["suggested"], vote["runner_up"], vote["confidence"], vote["neighbours"]) == (None, None, 0, 0)
+    # the demo index (144 photos) has no projection: the floor measured for raw descriptors (query/floors.py)
     assert re.fullmatch(r"no sold item is similar enough to suggest a category: the closest is [\d.]+% similar, a "
-                        r"suggestion needs 55%", vote["reason"]), vote
+                        r"suggestion needs 65%", vote["reason"]), vote
     assert len(r.json()["nearest"]) == 3  # the nearest items are still shown, to judge by eye
 
 

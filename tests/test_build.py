@@ -26,6 +26,8 @@ from index_builder.evaluate import EvalError
 from model_store.backbones import WeightsError, resolve_weights
 from model_store.embedder import load_embedder
 from model_store.index_artifact import ANNOY_FILE
+from query.active import Active
+from query.floors import PCA
 from query.search_index import SearchIndex
 from model_store.preprocess import image_to_pixels, load_image_file
 from model_store.registry import bentoml_home, get_model, list_models
@@ -242,6 +244,7 @@ def test_pca_projection_is_learned_and_applied(demo_catalogue):
     assert (s.projection, s.dim) == ("pca", 16)
     index = SearchIndex(Path(get_model(s.tag).path))
     assert index.project(np.random.default_rng(0).normal(size=(3, 1280)).astype(np.float32)).shape == (3, 16)
+    assert Active(index, deployment=None, served=None).floors() == PCA  # the floors measured in a PCA space
 
 
 def test_weights_from_a_file_and_clear_errors(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import csv
+import dataclasses
 import http.client
 import io
 import json
@@ -31,6 +32,7 @@ from model_store.malloc import ONE_ARENA
 from model_store.registry import get_model, register
 from model_store.settings import INDEX_MODEL, get_settings
 from query.bentoml_fixes import METRICS_FOLDERS
+from query.floors import RAW
 from query.search_index import SearchIndex, item_query
 
 from conftest import ROOT, TOKEN, Server, run_env
@@ -121,7 +123,7 @@ def test_estimate_refuses_when_nothing_is_close(server):
     noise = noise_png()
     e = server.http.post("/estimate", files=upload(noise)).json()
     assert e["price"] is None and e["confidence"] == 0 and "similar enough" in e["reason"]
-    assert re.search(r"the closest is [\d.]+% similar, a price needs 60%", e["reason"]), e["reason"]
+    assert re.search(r"the closest is [\d.]+% similar, a price needs 70%", e["reason"]), e["reason"]
     none_sold = server.http.post("/estimate", files=upload(noise), data={"sold_before": "1990-01-01"}).json()
     assert none_sold["price"] is None and "matches the filters" in none_sold["reason"], none_sold
 
@@ -198,6 +200,8 @@ def test_index_info(server, demo_index):
     assert "Furniture" in info["categories"] and info["build"]["evaluation"]["queries"] == 24
     spec = SearchIndex(Path(get_model(demo_index.tag).path), demo_index.tag).manifest.embedder_config.preprocess
     assert info["upload_px"] == 2 * spec.resize
+    # 72 photos: no PCA, so the floors measured for raw descriptors (query/floors.py)
+    assert info["build"]["projection"] == "none" and info["floors"] == dataclasses.asdict(RAW)
 
 
 def _bad_requests(good: bytes) -> list[tuple[str, dict, dict, int, str]]:

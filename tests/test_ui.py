@@ -349,11 +349,11 @@ def test_a_photo_nothing_sold_resembles_gets_a_plain_refusal_instead_of_a_price_
     page.wait_for_function("document.querySelector('#estimate-price').textContent.length > 0")
     said = page.locator("#estimate-price").inner_text()
     assert re.fullmatch(r"No sold item is similar enough to price this photo: the closest is [\d.]+% similar, a price "
-                        r"needs 60%; it needs a human appraisal\.", said), said
+                        r"needs 70%; it needs a human appraisal\.", said), said
     assert page.locator("#estimate-confidence-row").is_hidden()
     category = page.locator("#assist-category").inner_text()
     assert re.fullmatch(r"Suggested category: none\. No sold item is similar enough to suggest a category: the "
-                        r"closest is [\d.]+% similar, a suggestion needs 55%\.", category), category
+                        r"closest is [\d.]+% similar, a suggestion needs 65%\.", category), category
 
 
 def test_more_like_this_shows_the_items_neighbours(page, demo_catalogue, rows):

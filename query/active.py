@@ -8,8 +8,8 @@ from pathlib import Path
 
 from model_store import stages
 from model_store.index_artifact import Thresholds
-from query.floors import Floors, floors_for
 from model_store.preprocess import upload_px
+from query.floors import Floors, floors_for
 from query.search_index import Filters, SearchIndex
 from model_store.registry import get_model
 from model_store.settings import get_settings

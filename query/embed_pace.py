@@ -22,10 +22,12 @@ MARGIN = 1.5
 # Rounds of batches kept at the embedder: with two, a batch is queued at each worker when its pass ends, so
 # no worker idles while the entry sends the next.
 MIN_ROUNDS = 2
-# How long the entry counts a worker's report after it last heard it. Each readiness probe (every 5 s in
-# deploy/k8s.yaml) reaches one embedder worker: in 10 minutes each of 8 workers is heard from but for a chance
-# of 3 in 10,000. A worker not heard from for that long is gone (redeployed on other hardware, restarted).
-FORGET_S = 600.0
+# How long an entry process counts a worker's report after it last heard it. Each readiness probe (every 5 s
+# in deploy/k8s.yaml) reaches one entry process and, through it, one embedder worker: in 30 minutes an entry
+# of 4 processes hears ~90 probes in each, and misses a given one of 8 embedder workers with a chance of
+# (7/8)^90, 6 in a million. A worker not heard from for that long is gone (redeployed on other hardware,
+# restarted); an embedder redeployed on faster hardware gets its own limits within the half hour.
+FORGET_S = 1800.0
 
 
 @dataclass(frozen=True)

@@ -196,8 +196,8 @@ def _fit_projection(vectors: np.ndarray, item_ids: list[str], kind: ProjectionKi
     catalogue's items teach a better one (index_builder/learn.py), else PCA with a message saying why."""
     if kind == "none" or dim <= 0 or dim >= vectors.shape[1] or len(vectors) < 2 * dim:
         if kind != "none" and 0 < dim < vectors.shape[1]:
-            print(f"[project] skipped: a {dim}-d projection needs at least {2 * dim} photos, have {len(vectors)}",
-                  file=sys.stderr)
+            print(f"[project] skipped: a {dim}-d projection needs at least {2 * dim} photos, have {len(vectors)}; "
+                  "/estimate and /assist use the floors measured for raw descriptors (query/floors.py)", file=sys.stderr)
         elif kind != "none" and dim >= vectors.shape[1]:
             print(f"[project] skipped: --pca-dim {dim} does not shrink the {vectors.shape[1]}-d vectors",
                   file=sys.stderr)

@@ -170,10 +170,11 @@ class Settings(BaseSettings):
     )
     # Measured per vector space (query/floors.py): 0.55 in the builder's PCA-256, where on shop photos it removes
     # about three wrong suggestions (mostly for kinds the catalogue never sold) for each right one it loses;
-    # 0.65 in the raw descriptors of a catalogue under 512 photos (bench.category_floor, bench.small_catalogue).
+    # 0.65 in the raw descriptors of a catalogue under 512 photos, 0.25 in whitened PCA (bench.category_floor,
+    # bench.space_floors).
     vote_min_similarity: float | None = Field(
         None, ge=-1, le=1, description="/assist: only nearest items at least this similar vote; none: no category. "
-        "Unset: the floor measured for the index's vector space (0.55 with PCA, 0.65 without)."
+        "Unset: the floor measured for the index's vector space (0.55 with PCA, 0.65 without, 0.25 whitened)."
     )
     # --- building ----------------------------------------------------------------
     backbone: str = Field(

@@ -27,7 +27,7 @@ from model_store.backbones import WeightsError, resolve_weights
 from model_store.embedder import load_embedder
 from model_store.index_artifact import ANNOY_FILE
 from query.active import Active
-from query.floors import PCA
+from query.floors import PCA, WHITENED
 from query.search_index import SearchIndex
 from model_store.preprocess import image_to_pixels, load_image_file
 from model_store.registry import bentoml_home, get_model, list_models
@@ -241,12 +241,13 @@ def test_vgg16_random_weights_are_labelled_and_pool5_is_the_flat_map(demo_catalo
     assert get_model(s.tag).info.labels["weights"] == "random"
 
 
-def test_pca_projection_is_learned_and_applied(demo_catalogue):
-    s = build(demo_catalogue, pca_dim=16, progress=False, workers=0)
-    assert (s.projection, s.dim) == ("pca", 16)
+@pytest.mark.parametrize("whiten, floors", [(False, PCA), (True, WHITENED)])
+def test_pca_projection_is_learned_and_applied(demo_catalogue, whiten, floors):
+    s = build(demo_catalogue, pca_dim=16, whiten=whiten, progress=False, workers=0)
+    assert (s.projection, s.dim) == ("pca-whiten" if whiten else "pca", 16)
     index = SearchIndex(Path(get_model(s.tag).path))
     assert index.project(np.random.default_rng(0).normal(size=(3, 1280)).astype(np.float32)).shape == (3, 16)
-    assert Active(index, deployment=None, served=None).floors() == PCA  # the floors measured in a PCA space
+    assert Active(index, deployment=None, served=None).floors() == floors  # the floors measured in its space
 
 
 def test_weights_from_a_file_and_clear_errors(tmp_path):

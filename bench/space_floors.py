@@ -24,10 +24,11 @@ import typer
 from bench.category_floor import GROUPS, coil_arrays, grocery_arrays, one_split
 from bench.evaluate_grocery import measure_and_document
 from bench.grocery import CREDIT
-from bench.pricing import estimate_price, judge, make_setup, neighbours
+from bench.pricing import judge, make_setup, neighbours
 from bench.thresholds import BACKBONE, DIM, normalize, projection
 from model_store.index_artifact import Projection
 from query.floors import PCA, RAW, WHITENED, Floors
+from query.pricing import estimate_price
 
 SIZES = (60, 250, 500)  # raw: catalogue photos; each draw takes twice as many, half the products are sold
 DRAWS = 3
@@ -99,8 +100,9 @@ def markdown(result: dict) -> str:
             f"embedder ({BACKBONE}, regional GeM); half the products sold, each photo its own sold item, priced as "
             "bench.pricing and voted on as bench.category_floor. PCA-256 (at its floors) and whitened PCA-256: the "
             f"whole catalogue; raw descriptors: catalogues of about {', '.join(map(str, SIZES))} photos drawn at "
-            f"random ({DRAWS} draws each; shares are means over the draws, counts sums), as the builder indexes a "
-            f"catalogue of under 512 photos. Bold: the floors the service uses in that space. {CREDIT}")
+            f"random, as the builder indexes a catalogue of under 512 photos. Each row: {DRAWS} draws of the sold "
+            "half (and of the raw rows' photos); shares are means over the draws, counts sums. Bold: the floors the "
+            f"service uses in that space. {CREDIT}")
     price = ["| data | space | catalogue photos | price floor | known: priced | within 25% (of all) | unknown: priced |",
              "|---|---|---|---|---|---|---|"]
     vote = ["| data | space | catalogue photos | vote floor | known: right | new product of a sold kind: right "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Union, get_args, get_origin
 
@@ -19,6 +20,8 @@ from pydantic.fields import FieldInfo
 
 from model_store.index_artifact import ISO_DATE
 from query.errors import ApiError
+
+INTEGER = re.compile(r"-?[0-9]+")  # what "an integer" means in a form field
 
 
 @dataclass(frozen=True)
@@ -46,11 +49,13 @@ class TextField:
         except ValidationError:
             shown = value if len(value) <= 40 else value[:37] + "..."
             raise ApiError(f"{self.name} must be {self.expected}; got {shown!r}", field=self.name) from None
-        # Python's numbers take "1_000" (and a typo's "1_00" as 100): digits only, as the message says
-        underscored = isinstance(parsed, (int, float)) and "_" in value
+        # Python's numbers take "1_000" (and a typo's "1_00" as 100), and pydantic's integers "3.0", "+3" and " 3 ":
+        # digits only, as the message says
+        underscored = isinstance(parsed, float) and "_" in value
+        not_digits = type(parsed) is int and not INTEGER.fullmatch(value)
         # pydantic also reads a date from seconds since 1970 ("0") and from a midnight time: YYYY-MM-DD only
         not_iso = isinstance(parsed, dt.date) and not ISO_DATE.fullmatch(value)
-        if underscored or not_iso or (isinstance(parsed, float) and not math.isfinite(parsed)):
+        if underscored or not_digits or not_iso or (isinstance(parsed, float) and not math.isfinite(parsed)):
             raise ApiError(f"{self.name} must be {self.expected}; got {value!r}", field=self.name)
         return parsed
 

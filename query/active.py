@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from query.search_index import Filters, SearchIndex
 from model_store.registry import get_model
 from model_store.settings import get_settings
 from query.errors import ApiError
-from query.models import FloorsInfo, IndexInfo, Served
+from query.models import IndexInfo, Served
 
 
 @dataclass(frozen=True)
@@ -55,7 +54,7 @@ class Active:
                          search_k=m.search_k, ann_recall_at_10=m.ann_recall_at_10, built_at=m.built_at,
                          categories=sorted(self.index.category_names),
                          upload_px=upload_px(m.embedder_config.preprocess),
-                         floors=FloorsInfo(**dataclasses.asdict(self.floors())),
+                         floors=self.floors(),
                          build=m.model_dump(mode="json", exclude={"embedder_config"}))
 
 

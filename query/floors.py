@@ -13,25 +13,29 @@ measured: it gets PCA's floors, and an index of it should be measured before it 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pydantic import BaseModel, ConfigDict, Field
 
 
-@dataclass(frozen=True)
-class Floors:
-    price: float  # comparables must be at least this similar
-    vote: float  # neighbours must be at least this similar to vote on the category
-    space: str  # what they were measured in, for the answers' reasons and /index
+class Floors(BaseModel):
+    """How similar sold items must be for /estimate to price a photo and for /assist to vote on its category
+    (GET /index shows them)."""
+
+    model_config = ConfigDict(frozen=True)
+    price: float = Field(description="comparables must be at least this similar")
+    vote: float = Field(description="neighbours must be at least this similar to vote on the category")
+    space: str = Field(description="the index's vector space they were measured for (docs/EVALUATION.md)")
 
 
-PCA = Floors(0.6, 0.55, "PCA (measured at 256-d)")
-RAW = Floors(0.7, 0.65, "raw descriptors, a catalogue of under 512 photos (measured)")
-WHITENED = Floors(0.275, 0.25, "whitened PCA (measured at 256-d)")
-UNMEASURED = Floors(PCA.price, PCA.vote, "a learned projection (PCA's floors, not measured)")
+PCA = Floors(price=0.6, vote=0.55, space="PCA (measured at 256-d)")
+RAW = Floors(price=0.7, vote=0.65, space="raw descriptors, a catalogue of under 512 photos (measured)")
+WHITENED = Floors(price=0.275, vote=0.25, space="whitened PCA (measured at 256-d)")
+UNMEASURED = Floors(price=PCA.price, vote=PCA.vote, space="a learned projection (PCA's floors, not measured)")
 
 
 def floors_for(projection: str, vote_override: float | None = None) -> Floors:
     """The floors for an index whose manifest names `projection`; `vote_override` (a setting) replaces the vote's."""
     floors = {"pca": PCA, "none": RAW, "pca-whiten": WHITENED}.get(projection, UNMEASURED)
     if vote_override is not None:
-        floors = Floors(floors.price, vote_override, floors.space + f"; vote floor set to {vote_override}")
+        floors = floors.model_copy(update={"vote": vote_override,
+                                           "space": floors.space + f"; vote floor set to {vote_override}"})
     return floors

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Optional
 from pydantic import BaseModel, Field
 
 from model_store.settings import get_settings
+from query.floors import Floors
 from query.search_index import Match
 
 _max_k = get_settings().max_k
@@ -77,13 +78,6 @@ class EstimateResponse(Estimate):
     took_ms: float
 
 
-class FloorsInfo(BaseModel):
-    """How similar sold items must be for /estimate to price a photo and for /assist to vote on its category."""
-    price: float
-    vote: float
-    space: str = Field(description="the index's vector space they were measured for (docs/EVALUATION.md)")
-
-
 class IndexInfo(BaseModel):
     served: Served
     photos: int
@@ -96,7 +90,7 @@ class IndexInfo(BaseModel):
     categories: list[str]
     upload_px: int = Field(description="the short side, in pixels, past which a photo gains nothing: clients "
                                        "save bandwidth and time by downscaling uploads to it (the page does)")
-    floors: FloorsInfo
+    floors: Floors
     build: dict[str, Any] = Field(description="the index manifest: build parameters, timings, evaluation")
 
 

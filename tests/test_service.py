@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import csv
-import dataclasses
 import http.client
 import io
 import json
@@ -201,7 +200,7 @@ def test_index_info(server, demo_index):
     spec = SearchIndex(Path(get_model(demo_index.tag).path), demo_index.tag).manifest.embedder_config.preprocess
     assert info["upload_px"] == 2 * spec.resize
     # 72 photos: no PCA, so the floors measured for raw descriptors (query/floors.py)
-    assert info["build"]["projection"] == "none" and info["floors"] == dataclasses.asdict(RAW)
+    assert info["build"]["projection"] == "none" and info["floors"] == RAW.model_dump()
 
 
 def _bad_requests(good: bytes) -> list[tuple[str, dict, dict, int, str]]:

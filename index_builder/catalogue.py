@@ -6,14 +6,16 @@ import csv
 import datetime as dt
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
-from index_builder.sources import is_remote
-from model_store.index_artifact import ISO_DATE
+from index_builder.sources import REMOTE_SCHEMES, is_remote
+from model_store.index_artifact import ISO_DATE, MAX_PRICE
 
 COLUMNS = ("item_id", "image_path", "title", "category", "price", "currency", "sold_at")
 OPTIONAL_COLUMNS = ("image_url",)
@@ -71,6 +73,23 @@ class CatalogueRow(BaseModel):
         if isinstance(v, str) and ISO_DATE.fullmatch(v.strip()):
             return v.strip()
         raise ValueError("not YYYY-MM-DD")
+
+    @field_validator("sold_at", mode="after")
+    @classmethod
+    def _not_in_the_future(cls, v: dt.date) -> dt.date:
+        """A sale dated after the build (a typo in the year: 2062 for 2026) would pass every `sold_after`
+        filter, and show buyers a date no sale had. A day's grace: somewhere on Earth it is already tomorrow."""
+        if v > dt.datetime.now(dt.timezone.utc).date() + dt.timedelta(days=1):
+            raise PydanticCustomError("out_of_range", "is in the future: write the day the item sold")
+        return v
+
+    @field_validator("price", mode="after")
+    @classmethod
+    def _at_most_max_price(cls, v: float) -> float:
+        if v > MAX_PRICE:
+            raise PydanticCustomError("out_of_range", f"must be at most {MAX_PRICE:,.0f} (the most a search "
+                                                      "filters on), in any currency")
+        return v
 
     @field_validator("currency", mode="after")
     @classmethod
@@ -151,10 +170,7 @@ def _decoded_rows(path: Path) -> Iterator[tuple[int, dict | None, str]]:
                 raise CatalogueError(f"{path}: missing column(s) {', '.join(missing)}; "
                                      f"the header must name {','.join(COLUMNS)}{_separator_hint(reader.fieldnames)}")
             for fields in reader:
-                if None in fields:
-                    yield reader.line_num, None, f"{len(fields[None]) + len(COLUMNS)} or more fields, header has fewer"
-                else:
-                    yield reader.line_num, fields, ""
+                yield reader.line_num, *_fields_or_error(fields, reader.fieldnames)
     elif suffix in (".jsonl", ".ndjson"):
         with path.open(encoding="utf-8") as f:
             for line, text in enumerate(f, 1):
@@ -176,6 +192,19 @@ def _decoded_rows(path: Path) -> Iterator[tuple[int, dict | None, str]]:
                 yield line, dict(zip(names, (_plain(value) for _, value in pairs))), ""
     else:
         raise CatalogueError(f"{path}: unknown catalogue format {suffix!r}: use .csv or .jsonl")
+
+
+def _fields_or_error(fields: dict, header: list[str]) -> tuple[dict, str]:
+    """A CSV row's fields, and why the row has more or fewer fields than its header, if it has (csv.DictReader
+    keeps the extra ones under None, and gives the missing ones None)."""
+    if None in fields:
+        return fields, (f"the row has {len(header) + len(fields[None])} fields, the header {len(header)}: a comma "
+                      'inside a field needs the field in double quotes ("Chair, oak")')
+    if any(fields.get(c) is None for c in COLUMNS):
+        given = next(i for i, name in enumerate(header) if fields[name] is None)
+        return fields, (f"the row has {given} fields, the header {len(header)}: every column needs a value, even "
+                      "an empty one between two commas")
+    return fields, ""
 
 
 class _Pairs(list):
@@ -230,7 +259,9 @@ def _validation_reason(exc: ValidationError) -> str:
     reasons = []
     for e in exc.errors():
         field = ".".join(map(str, e["loc"])) or "row"
-        if e["type"] in ("missing", "string_too_short"):  # too short: empty, or spaces only
+        if e["type"] == "out_of_range":  # our own validators' words
+            reasons.append(f"{field} {e['msg']}; got {str(e['input'])[:60]!r}")
+        elif e["type"] in ("missing", "string_too_short"):  # too short: empty, or spaces only
             reasons.append(f"{field} is {'missing' if e['type'] == 'missing' else 'empty'}: every row needs one")
         elif field in WANTED:
             reasons.append(f"{field} must be {WANTED[field]}; got {str(e['input'])[:60]!r}")
@@ -250,8 +281,8 @@ def read_catalogue(path: Path) -> Catalogue:
     seen_paths: dict[str, int] = {}
     items: dict[str, tuple[int, tuple]] = {}
     for line, fields, error in _raw_rows(path):
-        image_path = str((fields or {}).get("image_path", ""))
-        if fields is None:
+        image_path = str((fields or {}).get("image_path") or "")
+        if error:
             bad.append(BadRow(line, image_path, error))
             continue
         try:
@@ -266,7 +297,7 @@ def read_catalogue(path: Path) -> Catalogue:
             reason = f"duplicate photo: same image_path as line {seen_paths[full]}"
         elif not remote and not Path(full).is_file():  # remote photos are checked when they are fetched
             reason = (f"image_path is a folder, not a photo: {full}" if Path(full).is_dir()
-                      else f"image file not found: {full}")
+                      else f"image file not found: {full}{_not_found_hint(row.image_path)}")
         elif row.item_id in items and items[row.item_id][1] != row.item_fields():
             reason = (f"item {row.item_id}: title/category/price/currency/sold_at differ from line "
                       f"{items[row.item_id][0]}; all photos of one item must agree")
@@ -277,6 +308,18 @@ def read_catalogue(path: Path) -> Catalogue:
         items.setdefault(row.item_id, (line, row.item_fields()))
         photos.append(Photo(line, row, full))
     return Catalogue(path.resolve(), file_sha256(path), photos, bad)
+
+
+def _not_found_hint(image_path: str) -> str:
+    """Why a path that names no file may have been written for another machine or another reader."""
+    if "://" in image_path:
+        return (f" ({image_path.split('://')[0]}:// is not read: write a path, or a URL starting "
+                f"{', '.join(REMOTE_SCHEMES)})")
+    if "\\" in image_path:
+        return " (a Windows path: write its folders with /, as photos/lot-1017-a.jpg)"
+    if re.match(r"[A-Za-z]:/", image_path):
+        return " (a Windows drive: write the path on the machine that builds, or relative to the catalogue)"
+    return ""
 
 
 def file_sha256(path: Path) -> str:

@@ -29,6 +29,9 @@ FORMAT_VERSION = 3
 # SQLite compares with the date filters' own. pydantic alone also reads a number (seconds since 1970) or a
 # midnight time as a date.
 ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+# The highest price a catalogue row may hold and a request may filter on, in any currency: a trillion is past
+# any sale, and a price of 1e30 (a typo, an exponent) would be an estimate's comparable no filter could reach.
+MAX_PRICE = 1e12
 
 
 class ArtifactError(RuntimeError):

@@ -8,13 +8,14 @@ from typing import Annotated, Any, Optional
 
 from pydantic import BaseModel, Field
 
+from model_store.index_artifact import MAX_PRICE
 from model_store.settings import get_settings
 from query.floors import Floors
 from query.search_index import Match
 
 _max_k = get_settings().max_k
 K = Annotated[int, Field(ge=1, le=_max_k, description=f"distinct items to return, 1..{_max_k}")]
-Price = Annotated[Optional[float], Field(ge=0, le=1e12, allow_inf_nan=False, description="a price, 0 or more")]
+Price = Annotated[Optional[float], Field(ge=0, le=MAX_PRICE, allow_inf_nan=False, description="a price, 0 or more")]
 Category = Annotated[Optional[str], Field(max_length=200, description="one of GET /index's categories")]
 _max_photos = get_settings().max_batch_images
 # The counts are in the OpenAPI document (minItems, maxItems); the request guard refuses other counts first.

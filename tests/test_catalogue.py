@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 
 import pytest
@@ -50,12 +51,46 @@ def test_good_rows_and_several_photos_per_item(folder):
                                                     "NUL): 'a\\x00.png'; write the photo's path or URL alone"),
     ("i1,missing.png,Vase,Ceramics,3,USD,2024-05-01", "image file not found"),
     ("i1,.,Vase,Ceramics,3,USD,2024-05-01", "image_path is a folder, not a photo"),
-    ("i1,a.png,Vase,Ceramics,3,USD,2024-05-01,extra", "fields"),
+    ("i1,a.png,Vase,Ceramics,3,USD,2024-05-01,extra", "the row has 8 fields, the header 7: a comma inside a field "
+                                                      'needs the field in double quotes ("Chair, oak")'),
+    ("i1,a.png,Chair, oak,Furniture,3,USD,2024-05-01", "the row has 8 fields, the header 7"),
+    ("i1,a.png,Vase,Ceramics", "the row has 4 fields, the header 7: every column needs a value, even an empty one "
+                               "between two commas"),
+    ("i1,a.png,Vase,Ceramics,3,USD,2099-05-01", "sold_at is in the future: write the day the item sold; got "
+                                                "'2099-05-01'"),
+    ("i1,a.png,Vase,Ceramics,1e13,USD,2024-05-01", "price must be at most 1,000,000,000,000 (the most a search "
+                                                   "filters on), in any currency; got '1e13'"),
+    ("i1,photos\\a.png,Vase,Ceramics,3,USD,2024-05-01", "(a Windows path: write its folders with /, as "
+                                                        "photos/lot-1017-a.jpg)"),
+    ("i1,C:/photos/a.png,Vase,Ceramics,3,USD,2024-05-01", "(a Windows drive: write the path on the machine that builds"),
+    ("i1,file:///photos/a.png,Vase,Ceramics,3,USD,2024-05-01", "(file:// is not read: write a path, or a URL starting "
+                                                               "http://, https://, s3://, gs://)"),
 ])
 def test_each_bad_row_is_reported_with_line_and_reason(folder, row, reason):
     cat = read_catalogue(write(folder, HEADER + "i0,c.png,Cup,Ceramics,1,USD,2024-01-01\n" + row + "\n"))
     assert len(cat.photos) == 1
     assert len(cat.bad) == 1 and cat.bad[0].line == 3 and reason in cat.bad[0].reason
+
+
+def test_a_row_with_a_field_too_many_or_too_few_names_its_photo(folder):
+    cat = read_catalogue(write(folder, HEADER + "i1,a.png,Chair, oak,Furniture,3,USD,2024-05-01\n"
+                                                 "i2,b.png,Vase\n"))
+    assert [(b.line, b.image_path) for b in cat.bad] == [(2, "a.png"), (3, "b.png")]
+
+
+def test_a_row_may_leave_out_an_optional_column_at_its_end(folder):
+    cat = read_catalogue(write(folder, HEADER.strip() + ",image_url\ni1,a.png,Vase,Ceramics,3,USD,2024-05-01\n"))
+    assert cat.bad == [] and cat.photos[0].row.image_url is None
+
+
+def test_a_sale_dated_tomorrow_is_taken_and_one_after_is_not(folder):
+    """Somewhere on Earth it is already tomorrow: a day's grace, no more."""
+    today = dt.datetime.now(dt.timezone.utc).date()
+    cat = read_catalogue(write(folder, HEADER + f"i1,a.png,Vase,Ceramics,3,USD,{today + dt.timedelta(days=1)}\n"
+                                                f"i2,b.png,Jug,Ceramics,3,USD,{today + dt.timedelta(days=2)}\n"))
+    assert [p.line for p in cat.photos] == [2]
+    assert [(b.line, b.reason.split(";")[0]) for b in cat.bad] == [(3, "sold_at is in the future: write the day "
+                                                                       "the item sold")]
 
 
 def test_duplicate_photo_and_disagreeing_item_rows(folder):

@@ -169,10 +169,11 @@ def delete(tag: str, *, force: bool = False) -> str:
                 if tag in (d.index, d.embedder):
                     (serving if i == len(stack) - 1 else fallback).append(stage)
         if serving:
-            raise PromotionError(f"refusing to delete {tag}: {', '.join(sorted(set(serving)))} serves it. Promote "
-                                 "another version first.")
+            names = sorted(set(serving))
+            raise PromotionError(f"refusing to delete {tag}: {' and '.join(names)} "
+                                 f"{'serves' if len(names) == 1 else 'serve'} it. Promote another version first.")
         if fallback and not force:
-            raise PromotionError(f"refusing to delete {tag}: {', '.join(sorted(set(fallback)))} could roll back to "
+            raise PromotionError(f"refusing to delete {tag}: {' and '.join(sorted(set(fallback)))} could roll back to "
                                  "it. Pass --force to delete it anyway (that rollback would then fail).")
         bentoml.models.delete(tag)
     return tag

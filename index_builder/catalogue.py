@@ -58,10 +58,13 @@ class CatalogueRow(BaseModel):
 
     @field_validator("price", mode="before")
     @classmethod
-    def _no_underscores(cls, v: object) -> object:
-        """Python's float() reads "1_000" as 1000, and a typo's "1_00" as 100: refused, as commas are."""
+    def _a_plain_number(cls, v: object) -> object:
+        """Python's float() reads "1_000" as 1000, and a typo's "1_00" as 100: refused, as commas are. pydantic
+        reads JSON's true as 1.0."""
         if isinstance(v, str) and "_" in v:
             raise ValueError("thousands separators")
+        if isinstance(v, bool):
+            raise ValueError("true or false")
         return v
 
     @field_validator("sold_at", mode="before")
@@ -260,16 +263,21 @@ def _validation_reason(exc: ValidationError) -> str:
     for e in exc.errors():
         field = ".".join(map(str, e["loc"])) or "row"
         if e["type"] == "out_of_range":  # our own validators' words
-            reasons.append(f"{field} {e['msg']}; got {str(e['input'])[:60]!r}")
+            reasons.append(f"{field} {e['msg']}; got {_as_written(e['input'])}")
         elif e["type"] in ("missing", "string_too_short"):  # too short: empty, or spaces only
             reasons.append(f"{field} is {'missing' if e['type'] == 'missing' else 'empty'}: every row needs one")
         elif field in WANTED:
-            reasons.append(f"{field} must be {WANTED[field]}; got {str(e['input'])[:60]!r}")
+            reasons.append(f"{field} must be {WANTED[field]}; got {_as_written(e['input'])}")
         elif e["type"] == "string_type":  # JSON Lines: null, true, a list...
-            reasons.append(f"{field} must be text; got {json.dumps(e['input'])[:60]}")
+            reasons.append(f"{field} must be text; got {_as_written(e['input'])}")
         else:
             reasons.append(f"{field}: {e['msg'].removeprefix('Value error, ')}")
     return "; ".join(reasons)
+
+
+def _as_written(value: object) -> str:
+    """A field's value as the catalogue wrote it: CSV text quoted, a JSON Lines value as JSON (null, true)."""
+    return repr(value[:60]) if isinstance(value, str) else json.dumps(value, default=str)[:60]
 
 
 def read_catalogue(path: Path) -> Catalogue:

@@ -177,6 +177,18 @@ def test_json_lines_rows_name_what_is_missing_or_not_text(folder):
                                                    3: "category must be text; got null"}
 
 
+def test_json_lines_values_are_shown_as_json_wrote_them(folder):
+    """true was read as a price of 1.0, and null shown as Python's 'None'."""
+    row = {"item_id": "i1", "image_path": "a.png", "title": "Vase", "category": "Ceramics", "price": 3,
+           "currency": "EUR", "sold_at": "2024-02-02"}
+    rows = (row | {"price": True}, row | {"currency": None}, row | {"price": 1e300}, row | {"sold_at": 20240202})
+    cat = read_catalogue(write(folder, "\n".join(json.dumps(r) for r in rows) + "\n", "cat.jsonl"))
+    assert cat.photos == []
+    assert {b.line: b.reason.split("; got ")[-1] for b in cat.bad} == {1: "true", 2: "null", 3: "1e+300",
+                                                                       4: "20240202"}
+    assert cat.bad[0].reason.startswith("price must be a number of 0 or more")
+
+
 def test_a_json_lines_row_naming_a_column_twice_is_refused(folder):
     """As a CSV header is: a JSON object keeps the last of two equal keys, and both "title" and "Title" name
     the title."""

@@ -38,6 +38,9 @@ def _print_summary(s: BuildSummary) -> None:
         e = s.evaluation
         print(f"  evaluation    top1={e['top1']} recall@5={e['recall_at_5']} mAP={e['mAP']} "
               f"over {e['queries']} queries", file=w)
+        if skipped := e.get("skipped"):
+            print(f"                {len(skipped)} queries skipped: " + "; ".join(skipped[:3])
+                  + ("; ... (all in the version's metadata: model_store show)" if len(skipped) > 3 else ""), file=w)
     print("  seconds       " + ", ".join(f"{k} {v}" for k, v in s.seconds.items()), file=w)
 
 

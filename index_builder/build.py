@@ -94,7 +94,8 @@ def build(catalogue_path: Path, *, backbone: str | None = None, weights: str = "
     report = report or cat.path.with_name(f"{cat.path.stem}.report.csv")
     write_report(report, cat.bad)
     _check_bad_share(cat, cat.bad, max_bad_share, report, " (its photos not read yet)")  # before the network loads
-    queries = read_queries(eval_queries) if eval_queries is not None else None  # a bad file fails now, not at the end
+    # a bad queries file fails now, not at the end
+    queries = read_queries(eval_queries, cat.photos) if eval_queries is not None else None
     with timer.stage("load embedder"):
         config, net = new_embedder(backbone, weights, descriptor, image_size)
         embedder_tag = save_embedder(config, net)
@@ -159,7 +160,7 @@ def build(catalogue_path: Path, *, backbone: str | None = None, weights: str = "
         (artifact / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2))
         if eval_queries is not None:
             with timer.stage("evaluate"):
-                manifest.evaluation = evaluate(eval_queries, queries, SearchIndex(artifact), embedder)
+                manifest.evaluation = evaluate(eval_queries, queries, SearchIndex(artifact), embedder, photos)
         with timer.stage("register"):
             manifest.seconds = timer.seconds
             (artifact / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2))

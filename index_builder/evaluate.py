@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from index_builder.catalogue import spreadsheet_csv
+from index_builder.catalogue import Photo, spreadsheet_csv
 from model_store.embedder import Embedder
 from query.search_index import SearchIndex
 from model_store.preprocess import ImageError, image_to_pixels, load_image_file
@@ -26,8 +26,9 @@ class Query:
     item_id: str
 
 
-def read_queries(path: Path) -> list[Query]:
-    """CSV with columns image_path,item_id; paths relative to the file's folder."""
+def read_queries(path: Path, photos: list[Photo]) -> list[Query]:
+    """CSV with columns image_path,item_id; paths relative to the file's folder. Some query must be usable
+    against the catalogue's `photos` (one of another catalogue would score 0, not fail)."""
     path = Path(path)
     if not path.is_file():  # as the catalogue's: not Python's "[Errno 2] No such file or directory"
         raise EvalError(f"{path}: no such queries file")
@@ -45,7 +46,28 @@ def read_queries(path: Path) -> list[Query]:
     if not any(q.path.is_file() for q in queries):  # some missing are skipped (and listed) when evaluating
         raise EvalError(f"{path}: none of the {len(queries)} query photos exists (line {queries[0].line}: "
                         f"{queries[0].path}): image_path is relative to the queries file's folder")
+    unusable = Unusable(photos)
+    if all(unusable(q) for q in queries):
+        raise EvalError(f"{path}: none of the {len(queries)} queries can be scored ({unusable(queries[0])}): each "
+                        "query is a photo of a catalogued item, not in the catalogue itself, with that item's item_id")
     return queries
+
+
+class Unusable:
+    """Why a query cannot be scored against an index of `photos`, or "": it names an item not in the index
+    (it could never be found: scored, it would only lower every figure), or it is one of the index's own photos
+    (it would find itself: scored, it would only raise them)."""
+
+    def __init__(self, photos: list[Photo]):
+        self.items, self.paths = {p.row.item_id for p in photos}, {p.path for p in photos}
+
+    def __call__(self, q: Query) -> str:
+        if q.item_id not in self.items:
+            return (f"line {q.line}: item {q.item_id!r} is not in the index (not in the catalogue, or every row of "
+                    "it was skipped)")
+        if str(q.path) in self.paths:
+            return f"line {q.line}: {q.path} is a photo of the catalogue: a query is one the index has not seen"
+        return ""
 
 
 def ranks(ranked: list[list[str]], truth: list[str]) -> np.ndarray:
@@ -64,11 +86,17 @@ def metrics(rank: np.ndarray) -> dict[str, float]:
     }
 
 
-def evaluate(queries_file: Path, queries: list[Query], index: SearchIndex, embedder: Embedder) -> dict:
+def evaluate(queries_file: Path, queries: list[Query], index: SearchIndex, embedder: Embedder,
+             indexed: list[Photo]) -> dict:
     """Embed each query photo (`queries`, as read_queries read `queries_file`), search the index, score the
-    ranking; unreadable queries are listed."""
+    ranking. Queries that are unreadable, name an item not in the index or are one of its own photos
+    (`indexed`) are listed, not scored."""
     ranked, truth, skipped, spec = [], [], [], embedder.config.preprocess
+    unusable = Unusable(indexed)
     for q in queries:
+        if reason := unusable(q):
+            skipped.append(reason)
+            continue
         try:
             arr = image_to_pixels(load_image_file(q.path, spec=spec), spec)
         except ImageError as exc:
@@ -78,5 +106,5 @@ def evaluate(queries_file: Path, queries: list[Query], index: SearchIndex, embed
         ranked.append([m.item_id for m in matches])
         truth.append(q.item_id)
     if not truth:
-        raise EvalError(f"{queries_file}: none of the {len(queries)} query photos could be read")
+        raise EvalError(f"{queries_file}: none of the {len(queries)} queries could be used ({skipped[0]})")
     return {**metrics(ranks(ranked, truth)), "skipped": skipped, "queries_file": str(Path(queries_file).resolve())}

@@ -22,6 +22,7 @@ from index_builder import build as build_module
 from index_builder.build import BuildError, build
 from index_builder.build import build as build_index
 from index_builder.catalogue import read_catalogue
+from index_builder.__main__ import _print_summary
 from index_builder.evaluate import EvalError
 from model_store.backbones import WeightsError, resolve_weights
 from model_store.embedder import load_embedder
@@ -114,6 +115,24 @@ def test_bad_rows_are_reported_and_the_index_still_builds(demo_catalogue, tmp_pa
     assert "price" in report["77"]
 
 
+def test_queries_that_cannot_be_scored_are_listed_and_left_out(demo_catalogue, demo_index, tmp_path, capsys):
+    """A query of an item the index lacks could never be found, and one of the catalogue's own photos would find
+    itself: scored, they moved every figure; they are listed in the evaluation and the summary instead."""
+    folder = demo_catalogue.parent
+    unseen = [line.split(",") for line in demo_catalogue.with_name("queries.csv").read_text().splitlines()[1:3]]
+    own = demo_catalogue.read_text().splitlines()[1].split(",")
+    lines = [f"{folder / path},{item}" for path, item in unseen] + [f"{folder / own[1]},{own[0]}",
+                                                                    f"{folder / unseen[0][0]},no-such-item"]
+    (tmp_path / "queries.csv").write_text("image_path,item_id\n" + "\n".join(lines) + "\n")
+    s = build(demo_catalogue, eval_queries=tmp_path / "queries.csv", progress=False, workers=0)
+    assert s.evaluation["queries"] == 2
+    assert s.evaluation["skipped"] == [
+        f"line 4: {folder / own[1]} is a photo of the catalogue: a query is one the index has not seen",
+        "line 5: item 'no-such-item' is not in the index (not in the catalogue, or every row of it was skipped)"]
+    _print_summary(s)
+    assert ("                2 queries skipped: line 4: " in capsys.readouterr().err)
+
+
 def test_what_the_catalogue_or_queries_file_alone_decides_fails_before_the_network_loads(demo_catalogue, tmp_path, capsys):
     """Rows alone decide it, or a queries file (--eval) that cannot be used: the build says so at once instead of
     loading the network (seconds; a minute for VGG16) and embedding the catalogue first."""
@@ -137,7 +156,13 @@ def test_what_the_catalogue_or_queries_file_alone_decides_fails_before_the_netwo
     for queries, message in (("image_path,item\na.png,x2\n", "the header must name image_path,item_id"),
                              ("image_path,item_id\nmissing.png,x2\n", "none of the 1 query photos exists"),
                              # a spreadsheet's header is read as the catalogue's is: the photo is looked for
-                             ("Image_Path, Item_ID\nmissing.png,x2\n", "none of the 1 query photos exists")):
+                             ("Image_Path, Item_ID\nmissing.png,x2\n", "none of the 1 query photos exists"),
+                             # another catalogue's queries, or the catalogue's own photos, can score nothing
+                             ("image_path,item_id\na.png,x9\n", r"none of the 1 queries can be scored \(line 2: item "
+                                                                 r"'x9' is not in the index"),
+                             ("image_path,item_id\na.png,x2\n", r"none of the 1 queries can be scored \(line 2: .*a.png "
+                                                                 r"is a photo of the catalogue: a query is one the index "
+                                                                 r"has not seen\): each query")):
         (folder / "queries.csv").write_text(queries)
         with pytest.raises(EvalError, match=message):  # not after embedding the whole catalogue
             build(folder / "good.csv", progress=False, workers=0, eval_queries=folder / "queries.csv")

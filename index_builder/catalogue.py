@@ -16,6 +16,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from index_builder.sources import REMOTE_SCHEMES, is_remote
 from model_store.index_artifact import ISO_DATE, MAX_PRICE
 
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def lower_scheme(url: str) -> str:
+    """HTTPS://cdn.example.com/a.jpg as https://cdn.example.com/a.jpg: a URL's scheme has no case, but fsspec
+    and the checks here know only the lower-case one."""
+    m = SCHEME.match(url)
+    return m.group().lower() + url[m.end():] if m else url
+
+
 COLUMNS = ("item_id", "image_path", "title", "category", "price", "currency", "sold_at")
 OPTIONAL_COLUMNS = ("image_url",)
 
@@ -50,10 +61,10 @@ class CatalogueRow(BaseModel):
     @classmethod
     def _no_control_characters(cls, v: str) -> str:
         """A NUL in a path stopped the whole build with a traceback (the OS takes no such path)."""
-        if any(ord(c) < 32 or ord(c) == 127 for c in v):
+        if CONTROL.search(v):
             raise ValueError(f"holds a control character (a tab, a line break or NUL): {v[:60]!r}; write the "
                              "photo's path or URL alone")
-        return v
+        return lower_scheme(v)
 
     @field_validator("price", mode="before")
     @classmethod
@@ -84,7 +95,7 @@ class CatalogueRow(BaseModel):
     @field_validator("image_url", mode="before")
     @classmethod
     def _empty_is_none(cls, v: object) -> object:
-        return (v.strip() or None) if isinstance(v, str) else v
+        return (lower_scheme(v.strip()) or None) if isinstance(v, str) else v
 
     def item_fields(self) -> tuple:
         return (self.item_id, self.title, self.category, self.price, self.currency, self.sold_at.isoformat())

@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from index_builder.catalogue import CatalogueError, read_catalogue
+from index_builder.catalogue import CatalogueError, CatalogueRow, read_catalogue
 from index_builder.demo import draw_object
+from index_builder.sources import is_remote
 
 HEADER = "item_id,image_path,title,category,price,currency,sold_at\n"
 
@@ -91,6 +92,16 @@ def test_a_sale_dated_tomorrow_is_taken_and_one_after_is_not(folder):
     assert [p.line for p in cat.photos] == [2]
     assert [(b.line, b.reason.split(";")[0]) for b in cat.bad] == [(3, "sold_at is in the future: write the day "
                                                                        "the item sold")]
+
+
+def test_a_url_scheme_in_capitals_is_read_as_the_url():
+    """Spreadsheets capitalise a cell's first letter: Https:// was a local file "not found", and an image_url
+    in capitals a bad row."""
+    row = CatalogueRow.model_validate(dict(item_id="i1", image_path="S3://Bucket/Lot 1.JPG", title="Vase",
+                                           category="Ceramics", price="3", currency="USD", sold_at="2024-05-01",
+                                           image_url="Https://CDN.example.com/Lot-1.jpg"))
+    assert (row.image_path, row.image_url) == ("s3://Bucket/Lot 1.JPG", "https://CDN.example.com/Lot-1.jpg")
+    assert is_remote(row.image_path)
 
 
 def test_duplicate_photo_and_disagreeing_item_rows(folder):

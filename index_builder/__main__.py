@@ -61,7 +61,8 @@ def build_cmd(
                                "224 VGG16]; smaller only for fast tests")] = None,
     batch_size: Annotated[Optional[int], typer.Option(
         min=1, help=f"photos per forward pass [default: {CPU_BATCH_SIZE} on a CPU, {GPU_BATCH_SIZE} on a GPU]")] = None,
-    workers: Annotated[int, typer.Option(min=0, help="image-decoding worker processes [default: cores - 1, 1..4]")] = DEFAULT_WORKERS,
+    workers: Annotated[int, typer.Option(min=0, show_default=False,
+                                                help="image-decoding worker processes [default: cores - 1, 1..4]")] = DEFAULT_WORKERS,
     seed: Annotated[int, typer.Option(min=0, help="seed of the Annoy trees and samples")] = 0,
     eval: Annotated[Optional[Path], typer.Option("--eval", help="queries CSV image_path,item_id to score")] = None,
     report: Annotated[Optional[Path], typer.Option(help="bad-row report [default: CATALOGUE.report.csv]")] = None,

@@ -1,5 +1,5 @@
 """CLI: python -m model_store list | show TAG | promote TAG --stage S | rollback --stage S | history | delete TAG |
-thumbnails [--prune]."""
+thumbnails [--prune] | pin --stage S."""
 
 from __future__ import annotations
 

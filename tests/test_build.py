@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import functools
 import hashlib
+import re
 import json
 import os
 import shutil
@@ -354,6 +355,8 @@ def test_only_the_build_command_loads_torch(python, tmp_path):
                            text=True, timeout=120).stdout
     assert "[default: rmac]" in shown
     assert "[default: 4 on a" in shown  # a default in an option's own words, which rich markup used to swallow
+    options = re.split(r"\n  (?=--)", shown)[1:]  # each option's entry: "--name <type>  help [default: ...]"
+    assert len(options) > 15 and all(o.count("[default:") <= 1 for o in options), shown  # --workers showed two
 
 
 def _ray_processes() -> set[str]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import csv
 import functools
 import hashlib
-import re
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess

@@ -149,7 +149,12 @@ def _cache_state(c: cache.CacheUse, pruned: bool) -> str:
 def demo_cmd(folder: Annotated[Path, typer.Argument(help="where to write photos, catalogue.csv, queries.csv")] = Path("demo"),
              items_per_family: int = 6) -> None:
     """Generate the synthetic demo catalogue; prints its path."""
-    print(make_demo_catalogue(folder, items_per_family=items_per_family))
+    try:
+        print(make_demo_catalogue(folder, items_per_family=items_per_family))
+    except OSError as exc:  # a file where the folder should be, a read-only disk: not a traceback
+        print(f"error: cannot write the demo into {folder}: {exc.strerror or exc} ({exc.filename}); name a folder "
+              "that can be created", file=sys.stderr)
+        raise typer.Exit(2)
 
 
 if __name__ == "__main__":

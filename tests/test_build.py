@@ -359,6 +359,14 @@ def test_only_the_build_command_loads_torch(python, tmp_path):
     assert len(options) > 15 and all(o.count("[default:") <= 1 for o in options), shown  # --workers showed two
 
 
+def test_a_demo_folder_that_cannot_be_made_is_an_error_not_a_traceback(python, tmp_path):
+    (tmp_path / "taken").write_text("a file where the folder would go")
+    out = subprocess.run([python, "-m", "index_builder", "demo", str(tmp_path / "taken")], env=run_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.startswith(f"error: cannot write the demo into {tmp_path / 'taken'}: Not a directory ("), out.stderr
+
+
 def _ray_processes() -> set[str]:
     """Process ids of the Ray nodes on this machine (a cluster's raylet and GCS server)."""
     return set(subprocess.run(["pgrep", "-f", "raylet|gcs_server"], capture_output=True, text=True).stdout.split())

@@ -15,6 +15,7 @@ from index_builder.build_defaults import (CPU_BATCH_SIZE, DEFAULT_DESCRIPTOR, DE
 from index_builder.catalogue import CatalogueError
 from index_builder.demo import make_demo_catalogue
 from model_store.build_lock import StoreBusy
+from model_store.registry import run_cli
 
 if TYPE_CHECKING:  # the build imports torch: only `build` loads it (tests/test_build.py)
     from index_builder.build import BuildSummary
@@ -158,4 +159,4 @@ def demo_cmd(folder: Annotated[Path, typer.Argument(help="where to write photos,
 
 
 if __name__ == "__main__":
-    app()
+    run_cli(app)

@@ -12,7 +12,7 @@ import typer
 from model_store import stages, thumbnails
 from model_store.build_lock import StoreBusy
 from model_store.index_artifact import ArtifactError
-from model_store.registry import bentoml_home, get_model, list_models
+from model_store.registry import bentoml_home, get_model, list_models, run_cli
 from model_store.settings import EMBEDDER_MODEL, INDEX_MODEL, Stage
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, rich_markup_mode=None)
@@ -147,4 +147,4 @@ def history_cmd(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
 
 
 if __name__ == "__main__":
-    app()
+    run_cli(app)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -14,8 +15,26 @@ from bentoml._internal.configuration.containers import BentoMLContainer
 from bentoml._internal.models.model import ModelStore
 
 
+class StoreUnusable(ValueError):
+    """BENTOML_HOME names no folder this user can make or write: every command of both CLIs needs one."""
+
+
 def bentoml_home() -> Path:
-    return Path(BentoMLContainer.bentoml_home.get())
+    try:
+        return Path(BentoMLContainer.bentoml_home.get())
+    except OSError as exc:  # BentoML makes the folder on first use; a file in its place, a read-only parent
+        raise StoreUnusable(f"the store's folder {exc.filename or os.environ.get('BENTOML_HOME', '~/bentoml')} "
+                            f"cannot be used: {exc.strerror or exc}; set BENTOML_HOME to a folder this user can "
+                            "create and write") from None
+
+
+def run_cli(app: Callable[[], None]) -> None:
+    """Run a command-line app: a store that cannot be used is one error line and exit 2, not a traceback."""
+    try:
+        app()
+    except StoreUnusable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 def register(name: str, labels: dict[str, str], metadata: dict[str, Any], write: Callable[[Path], None]) -> str:
@@ -57,6 +76,7 @@ def _write_atomically(path: Path, text: str) -> None:
 
 def list_models(name: str) -> list[bentoml.Model]:
     """Versions of `name` in the store, newest first."""
+    bentoml_home()  # an unusable store is said as such, not as BentoML's traceback
     models = [m for m in bentoml.models.list() if m.tag.name == name]
     return sorted(models, key=lambda m: m.info.creation_time, reverse=True)
 
@@ -68,6 +88,7 @@ def get_model(tag: str) -> bentoml.Model:
     except (bentoml.exceptions.BentoMLException, ValueError) as exc:  # BentoML's own words, without its traceback
         raise LookupError(f"{tag!r} is not a model tag ({exc}): write it as `python -m model_store list` shows it, "
                           "NAME:VERSION") from None
+    bentoml_home()  # an unusable store is said as such, not as BentoML's traceback
     try:
         return bentoml.models.get(tag)
     except bentoml.exceptions.NotFound:

@@ -145,6 +145,19 @@ def test_the_registry_cli_starts_without_torch(python):
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+@pytest.mark.parametrize("cli", [["model_store", "list"], ["model_store", "show", "image-index:x"],
+                                 ["model_store", "promote", "image-index:x", "--stage", "staging"],
+                                 ["model_store", "delete", "image-index:x"], ["index_builder", "cache"]])
+def test_a_store_folder_that_cannot_be_used_is_one_error_line(python, tmp_path, cli):
+    """BENTOML_HOME naming a file (or a folder that cannot be made) was a traceback from inside BentoML."""
+    (tmp_path / "home").write_text("a file, not a folder")
+    out = subprocess.run([python, "-m", *cli], env=run_env(BENTOML_HOME=str(tmp_path / "home")), capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr == (f"error: the store's folder {tmp_path / 'home'} cannot be used: {tmp_path / 'home'} is not a "
+                          "directory; set BENTOML_HOME to a folder this user can create and write\n"), out.stderr
+
+
 def test_delete_never_removes_what_a_stage_serves(stages_dir, demo_index, python):
     env = run_env()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import os
 import subprocess
 import sys
@@ -126,18 +127,25 @@ def _line(r: RunResult) -> str:
     return f"users={r.users:<4} {stats(r)}{kinds}{errors}"
 
 
+def _timespan(value: str) -> str:
+    """A duration as Locust's -t reads it; anything else failed inside Locust, after the service check."""
+    if not re.fullmatch(r"\d+|(\d+h)?(\d+m)?(\d+s)?", value) or not re.search(r"[1-9]", value):
+        raise typer.BadParameter(f"{value!r}: write a duration over zero, as 60s, 5m or 1h30m")
+    return value
+
+
 @app.command()
 def main(
     host: Annotated[str, typer.Option(help="service URL")] = "http://127.0.0.1:3000",
     users: Annotated[int, typer.Option(min=1, help="concurrent users (first count with --step)")] = 10,
-    spawn_rate: Annotated[float, typer.Option(help="users started per second")] = 5,
-    run_time: Annotated[str, typer.Option(help="Locust duration per run, e.g. 60s, 5m")] = "60s",
-    slo_ms: Annotated[float, typer.Option(help="p95 latency objective in ms")] = 1000,
+    spawn_rate: Annotated[float, typer.Option(min=0.1, help="users started per second")] = 5,
+    run_time: Annotated[str, typer.Option(callback=_timespan, help="Locust duration per run, e.g. 60s, 5m, 1h30m")] = "60s",
+    slo_ms: Annotated[float, typer.Option(min=1, help="p95 latency objective in ms")] = 1000,
     photos: Annotated[Path | None, typer.Option(help="folder of photos [default: $LOADTEST_PHOTOS or demo/photos]")] = None,
     out: Annotated[Path, typer.Option(help="where CSV/HTML reports go")] = Path("loadtests/out"),
     step: Annotated[bool, typer.Option(help="raise users until the SLO breaks")] = False,
-    step_factor: Annotated[float, typer.Option(help="users multiply by this each step")] = 1.5,
-    max_users: Annotated[int, typer.Option(help="stop stepping here")] = 400,
+    step_factor: Annotated[float, typer.Option(min=1, help="users multiply by this each step")] = 1.5,
+    max_users: Annotated[int, typer.Option(min=1, help="stop stepping here")] = 400,
     mix: Annotated[Mix, typer.Option(help="api: Buyer and Seller (/search, /estimate); page: PageVisitor (what the "
                                           "search page requests); all: the three by weight")] = Mix.api,
 ) -> None:

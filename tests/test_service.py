@@ -530,6 +530,11 @@ def test_loadtest_runner_refuses_a_run_that_cannot_mean_anything(demo_catalogue,
                                              str(tmp_path / "out")])
     assert no_scheme.exit_code == 2, no_scheme.output
     assert "--host localhost:3000 is not an http(s) URL: write it as http://localhost:3000" in no_scheme.output
+    for bad in ("abc", "0s", "5 min"):  # failed inside Locust, after the service check
+        no_time = CliRunner().invoke(run.app, ["--host", dead, "--run-time", bad, "--photos", photos])
+        assert no_time.exit_code == 2 and f"'{bad}': write a duration over zero" in no_time.output, no_time.output
+    assert "cannot reach" in CliRunner().invoke(run.app, ["--host", dead, "--run-time", "1h30m", "--photos",
+                                                          photos]).output  # past the duration's check
     assert not (tmp_path / "out").exists()
 
 

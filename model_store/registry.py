@@ -14,6 +14,8 @@ import bentoml
 from bentoml._internal.configuration.containers import BentoMLContainer
 from bentoml._internal.models.model import ModelStore
 
+from model_store.settings import SettingsError
+
 
 class StoreUnusable(ValueError):
     """BENTOML_HOME names no folder this user can make or write: every command of both CLIs needs one."""
@@ -29,10 +31,11 @@ def bentoml_home() -> Path:
 
 
 def run_cli(app: Callable[[], None]) -> None:
-    """Run a command-line app: a store that cannot be used is one error line and exit 2, not a traceback."""
+    """Run a command-line app: a store or a setting (IMAGESEARCH_*) that cannot be used is one error line and
+    exit 2, not a traceback."""
     try:
         app()
-    except StoreUnusable as exc:
+    except (StoreUnusable, SettingsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
 

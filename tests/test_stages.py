@@ -158,6 +158,13 @@ def test_a_store_folder_that_cannot_be_used_is_one_error_line(python, tmp_path, 
                           "directory; set BENTOML_HOME to a folder this user can create and write\n"), out.stderr
 
 
+def test_a_setting_that_cannot_be_read_is_one_error_line(python):
+    out = subprocess.run([python, "-m", "model_store", "list"], env=run_env(IMAGESEARCH_MAX_K="abc"),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.startswith("error: IMAGESEARCH_MAX_K='abc': Input should be a valid "
+                                                         "integer") and "Traceback" not in out.stderr, out.stderr
+
+
 def test_delete_never_removes_what_a_stage_serves(stages_dir, demo_index, python):
     env = run_env()
 

@@ -120,7 +120,7 @@ def cache_cmd(
     --prune deletes that (not while a build runs)."""
     try:
         caches = cache.prune(frozenset(keep or ())) if prune else cache.usage(frozenset(keep or ()))
-    except StoreBusy as exc:
+    except (StoreBusy, cache.UnknownCache) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise typer.Exit(2)
     for c in caches:

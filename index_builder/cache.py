@@ -48,6 +48,10 @@ def cache_root() -> Path:
     return bentoml_home() / "embedding-cache"
 
 
+class UnknownCache(ValueError):
+    """A --keep naming no embedder's cache."""
+
+
 def _folder(embedder_tag: str, root: Path | None) -> Path:
     return (root or cache_root()) / embedder_tag.replace(":", "-")
 
@@ -180,10 +184,14 @@ def used_hashes() -> dict[str, set[str] | str]:
 
 
 def _walk(root: Path, used: dict[str, set[str] | str], keep_embedders: frozenset[str], delete: bool) -> list[CacheUse]:
+    caches = sorted(p for p in root.glob("*") if (p / "data.mdb").exists())
     kept = {_folder(t, root).name for t in keep_embedders}
+    if unknown := sorted(kept - {p.name for p in caches}):  # a typo must not let a prune delete what it meant
+        raise UnknownCache(f"--keep {unknown[0]}: no embedder has a cache of that name in {root}; the caches are "
+                           f"{', '.join(p.name for p in caches) or 'none'}")
     hashes = {_folder(t, root).name: h for t, h in used.items() if t}
     out = []
-    for folder in sorted(p for p in root.glob("*") if (p / "data.mdb").exists()):
+    for folder in caches:
         size = disk_bytes(folder)
         need = "kept with --keep" if folder.name in kept else hashes.get(folder.name)
         if need is None and entries(folder, UNREGISTERED):  # no version yet, but a killed first build's vectors

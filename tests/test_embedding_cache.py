@@ -71,6 +71,10 @@ def test_prune_deletes_the_vectors_no_stored_version_holds(tmp_path, python):
     assert "2 of them used by no stored version" in shown.stdout
     assert len(entries(folder)["vectors"]) == 6  # showing deletes nothing
 
+    typo = store.run("index_builder", "cache", "--prune", "--keep", "image-embedder:nobodyusesthat")
+    assert typo.returncode == 2 and typo.stderr.startswith("error: --keep image-embedder-nobodyusesthat: no embedder "
+                                                           "has a cache of that name in "), typo.stderr
+    assert (store.home / "embedding-cache" / "image-embedder-nobodyusesthis").exists()  # a typo deletes nothing
     kept = store.run("index_builder", "cache", "--prune", "--keep", new["embedder"], "--keep",
                      "image-embedder:nobodyusesthis")
     assert kept.returncode == 0 and kept.stdout.count("kept whole: kept with --keep") == 2

@@ -30,11 +30,12 @@ PCA = Floors(price=0.6, vote=0.55, space="PCA (measured at 256-d)")
 RAW = Floors(price=0.7, vote=0.65, space="raw descriptors, a catalogue of under 512 photos (measured)")
 WHITENED = Floors(price=0.275, vote=0.25, space="whitened PCA (measured at 256-d)")
 UNMEASURED = Floors(price=PCA.price, vote=PCA.vote, space="a learned projection (PCA's floors, not measured)")
+BY_PROJECTION = {"pca": PCA, "none": RAW, "pca-whiten": WHITENED}  # a manifest's `projection` -> its floors
 
 
 def floors_for(projection: str, vote_override: float | None = None) -> Floors:
     """The floors for an index whose manifest names `projection`; `vote_override` (a setting) replaces the vote's."""
-    floors = {"pca": PCA, "none": RAW, "pca-whiten": WHITENED}.get(projection, UNMEASURED)
+    floors = BY_PROJECTION.get(projection, UNMEASURED)
     if vote_override is not None:
         floors = floors.model_copy(update={"vote": vote_override,
                                            "space": floors.space + f"; vote floor set to {vote_override}"})

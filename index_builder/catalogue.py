@@ -319,9 +319,8 @@ def read_catalogue(path: Path) -> Catalogue:
 
 def _not_found_hint(image_path: str) -> str:
     """Why a path that names no file may have been written for another machine or another reader."""
-    if "://" in image_path:
-        return (f" ({image_path.split('://')[0]}:// is not read: write a path, or a URL starting "
-                f"{', '.join(REMOTE_SCHEMES)})")
+    if scheme := SCHEME.match(image_path):
+        return f" ({scheme.group()} is not read: write a path, or a URL starting {', '.join(REMOTE_SCHEMES)})"
     if "\\" in image_path:
         return " (a Windows path: write its folders with /, as photos/lot-1017-a.jpg)"
     if re.match(r"[A-Za-z]:/", image_path):

@@ -128,7 +128,8 @@ def _line(r: RunResult) -> str:
 
 
 def _timespan(value: str) -> str:
-    """A duration as Locust's -t reads it; anything else failed inside Locust, after the service check."""
+    """A duration as Locust's -t reads it (locust.util.timespan's grammar; importing it would import locust, which
+    monkey-patches this process for gevent); anything else failed inside Locust, after the service check."""
     if not re.fullmatch(r"\d+|(\d+h)?(\d+m)?(\d+s)?", value) or not re.search(r"[1-9]", value):
         raise typer.BadParameter(f"{value!r}: write a duration over zero, as 60s, 5m or 1h30m")
     return value

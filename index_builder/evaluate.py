@@ -47,10 +47,27 @@ def read_queries(path: Path, photos: list[Photo]) -> list[Query]:
         raise EvalError(f"{path}: none of the {len(queries)} query photos exists (line {queries[0].line}: "
                         f"{queries[0].path}): image_path is relative to the queries file's folder")
     unusable = Unusable(photos)
-    if all(unusable(q) for q in queries):
+    scorable = [q for q in queries if not unusable(q)]
+    if not scorable:
         raise EvalError(f"{path}: none of the {len(queries)} queries can be scored ({unusable(queries[0])}): each "
                         "query is a photo of a catalogued item, not in the catalogue itself, with that item's item_id")
+    if why := _none_reads(scorable):
+        raise EvalError(f"{path}: none of the {len(scorable)} query photos that could be scored can be read ({why})")
     return queries
+
+
+def _none_reads(queries: list[Query]) -> str:
+    """Why the first of `queries` cannot be read when none of their photos decodes, else "". It decodes up to
+    the first photo that reads (one, as a rule), so a queries file of unreadable photos fails before the
+    catalogue is embedded, not after."""
+    first = ""
+    for q in queries:
+        try:
+            load_image_file(q.path)
+            return ""
+        except ImageError as exc:
+            first = first or f"line {q.line}: {exc}"
+    return first
 
 
 class Unusable:

@@ -154,6 +154,7 @@ def test_what_the_catalogue_or_queries_file_alone_decides_fails_before_the_netwo
                                          r"over the 20% limit"):
         build(folder / "some.csv", progress=False, workers=0)
     (folder / "good.csv").write_text(header + "\nx2,a.png,Vase,Ceramics,340,USD,2024-01-01\n")
+    (folder / "not-a-photo.png").write_text("version https://git-lfs.github.com/spec/v1\n")  # an LFS pointer
     for queries, message in (("image_path,item\na.png,x2\n", "the header must name image_path,item_id"),
                              ("image_path,item_id\nmissing.png,x2\n", "none of the 1 query photos exists"),
                              # a spreadsheet's header is read as the catalogue's is: the photo is looked for
@@ -163,7 +164,11 @@ def test_what_the_catalogue_or_queries_file_alone_decides_fails_before_the_netwo
                                                                  r"'x9' is not in the index"),
                              ("image_path,item_id\na.png,x2\n", r"none of the 1 queries can be scored \(line 2: .*a.png "
                                                                  r"is a photo of the catalogue: a query is one the index "
-                                                                 r"has not seen\): each query")):
+                                                                 r"has not seen\): each query"),
+                             # photos that exist but are not photos: the file's line and what is wrong with it
+                             ("image_path,item_id\nnot-a-photo.png,x2\nmissing.png,x2\n",
+                              r"none of the 2 query photos that could be scored can be read \(line 2: .*not-a-photo.png "
+                              r"is not an image Pillow can read")):
         (folder / "queries.csv").write_text(queries)
         with pytest.raises(EvalError, match=message):  # not after embedding the whole catalogue
             build(folder / "good.csv", progress=False, workers=0, eval_queries=folder / "queries.csv")

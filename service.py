@@ -21,7 +21,6 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
-from starlette.staticfiles import StaticFiles
 
 from model_store import stages
 from model_store.core_share import MAX_WAIT_S, SPIN_COUNT, busy_threads, share_of_worker, worker_count
@@ -46,6 +45,7 @@ from query.guard import RequestGuard
 from query.models import (K, AssistResponse, BatchImages, BatchSearchResponse, Category, CompareResponse,
                           CompareThresholds, EstimateResponse, IndexInfo, MoreImages, Price, ReloadResponse,
                           SearchResponse, SimilarQuery, SimilarResponse)
+from query.pages import SearchPageFiles, api_page_file
 from query.photos import thumbnail_response
 from query.replica import Replica
 from query.search_index import item_query
@@ -197,7 +197,9 @@ ROUTES = [Route("/index", _get_index, methods=["GET"]),
           Route("/similar/{item_id:path}", _get_similar, methods=["GET"]),
           Route("/photos/{name}", _get_photo, methods=["GET"]),
           Route("/ui", lambda request: RedirectResponse("/ui/", status_code=308), methods=["GET"]),
-          Mount("/ui", StaticFiles(directory=STATIC, html=True))]
+          Mount("/ui", SearchPageFiles(directory=STATIC, html=True)),
+          Route("/", api_page_file("index.html"), methods=["GET"]),  # in place of BentoML's own (query/pages.py)
+          Route("/api-page.js", api_page_file("api-page.js"), methods=["GET"])]
 
 
 # runner_probe off: __is_ready__ asks the embedder itself, within a deadline and saying why it failed (BentoML's

@@ -71,16 +71,16 @@ def shoot(url: str) -> list[Path]:
                                      ("desktop", {"width": 1280, "height": 900}, True)):
             page = browser.new_page(viewport=viewport, device_scale_factor=1)
             page.goto(f"{url}/ui/")
-            page.wait_for_function("document.querySelector('#served-version').textContent.includes('image-index:')")
+            page.wait_for_function("() => document.querySelector('#served-version').textContent.includes('image-index:')")
             page.set_input_files("#file-input", str(GROCERY / QUERY))
-            page.wait_for_function("document.querySelectorAll('#results img.result-photo').length > 0", timeout=60_000)
+            page.wait_for_function("() => document.querySelectorAll('#results img.result-photo').length > 0", timeout=60_000)
             with page.expect_response(lambda r: r.url.endswith("/assist"), timeout=60_000):
                 page.set_input_files("#sides-input", str(GROCERY / SIDE))
-            page.wait_for_function("document.querySelector('#busy').hidden", timeout=60_000)
+            page.wait_for_function("() => document.querySelector('#busy').hidden", timeout=60_000)
             photos = page.locator("#results img.result-photo")
             for i in range(photos.count()):  # they load lazily
                 photos.nth(i).scroll_into_view_if_needed()
-            page.wait_for_function("[...document.querySelectorAll('#results img.result-photo')]"
+            page.wait_for_function("() => [...document.querySelectorAll('#results img.result-photo')]"
                                    ".every(i => i.complete && i.naturalWidth > 0)", timeout=60_000)
             page.evaluate("window.scrollTo(0, 0)")
             views = [(name, "")]

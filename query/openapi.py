@@ -62,7 +62,9 @@ def amend(doc: dict[str, Any]) -> dict[str, Any]:
         "responses": {"200": {"description": "WebP image; its ETag is its name", "content": {"image/webp": {}}},
                       "304": {"description": "Not modified: If-None-Match named its ETag (no body)"},
                       "404": {"description": "No such photo in the served index", "content": ref}}}}
-    doc.setdefault("info", {}).update(description=DESCRIPTION, version=_api_version())  # BentoML wrote "None"
+    info = doc.setdefault("info", {})
+    info.update(title="Estate image search API", description=DESCRIPTION, version=_api_version())  # it was "None"
+    info.pop("contact", None)  # BentoML's own team, who do not answer for this API
     _mark_nullable(doc)
     return doc
 

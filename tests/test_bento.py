@@ -49,7 +49,8 @@ def test_bento_carries_code_and_promoted_models_and_serves(pinned, stages_dir, t
     info = yaml.safe_load((folder / "bento.yaml").read_text())
     packed = {m["tag"] for s in info["services"] for m in s["models"]}
     assert packed == {pinned.tag, pinned.embedder}
-    for f in ("service.py", "query/models.py", "query/pricing.py", "model_store/index_artifact.py", "served.json"):
+    for f in ("service.py", "query/models.py", "query/pricing.py", "model_store/index_artifact.py", "served.json",
+              "query/static/app.js", "query/api_page/index.html", "query/api_page/api-page.js"):
         assert (folder / "src" / f).is_file(), f
     assert not (folder / "src" / "tests").exists()
     stages.PIN_FILE.unlink()  # what is served must come from inside the Bento

@@ -134,7 +134,7 @@ def test_the_page_says_how_long_to_wait(limited, browser):
 
     page = browser.new_page(base_url=limited.url)
     page.goto("/ui")
-    page.wait_for_function("document.querySelector('#served-version').textContent.includes('image-index:')")
+    page.wait_for_function("() => document.querySelector('#served-version').textContent.includes('image-index:')")
     for i in range(4):
         with page.expect_response(lambda r: r.url.endswith("/assist")) as answer:
             choose(page, data=GOOD, name=f"photo-{i}.png")

@@ -442,6 +442,7 @@ def test_openapi_page_documents_the_error_shape(server):
         assert responses[status]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
     assert '"field"' in doc["info"]["description"] and "/index" in doc["paths"]
     assert re.fullmatch(r"\d+\.\d+\.\d+", doc["info"]["version"]), doc["info"]  # the package's, not "None"
+    assert doc["info"]["title"] == "Estate image search API" and "contact" not in doc["info"]  # not BentoML's
     # How many photos each list takes (the guard's limit, IMAGESEARCH_MAX_BATCH_IMAGES), so clients and
     # generators built from the document send counts the server accepts
     form = "multipart/form-data"

@@ -1,4 +1,7 @@
-"""The search page at /ui in a real browser (Debian's Chromium driven by Playwright) against a real server."""
+"""The search page at /ui in a real browser (Debian's Chromium driven by Playwright) against a real server.
+
+The pages forbid scripts from strings (query/pages.py), so every wait_for_function is given a function: a bare
+expression Playwright polls with eval, which the page's Content-Security-Policy refuses."""
 
 from __future__ import annotations
 
@@ -17,17 +20,27 @@ pytestmark = pytest.mark.slow
 PHONE = {"width": 390, "height": 844}
 
 
+def watch(pg, server) -> dict[str, list[str]]:
+    """What goes wrong on page `pg` while the test runs: JavaScript errors, what the page's
+    Content-Security-Policy refused (query/pages.py) and requests to anywhere but `server`."""
+    seen: dict[str, list[str]] = {"JavaScript errors": [], "refused by the CSP": [], "requests elsewhere": []}
+    pg.on("pageerror", lambda exc: seen["JavaScript errors"].append(str(exc)))
+    pg.on("console", lambda m: "Content Security Policy" in m.text and seen["refused by the CSP"].append(m.text))
+    pg.on("request", lambda r: r.url.split(":")[0] in ("http", "https") and not r.url.startswith(server.url + "/")
+          and seen["requests elsewhere"].append(r.url))
+    return seen
+
+
 @pytest.fixture
 def page(browser, server):
     context = browser.new_context(viewport=PHONE, base_url=server.url)
     pg = context.new_page()
-    errors: list[str] = []
-    pg.on("pageerror", lambda exc: errors.append(str(exc)))
+    seen = watch(pg, server)
     pg.goto("/ui")
-    pg.wait_for_function("document.querySelector('#served-version').textContent.includes('image-index:')")
+    pg.wait_for_function("() => document.querySelector('#served-version').textContent.includes('image-index:')")
     yield pg
     context.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
+    assert not any(seen.values()), {what: found for what, found in seen.items() if found}
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +56,10 @@ def choose(page, path: Path | None = None, *, name: str = "photo.png", data: byt
 
 
 def wait_for_results(page, n: int = 1) -> None:
-    page.wait_for_function(f"document.querySelectorAll('#results .result').length >= {n}"
+    page.wait_for_function(f"() => document.querySelectorAll('#results .result').length >= {n}"
                            " && getComputedStyle(document.querySelector('#busy')).display === 'none'"
                            " || document.querySelector('#busy').hidden", timeout=60_000)
-    page.wait_for_function("[...document.querySelectorAll('#results .result')].length > 0", timeout=60_000)
+    page.wait_for_function("() => [...document.querySelectorAll('#results .result')].length > 0", timeout=60_000)
 
 
 def photos_loaded(page) -> list[int]:
@@ -54,7 +67,7 @@ def photos_loaded(page) -> list[int]:
     photos = page.locator("#results img.result-photo")
     for i in range(photos.count()):
         photos.nth(i).scroll_into_view_if_needed()
-    page.wait_for_function("[...document.querySelectorAll('#results img.result-photo')].every(i => i.complete)",
+    page.wait_for_function("() => [...document.querySelectorAll('#results img.result-photo')].every(i => i.complete)",
                            timeout=30_000)
     return page.eval_on_selector_all("#results img.result-photo", "imgs => imgs.map(i => i.naturalWidth)")
 
@@ -88,7 +101,7 @@ def test_result_photos_of_any_shape_fill_the_same_square(page, demo_catalogue, r
         thumbnail = png(Image.new("RGB", (w, h), (200, 80, 40)))
         page.eval_on_selector_all("#results img.result-photo", "(imgs, [i, url]) => { imgs[i].src = url; }",
                                   [i, "data:image/png;base64," + base64.b64encode(thumbnail).decode()])
-    page.wait_for_function("[...document.querySelectorAll('#results img.result-photo')].slice(0, 2)"
+    page.wait_for_function("() => [...document.querySelectorAll('#results img.result-photo')].slice(0, 2)"
                            ".every(i => i.complete && i.naturalWidth > 0 && i.naturalWidth !== i.naturalHeight)")
     boxes = page.eval_on_selector_all("#results .result-photo", "els => els.map(e => { const r = "
                                       "e.getBoundingClientRect(); return [r.width, r.height]; })")
@@ -241,7 +254,7 @@ def test_other_sides_of_the_item_are_sent_with_its_photo(page, demo_catalogue, r
         with page.expect_response(lambda r: r.url.endswith("/assist")) as answer:
             action()
         assert answer.value.status == 200, answer.value.text()
-        page.wait_for_function("document.querySelector('#busy').hidden")
+        page.wait_for_function("() => document.querySelector('#busy').hidden")
         return page.evaluate(f"window.sentSides.slice({before})").pop()
 
     assert sent_after(lambda: choose(page, demo_catalogue.parent / unseen)) == 0
@@ -280,7 +293,7 @@ def test_any_side_of_the_item_can_be_cropped_and_is_sent_cropped(page, demo_cata
         with page.expect_response(lambda r: r.url.endswith("/assist")) as answer:
             action()
         assert answer.value.status == 200, answer.value.text()
-        page.wait_for_function("document.querySelector('#busy').hidden")
+        page.wait_for_function("() => document.querySelector('#busy').hidden")
         return page.evaluate("window.sent.at(-1)")
 
     choose(page, data=png(front), name="front.png")
@@ -321,7 +334,7 @@ def test_show_more_adds_the_next_results_and_they_work_like_the_first(page, demo
     thirteenth = results.nth(12)
     title = thirteenth.locator(".result-title").inner_text()
     thirteenth.get_by_role("button", name=re.compile("More like this")).click()
-    page.wait_for_function("document.querySelector('#results-title').textContent.includes('More like')")
+    page.wait_for_function("() => document.querySelector('#results-title').textContent.includes('More like')")
     assert title in page.locator("#results-title").inner_text()
 
 
@@ -336,7 +349,7 @@ def test_filters_narrow_the_results(page, demo_catalogue, rows):
     with page.expect_response("**/assist") as answer:
         page.click("#search-button")
     assert answer.value.ok
-    page.wait_for_function(f"[...document.querySelectorAll('#results .result-category')].length > 0 && "
+    page.wait_for_function(f"() => [...document.querySelectorAll('#results .result-category')].length > 0 && "
                            f"[...document.querySelectorAll('#results .result-category')]"
                            f".every(e => e.textContent.includes({other!r}))", timeout=30_000)
 
@@ -346,7 +359,7 @@ def test_a_photo_nothing_sold_resembles_gets_a_plain_refusal_instead_of_a_price_
         choose(page, data=noise_png(), name="noise.png")
     body = answer.value.json()
     assert answer.value.ok and body["estimate"]["price"] is None and body["category"]["suggested"] is None
-    page.wait_for_function("document.querySelector('#estimate-price').textContent.length > 0")
+    page.wait_for_function("() => document.querySelector('#estimate-price').textContent.length > 0")
     said = page.locator("#estimate-price").inner_text()
     assert re.fullmatch(r"No sold item is similar enough to price this photo: the closest is [\d.]+% similar, a price "
                         r"needs 70%; it needs a human appraisal\.", said), said
@@ -364,7 +377,7 @@ def test_more_like_this_shows_the_items_neighbours(page, demo_catalogue, rows):
     with page.expect_response(lambda r: "/similar/" in r.url) as answer:
         first.locator(".more-like-this").click()
     assert answer.value.ok
-    page.wait_for_function("document.querySelector('#results-title').textContent.includes('More like')")
+    page.wait_for_function("() => document.querySelector('#results-title').textContent.includes('More like')")
     wait_for_results(page)
     ids = page.eval_on_selector_all("#results .result", "els => els.map(e => e.dataset.itemId)")
     assert ids and item not in ids
@@ -398,6 +411,29 @@ def test_the_page_is_keyboard_usable(page):
     assert {"file-input", "camera-input", "search-button"} <= reached, reached
 
 
+def test_the_api_page_loads_only_this_servers_files(browser, server):
+    """The API's page at / is Swagger UI as BentoML serves it, without its Google Tag Manager (which would tell
+    Google of every visit) or online validator badge; it and the search page forbid what they do not load."""
+    pg = browser.new_page(base_url=server.url)
+    seen = watch(pg, server)
+    answer = pg.goto("/")
+    pg.locator(".opblock").first.wait_for(timeout=30_000)
+    pg.locator(".opblock-summary-path", has_text="/search").first.click()  # an endpoint's form opens
+    pg.get_by_role("button", name="Try it out").first.wait_for()
+    assert pg.evaluate("() => window.ui.getConfigs().validatorUrl") is None  # its badge skips only local addresses
+    paths = server.http.get("/docs.json").json()["paths"]
+    assert pg.locator(".opblock").count() == sum(method in ("get", "post") for ops in paths.values() for method in ops)
+    pg.close()
+    assert not any(seen.values()), {what: found for what, found in seen.items() if found}
+    for path in ("/", "/api-page.js", "/ui/", "/ui/app.js"):
+        headers = server.http.get(path).headers
+        policy = headers["content-security-policy"]
+        assert "default-src 'self'" in policy and "frame-ancestors 'none'" in policy, (path, policy)
+        assert "script-src" not in policy and headers["x-content-type-options"] == "nosniff", (path, headers)
+    assert answer.headers["content-security-policy"] == headers["content-security-policy"].replace(
+        "style-src 'self'", "style-src 'self' 'unsafe-inline'")  # the search page needs no inline styles
+
+
 WCAG = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "wcag22aa", "best-practice"]
 
 
@@ -407,7 +443,7 @@ def accessibility_faults(page) -> list[str]:
     measured the contrast of their text mid-fade once (a CI run, 2026-12-05)."""
     from axe_playwright_python.sync_playwright import Axe
 
-    page.wait_for_function("document.getAnimations().every(a => a.effect.getTiming().iterations === Infinity)")
+    page.wait_for_function("() => document.getAnimations().every(a => a.effect.getTiming().iterations === Infinity)")
     found = Axe().run(page, options={"runOnly": {"type": "tag", "values": WCAG}, "resultTypes": ["violations"]})
     return [f"{v['id']} ({v['impact']}): {v['help']} at {[n['target'] for n in v['nodes'][:3]]}"
             for v in found.response["violations"]]
@@ -422,21 +458,21 @@ def test_the_page_meets_wcag_2_2_aa_in_every_state(browser, server, demo_catalog
     context = browser.new_context(viewport=viewport, base_url=server.url)
     page = context.new_page()
     page.goto("/ui")
-    page.wait_for_function("document.querySelector('#served-version').textContent.includes('image-index:')")
+    page.wait_for_function("() => document.querySelector('#served-version').textContent.includes('image-index:')")
     faults = {"opened": accessibility_faults(page)}
     choose(page, demo_catalogue.parent / rows[0]["image_path"])
     wait_for_results(page)
-    page.wait_for_function("document.querySelector('#busy').hidden")
+    page.wait_for_function("() => document.querySelector('#busy').hidden")
     faults["results"] = accessibility_faults(page)
     with page.expect_response(lambda r: r.url.endswith("/assist")):
         page.set_input_files("#sides-input", str(demo_catalogue.parent / rows[1]["image_path"]))
-    page.wait_for_function("document.querySelector('#busy').hidden")
+    page.wait_for_function("() => document.querySelector('#busy').hidden")
     page.locator("#filters-details summary").click()
     faults["a side added, filters open"] = accessibility_faults(page)
     page.locator("#show-more").click()
     faults["all results"] = accessibility_faults(page)
     page.locator("#results .result").first.get_by_role("button", name=re.compile("More like this")).click()
-    page.wait_for_function("document.querySelector('#results-title').textContent.includes('More like')")
+    page.wait_for_function("() => document.querySelector('#results-title').textContent.includes('More like')")
     faults["more like this"] = accessibility_faults(page)
     choose(page, data=b"not a photo", name="notes.png")
     page.locator("#error").wait_for(state="visible", timeout=30_000)

@@ -91,6 +91,32 @@ def test_a_photo_gives_result_photos_prices_and_an_expected_price(page, demo_cat
     assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
 
 
+def test_the_expected_price_says_in_words_how_far_to_trust_it(page, server, demo_catalogue, rows):
+    """The confidence is not a chance (docs/EVALUATION.md): the page puts it in the words of the bands measured
+    there. Each search is answered with the service's own answer for its photo, only its confidence changed
+    (Playwright's route.fetch would send the page's multipart body empty)."""
+    from playwright.sync_api import expect
+
+    photo = {}
+
+    def with_confidence(route):
+        answer = server.http.post("/assist", files={"image": photo["bytes"]}).json()
+        answer["estimate"]["confidence"] = photo["confidence"]
+        route.fulfill(json=answer)
+
+    page.route("**/assist", with_confidence)
+    for row, (photo["confidence"], words) in zip(rows, [(0.03, "Low confidence: a rough guess (3%)"),
+                                                        (0.096, "Medium confidence (10%)"),
+                                                        (0.25, "Medium confidence (25%)"),
+                                                        (0.62, "High confidence (62%)")]):
+        path = demo_catalogue.parent / row["image_path"]
+        photo["bytes"] = path.read_bytes()
+        with page.expect_response("**/assist"):
+            choose(page, path)
+        expect(page.locator("#estimate-confidence")).to_have_text(words)
+        expect(page.locator("#estimate-confidence-row")).to_be_visible()
+
+
 def test_result_photos_of_any_shape_fill_the_same_square(page, demo_catalogue, rows):
     """Thumbnails keep their photo's shape (a shop photo is often portrait); the cards crop each to one
     square, so a portrait or panorama photo neither stretches its card nor breaks the grid's rows."""

@@ -97,22 +97,19 @@ def test_the_expected_price_says_in_words_how_far_to_trust_it(page, server, demo
     (Playwright's route.fetch would send the page's multipart body empty)."""
     from playwright.sync_api import expect
 
-    photo = {}
+    def answering(answer):  # a handler of one argument: Playwright passes a second one the request
+        return lambda route: route.fulfill(json=answer)
 
-    def with_confidence(route):
-        answer = server.http.post("/assist", files={"image": photo["bytes"]}).json()
-        answer["estimate"]["confidence"] = photo["confidence"]
-        route.fulfill(json=answer)
-
-    page.route("**/assist", with_confidence)
-    for row, (photo["confidence"], words) in zip(rows, [(0.03, "Low confidence: a rough guess (3%)"),
-                                                        (0.096, "Medium confidence (10%)"),
-                                                        (0.25, "Medium confidence (25%)"),
-                                                        (0.62, "High confidence (62%)")]):
+    bands = [(0.03, "Low confidence: a rough guess (3%)"), (0.096, "Medium confidence (10%)"),
+             (0.25, "Medium confidence (25%)"), (0.62, "High confidence (62%)")]
+    for row, (confidence, words) in zip(rows, bands):
         path = demo_catalogue.parent / row["image_path"]
-        photo["bytes"] = path.read_bytes()
+        answer = server.http.post("/assist", files={"image": path.read_bytes()}).json()
+        answer["estimate"]["confidence"] = confidence
+        page.route("**/assist", answering(answer))
         with page.expect_response("**/assist"):
             choose(page, path)
+        page.unroute("**/assist")
         expect(page.locator("#estimate-confidence")).to_have_text(words)
         expect(page.locator("#estimate-confidence-row")).to_be_visible()
 

@@ -26,7 +26,13 @@ from model_store import stages
 from model_store.core_share import MAX_WAIT_S, SPIN_COUNT, busy_threads, share_of_worker, worker_count
 from model_store.gpu_probe import embeds_on_gpu
 from model_store.malloc import ONE_ARENA
-from model_store.settings import get_settings
+from model_store.settings import SettingsError, get_settings
+
+try:  # before the query modules, which read the settings as they load
+    settings = get_settings()
+except SettingsError as exc:  # one line an operator can act on, not BentoML's 40-line traceback of the import
+    raise SystemExit(f"cannot start the service: {exc}") from None
+
 from query.active import Active
 from query.assist import assist, estimate as estimate_for
 from query.bearer import carries
@@ -52,7 +58,6 @@ from query.search_index import item_query
 from query.uploads import field_names, upload_pixels
 
 log = logging.getLogger("bentoml.imagesearch")
-settings = get_settings()
 # Reads one small JSON file; None until an index is promoted (the services then start but stay unready).
 SERVED = stages.served(settings.stage)
 STATIC = Path(__file__).resolve().parent / "query" / "static"  # the search page, served at /ui/

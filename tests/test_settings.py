@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
+from bench.server import ONE_SERVICE
+from conftest import ROOT, run_env
 from model_store.settings import SettingsError, get_settings
 
 
@@ -17,3 +21,17 @@ def test_a_wrong_value_names_the_variable_and_what_it_should_hold(monkeypatch):
     assert "IMAGESEARCH_MAX_K='ten': Input should be a valid integer" in said, said
     assert "IMAGESEARCH_STAGE='prod': Input should be 'staging' or 'production'" in said, said
     assert said.endswith("(README, Configuration)") and raised.value.__cause__ is None
+
+
+@pytest.mark.parametrize("command", [("bentoml", "serve", "service:ImageSearch"),
+                                     (*ONE_SERVICE, "service:ImageSearch", "--service-name", "Embedder")],
+                         ids=["bentoml serve", "a container's start-http-server"])
+def test_a_server_with_a_wrong_setting_says_which_in_one_line(command, tmp_path):
+    """The service reads the settings as it is imported: a wrong value printed BentoML's ~40-line traceback of
+    the import, the one line that named the variable at its end."""
+    run = subprocess.run([*command, "--port", "3199"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env=run_env(IMAGESEARCH_MAX_K="ten", BENTOML_HOME=str(tmp_path)))
+    said = (run.stdout + run.stderr).strip()
+    assert run.returncode == 1 and "Traceback" not in said, said
+    assert said.splitlines()[-1] == ("cannot start the service: IMAGESEARCH_MAX_K='ten': Input should be a valid "
+                                     "integer, unable to parse string as an integer (README, Configuration)"), said

@@ -20,7 +20,7 @@ import uuid
 from collections import Counter
 from http import HTTPStatus
 from typing import Any, Awaitable, Callable
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote_to_bytes
 
 from python_multipart.multipart import DEFAULT_MAX_HEADER_COUNT, DEFAULT_MAX_HEADER_SIZE
 from starlette.datastructures import Headers, UploadFile
@@ -389,9 +389,24 @@ class _ClosedMultiPart(MultiPartParser):
     last part is dropped without a word, so a trailing max_price or the photo itself would go missing."""
 
     closed = False
+    file_fields: frozenset[str] = frozenset()  # the endpoint's photo fields
 
     def on_end(self) -> None:
         self.closed = True
+
+    def on_headers_finished(self) -> None:
+        """A part of a photo field is a file even without `filename=`: named only in RFC 2231's `filename*=`
+        (which RFC 7578 forbids, yet older clients send for a name outside ASCII), or with none but a Content-Type
+        other than text. The parser read such a part's bytes as text (a 400 saying "not text")."""
+        part = self._current_part
+        _, options = parse_options_header(part.content_disposition)
+        if b"filename" not in options and options.get(b"name", b"").decode("latin-1") in self.file_fields:
+            extended = _EXTENDED_FILENAME.search(part.content_disposition)
+            ctype = dict(part.item_headers).get(b"content-type", b"text/plain").strip().lower()
+            if extended or not ctype.startswith(b"text/"):
+                name = _safe_filename(_rfc2231_value(extended.group(1)) if extended else "")
+                part.content_disposition += f'; filename="{name}"'.encode()
+        super().on_headers_finished()
 
     def current_part(self) -> str | None:
         """The name of the part the parser is in (that the body ended in, or it stopped at), once its headers
@@ -414,6 +429,7 @@ async def _parse(headers: Headers, body: bytes, fields: EndpointFields, max_file
     room = max_files + 1
     parser = _ClosedMultiPart(headers, stream(), max_files=accepted + room, max_fields=len(fields.texts) + 16,
                               max_part_size=TEXT_PART_BYTES)
+    parser.file_fields = frozenset(fields.files)
     try:
         form = await parser.parse()
     except MultiPartException as exc:
@@ -429,6 +445,19 @@ async def _parse(headers: Headers, body: bytes, fields: EndpointFields, max_file
         await form.close()
         raise _cut_short(headers, parser.current_part(), fields)
     return form
+
+
+_EXTENDED_FILENAME = re.compile(rb";\s*filename\*\s*=\s*([^;]*)", re.IGNORECASE)
+
+
+def _rfc2231_value(raw: bytes) -> str:
+    """`UTF-8''caf%C3%A9.jpg` -> `café.jpg` (an unknown charset or a broken escape gives what it can)."""
+    charset, _, rest = raw.strip().strip(b'"').partition(b"'")
+    encoded = rest.partition(b"'")[2] if rest else charset
+    try:
+        return unquote_to_bytes(encoded).decode(charset.decode("latin-1") if rest else "utf-8", "replace")
+    except LookupError:
+        return unquote_to_bytes(encoded).decode("utf-8", "replace")
 
 
 def _why_unreadable(exc: MultiPartException) -> str:

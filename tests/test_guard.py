@@ -434,6 +434,25 @@ def test_file_names_bentoml_cannot_store_are_accepted(server):
     assert r.status_code == 200, r.text
 
 
+@pytest.mark.parametrize("name_and_type", [
+    "filename*=UTF-8''caf%C3%A9.png\r\nContent-Type: image/png",  # older clients, for a name outside ASCII
+    "filename*=UTF-8''caf%C3%A9.png",
+    "\r\nContent-Type: image/png",  # curl -F 'image=<photo.png;type=image/png'
+    "\r\nContent-Type: application/octet-stream",
+], ids=["filename* alone", "filename* without a type", "a photo's type, no name", "bytes, no name"])
+def test_a_photo_part_without_a_plain_file_name_is_searched(server, name_and_type):
+    """The multipart parser takes a part for a file only when it has `filename=`: a photo named only in RFC 2231's
+    `filename*=`, or with no name but a Content-Type that is not text, got 400 "image must be a file upload, not
+    text" (a part with neither is text, as CASES checks)."""
+    head = f'--XyZ\r\nContent-Disposition: form-data; name="image"; {name_and_type}\r\n\r\n'.replace("; \r\n", "\r\n")
+    body = head.encode() + GOOD + b'\r\n--XyZ\r\nContent-Disposition: form-data; name="k"\r\n\r\n2\r\n--XyZ--\r\n'
+    r = server.http.post("/search", content=body, headers={"Content-Type": "multipart/form-data; boundary=XyZ"})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["results"]) == 2
+    near = server.http.post("/search", files={"image": PHOTO}, data={"k": "2"}).json()["results"]
+    assert [m["item_id"] for m in r.json()["results"]] == [m["item_id"] for m in near]
+
+
 def test_openapi_page_documents_the_error_shape(server):
     doc = server.http.get("/docs.json").json()
     assert set(doc["components"]["schemas"]["ErrorBody"]["properties"]) == {"error", "field"}

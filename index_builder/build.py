@@ -16,12 +16,12 @@ from pydantic import BaseModel
 
 from index_builder import ann, learn
 from index_builder.calibrate import calibrate
-from index_builder.catalogue import BadRow, Catalogue, read_catalogue, write_report
+from index_builder.catalogue import BadRow, Catalogue, Photo, read_catalogue, write_report
 from index_builder.evaluate import evaluate, read_queries
 from index_builder.cache import EmbeddingCache
 from index_builder.cache import registered as cache_registered
 from index_builder.build_defaults import DEFAULT_DESCRIPTOR, DEFAULT_PROJECTION, DEFAULT_WORKERS, ProjectionKind
-from index_builder.extract import default_batch_size, extract
+from index_builder.extract import Extraction, default_batch_size, extract
 from model_store.embedder_config import Descriptor
 from model_store.build_lock import building
 from model_store.embedder import Embedder, new_embedder, save_embedder
@@ -111,15 +111,8 @@ def build(catalogue_path: Path, *, backbone: str | None = None, weights: str = "
     with building():
         cache = EmbeddingCache(embedder_tag, config.dim)
         with timer.stage("embed"):
-            if engine == "ray":
-                from index_builder.ray_engine import extract_ray
-
-                ext = extract_ray(sources, embedder, cache, batch_size=batch_size, progress=progress,
-                                  address=ray_address, device=settings.device, half=settings.half_precision, **thumbs)
-            else:
-                batch_size = batch_size or default_batch_size(embedder.device.type == "cuda")
-                ext = extract(sources, embedder, cache, batch_size=batch_size, workers=workers, progress=progress,
-                              **thumbs)
+            ext = _embed(engine, sources, embedder, cache, batch_size=batch_size, workers=workers, progress=progress,
+                         ray_address=ray_address, thumbs=thumbs)
         cache.close()
         good = [i for i in range(len(sources)) if i not in ext.errors]
         bad = cat.bad + [BadRow(cat.photos[i].line, cat.photos[i].row.image_path, r) for i, r in ext.errors.items()]
@@ -140,20 +133,11 @@ def build(catalogue_path: Path, *, backbone: str | None = None, weights: str = "
         shutil.rmtree(artifact, ignore_errors=True)
         artifact.mkdir(parents=True)
         with timer.stage("write artifact"):
-            choice.index.save(str(artifact / ANNOY_FILE))
-            np.save(artifact / VECTORS_FILE, vectors)
-            if projection:
-                projection.save(artifact / PROJECTION_FILE)
-            items = {p.row.item_id: p.row.item_fields() for p in photos}
-            write_items_db(artifact / ITEMS_FILE,
-                           [(i, p.row.item_id, p.row.image_path,
-                             None if p.row.image_url or not thumbnails else sha, p.row.image_url, sha)
-                            for i, (p, sha) in enumerate(zip(photos, hashes))], list(items.values()))
-            shutil.copy(report, artifact / REPORT_FILE)
+            n_items = _write_artifact(artifact, choice.index, vectors, projection, photos, hashes, thumbnails, report)
         manifest = IndexManifest(
             embedder=embedder_tag, embedder_config=config, dim=vectors.shape[1],
             projection=kind, projection_training=training, thresholds=thresholds,
-            n_photos=len(photos), n_items=len(items), n_trees=choice.n_trees, search_k=choice.search_k,
+            n_photos=len(photos), n_items=n_items, n_trees=choice.n_trees, search_k=choice.search_k,
             ann_recall_at_10=round(choice.recall, 4), ann_query_ms=round(choice.query_ms, 4),
             catalogue=str(cat.path), catalogue_sha256=cat.sha256, bad_rows=len(bad), seed=seed,
             seconds=timer.seconds, built_at=dt.datetime.now(dt.timezone.utc))
@@ -170,12 +154,42 @@ def build(catalogue_path: Path, *, backbone: str | None = None, weights: str = "
     shutil.rmtree(work, ignore_errors=True)
     return BuildSummary(
         tag=tag, embedder=embedder_tag, pretrained=config.weights.pretrained, rows=cat.n_rows,
-        photos_indexed=len(photos), items=len(items), bad_rows=len(bad), report=str(report), dim=manifest.dim,
+        photos_indexed=len(photos), items=n_items, bad_rows=len(bad), report=str(report), dim=manifest.dim,
         projection=manifest.projection, n_trees=choice.n_trees, search_k=choice.search_k,
         ann_recall_at_10=manifest.ann_recall_at_10,
         images_per_second=round(ext.computed / ext.seconds, 2) if ext.computed else 0.0,
         reused_photos=len(sources) - ext.computed - len(ext.errors), thumbnails=str(store_dir()) if thumbnails else "off",
         thumbnails_made=ext.thumbnails_made, seconds=timer.seconds, evaluation=manifest.evaluation)
+
+
+def _embed(engine: Literal["local", "ray"], sources: list[str], embedder: Embedder, cache: EmbeddingCache, *,
+           batch_size: int | None, workers: int, progress: bool, ray_address: str | None, thumbs: dict) -> Extraction:
+    """Every photo's vector (the cache's where it has one), on this machine's processes or on a Ray cluster."""
+    if engine == "ray":
+        from index_builder.ray_engine import extract_ray
+
+        settings = get_settings()
+        return extract_ray(sources, embedder, cache, batch_size=batch_size, progress=progress, address=ray_address,
+                           device=settings.device, half=settings.half_precision, **thumbs)
+    batch_size = batch_size or default_batch_size(embedder.device.type == "cuda")
+    return extract(sources, embedder, cache, batch_size=batch_size, workers=workers, progress=progress, **thumbs)
+
+
+def _write_artifact(artifact: Path, index: Any, vectors: np.ndarray, projection: Projection | None,
+                    photos: list[Photo], hashes: list[str], thumbnails: bool, report: Path) -> int:
+    """The index's files in `artifact` (all but the manifest); returns how many items it holds. A photo with an
+    image_url is shown from there, any other from its thumbnail (by its hash) when thumbnails are made."""
+    index.save(str(artifact / ANNOY_FILE))
+    np.save(artifact / VECTORS_FILE, vectors)
+    if projection:
+        projection.save(artifact / PROJECTION_FILE)
+    items = {p.row.item_id: p.row.item_fields() for p in photos}
+    write_items_db(artifact / ITEMS_FILE,
+                   [(i, p.row.item_id, p.row.image_path,
+                     None if p.row.image_url or not thumbnails else sha, p.row.image_url, sha)
+                    for i, (p, sha) in enumerate(zip(photos, hashes))], list(items.values()))
+    shutil.copy(report, artifact / REPORT_FILE)
+    return len(items)
 
 
 def _check_bad_share(cat: Catalogue, bad: list[BadRow], limit: float, report: Path, unread: str = "") -> None:

@@ -456,7 +456,7 @@ def _rfc2231_value(raw: bytes) -> str:
     encoded = rest.partition(b"'")[2] if rest else charset
     try:
         return unquote_to_bytes(encoded).decode(charset.decode("latin-1") if rest else "utf-8", "replace")
-    except LookupError:
+    except (LookupError, ValueError):  # an unknown charset, or a name no codec has (a NUL in it)
         return unquote_to_bytes(encoded).decode("utf-8", "replace")
 
 

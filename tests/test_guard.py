@@ -453,6 +453,16 @@ def test_a_photo_part_without_a_plain_file_name_is_searched(server, name_and_typ
     assert [m["item_id"] for m in r.json()["results"]] == [m["item_id"] for m in near]
 
 
+def test_a_name_in_filename_star_is_read_in_the_charset_it_claims_or_else_as_utf8():
+    from query.guard import _rfc2231_value
+
+    assert _rfc2231_value(b"UTF-8''caf%C3%A9.png") == "caf\u00e9.png"
+    assert _rfc2231_value(b"iso-8859-1'fr'caf%E9.png") == "caf\u00e9.png"
+    assert _rfc2231_value(b"rot13''x.png") == "x.png"  # a codec, not a charset: LookupError
+    assert _rfc2231_value(b"\x00''x.png") == "x.png"  # no codec's name: ValueError, which the parse let out
+    assert _rfc2231_value(b"x.png") == "x.png"
+
+
 def test_openapi_page_documents_the_error_shape(server):
     doc = server.http.get("/docs.json").json()
     assert set(doc["components"]["schemas"]["ErrorBody"]["properties"]) == {"error", "field"}

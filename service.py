@@ -51,7 +51,7 @@ from query.guard import RequestGuard
 from query.models import (K, AssistResponse, BatchImages, BatchSearchResponse, Category, CompareResponse,
                           CompareThresholds, EstimateResponse, IndexInfo, MoreImages, Price, ReloadResponse,
                           SearchResponse, SimilarQuery, SimilarResponse)
-from query.pages import SearchPageFiles, api_page_file
+from query.pages import SEARCH_PAGE, SearchPageFiles, api_page_file
 from query.photos import thumbnail_response
 from query.replica import Replica
 from query.search_index import item_query
@@ -60,7 +60,6 @@ from query.uploads import field_names, upload_pixels
 log = logging.getLogger("bentoml.imagesearch")
 # Reads one small JSON file; None until an index is promoted (the services then start but stay unready).
 SERVED = stages.served(settings.stage)
-STATIC = Path(__file__).resolve().parent / "query" / "static"  # the search page, served at /ui/
 EMBED_ON_GPU = embeds_on_gpu(settings.device)
 EMBEDDER_WORKERS = worker_count(settings.embedder_workers, EMBED_ON_GPU)
 EMBED_MAX_BATCH = settings.embed_batch_limit(EMBED_ON_GPU)
@@ -202,7 +201,7 @@ ROUTES = [Route("/index", _get_index, methods=["GET"]),
           Route("/similar/{item_id:path}", _get_similar, methods=["GET"]),
           Route("/photos/{name}", _get_photo, methods=["GET"]),
           Route("/ui", lambda request: RedirectResponse("/ui/", status_code=308), methods=["GET"]),
-          Mount("/ui", SearchPageFiles(directory=STATIC, html=True)),
+          Mount("/ui", SearchPageFiles(directory=SEARCH_PAGE, html=True)),
           Route("/", api_page_file("index.html"), methods=["GET"]),  # in place of BentoML's own (query/pages.py)
           Route("/api-page.js", api_page_file("api-page.js"), methods=["GET"])]
 

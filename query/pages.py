@@ -15,7 +15,8 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.staticfiles import StaticFiles
 
-API_PAGE = Path(__file__).resolve().parent / "api_page"
+SEARCH_PAGE = Path(__file__).resolve().parent / "static"  # served at /ui/
+API_PAGE = Path(__file__).resolve().parent / "api_page"  # served at /
 
 
 def page_headers(style_src: str) -> dict[str, str]:

@@ -7,7 +7,7 @@ byte limit (413) before reading them, more than `max_uploads` bodies arriving at
 parameter (a POST reads its fields from the body: 400 saying so), and any form field that is unknown,
 missing, of the wrong kind or value (4xx naming the field); what passes is handed on re-encoded, so
 BentoML's parser only ever sees values it reads back exactly. Every answer of 400 or more, whoever
-produced it, leaves in the shape of query.errors.ErrorBody.
+produced it, leaves in the shape of query.errors.ErrorBody, and every answer says `nosniff`.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ FLOOD_BYTES = 128 * 2**20  # bodies held at once past which their memory is hand
 TRIM_AFTER_S = 0.2
 # Headers of refusals that say when or how to come back: a 408 closes its connection (RFC 9110: the rest of
 # the body may still be on its way).
+_NOSNIFF = (b"x-content-type-options", b"nosniff")
 _HEADERS = {HTTPStatus.TOO_MANY_REQUESTS: {"Retry-After": "1"}, HTTPStatus.REQUEST_TIMEOUT: {"Connection": "close"}}
 
 
@@ -71,7 +72,7 @@ class RequestGuard:
             return await self.app(scope, receive, send)
         slot = Slot(self.slots)
         raised = collect_errors()
-        shaper = ErrorShaper(scope, slot.freed_by_last_byte(send), raised, self.health_problem)
+        shaper = ErrorShaper(scope, slot.freed_by_last_byte(_not_sniffed(send)), raised, self.health_problem)
         try:
             await self._serve(scope, receive, shaper, slot)
         except Exception:  # noqa: BLE001
@@ -270,6 +271,16 @@ class Slot:
                 self.free()
             await send(message)
         return sending
+
+
+def _not_sniffed(send: Send) -> Send:
+    """`send` with `X-Content-Type-Options: nosniff` on the answer: a browser takes a thumbnail, a JSON answer or
+    an error for what its Content-Type says, never for HTML or script that its bytes might look like."""
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), _NOSNIFF]}
+        await send(message)
+    return sending
 
 
 class ErrorShaper:

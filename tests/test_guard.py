@@ -490,6 +490,19 @@ def test_cors_is_closed_by_default(server):
     assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
 
 
+def test_every_answer_says_its_content_type_is_not_to_be_sniffed(server):
+    """A browser must never take a thumbnail, a JSON answer or an error whose bytes look like HTML for a page."""
+    found = server.http.post("/search", files={"image": PHOTO})
+    assert found.status_code == 200, found.text
+    answers = [found, server.http.post("/search", files={"photo": PHOTO}),
+               server.http.get(found.json()["results"][0]["photo_url"]), server.http.get("/photos/x.webp"),
+               server.http.get("/ui/"), server.http.get("/"), server.http.get("/index"), server.http.get("/docs.json"),
+               server.http.get("/readyz"), server.http.head("/ui/")]
+    for r in answers:
+        assert r.headers.get_list("x-content-type-options") == ["nosniff"], (r.request.url, r.status_code, r.headers)
+    assert [r.status_code for r in answers] == [200, 400, 200, 404, 200, 200, 200, 200, 200, 200]
+
+
 def test_a_request_frees_its_slot_as_its_answer_leaves():
     """A closed-loop client at exactly max_concurrency must never be refused: its next request can arrive while
     the code after the last answer (BentoML's middlewares, logging) still runs. Suspected on the lent H200: one

@@ -16,7 +16,7 @@ from query.search_index import Match
 _max_k = get_settings().max_k
 K = Annotated[int, Field(ge=1, le=_max_k, description=f"distinct items to return, 1..{_max_k}")]
 Price = Annotated[Optional[float], Field(ge=0, le=MAX_PRICE, allow_inf_nan=False, description="a price, 0 or more")]
-Category = Annotated[Optional[str], Field(max_length=200, description="one of GET /index's categories")]
+Category = Annotated[Optional[str], Field(min_length=1, max_length=200, description="one of GET /index's categories")]
 _max_photos = get_settings().max_batch_images
 # The counts are in the OpenAPI document (minItems, maxItems); the request guard refuses other counts first.
 BatchImages = Annotated[list[Path], Field(

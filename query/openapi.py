@@ -1,5 +1,6 @@
 """BentoML's OpenAPI document (/docs.json, shown at /), amended to say what this API really answers:
-the one error shape for every 4xx and 5xx, the statuses each endpoint can give, and GET /index."""
+the one error shape for every 4xx and 5xx, the statuses each endpoint can give, the forms as the guard reads
+them, and the GET routes (/index, /similar, /photos)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ STATUSES = {"400": "A field is missing, unknown or invalid", "408": "The request
             "415": "Not a photo the service can read, or not multipart/form-data",
             "429": "Over capacity, or this client past its share of photos: retry after Retry-After seconds",
             "503": "Not ready, or the embedder is restarting"}
+RELOAD_STATUSES = {"401": "No admin token, or not this server's", "403": "Reload is off: this server has no admin token",
+                   "409": "Nothing can be switched to: nothing promoted, another embedder, or a broken artifact"}
 
 
 def amend(doc: dict[str, Any]) -> dict[str, Any]:
@@ -43,6 +46,12 @@ def amend(doc: dict[str, Any]) -> dict[str, Any]:
             if method == "post":  # every API endpoint
                 for status, text in STATUSES.items():
                     op.setdefault("responses", {})[status] = {"description": text, "content": ref}
+                _describe_form(op)
+    for status, text in RELOAD_STATUSES.items():
+        doc["paths"].get("/reload", {}).get("post", {}).get("responses", {})[status] = {"description": text, "content": ref}
+    for probe in ("/readyz", "/livez"):  # BentoML's, answered in the one shape when they fail (query.guard)
+        doc["paths"].get(probe, {}).get("get", {}).setdefault("responses", {})["503"] = {
+            "description": "Not ready (or not alive): `error` says why", "content": ref}
     paths = doc.setdefault("paths", {})
     paths["/index"] = {"get": {
         "summary": "The served index: version, stage, counts, embedder, categories and build metadata",
@@ -60,13 +69,36 @@ def amend(doc: dict[str, Any]) -> dict[str, Any]:
         "parameters": [{"name": "name", "in": "path", "required": True,
                         "schema": {"type": "string", "pattern": "^[0-9a-f]{64}\\.webp$"}}],
         "responses": {"200": {"description": "WebP image; its ETag is its name", "content": {"image/webp": {}}},
+                      "206": {"description": "The part of it a Range header asked for", "content": {"image/webp": {}}},
                       "304": {"description": "Not modified: If-None-Match named its ETag (no body)"},
-                      "404": {"description": "No such photo in the served index", "content": ref}}}}
+                      "404": {"description": "No such photo in the served index", "content": ref},
+                      "416": {"description": "A Range past its end: Content-Range gives its size", "content": ref}}}}
     info = doc.setdefault("info", {})
     info.update(title="Estate image search API", description=DESCRIPTION, version=_api_version())  # it was "None"
     info.pop("contact", None)  # BentoML's own team, who do not answer for this API
     _mark_nullable(doc)
     return doc
+
+
+def _describe_form(op: dict[str, Any]) -> None:
+    """Say of an endpoint's form what the guard enforces, where BentoML's document says otherwise: an endpoint
+    without inputs takes no body (BentoML declares an empty JSON object); the body is required where a field
+    is (a photo); text fields are plain text (BentoML declares them JSON, and a client that followed it would
+    send `"Art"`, quotes and all); a field the form does not name is refused."""
+    body = op.get("requestBody", {})
+    if not any(media.get("schema", {}).get("properties") for media in body.get("content", {}).values()):
+        op.pop("requestBody", None)  # no inputs (POST /reload): the guard ignores any body
+        return
+    form = body.get("content", {}).get("multipart/form-data")
+    if form is None:
+        return
+    form.pop("encoding", None)
+    form.get("schema", {})["additionalProperties"] = False
+    for prop in form.get("schema", {}).get("properties", {}).values():
+        if prop.get("default", 0) in (None, []):  # a form has no null: the API page pre-filled "null", which
+            del prop["default"]  # is no category; an optional field is left out
+    if form.get("schema", {}).get("required"):
+        body["required"] = True
 
 
 def _api_version() -> str:
@@ -97,7 +129,8 @@ def _query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
 
 def _mark_nullable(node: Any) -> None:
     """BentoML drops the null of optional answer fields (`float | None = None` becomes "type": "number"):
-    put it back as OpenAPI 3.0's nullable, so the document matches the answers."""
+    put it back as OpenAPI 3.0's nullable, so the document matches the answers (forms have no null defaults
+    left by then: _describe_form)."""
     if isinstance(node, dict):
         if "default" in node and node["default"] is None and "type" in node:
             node["nullable"] = True

@@ -17,7 +17,7 @@ def test_schemathesis_finds_no_5xx_and_one_error_shape(server, tmp_path):
     st = shutil.which("st") or shutil.which("schemathesis")
     assert st, "schemathesis is a test dependency: pip install -e '.[test]'"
     cmd = [st, "run", f"{server.url}/docs.json", "--checks",
-           "not_a_server_error,response_schema_conformance,one_error_shape",
+           "not_a_server_error,response_schema_conformance,status_code_conformance,unsupported_method,one_error_shape",
            "--max-examples", "60", "--seed", SEED, "--workers", "1", "--request-timeout", "20",
            "--header", f"Authorization: Bearer {TOKEN}", "--no-color",
            "--report", "junit", "--report-dir", str(tmp_path)]

@@ -482,6 +482,31 @@ def test_openapi_page_documents_the_error_shape(server):
         assert "minItems" not in more and more["maxItems"] == 16, (path, more)
 
 
+def test_openapi_document_describes_the_forms_and_statuses_as_the_server_answers(server):
+    """A client generated from the document sends what the guard reads: a body where a photo is required, text
+    fields as plain text (BentoML declared them JSON: `"Art"` with its quotes is no category), no null (a form
+    has none: the API page pre-filled "null" from `default: null`) and no field the form lacks; and it expects
+    every status the endpoint can give."""
+    paths = server.http.get("/docs.json").json()["paths"]
+    forms = {path: ops["post"]["requestBody"] for path, ops in paths.items()
+             if "multipart/form-data" in ops.get("post", {}).get("requestBody", {}).get("content", {})}
+    assert set(forms) == {"/search", "/estimate", "/search_batch", "/assist", "/compare"}, forms
+    for path, body in forms.items():
+        form = body["content"]["multipart/form-data"]
+        assert body["required"] is True and "encoding" not in form, (path, body)
+        assert form["schema"]["additionalProperties"] is False, path
+        props = form["schema"]["properties"]
+        assert not any("nullable" in prop or prop.get("default", 0) in (None, []) for prop in props.values()), path
+        assert props.get("k", {"default": 10})["default"] == 10, path  # a default that is a value stays
+    assert forms["/search"]["content"]["multipart/form-data"]["schema"]["properties"]["category"]["minLength"] == 1
+    assert {"401", "403", "409"} <= set(paths["/reload"]["post"]["responses"])
+    assert "requestBody" not in paths["/reload"]["post"]  # it takes none (BentoML declared an empty JSON object)
+    assert "503" in paths["/readyz"]["get"]["responses"] and "503" in paths["/livez"]["get"]["responses"]
+    assert {"206", "416"} <= set(paths["/photos/{name}"]["get"]["responses"])
+    estimate = paths["/estimate"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert estimate["properties"]["price"]["nullable"] is True  # answers keep their null
+
+
 def test_cors_is_closed_by_default(server):
     r = server.http.options("/search", headers={"Origin": "https://elsewhere.example",
                                                 "Access-Control-Request-Method": "POST"})

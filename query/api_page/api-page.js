@@ -9,5 +9,20 @@ window.onload = function () {
     presets: [SwaggerUIBundle.presets.apis, SwaggerUIStandalonePreset],
     plugins: [SwaggerUIBundle.plugins.DownloadUrl],
     layout: "StandaloneLayout",
+    requestInterceptor: leaveOutEmptyFields,
   });
 };
+
+// "Try it out" sends every field of a form, an empty text for each one left blank (and for a list of photos
+// with none added). The API refuses empty fields (400: "leave the field out"), so the page leaves them out, as
+// a client would.
+function leaveOutEmptyFields(request) {
+  if (request.body instanceof FormData) {
+    const kept = new FormData();
+    for (const [name, value] of request.body.entries()) {
+      if (value !== "") kept.append(name, value);
+    }
+    request.body = kept;
+  }
+  return request;
+}

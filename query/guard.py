@@ -67,7 +67,7 @@ class RequestGuard:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
-            return await _refuse_websocket(scope, send)
+            return await _refuse_websocket(scope, _not_sniffed(send))
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         slot = Slot(self.slots)
@@ -277,7 +277,7 @@ def _not_sniffed(send: Send) -> Send:
     """`send` with `X-Content-Type-Options: nosniff` on the answer: a browser takes a thumbnail, a JSON answer or
     an error for what its Content-Type says, never for HTML or script that its bytes might look like."""
     async def sending(message: Message) -> None:
-        if message["type"] == "http.response.start":
+        if message["type"] in ("http.response.start", "websocket.http.response.start"):
             message = {**message, "headers": [*message.get("headers", ()), _NOSNIFF]}
         await send(message)
     return sending

@@ -37,7 +37,8 @@ def _raw_answer(protocol: object, error: ApiError) -> bytes:
     body = ErrorBody(error=error.message).model_dump_json().encode()
     lines = [f"HTTP/1.1 {error.status.value} {error.status.phrase}".encode()]
     lines += [name + b": " + value for name, value in protocol.server_state.default_headers]
-    lines += [b"content-type: application/json", b"content-length: " + str(len(body)).encode(), b"connection: close"]
+    lines += [b"content-type: application/json", b"content-length: " + str(len(body)).encode(), b"connection: close",
+              b"x-content-type-options: nosniff"]  # as the guard says on every answer it sends
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 

@@ -266,6 +266,7 @@ def raw_exchange(port: int, head: bytes) -> str:
 def shaped_error(answer: str) -> tuple[int, dict]:
     head, _, body = answer.partition("\r\n\r\n")
     assert "content-type: application/json" in head.lower(), answer[:300]
+    assert head.lower().count("x-content-type-options: nosniff") == 1, head  # as every answer says
     return int(head.split()[1]), json.loads(body)
 
 

@@ -95,8 +95,9 @@ def _describe_form(op: dict[str, Any]) -> None:
     form.pop("encoding", None)
     form.get("schema", {})["additionalProperties"] = False
     for prop in form.get("schema", {}).get("properties", {}).values():
-        if prop.get("default", 0) in (None, []):  # a form has no null: the API page pre-filled "null", which
-            del prop["default"]  # is no category; an optional field is left out
+        # A form has no null: the API page pre-filled "null" (no category's name); an optional field is left out
+        if "default" in prop and prop["default"] in (None, []):
+            del prop["default"]
     if form.get("schema", {}).get("required"):
         body["required"] = True
 

@@ -44,11 +44,10 @@ def amend(doc: dict[str, Any]) -> dict[str, Any]:
     for path, ops in doc.get("paths", {}).items():
         for method, op in ops.items():
             if method == "post":  # every API endpoint
-                for status, text in STATUSES.items():
+                statuses = {**STATUSES, **(RELOAD_STATUSES if path == "/reload" else {})}
+                for status, text in statuses.items():
                     op.setdefault("responses", {})[status] = {"description": text, "content": ref}
                 _describe_form(op)
-    for status, text in RELOAD_STATUSES.items():
-        doc["paths"].get("/reload", {}).get("post", {}).get("responses", {})[status] = {"description": text, "content": ref}
     for probe in ("/readyz", "/livez"):  # BentoML's, answered in the one shape when they fail (query.guard)
         doc["paths"].get(probe, {}).get("get", {}).setdefault("responses", {})["503"] = {
             "description": "Not ready (or not alive): `error` says why", "content": ref}
@@ -93,12 +92,13 @@ def _describe_form(op: dict[str, Any]) -> None:
     if form is None:
         return
     form.pop("encoding", None)
-    form.get("schema", {})["additionalProperties"] = False
-    for prop in form.get("schema", {}).get("properties", {}).values():
+    schema = form.setdefault("schema", {})
+    schema["additionalProperties"] = False
+    for prop in schema.get("properties", {}).values():
         # A form has no null: the API page pre-filled "null" (no category's name); an optional field is left out
         if "default" in prop and prop["default"] in (None, []):
             del prop["default"]
-    if form.get("schema", {}).get("required"):
+    if schema.get("required"):
         body["required"] = True
 
 

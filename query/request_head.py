@@ -18,6 +18,7 @@ from __future__ import annotations
 from http import HTTPStatus
 
 from query.errors import ApiError, ErrorBody
+from query.guard import NOSNIFF
 
 
 def _head_size(protocol: object) -> int:
@@ -38,7 +39,7 @@ def _raw_answer(protocol: object, error: ApiError) -> bytes:
     lines = [f"HTTP/1.1 {error.status.value} {error.status.phrase}".encode()]
     lines += [name + b": " + value for name, value in protocol.server_state.default_headers]
     lines += [b"content-type: application/json", b"content-length: " + str(len(body)).encode(), b"connection: close",
-              b"x-content-type-options: nosniff"]  # as the guard says on every answer it sends
+              b": ".join(NOSNIFF)]  # as the guard says on every answer it sends
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 

@@ -7,6 +7,7 @@ import datetime as dt
 import hashlib
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator
@@ -29,6 +30,7 @@ def lower_scheme(url: str) -> str:
 
 COLUMNS = ("item_id", "image_path", "title", "category", "price", "currency", "sold_at")
 OPTIONAL_COLUMNS = ("image_url",)
+ITEM_FIELDS = ("item_id", "title", "category", "price", "currency", "sold_at")  # as CatalogueRow.item_fields
 
 
 class CatalogueError(ValueError):
@@ -98,6 +100,7 @@ class CatalogueRow(BaseModel):
         return (lower_scheme(v.strip()) or None) if isinstance(v, str) else v
 
     def item_fields(self) -> tuple:
+        """What every photo of one item must agree on, named by ITEM_FIELDS."""
         return (self.item_id, self.title, self.category, self.price, self.currency, self.sold_at.isoformat())
 
 
@@ -281,7 +284,6 @@ def read_catalogue(path: Path) -> Catalogue:
         raise CatalogueError(f"{path}: no such catalogue file")
     photos, bad = [], []
     seen_paths: dict[str, int] = {}
-    items: dict[str, tuple[int, tuple]] = {}
     # A sale dated after the build (a typo in the year: 2062 for 2026) would pass every `sold_after` filter,
     # and show buyers a date no sale had. A day's grace: somewhere on Earth it is already tomorrow.
     latest_sale = dt.datetime.now(dt.timezone.utc).date() + dt.timedelta(days=1)
@@ -305,16 +307,47 @@ def read_catalogue(path: Path) -> Catalogue:
         elif not remote and not Path(full).is_file():  # remote photos are checked when they are fetched
             reason = (f"image_path is a folder, not a photo: {full}" if Path(full).is_dir()
                       else f"image file not found: {full}{_not_found_hint(row.image_path)}")
-        elif row.item_id in items and items[row.item_id][1] != row.item_fields():
-            reason = (f"item {row.item_id}: title/category/price/currency/sold_at differ from line "
-                      f"{items[row.item_id][0]}; all photos of one item must agree")
         if reason:
             bad.append(BadRow(line, row.image_path, reason))
             continue
         seen_paths[full] = line
-        items.setdefault(row.item_id, (line, row.item_fields()))
         photos.append(Photo(line, row, full))
-    return Catalogue(path.resolve(), file_sha256(path), photos, bad)
+    photos, disagreeing = _rows_that_agree(photos)
+    return Catalogue(path.resolve(), file_sha256(path), photos, bad + disagreeing)
+
+
+def _rows_that_agree(photos: list[Photo]) -> tuple[list[Photo], list[BadRow]]:
+    """An item is listed with what most of its rows say (on a tie, its first row); a row that says otherwise is
+    skipped, and its reason names the fields at fault and the lines that agree. A typo in an item's first row no
+    longer costs its correct rows, nor has the report send the cataloguer to "fix" them."""
+    rows_of: dict[str, list[Photo]] = {}
+    for photo in photos:
+        rows_of.setdefault(photo.row.item_id, []).append(photo)
+    listed = {item: Counter(p.row.item_fields() for p in rows).most_common(1)[0][0]  # ties: the first seen
+              for item, rows in rows_of.items()}
+    kept, bad = [], []
+    for photo in photos:
+        fields = listed[photo.row.item_id]
+        if photo.row.item_fields() == fields:
+            kept.append(photo)
+            continue
+        agree = [p.line for p in rows_of[photo.row.item_id] if p.row.item_fields() == fields]
+        bad.append(BadRow(photo.line, photo.row.image_path, _disagreement(photo.row, fields, agree)))
+    return kept, bad
+
+
+def _disagreement(row: CatalogueRow, listed: tuple, agree: list[int]) -> str:
+    """Why `row` is skipped: its fields that differ from `listed`, the item's fields on lines `agree`."""
+    lines = ", ".join(map(str, agree[:3])) + (f" and {len(agree) - 3} more" if len(agree) > 3 else "")
+    differs = "; ".join(f"{name} {_shown(ours)} here, {_shown(theirs)} on line{'s' * (len(agree) > 1)} {lines}"
+                        for name, ours, theirs in zip(ITEM_FIELDS, row.item_fields(), listed) if ours != theirs)
+    return (f"item {row.item_id}: {differs}; all photos of one item must agree (an item is listed as most of its "
+            "rows say, as its first row on a tie)")
+
+
+def _shown(value: str | float) -> str:
+    """A field's value in a reason: text quoted, a price as written plainly (1000000, not 1e+06)."""
+    return repr(value[:60]) if isinstance(value, str) else f"{value:.2f}".rstrip("0").rstrip(".")
 
 
 def _not_found_hint(image_path: str) -> str:

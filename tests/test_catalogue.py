@@ -110,7 +110,29 @@ def test_duplicate_photo_and_disagreeing_item_rows(folder):
                                                  "i1,b.png,Vase,Ceramics,99,USD,2024-05-01\n"))
     reasons = {b.line: b.reason for b in cat.bad}
     assert "duplicate photo" in reasons[3] and "line 2" in reasons[3]
-    assert "differ from line 2" in reasons[4]
+    assert reasons[4] == ("item i1: price 99 here, 12 on line 2; all photos of one item must agree (an item is "
+                          "listed as most of its rows say, as its first row on a tie)")
+
+
+def test_an_item_is_listed_as_most_of_its_rows_say(folder):
+    """A typo in an item's first row used to list the item with it and skip every correct row, and the report
+    told the cataloguer to change the correct rows."""
+    for name in ("d.png", "e.png"):
+        draw_object(0, 0, 0, size=32).save(folder / name)
+    cat = read_catalogue(write(folder, HEADER + "i1,a.png,Vase,Ceramics,1200000,USD,2024-05-01\n"
+                                                "i1,b.png,Vase,Ceramics,12,USD,2024-05-01\n"
+                                                "i2,c.png,Jug,Ceramics,5,USD,2024-05-01\n"
+                                                "i1,d.png,Vase,Ceramics,12,USD,2024-05-01\n"
+                                                "i1,e.png,Vases,Glassware,12,USD,2024-05-02\n"))
+    assert [p.line for p in cat.photos] == [3, 4, 5]
+    assert {p.row.price for p in cat.photos if p.row.item_id == "i1"} == {12}
+    reasons = {b.line: b.reason for b in cat.bad}
+    assert reasons == {
+        2: "item i1: price 1200000 here, 12 on lines 3, 5; all photos of one item must agree (an item is listed as "
+           "most of its rows say, as its first row on a tie)",
+        6: "item i1: title 'Vases' here, 'Vase' on lines 3, 5; category 'Glassware' here, 'Ceramics' on lines 3, 5; "
+           "sold_at '2024-05-02' here, '2024-05-01' on lines 3, 5; all photos of one item must agree (an item is "
+           "listed as most of its rows say, as its first row on a tie)"}
 
 
 def test_missing_column_fails_the_whole_file(folder):

@@ -34,6 +34,9 @@ def _print_summary(s: BuildSummary) -> None:
           file=w)
     print(f"  thumbnails    {s.thumbnails_made} made in {s.thumbnails}" if s.thumbnails != "off"
           else "  thumbnails    off (photo_url comes from image_url only)", file=w)
+    if s.categories_respelled:
+        print("  categories    read as most of their items spell them: " + ", ".join(
+            f"{written!r} as {listed!r}" for written, listed in s.categories_respelled.items()), file=w)
     print(f"  ann           n_trees={s.n_trees} search_k={s.search_k} recall@10={s.ann_recall_at_10}", file=w)
     if s.evaluation:
         e = s.evaluation

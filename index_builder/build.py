@@ -57,6 +57,7 @@ class BuildSummary(BaseModel):
     reused_photos: int
     thumbnails: str = "off"
     thumbnails_made: int = 0
+    categories_respelled: dict[str, str] = {}  # a category as the catalogue wrote it -> as it is listed
     seconds: dict[str, float]
     evaluation: dict[str, Any] | None = None
 
@@ -159,7 +160,8 @@ def build(catalogue_path: Path, *, backbone: str | None = None, weights: str = "
         ann_recall_at_10=manifest.ann_recall_at_10,
         images_per_second=round(ext.computed / ext.seconds, 2) if ext.computed else 0.0,
         reused_photos=len(sources) - ext.computed - len(ext.errors), thumbnails=str(store_dir()) if thumbnails else "off",
-        thumbnails_made=ext.thumbnails_made, seconds=timer.seconds, evaluation=manifest.evaluation)
+        thumbnails_made=ext.thumbnails_made, categories_respelled=cat.respelled, seconds=timer.seconds,
+        evaluation=manifest.evaluation)
 
 
 def _embed(engine: Literal["local", "ray"], sources: list[str], embedder: Embedder, cache: EmbeddingCache, *,

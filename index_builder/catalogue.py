@@ -8,7 +8,7 @@ import hashlib
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Iterator
 
@@ -124,6 +124,7 @@ class Catalogue:
     sha256: str
     photos: list[Photo]
     bad: list[BadRow]
+    respelled: dict[str, str] = field(default_factory=dict)  # a category as written -> as it is listed
 
     @property
     def n_rows(self) -> int:
@@ -312,8 +313,24 @@ def read_catalogue(path: Path) -> Catalogue:
             continue
         seen_paths[full] = line
         photos.append(Photo(line, row, full))
+    photos, respelled = _one_spelling_per_category(photos)
     photos, disagreeing = _rows_that_agree(photos)
-    return Catalogue(path.resolve(), file_sha256(path), photos, bad + disagreeing)
+    return Catalogue(path.resolve(), file_sha256(path), photos, bad + disagreeing, respelled)
+
+
+def _one_spelling_per_category(photos: list[Photo]) -> tuple[list[Photo], dict[str, str]]:
+    """A catalogue typed by several people over years spells one category several ways ("Furniture",
+    "furniture", "FURNITURE", "Dining  tables"). Each is read as the spelling most of its items use (on a tie,
+    the first seen), so that the page lists the category once and /assist's vote is not split between its
+    spellings. Returns the photos and {spelling as written: spelling listed} for those that changed."""
+    items_of: dict[str, Counter] = {}
+    for _item_id, category in dict.fromkeys((p.row.item_id, p.row.category) for p in photos):
+        items_of.setdefault(" ".join(category.split()).casefold(), Counter())[category] += 1
+    listed = {key: spellings.most_common(1)[0][0] for key, spellings in items_of.items()}
+    respelled = {spelling: listed[key] for key, spellings in items_of.items() for spelling in spellings
+                 if spelling != listed[key]}
+    return [replace(p, row=p.row.model_copy(update={"category": respelled[p.row.category]}))
+            if p.row.category in respelled else p for p in photos], respelled
 
 
 def _rows_that_agree(photos: list[Photo]) -> tuple[list[Photo], list[BadRow]]:

@@ -240,3 +240,25 @@ def test_a_json_lines_row_naming_a_column_twice_is_refused(folder):
 def test_unknown_format(folder):
     with pytest.raises(CatalogueError, match="use .csv or .jsonl"):
         read_catalogue(write(folder, "x", "cat.xlsx"))
+
+
+def test_a_category_spelled_several_ways_is_listed_as_most_items_spell_it(folder):
+    """Typed by several people over years, one category comes as "Ceramics", "ceramics " and "CERAMICS": listed
+    three times on the page, and /assist's vote split between them. Items count, not photos; a tie goes to the
+    spelling seen first; an item whose photos differ only in the spelling is not a disagreement."""
+    for name in ("d.png", "e.png", "f.png"):
+        draw_object(0, 0, 0, size=32).save(folder / name)
+    cat = read_catalogue(write(folder, HEADER + "i1,a.png,Vase,ceramics,12,USD,2024-05-01\n"
+                                                "i1,b.png,Vase,ceramics,12,USD,2024-05-01\n"
+                                                "i1,c.png,Vase,Ceramics,12,USD,2024-05-01\n"
+                                                "i2,d.png,Jug,Ceramics,5,USD,2024-05-01\n"
+                                                "i3,e.png,Bowl,CERAMICS,5,USD,2024-05-01\n"
+                                                "i4,f.png,Chair,Dining  chairs,5,USD,2024-05-01\n"))
+    assert cat.bad == []
+    assert [p.row.category for p in cat.photos] == ["Ceramics"] * 5 + ["Dining  chairs"]
+    assert cat.respelled == {"ceramics": "Ceramics", "CERAMICS": "Ceramics"}
+    tie = read_catalogue(write(folder, HEADER + "i1,a.png,Lamp,lighting,12,USD,2024-05-01\n"
+                                                "i2,b.png,Lamp,Lighting,12,USD,2024-05-01\n"
+                                                "i3,c.png,Chair,Dining chairs,5,USD,2024-05-01\n"
+                                                "i4,d.png,Chair,dining  Chairs,5,USD,2024-05-01\n", "tie.csv"))
+    assert tie.respelled == {"Lighting": "lighting", "dining  Chairs": "Dining chairs"}

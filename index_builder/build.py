@@ -115,8 +115,9 @@ def build(catalogue_path: Path, *, backbone: str | None = None, weights: str = "
             ext = _embed(engine, sources, embedder, cache, batch_size=batch_size, workers=workers, progress=progress,
                          ray_address=ray_address, thumbs=thumbs)
         cache.close()
-        good = [i for i in range(len(sources)) if i not in ext.errors]
-        bad = cat.bad + [BadRow(cat.photos[i].line, cat.photos[i].row.image_path, r) for i, r in ext.errors.items()]
+        errors = ext.errors | _same_photo_again(cat.photos, ext.keys, ext.errors)
+        good = [i for i in range(len(sources)) if i not in errors]
+        bad = cat.bad + [BadRow(cat.photos[i].line, cat.photos[i].row.image_path, r) for i, r in errors.items()]
         write_report(report, bad)
         _check_bad_share(cat, bad, max_bad_share, report)
         photos = [cat.photos[i] for i in good]
@@ -162,6 +163,22 @@ def build(catalogue_path: Path, *, backbone: str | None = None, weights: str = "
         reused_photos=len(sources) - ext.computed - len(ext.errors), thumbnails=str(store_dir()) if thumbnails else "off",
         thumbnails_made=ext.thumbnails_made, categories_respelled=cat.respelled, seconds=timer.seconds,
         evaluation=manifest.evaluation)
+
+
+def _same_photo_again(photos: list[Photo], keys: list[str], errors: dict[int, str]) -> dict[int, str]:
+    """Photos whose bytes an earlier row's photo has (a file copied under another name, one photo at two URLs):
+    skipped as a repeated image_path is (index_builder/catalogue.py), each with the line it repeats. Two items
+    with one photo come up as equal matches for every search that finds them, and a placeholder photo ("no
+    photo yet") matches every item that has it."""
+    first: dict[str, int] = {}
+    again = {}
+    for i, key in enumerate(keys):
+        if i in errors or not key or (j := first.setdefault(key, i)) == i:
+            continue
+        row = photos[j].row
+        again[i] = (f"duplicate photo: the same bytes as line {photos[j].line} ({row.image_path}, item {row.item_id}); "
+                    "give each row a photo of its own")
+    return again
 
 
 def _embed(engine: Literal["local", "ray"], sources: list[str], embedder: Embedder, cache: EmbeddingCache, *,

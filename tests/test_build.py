@@ -262,14 +262,20 @@ def test_a_rebuild_embeds_only_new_and_changed_photos(tmp_path, engine, request)
     assert second.photos_indexed == 101
     assert second.reused_photos == 99  # embedded: the new photo and the changed one
     assert second.thumbnails_made == 2
-    # the same photo under another name is recognised by its content, not embedded again
+    # the same photo under another name is recognised by its content, not embedded again, and not listed twice:
+    # two items with one photo would be equal matches for every search
     shutil.copy(tmp_path / "cat" / "p3.png", tmp_path / "cat" / "p3-copy.png")
     with open(catalogue, "a", newline="") as f:
         csv.writer(f).writerow(["copy-item", "p3-copy.png", "Copy", "Misc", 12, "USD", "2025-06-01", ""])
     third = build(catalogue, progress=False, workers=0)
     # in-process, nothing is embedded; on Ray the decoding tasks cannot see the driver's cache, so the copy is
     # embedded once more
-    assert third.photos_indexed == 102 and third.reused_photos == (102 if engine == "local" else 101)
+    assert third.photos_indexed == 101 and third.reused_photos == (102 if engine == "local" else 101)
+    with open(third.report) as f:
+        report = {r["line"]: r["reason"] for r in csv.DictReader(f)}
+    assert report == {"103": "duplicate photo: the same bytes as line 5 (p3.png, item new-3); give each row a photo "
+                             "of its own"}
+    assert SearchIndex(Path(get_model(third.tag).path)).item_vector("copy-item") is None
 
 
 def test_vgg16_random_weights_are_labelled_and_pool5_is_the_flat_map(demo_catalogue):

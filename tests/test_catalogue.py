@@ -243,7 +243,7 @@ def test_unknown_format(folder):
 
 
 def test_a_category_spelled_several_ways_is_listed_as_most_items_spell_it(folder):
-    """Typed by several people over years, one category comes as "Ceramics", "ceramics " and "CERAMICS": listed
+    """Typed by several people over years, one category comes as "Ceramics", "ceramics" and "CERAMICS": listed
     three times on the page, and /assist's vote split between them. Items count, not photos; a tie goes to the
     spelling seen first; an item whose photos differ only in the spelling is not a disagreement."""
     for name in ("d.png", "e.png", "f.png"):

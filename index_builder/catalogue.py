@@ -284,7 +284,6 @@ def read_catalogue(path: Path) -> Catalogue:
     if not path.is_file():
         raise CatalogueError(f"{path}: no such catalogue file")
     photos, bad = [], []
-    seen_paths: dict[str, int] = {}
     # A sale dated after the build (a typo in the year: 2062 for 2026) would pass every `sold_after` filter,
     # and show buyers a date no sale had. A day's grace: somewhere on Earth it is already tomorrow.
     latest_sale = dt.datetime.now(dt.timezone.utc).date() + dt.timedelta(days=1)
@@ -303,19 +302,30 @@ def read_catalogue(path: Path) -> Catalogue:
         full = row.image_path if remote else str((path.parent / row.image_path).resolve())
         if row.sold_at > latest_sale:
             reason = f"sold_at is in the future: write the day the item sold; got '{row.sold_at}'"
-        elif full in seen_paths:
-            reason = f"duplicate photo: same image_path as line {seen_paths[full]}"
         elif not remote and not Path(full).is_file():  # remote photos are checked when they are fetched
             reason = (f"image_path is a folder, not a photo: {full}" if Path(full).is_dir()
                       else f"image file not found: {full}{_not_found_hint(row.image_path)}")
         if reason:
             bad.append(BadRow(line, row.image_path, reason))
             continue
-        seen_paths[full] = line
         photos.append(Photo(line, row, full))
     photos, respelled = _one_spelling_per_category(photos)
     photos, disagreeing = _rows_that_agree(photos)
-    return Catalogue(path.resolve(), file_sha256(path), photos, bad + disagreeing, respelled)
+    photos, repeated = _first_listing_of_each_photo(photos)
+    return Catalogue(path.resolve(), file_sha256(path), photos, bad + disagreeing + repeated, respelled)
+
+
+def _first_listing_of_each_photo(photos: list[Photo]) -> tuple[list[Photo], list[BadRow]]:
+    """A photo listed again (the same image_path, once resolved) is skipped, naming the line that lists it. Only
+    rows that agree with their item count as listings: a row skipped for disagreeing lists nothing."""
+    first: dict[str, int] = {}
+    kept, bad = [], []
+    for photo in photos:
+        if (line := first.setdefault(photo.path, photo.line)) == photo.line:
+            kept.append(photo)
+        else:
+            bad.append(BadRow(photo.line, photo.row.image_path, f"duplicate photo: same image_path as line {line}"))
+    return kept, bad
 
 
 def _one_spelling_per_category(photos: list[Photo]) -> tuple[list[Photo], dict[str, str]]:

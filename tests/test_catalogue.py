@@ -262,3 +262,16 @@ def test_a_category_spelled_several_ways_is_listed_as_most_items_spell_it(folder
                                                 "i3,c.png,Chair,Dining chairs,5,USD,2024-05-01\n"
                                                 "i4,d.png,Chair,dining  Chairs,5,USD,2024-05-01\n", "tie.csv"))
     assert tie.respelled == {"Lighting": "lighting", "dining  Chairs": "Dining chairs"}
+
+
+def test_a_row_skipped_for_disagreeing_does_not_make_its_photo_a_duplicate(folder):
+    """The photo of a row with a typo, listed again by a correct row of the item, is the item's photo."""
+    cat = read_catalogue(write(folder, HEADER + "i1,a.png,Vase,Ceramics,1200000,USD,2024-05-01\n"
+                                                "i1,b.png,Vase,Ceramics,12,USD,2024-05-01\n"
+                                                "i1,c.png,Vase,Ceramics,12,USD,2024-05-01\n"
+                                                "i1,a.png,Vase,Ceramics,12,USD,2024-05-01\n"
+                                                "i2,a.png,Jug,Ceramics,5,USD,2024-05-01\n"))
+    assert [p.line for p in cat.photos] == [3, 4, 5]
+    reasons = {b.line: b.reason for b in cat.bad}
+    assert reasons[2].startswith("item i1: price 1200000 here, 12 on lines 3, 4, 5;")
+    assert reasons[6] == "duplicate photo: same image_path as line 5"

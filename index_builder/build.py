@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from index_builder import ann, learn
 from index_builder.calibrate import calibrate
-from index_builder.catalogue import BadRow, Catalogue, Photo, read_catalogue, write_report
+from index_builder.catalogue import BadRow, Catalogue, Photo, read_catalogue, repeats, write_report
 from index_builder.evaluate import evaluate, read_queries
 from index_builder.cache import EmbeddingCache
 from index_builder.cache import registered as cache_registered
@@ -170,15 +170,9 @@ def _same_photo_again(photos: list[Photo], keys: list[str], errors: dict[int, st
     skipped as a repeated image_path is (index_builder/catalogue.py), each with the line it repeats. Two items
     with one photo come up as equal matches for every search that finds them, and a placeholder photo ("no
     photo yet") matches every item that has it."""
-    first: dict[str, int] = {}
-    again = {}
-    for i, key in enumerate(keys):
-        if i in errors or not key or (j := first.setdefault(key, i)) == i:
-            continue
-        row = photos[j].row
-        again[i] = (f"duplicate photo: the same bytes as line {photos[j].line} ({row.image_path}, item {row.item_id}); "
-                    "give each row a photo of its own")
-    return again
+    again = repeats(None if i in errors or not key else key for i, key in enumerate(keys))
+    return {i: (f"duplicate photo: the same bytes as line {photos[j].line} ({photos[j].row.image_path}, item "
+                f"{photos[j].row.item_id}); give each row a photo of its own") for i, j in again.items()}
 
 
 def _embed(engine: Literal["local", "ray"], sources: list[str], embedder: Embedder, cache: EmbeddingCache, *,

@@ -10,7 +10,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Hashable, Iterable, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -315,17 +315,24 @@ def read_catalogue(path: Path) -> Catalogue:
     return Catalogue(path.resolve(), file_sha256(path), photos, bad + disagreeing + repeated, respelled)
 
 
+def repeats(keys: Iterable[Hashable | None]) -> dict[int, int]:
+    """{position: position of the first key equal to it} for each key seen before it; None repeats nothing.
+    The catalogue's repeated paths and the builder's repeated photo bytes are both found this way."""
+    first: dict[Hashable, int] = {}
+    again = {}
+    for i, key in enumerate(keys):
+        if key is not None and (j := first.setdefault(key, i)) != i:
+            again[i] = j
+    return again
+
+
 def _first_listing_of_each_photo(photos: list[Photo]) -> tuple[list[Photo], list[BadRow]]:
     """A photo listed again (the same image_path, once resolved) is skipped, naming the line that lists it. Only
     rows that agree with their item count as listings: a row skipped for disagreeing lists nothing."""
-    first: dict[str, int] = {}
-    kept, bad = [], []
-    for photo in photos:
-        if (line := first.setdefault(photo.path, photo.line)) == photo.line:
-            kept.append(photo)
-        else:
-            bad.append(BadRow(photo.line, photo.row.image_path, f"duplicate photo: same image_path as line {line}"))
-    return kept, bad
+    again = repeats(p.path for p in photos)
+    return ([p for i, p in enumerate(photos) if i not in again],
+            [BadRow(photos[i].line, photos[i].row.image_path, f"duplicate photo: same image_path as line "
+                                                               f"{photos[j].line}") for i, j in again.items()])
 
 
 def _one_spelling_per_category(photos: list[Photo]) -> tuple[list[Photo], dict[str, str]]:
@@ -347,19 +354,20 @@ def _rows_that_agree(photos: list[Photo]) -> tuple[list[Photo], list[BadRow]]:
     """An item is listed with what most of its rows say (on a tie, its first row); a row that says otherwise is
     skipped, and its reason names the fields at fault and the lines that agree. A typo in an item's first row no
     longer costs its correct rows, nor has the report send the cataloguer to "fix" them."""
-    rows_of: dict[str, list[Photo]] = {}
-    for photo in photos:
-        rows_of.setdefault(photo.row.item_id, []).append(photo)
-    listed = {item: Counter(p.row.item_fields() for p in rows).most_common(1)[0][0]  # ties: the first seen
+    fields = [p.row.item_fields() for p in photos]
+    rows_of: dict[str, list[int]] = {}
+    for i, photo in enumerate(photos):
+        rows_of.setdefault(photo.row.item_id, []).append(i)
+    listed = {item: Counter(fields[i] for i in rows).most_common(1)[0][0]  # ties: the first seen
               for item, rows in rows_of.items()}
     kept, bad = [], []
-    for photo in photos:
-        fields = listed[photo.row.item_id]
-        if photo.row.item_fields() == fields:
+    for i, photo in enumerate(photos):
+        item = photo.row.item_id
+        if fields[i] == listed[item]:
             kept.append(photo)
             continue
-        agree = [p.line for p in rows_of[photo.row.item_id] if p.row.item_fields() == fields]
-        bad.append(BadRow(photo.line, photo.row.image_path, _disagreement(photo.row, fields, agree)))
+        agree = [photos[j].line for j in rows_of[item] if fields[j] == listed[item]]
+        bad.append(BadRow(photo.line, photo.row.image_path, _disagreement(photo.row, listed[item], agree)))
     return kept, bad
 
 
@@ -374,7 +382,7 @@ def _disagreement(row: CatalogueRow, listed: tuple, agree: list[int]) -> str:
 
 def _shown(value: str | float) -> str:
     """A field's value in a reason: text quoted, a price as written plainly (1000000, not 1e+06)."""
-    return repr(value[:60]) if isinstance(value, str) else f"{value:.2f}".rstrip("0").rstrip(".")
+    return _as_written(value) if isinstance(value, str) else f"{value:.2f}".rstrip("0").rstrip(".")
 
 
 def _not_found_hint(image_path: str) -> str:

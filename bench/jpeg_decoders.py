@@ -12,7 +12,6 @@ on the one core this process is pinned to, the decoders interleaved photo block 
 
 from __future__ import annotations
 
-import io
 import os
 import statistics
 import tempfile
@@ -22,34 +21,30 @@ from pathlib import Path
 from typing import Callable
 
 import typer
-from PIL import Image, features
+from PIL import features
 
+from bench.decode import LIMITS
 from bench.evaluate_grocery import machine
 from bench.overhead import phone_photos
 from index_builder.demo import make_demo_catalogue
 from model_store.backbones import get_backbone
-from model_store.preprocess import as_page_sends, upload_px
+from model_store.preprocess import PreprocessSpec, as_page_sends, decode_image, upload_px
 from model_store.settings import get_settings
 
 app = typer.Typer(add_completion=False)
 
 
-def decoders(short_side: int, page_sends: dict[bytes, bytes]) -> dict[str, Callable[[bytes], object]]:
-    """Each way to decode a JPEG, by the name its row gets; `short_side`: what the network's input needs,
-    `page_sends`: each photo as the search page uploads it."""
+def decoders(spec: PreprocessSpec, page_sends: dict[bytes, bytes]) -> dict[str, Callable[[bytes], object]]:
+    """Each way to decode a JPEG, by the name its row gets; `spec`: the network's input, `page_sends`: each photo
+    as the search page uploads it. Pillow's rows are the service's own decode_image (with the spec: reduced
+    scale; without: full)."""
     import torch
     import torchvision.io
 
-    def pillow(data: bytes, reduced: bool = True) -> Image.Image:
-        img = Image.open(io.BytesIO(data))
-        if reduced:
-            img.draft("RGB", (short_side, short_side))
-        img.load()
-        return img
-
-    ways = {"Pillow, reduced scale (the service's)": pillow,
-            "Pillow, full": lambda data: pillow(data, reduced=False),
-            "Pillow, reduced scale, the photo as the page sends it": lambda data: pillow(page_sends[data]),
+    ways = {"Pillow, reduced scale (the service's)": lambda data: decode_image(data, **LIMITS, spec=spec),
+            "Pillow, full": lambda data: decode_image(data, **LIMITS),
+            "Pillow, reduced scale, the photo as the page sends it": lambda data: decode_image(page_sends[data],
+                                                                                               **LIMITS, spec=spec),
             "torchvision.io.decode_jpeg, full": lambda data: torchvision.io.decode_jpeg(
                 torch.frombuffer(bytearray(data), dtype=torch.uint8))}
     try:
@@ -57,10 +52,10 @@ def decoders(short_side: int, page_sends: dict[bytes, bytes]) -> dict[str, Calla
     except ImportError:
         return ways
     return ways | {
-        "simplejpeg, reduced scale": lambda data: simplejpeg.decode_jpeg(data, min_height=short_side,
-                                                                         min_width=short_side),
+        "simplejpeg, reduced scale": lambda data: simplejpeg.decode_jpeg(data, min_height=spec.resize,
+                                                                         min_width=spec.resize),
         "simplejpeg, reduced scale, fast DCT and upsampling": lambda data: simplejpeg.decode_jpeg(
-            data, min_height=short_side, min_width=short_side, fastdct=True, fastupsample=True)}
+            data, min_height=spec.resize, min_width=spec.resize, fastdct=True, fastupsample=True)}
 
 
 def median_ms(ways: dict[str, Callable[[bytes], object]], photos: list[bytes], repeats: int) -> dict[str, float]:
@@ -87,7 +82,7 @@ def main(repeats: int = typer.Option(7, help="passes over the 24 photos, per dec
         make_demo_catalogue(Path(tmp))
         photos = phone_photos(Path(tmp) / "photos")
     page_sends = {data: as_page_sends(data, upload_px(spec)) for data in photos}
-    ms = median_ms(decoders(spec.resize, page_sends), photos, repeats)
+    ms = median_ms(decoders(spec, page_sends), photos, repeats)
     kb = statistics.median(len(p) for p in photos) / 1024
     try:
         simplejpeg = f", simplejpeg {version('simplejpeg')}"

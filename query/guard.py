@@ -341,6 +341,8 @@ class ErrorShaper:
             return ErrorBody(error=f"there is no {method} {path}: the API is listed at /")
         if status == 405:
             return ErrorBody(error=f"{path} does not take {method}: the API at / lists the methods")
+        if (wanted := _range_refused(status, self.scope, self._held["headers"])) is not None:
+            return ErrorBody(error=wanted)
         found = _message_in(body)
         if found is not None and status < 500:
             return found
@@ -349,6 +351,21 @@ class ErrorShaper:
         if status >= 500:
             return ErrorBody(error=f"internal error ({status}): the server log has the details; retry later")
         return ErrorBody(error=f"{HTTPStatus(status).phrase}")
+
+
+def _range_refused(status: int, scope: Scope, answer_headers: list[tuple[bytes, bytes]]) -> str | None:
+    """What to send instead of a Range header a file answer refused (Starlette's own text names the status or its
+    parser's step: "Range header: range must be requested"); None for another answer."""
+    sent = Headers(scope=scope).get("range")
+    answer = Headers(raw=answer_headers)
+    if sent is None or status not in (400, 416) or answer.get("content-type", "").startswith("application/json"):
+        return None
+    if status == 400:
+        return (f"the Range header {sent[:80]!r} is not one this server reads: send bytes=START-END (START at most "
+                "END, as bytes=0-1023), or no Range")
+    size = answer.get("content-range", "").rpartition("/")[2]
+    has = f"bytes 0-{int(size) - 1}" if size.isdigit() and int(size) > 0 else "none"
+    return f"the Range header {sent[:80]!r} asks for bytes past the end of the file, which has {has}: ask within them"
 
 
 def _message_in(body: bytes) -> ErrorBody | None:

@@ -52,6 +52,25 @@ def test_every_match_carries_a_photo_that_loads_and_is_cached_for_good(server, d
     assert thumb.size[0] / thumb.size[1] == pytest.approx(original.size[0] / original.size[1], rel=0.02)
 
 
+def test_a_photo_is_served_in_the_parts_a_range_asks_for_and_a_bad_range_says_what_to_send(server, demo_catalogue,
+                                                                                           rows):
+    r = server.http.post("/search", files={"image": ("p.png", photo(demo_catalogue, rows[0]))}, data={"k": 1})
+    url = r.json()["results"][0]["photo_url"]
+    whole = server.http.get(url).content
+    part = server.http.get(url, headers={"Range": "bytes=0-9"})
+    assert part.status_code == 206 and part.content == whole[:10]
+    assert part.headers["content-range"] == f"bytes 0-9/{len(whole)}"
+    past = server.http.get(url, headers={"Range": f"bytes={len(whole)}-"})
+    assert past.status_code == 416 and past.headers["content-range"] == f"bytes */{len(whole)}"
+    assert past.json() == {"error": f"the Range header 'bytes={len(whole)}-' asks for bytes past the end of the file, "
+                                    f"which has bytes 0-{len(whole) - 1}: ask within them", "field": None}
+    for sent in ("bytes=9-3", "items=0-5", "bytes=abc"):
+        bad = server.http.get(url, headers={"Range": sent})
+        assert bad.status_code == 400 and bad.json() == {
+            "error": f"the Range header {sent!r} is not one this server reads: send bytes=START-END (START at most "
+                     "END, as bytes=0-1023), or no Range", "field": None}, sent
+
+
 @pytest.mark.parametrize("name", ["0" * 64 + ".webp", "../../etc/passwd", "%2e%2e%2fstages.json", "a" * 64,
                                   "A" * 64 + ".webp", "x.webp"])
 def test_photos_outside_the_served_index_are_never_served(server, name):

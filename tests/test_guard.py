@@ -503,7 +503,7 @@ def test_openapi_document_describes_the_forms_and_statuses_as_the_server_answers
     assert {"401", "403", "409"} <= set(paths["/reload"]["post"]["responses"])
     assert "requestBody" not in paths["/reload"]["post"]  # it takes none (BentoML declared an empty JSON object)
     assert "503" in paths["/readyz"]["get"]["responses"] and "503" in paths["/livez"]["get"]["responses"]
-    assert {"206", "416"} <= set(paths["/photos/{name}"]["get"]["responses"])
+    assert {"206", "400", "416"} <= set(paths["/photos/{name}"]["get"]["responses"])
     estimate = paths["/estimate"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
     assert estimate["properties"]["price"]["nullable"] is True  # answers keep their null
 

@@ -130,11 +130,10 @@ def test_a_client_past_its_share_gets_429_while_others_are_served(limited):
 @pytest.mark.slow
 def test_the_page_says_how_long_to_wait(limited, browser):
     """The page's own searches (no proxy header: the client is the peer) past the share of 3."""
-    from test_ui import choose
+    from test_ui import choose, open_search_page
 
     page = browser.new_page(base_url=limited.url)
-    page.goto("/ui")
-    page.wait_for_function("() => document.querySelector('#served-version').textContent.includes('image-index:')")
+    open_search_page(page)
     for i in range(4):
         with page.expect_response(lambda r: r.url.endswith("/assist")) as answer:
             choose(page, data=GOOD, name=f"photo-{i}.png")

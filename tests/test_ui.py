@@ -31,13 +31,18 @@ def watch(pg, server) -> dict[str, list[str]]:
     return seen
 
 
+def open_search_page(page) -> None:
+    """Open /ui (of the page's base_url) and wait until it shows the served index's version: it has read /index."""
+    page.goto("/ui")
+    page.wait_for_function("() => document.querySelector('#served-version').textContent.includes('image-index:')")
+
+
 @pytest.fixture
 def page(browser, server):
     context = browser.new_context(viewport=PHONE, base_url=server.url)
     pg = context.new_page()
     seen = watch(pg, server)
-    pg.goto("/ui")
-    pg.wait_for_function("() => document.querySelector('#served-version').textContent.includes('image-index:')")
+    open_search_page(pg)
     yield pg
     context.close()
     assert not any(seen.values()), {what: found for what, found in seen.items() if found}
@@ -516,8 +521,7 @@ def test_the_page_meets_wcag_2_2_aa_in_every_state(browser, server, demo_catalog
     are checked in their own tests."""
     context = browser.new_context(viewport=viewport, base_url=server.url)
     page = context.new_page()
-    page.goto("/ui")
-    page.wait_for_function("() => document.querySelector('#served-version').textContent.includes('image-index:')")
+    open_search_page(page)
     faults = {"opened": accessibility_faults(page)}
     choose(page, demo_catalogue.parent / rows[0]["image_path"])
     wait_for_results(page)

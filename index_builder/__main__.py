@@ -30,7 +30,7 @@ def _print_summary(s: BuildSummary) -> None:
     print(f"  rows          {s.rows}: {s.photos_indexed} photos of {s.items} items indexed, "
           f"{s.bad_rows} skipped (report: {s.report})", file=w)
     print(f"  vectors       {s.dim}-d ({s.projection}); embedding {s.images_per_second} images/s"
-          f" ({s.photos_indexed - s.reused_photos} photos embedded, {s.reused_photos} from the embedding cache)",
+          f" ({s.embedded_photos} photos embedded, {s.reused_photos} from the embedding cache)",
           file=w)
     print(f"  thumbnails    {s.thumbnails_made} made in {s.thumbnails}" if s.thumbnails != "off"
           else "  thumbnails    off (photo_url comes from image_url only)", file=w)

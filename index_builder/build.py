@@ -54,7 +54,8 @@ class BuildSummary(BaseModel):
     search_k: int
     ann_recall_at_10: float
     images_per_second: float
-    reused_photos: int
+    embedded_photos: int  # embedded in this run
+    reused_photos: int  # their vectors read from the embedding cache (a skipped copy of a photo included)
     thumbnails: str = "off"
     thumbnails_made: int = 0
     categories_respelled: dict[str, str] = {}  # a category as the catalogue wrote it -> as it is listed
@@ -160,9 +161,9 @@ def build(catalogue_path: Path, *, backbone: str | None = None, weights: str = "
         projection=manifest.projection, n_trees=choice.n_trees, search_k=choice.search_k,
         ann_recall_at_10=manifest.ann_recall_at_10,
         images_per_second=round(ext.computed / ext.seconds, 2) if ext.computed else 0.0,
-        reused_photos=len(sources) - ext.computed - len(ext.errors), thumbnails=str(store_dir()) if thumbnails else "off",
-        thumbnails_made=ext.thumbnails_made, categories_respelled=cat.respelled, seconds=timer.seconds,
-        evaluation=manifest.evaluation)
+        embedded_photos=ext.computed, reused_photos=len(sources) - ext.computed - len(ext.errors),
+        thumbnails=str(store_dir()) if thumbnails else "off", thumbnails_made=ext.thumbnails_made,
+        categories_respelled=cat.respelled, seconds=timer.seconds, evaluation=manifest.evaluation)
 
 
 def _same_photo_again(photos: list[Photo], keys: list[str], errors: dict[int, str]) -> dict[int, str]:

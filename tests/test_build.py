@@ -260,7 +260,7 @@ def test_a_rebuild_embeds_only_new_and_changed_photos(tmp_path, engine, request)
     draw_object(0, 6, 9, seed=seed + 998).save(tmp_path / "cat" / "p7.png")  # a photo replaced in place
     second = build(catalogue, progress=False, workers=0)
     assert second.photos_indexed == 101
-    assert second.reused_photos == 99  # embedded: the new photo and the changed one
+    assert second.reused_photos == 99 and second.embedded_photos == 2  # the new photo and the changed one
     assert second.thumbnails_made == 2
     # the same photo under another name is recognised by its content, not embedded again, and not listed twice:
     # two items with one photo would be equal matches for every search
@@ -271,6 +271,7 @@ def test_a_rebuild_embeds_only_new_and_changed_photos(tmp_path, engine, request)
     # in-process, nothing is embedded; on Ray the decoding tasks cannot see the driver's cache, so the copy is
     # embedded once more
     assert third.photos_indexed == 101 and third.reused_photos == (102 if engine == "local" else 101)
+    assert third.embedded_photos == (0 if engine == "local" else 1)  # the summary said -1 embedded
     with open(third.report) as f:
         report = {r["line"]: r["reason"] for r in csv.DictReader(f)}
     assert report == {"103": "duplicate photo: the same bytes as line 5 (p3.png, item new-3); give each row a photo "

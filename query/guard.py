@@ -356,9 +356,10 @@ class ErrorShaper:
 def _range_refused(status: int, scope: Scope, answer_headers: list[tuple[bytes, bytes]]) -> str | None:
     """What to send instead of a Range header a file answer refused (Starlette's own text names the status or its
     parser's step: "Range header: range must be requested"); None for another answer."""
-    sent = Headers(scope=scope).get("range")
+    if status not in (400, 416) or (sent := Headers(scope=scope).get("range")) is None:
+        return None
     answer = Headers(raw=answer_headers)
-    if sent is None or status not in (400, 416) or answer.get("content-type", "").startswith("application/json"):
+    if answer.get("content-type", "").startswith("application/json"):
         return None
     if status == 400:
         return (f"the Range header {sent[:80]!r} is not one this server reads: send bytes=START-END (START at most "

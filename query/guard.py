@@ -94,7 +94,7 @@ class RequestGuard:
             return await serve_amended(self.app, scope, receive, shaper.send)
         fields = self.endpoints.get(scope["path"]) if scope["method"] == "POST" else None
         if fields is None:
-            return await self.app(scope, receive, shaper.send)
+            return await self.app(_without_foreign_range(scope), receive, shaper.send)
         try:
             held = self.bodies.hold(scope)  # before the body is read
         except ApiError as exc:
@@ -351,6 +351,16 @@ class ErrorShaper:
         if status >= 500:
             return ErrorBody(error=f"internal error ({status}): the server log has the details; retry later")
         return ErrorBody(error=f"{HTTPStatus(status).phrase}")
+
+
+def _without_foreign_range(scope: Scope) -> Scope:
+    """`scope` less a Range header of a unit other than bytes (`items=0-5`), which RFC 9110 (section 14.2) has
+    a server ignore, answering the whole file; Starlette's file answers refuse it with a 400."""
+    headers = scope["headers"]
+    units = [v.split(b"=")[0].strip().lower() for k, v in headers if k.lower() == b"range" and b"=" in v]
+    if all(unit == b"bytes" for unit in units):  # a Range without "=" is malformed, not foreign: its 400 says so
+        return scope
+    return {**scope, "headers": [(k, v) for k, v in headers if k.lower() != b"range"]}
 
 
 def _range_refused(status: int, scope: Scope, answer_headers: list[tuple[bytes, bytes]]) -> str | None:

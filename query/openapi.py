@@ -70,7 +70,8 @@ def amend(doc: dict[str, Any]) -> dict[str, Any]:
         "responses": {"200": {"description": "WebP image; its ETag is its name", "content": {"image/webp": {}}},
                       "206": {"description": "The part of it a Range header asked for", "content": {"image/webp": {}}},
                       "304": {"description": "Not modified: If-None-Match named its ETag (no body)"},
-                      "400": {"description": "A Range header other than bytes=START-END", "content": ref},
+                      "400": {"description": "A bytes Range not of the form bytes=START-END (another unit is ignored)",
+                              "content": ref},
                       "404": {"description": "No such photo in the served index", "content": ref},
                       "416": {"description": "A Range past its end: Content-Range gives its size", "content": ref}}}}
     info = doc.setdefault("info", {})

@@ -26,7 +26,8 @@ import numpy as np
 import typer
 
 from bench.ann_scale import command_line, machine
-from bench.overhead import DOCS, BareEmbedders, bare_rates, cpu_ms_per_request, cpu_seconds, demo_index
+from bench.overhead import (DOCS, LEAD_S, QUICK_LEAD_S, BareEmbedders, bare_rates, cpu_ms_per_request, cpu_seconds,
+                            demo_index)
 from bench.server import ROOT, Server
 from model_store.core_share import available_cores
 
@@ -137,7 +138,7 @@ def main(rounds: Annotated[int, typer.Option(help="alternating bare/served round
     rounds, levels = (1, (2,)) if quick else (rounds, tuple(clients))
     seconds, bare_seconds = (2, 1) if quick else (seconds, bare_seconds)
     per_round = []
-    bare = BareEmbedders(ROOT, embedder, cores)
+    bare = BareEmbedders(ROOT, embedder, cores, lead_s=QUICK_LEAD_S if quick else LEAD_S)
     try:
         with Server(tmp / "serve.log").wait() as srv:
             path = embedder_socket(srv)

@@ -62,14 +62,18 @@ from model_store.embedder import pick_device
 DOCS = ROOT / "docs"
 BEFORE = "f431bba"
 BATCHES = (1, 2, 4, 8)
+LEAD_S, QUICK_LEAD_S = 2.0, 0.3  # BareEmbedders' lead_s: a --quick run's tiny network warms up within 0.3 s
 app = typer.Typer(add_completion=False)
 
 
 class BareEmbedders:
     """`n` bare embedder processes of the code at `root`, each loading embedder `tag`, with the row's settings
-    (IMAGESEARCH_ variables) where they touch the network (IMAGESEARCH_CUDA_GRAPHS, say)."""
+    (IMAGESEARCH_ variables) where they touch the network (IMAGESEARCH_CUDA_GRAPHS, say). A rate's workers get
+    its job `lead_s` before they start together, time each warms up in (a --quick run's tiny network: little)."""
 
-    def __init__(self, root: Path, tag: str, n: int, settings: dict[str, str] | None = None):
+    def __init__(self, root: Path, tag: str, n: int, settings: dict[str, str] | None = None,
+                 lead_s: float = LEAD_S):
+        self.lead_s = lead_s
         env = {**os.environ, **(settings or {}), "PYTHONPATH": python_path(root)}
         self.procs = [subprocess.Popen([sys.executable, str(ROOT / "bench" / "bare_worker.py"), tag], cwd=root,
                                        env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -93,7 +97,7 @@ class BareEmbedders:
 
     def rate(self, processes: int, threads: int, batch: int, seconds: float) -> float:
         """Images/s of `processes` workers running back to back together, each with `threads` threads."""
-        start_at = time.time() + 2.0
+        start_at = time.time() + self.lead_s
         for w in range(processes):
             self.send(w, threads=threads, batch=batch, seconds=seconds, start_at=start_at)
         return sum(self.reply(w)["images_per_s"] for w in range(processes))
@@ -285,7 +289,8 @@ def measure(root: Path, label: str, tag: str, tmp: Path, plan: Plan, layout: dic
         gpu = pick_device(served["device"]).type == "cuda"
         bare = BareEmbedders(root, get_model(tag).info.metadata["embedder"],
                              bare_processes(cores, gpu, served["embedder_workers"]),
-                             {k: v for k, v in layout.items() if k not in PROCESSES})
+                             {k: v for k, v in layout.items() if k not in PROCESSES},
+                             QUICK_LEAD_S if plan.quick else LEAD_S)
     if plan.apart:
         served["entry_threads"] = settings.entry_thread_count(len(entry_cores))
     seconds, levels = (2, (4,)) if plan.quick else (plan.seconds, plan.clients)

@@ -56,7 +56,7 @@ def main(quick: Annotated[bool, typer.Option(help="tiny run, no docs")] = False,
     from model_store import stages
 
     if quick:
-        users, run_time = "2", "5s"
+        users, run_time = "2", "3s"
     tmp = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     os.environ.update(BENTOML_HOME=str(tmp / "home"), IMAGESEARCH_STAGES_DIR=str(tmp / "stages"))
     stages.get_settings.cache_clear()

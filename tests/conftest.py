@@ -67,6 +67,22 @@ def run_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": python_path(ROOT), "PYTHONUNBUFFERED": "1", **extra}
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The session's store and its servers' logs (~240 MB) go with a run that passed; a failed one keeps them
+    for a look (pytest_terminal_summary says where). Every fixture, and each server it started, has ended."""
+    if _passed(exitstatus):
+        shutil.rmtree(_HOME, ignore_errors=True)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int) -> None:
+    if not _passed(exitstatus):
+        terminalreporter.write_line(f"this run's store and server logs are kept in {_HOME}")
+
+
+def _passed(exitstatus: int) -> bool:
+    return exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_settings():
     get_settings.cache_clear()

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import subprocess
+import tempfile
 import time
 
 import pytest
@@ -17,8 +18,11 @@ pytestmark = pytest.mark.slow
 
 
 def quick(module: str, python: str, *args: str, timeout: int = 600) -> str:
-    out = subprocess.run([python, "-m", module, "--quick", *args], cwd=ROOT, env=run_env(), capture_output=True, text=True,
-                         timeout=timeout)
+    """A benchmark's --quick run, whose catalogues, stores and server logs (~20 MB) go with it: its TMPDIR is a
+    folder of its own, removed after (short: a Unix socket's path in it must fit 107 bytes)."""
+    with tempfile.TemporaryDirectory(prefix="bq-", dir="/tmp", ignore_cleanup_errors=True) as temp:
+        out = subprocess.run([python, "-m", module, "--quick", *args], cwd=ROOT, env=run_env(TMPDIR=temp),
+                             capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 

@@ -20,6 +20,13 @@ _HOME = Path(tempfile.mkdtemp(prefix="imagesearch-test-home-"))
 os.environ["BENTOML_HOME"] = str(_HOME / "bentoml")
 os.environ["BENTOML_DO_NOT_TRACK"] = "True"
 os.environ["IMAGESEARCH_STAGES_DIR"] = str(_HOME / "stages")
+# Every process the session starts keeps its temporary files there too: a server killed on purpose cannot remove
+# BentoML's upload and client folders, nor a local Ray its session. Ray's own goes in a short folder of its own:
+# its socket paths must fit 107 bytes. (This process's tempfile already chose /tmp.)
+(_HOME / "tmp").mkdir()
+os.environ["TMPDIR"] = str(_HOME / "tmp")
+_RAY_TMP = Path(tempfile.mkdtemp(prefix="ray-test-", dir="/tmp"))
+os.environ["RAY_TMPDIR"] = str(_RAY_TMP)
 # Before anything imports ray, which reads it once: Ray 2.60 authenticates with a token (~/.ray/auth_token),
 # which a local ray.init() turns on by default for the rest of its process, while a driver given an address
 # sends it only when told to. So every Ray of the session uses it (ray_cluster below).
@@ -68,15 +75,18 @@ def run_env(**extra: str) -> dict[str, str]:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """The session's store and its servers' logs (~240 MB) go with a run that passed; a failed one keeps them
-    for a look (pytest_terminal_summary says where). Every fixture, and each server it started, has ended."""
+    """The session's store, its servers' logs (~240 MB) and its processes' temporary files go with a run that
+    passed; a failed one keeps them for a look (pytest_terminal_summary says where). Every fixture, and each
+    server it started, has ended."""
     if _passed(exitstatus):
         shutil.rmtree(_HOME, ignore_errors=True)
+        shutil.rmtree(_RAY_TMP, ignore_errors=True)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int) -> None:
     if not _passed(exitstatus):
-        terminalreporter.write_line(f"this run's store and server logs are kept in {_HOME}")
+        terminalreporter.write_line(f"this run's store and server logs are kept in {_HOME}, its local Rays' "
+                                    f"logs in {_RAY_TMP}")
 
 
 def _passed(exitstatus: int) -> bool:

@@ -166,7 +166,9 @@
         ? 'That item is no longer in the catalogue, so there is nothing to compare it with.'
         : 'The search service could not find what was asked for.';
       case 413: return withApi('That photo is too large.');
-      case 415: return 'That file is not a photo the service can read. Please use a JPEG, PNG, WebP or HEIC photo.';
+      // the formats the service reads: model_store.preprocess.UPLOAD_FORMAT_NAMES (tests/test_ui.py checks)
+      case 415: return 'That file is not a photo the service can read. '
+        + 'Please use a JPEG, PNG, WebP, HEIC, AVIF, GIF, TIFF or BMP photo.';
       case 429: return `Too many searches at once. Please try again ${retryAfter > 1 ? `in ${retryAfter} seconds` : 'in a moment'}.`;
       case 503: return 'The search service is starting or unavailable. Please try again shortly.';
       default:

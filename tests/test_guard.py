@@ -483,6 +483,21 @@ def test_openapi_page_documents_the_error_shape(server):
         assert "minItems" not in more and more["maxItems"] == 16, (path, more)
 
 
+def test_the_readmes_api_table_lists_every_path_of_the_openapi_document(server):
+    """`POST /search_batch` was missing from the README's table; `{name}` there may read `{sha256}.webp`."""
+    paths = server.http.get("/docs.json").json()["paths"]
+    section = (ROOT / "README.md").read_text().split("\n### API\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split(" | ", 1)[0] for line in section.splitlines() if line.startswith("| `")]
+    missing = []
+    for path, operations in paths.items():
+        shape = re.sub(r"\\\{\w+\\\}", r"\\{\\w+\\}[.\\w]*", re.escape(path))  # {name} -> {sha256}.webp
+        for method in operations:
+            if not any(re.search(rf"`({method.upper()} )?{shape}`", row) and f"`{method.upper()} " in row
+                       for row in rows):
+                missing.append(f"{method.upper()} {path}")
+    assert len(rows) > 10 and not missing, missing
+
+
 def test_openapi_document_describes_the_forms_and_statuses_as_the_server_answers(server):
     """A client generated from the document sends what the guard reads: a body where a photo is required, text
     fields as plain text (BentoML declared them JSON: `"Art"` with its quotes is no category), no null (a form

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from model_store.preprocess import UPLOAD_FORMAT_NAMES
 
+from model_store.preprocess import UPLOAD_FORMAT_NAMES
 from test_service import heic, noise_png, png
 
 pytestmark = pytest.mark.slow

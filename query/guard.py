@@ -20,7 +20,7 @@ import uuid
 from collections import Counter
 from http import HTTPStatus
 from typing import Any, Awaitable, Callable
-from urllib.parse import parse_qsl, unquote_to_bytes
+from urllib.parse import parse_qsl, unquote_to_bytes, urlsplit
 
 from python_multipart.multipart import DEFAULT_MAX_HEADER_COUNT, DEFAULT_MAX_HEADER_SIZE
 from starlette.datastructures import Headers, UploadFile
@@ -72,7 +72,10 @@ class RequestGuard:
             return await self.app(scope, receive, send)
         slot = Slot(self.slots)
         raised = collect_errors()
-        shaper = ErrorShaper(scope, slot.freed_by_last_byte(_not_sniffed(send)), raised, self.health_problem)
+        send = _not_sniffed(send)
+        if scope["path"].endswith("/") and scope["path"] != "/":  # what Starlette redirects, to the route without it
+            send = _redirect_as_a_path(scope, send)
+        shaper = ErrorShaper(scope, slot.freed_by_last_byte(send), raised, self.health_problem)
         try:
             await self._serve(scope, receive, shaper, slot)
         except Exception:  # noqa: BLE001
@@ -281,6 +284,30 @@ def _not_sniffed(send: Send) -> Send:
             message = {**message, "headers": [*message.get("headers", ()), NOSNIFF]}
         await send(message)
     return sending
+
+
+def _redirect_as_a_path(scope: Scope, send: Send) -> Send:
+    """`send` with a redirect to this server's own URL named by its path: Starlette answers `POST /search/` with
+    307 to `http://HOST/search`, the scheme as the server saw it, which behind a proxy that ends TLS is http://,
+    so a client would follow it in the clear. A path keeps the scheme and host the client used (RFC 9110,
+    10.2.2)."""
+    own = Headers(scope=scope).get("host", "")
+
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start" and 300 <= message["status"] < 400:
+            message = {**message, "headers": [(k, _own_path(v, own) if k.lower() == b"location" else v)
+                                              for k, v in message.get("headers", ())]}
+        await send(message)
+    return sending
+
+
+def _own_path(location: bytes, own_host: str) -> bytes:
+    """An absolute URL on `own_host` -> its path and query; any other Location as it is (and one whose path
+    begins `//`, which as a Location alone would name another host)."""
+    url = urlsplit(location.decode("latin-1"))
+    if url.scheme not in ("http", "https") or not own_host or url.netloc != own_host or url.path.startswith("//"):
+        return location
+    return (url.path or "/").encode("latin-1") + (b"?" + url.query.encode("latin-1") if url.query else b"")
 
 
 class ErrorShaper:

@@ -544,6 +544,26 @@ def test_every_answer_says_its_content_type_is_not_to_be_sniffed(server):
     assert [r.status_code for r in answers] == [200, 400, 200, 404, 200, 200, 200, 200, 200, 200]
 
 
+def test_a_trailing_slash_is_redirected_by_path_keeping_the_clients_scheme_and_host(server):
+    """Starlette's 307 named `http://HOST/search`, the scheme the server saw: behind a proxy that ends TLS a
+    client would have followed it in the clear. A path keeps whatever scheme and host the client used."""
+    moved = server.http.post("/search/", files={"image": PHOTO}, headers={"Host": "shop.example"})
+    assert moved.status_code == 307 and moved.headers["location"] == "/search", moved.headers
+    assert server.http.get("/index/", params={"k": "3"}).headers["location"] == "/index?k=3"
+    followed = server.http.post("/search/", files={"image": PHOTO}, data={"k": "2"}, follow_redirects=True)
+    assert followed.status_code == 200 and len(followed.json()["results"]) == 2, followed.text
+
+
+def test_only_a_redirect_to_this_server_becomes_a_path():
+    from query.guard import _own_path
+
+    assert _own_path(b"http://shop.example/search", "shop.example") == b"/search"
+    assert _own_path(b"https://shop.example:8443/a?b=1", "shop.example:8443") == b"/a?b=1"
+    for elsewhere in (b"https://other.example/search", b"http://shop.example//other.example/x", b"/search"):
+        assert _own_path(elsewhere, "shop.example") == elsewhere
+    assert _own_path(b"http://shop.example/x", "") == b"http://shop.example/x"  # a request without Host
+
+
 def test_a_request_frees_its_slot_as_its_answer_leaves():
     """A closed-loop client at exactly max_concurrency must never be refused: its next request can arrive while
     the code after the last answer (BentoML's middlewares, logging) still runs. Suspected on the lent H200: one

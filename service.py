@@ -38,7 +38,7 @@ from query.assist import assist, estimate as estimate_for
 from query.bearer import carries
 from query.bentoml_fixes import (api_errors_in_one_line, batching_backstop_at_least, keep_answering_after_sigterm,
                                  media_types_worked_out_once, metrics_of_its_own, never_hold_batches_back,
-                                 start_dead_workers_again, tune_client)
+                                 own_answers_in_one_shape, start_dead_workers_again, tune_client)
 from query.client_limit import ClientLimit
 from query.compare import cosine, verdict
 from query.embed_pace import MARGIN, EmbedPace, embed_pace
@@ -162,6 +162,7 @@ Embedder.add_asgi_middleware(EmbedderTokenGuard, token=settings.embedder_token)
 api_errors_in_one_line()  # a client's mistake is one line of log, not an ERROR and its traceback
 start_dead_workers_again(settings.worker_check_s)  # promptly, and in a container too
 metrics_of_its_own()  # a second server on this store no longer deletes the first one's Prometheus files
+own_answers_in_one_shape()  # BentoML's backstop 504 too: {"error", "field"} and nosniff
 
 
 def _pace_of(measured: dict) -> EmbedPace:

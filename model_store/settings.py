@@ -203,8 +203,9 @@ class Settings(BaseSettings):
     @property
     def entry_backstop_s(self) -> float:
         """BentoML's own timeout for an entry request, past every limit the guard answers first (the upload's,
-        then the request's): BentoML's answers 504 with a body of its own shape. At a fixed 30 s it fired with
-        the upload timeout, so a body shorter than its Content-Length got that 504 instead of the guard's 408."""
+        then the request's): BentoML's answers a bare 504 (query.bentoml_fixes.own_answers_in_one_shape). At a
+        fixed 30 s it fired with the upload timeout, so a body shorter than its Content-Length got that 504
+        instead of the guard's 408."""
         return self.upload_timeout_s + self.request_timeout_s + 5
 
     def embed_batch_limit(self, gpu: bool) -> int:

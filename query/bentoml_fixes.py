@@ -21,7 +21,7 @@ from pathlib import Path
 import aiohttp
 import psutil
 
-from query.errors import ApiError
+from query.errors import ApiError, ErrorBody
 
 log = logging.getLogger("bentoml.imagesearch")
 
@@ -247,3 +247,19 @@ def api_errors_in_one_line() -> None:
     logger = logging.getLogger("bentoml._internal.server.http_app")
     if not any(isinstance(f, ApiErrorsInOneLine) for f in logger.filters):
         logger.addFilter(ApiErrorsInOneLine())
+
+
+def own_answers_in_one_shape() -> None:
+    """BentoML's own traffic answers, the backstop's 504 (TimeoutMiddleware, at `traffic.timeout`, after every
+    limit the guard answers first) and a 429 past `traffic.max_concurrency`, are made outside the guard with the
+    module's JSONResponse: `{"error": ...}` without `field`, and without nosniff. Made with this one, they are in
+    the one shape and say nosniff, as every other answer."""
+    from bentoml._internal.server.http import traffic
+    from starlette.responses import JSONResponse
+
+    class OneShape(JSONResponse):
+        def __init__(self, content: dict, status_code: int = 200, **kwargs: object) -> None:
+            body = ErrorBody(error=f"{content.get('error', 'the server could not answer')}: retry").model_dump()
+            super().__init__(body, status_code, headers={"x-content-type-options": "nosniff"})
+
+    traffic.JSONResponse = OneShape

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
+import subprocess
+import sys
 import time
 
 import aiohttp
@@ -15,8 +18,12 @@ import pytest
 from aiohttp import web
 from bentoml._internal.marshal.dispatcher import CorkDispatcher
 
+from bentoml._internal.server.http import traffic
+from starlette.responses import JSONResponse
+
+from conftest import ROOT, asgi_call, run_env
 from query.bentoml_fixes import (batching_backstop_at_least, media_types_worked_out_once, never_hold_batches_back,
-                                 reuse_newest_first, start_dead_workers_again)
+                                 own_answers_in_one_shape, reuse_newest_first, start_dead_workers_again)
 
 PASS_S = 0.02  # one batch's pass, whatever its size, like a network on a busy CPU
 
@@ -300,3 +307,39 @@ def test_after_the_fix_a_dead_worker_is_started_again_within_a_check(workers_as_
     assert a_watcher_respawns()
     assert seconds_between_checks() == 0.5
     assert inspect.unwrap(bentoml.serving.create_watcher) is bentoml.serving.create_watcher.__wrapped__
+
+
+@pytest.fixture
+def traffic_as_shipped(monkeypatch):
+    """BentoML's traffic module with its own JSONResponse (the service's import replaces it), restored after."""
+    monkeypatch.setattr(traffic, "JSONResponse", JSONResponse)
+
+
+def backstop_answer() -> tuple[int, dict, dict]:
+    """A request whose app never answers, through BentoML's real TimeoutMiddleware set to 0.1 s."""
+    async def never(scope, receive, send):
+        await asyncio.sleep(3600)
+
+    scope = {"type": "http", "method": "POST", "path": "/search", "headers": [], "query_string": b""}
+    status, headers, body = asyncio.run(asgi_call(traffic.TimeoutMiddleware(never, timeout=0.1), scope))
+    return status, headers, json.loads(body)
+
+
+def test_as_shipped_the_backstop_answers_in_a_shape_of_its_own(traffic_as_shipped):
+    status, headers, body = backstop_answer()
+    assert status == 504 and set(body) == {"error"} and b"x-content-type-options" not in headers, (headers, body)
+
+
+def test_after_the_fix_the_backstop_answers_in_the_one_shape_and_says_nosniff(traffic_as_shipped):
+    own_answers_in_one_shape()
+    status, headers, body = backstop_answer()
+    assert status == 504 and body == {"error": "Not able to process the request in 0.1 seconds: retry", "field": None}
+    assert headers[b"x-content-type-options"] == b"nosniff", headers
+
+
+def test_the_service_makes_bentomls_own_answers_in_the_one_shape():
+    """The fix holds where it counts: in every process that imports the service (each worker does)."""
+    code = "import service; from bentoml._internal.server.http import traffic; print(traffic.JSONResponse.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=run_env(), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.split()[-1] == "OneShape", out.stderr[-2000:]

@@ -383,9 +383,9 @@ def test_a_body_shorter_than_its_content_length_gets_408_in_the_one_shape(server
 
 
 def test_bentoml_times_out_an_entry_request_only_after_every_limit_of_the_guard():
-    """BentoML's own timeout answers 504 with a body not in the one shape: it must come after the guard's
-    upload and request timeouts. Fixed at 30 s, it fired with the default upload timeout (30 s) and a body
-    shorter than its Content-Length got that 504 instead of the 408."""
+    """BentoML's own timeout answers 504 (a bare "took too long", tests/test_bentoml_fixes.py): it must come
+    after the guard's upload and request timeouts, which say what went wrong. Fixed at 30 s, it fired with the
+    default upload timeout (30 s) and a body shorter than its Content-Length got that 504 instead of the 408."""
     code = "from service import ImageSearch; print(ImageSearch.config['traffic']['timeout'])"
     for upload, request in (("30", "10"), ("40", "25")):
         out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,

@@ -17,7 +17,6 @@ from typing import Optional, Sequence
 import bentoml
 import numpy as np
 from starlette.applications import Starlette
-from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
@@ -41,6 +40,7 @@ from query.bentoml_fixes import (api_errors_in_one_line, batching_backstop_at_le
                                  own_answers_in_one_shape, start_dead_workers_again, tune_client)
 from query.client_limit import ClientLimit
 from query.compare import cosine, verdict
+from query.cors import OneShapeCORS
 from query.embed_pace import MARGIN, EmbedPace, embed_pace
 from query.embedder_calls import EmbedderCalls
 from query.embedder_token import EmbedderTokenGuard, send_token
@@ -375,7 +375,7 @@ class ImageSearch:
 
 
 if settings.cors_origins:  # closed by default; the outermost of our middlewares, so errors carry CORS headers too
-    ImageSearch.add_asgi_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+    ImageSearch.add_asgi_middleware(OneShapeCORS, allow_origins=settings.cors_origins,
                                     allow_methods=["GET", "POST"], allow_headers=["*"], max_age=600)
 ImageSearch.add_asgi_middleware(
     RequestGuard, service=ImageSearch, max_concurrency=settings.max_concurrency,

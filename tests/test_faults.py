@@ -193,6 +193,15 @@ def test_cors_opens_only_to_configured_origins(fault_server):
     assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "https://shop.example"
     other = fault_server.http.options("/search", headers={"Origin": "https://evil.example", **ask})
     assert "access-control-allow-origin" not in other.headers
+    # Starlette answered these before the guard: a refusal in plain text ("Disallowed CORS origin"), neither
+    # answer saying nosniff
+    assert other.status_code == 400 and other.json() == {
+        "error": "a browser on https://evil.example may not call this API (origin not allowed): the server's "
+                 "IMAGESEARCH_CORS_ORIGINS lists the origins that may, with GET or POST", "field": None}, other.text
+    put = fault_server.http.options("/search", headers={"Origin": "https://shop.example",
+                                                        "Access-Control-Request-Method": "PUT"})
+    assert put.status_code == 400 and "(method not allowed)" in put.json()["error"], put.text
+    assert all(r.headers.get_list("x-content-type-options") == ["nosniff"] for r in (ok, other, put))
     bad = fault_server.http.post("/search", data={"k": "3"}, headers={"Origin": "https://shop.example"})
     assert bad.status_code == 400 and bad.headers["access-control-allow-origin"] == "https://shop.example"
 

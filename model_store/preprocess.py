@@ -187,11 +187,15 @@ _SIXTEEN_TO_EIGHT_BITS = (np.arange(65536, dtype=np.uint32) * 255 // 65535).asty
 
 
 def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
-    """16-bit or float greyscale -> 8-bit L, scaled by the format's full range."""
+    """16-bit, 32-bit or float greyscale -> 8-bit L. 16-bit is scaled by its full range; 32-bit integers and
+    floats, whose range no file says, by their brightest value, a float image in 0-1 as it is (a float TIFF
+    of 0-255 levels had been read as 0-1: white)."""
     if img.mode.startswith("I;16"):
         return Image.fromarray(_SIXTEEN_TO_EIGHT_BITS[np.asarray(img)])
     arr = np.asarray(img, dtype=np.float64)
-    top = 1.0 if img.mode == "F" else max(arr.max(), 1.0)
+    finite = np.isfinite(arr)
+    top = max(arr[finite].max(initial=0.0), 1.0)
+    arr = np.where(finite, arr, np.where(arr > 0, top, 0.0))  # +inf as the brightest, NaN and -inf as black
     return Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8))
 
 

@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,22 @@ def test_sixteen_bit_greyscale_keeps_its_range():
     every_level = Image.fromarray(np.arange(65536, dtype=np.uint16).reshape(256, 256))
     levels = np.asarray(to_rgb(every_level))[..., 0].ravel().astype(np.int64)
     np.testing.assert_array_equal(levels, np.floor(np.arange(65536) / 65535 * 255))  # each level as a ratio
+
+
+@pytest.mark.parametrize("top", [1.0, 255.0, 4000.0])
+def test_a_float_image_keeps_its_range_whatever_its_levels(top):
+    """A float TIFF says nothing of its range: one of 0-255 levels had been read as 0-1, nearly all white."""
+    ramp = np.linspace(0, top, 64 * 64, dtype=np.float32).reshape(64, 64)
+    arr = np.asarray(decode_image(encode(Image.fromarray(ramp, mode="F"), "TIFF"), **LIMITS))
+    assert arr.min() == 0 and arr.max() == 255 and abs(arr.mean() - 127.5) < 1, (arr.min(), arr.max(), arr.mean())
+
+
+def test_a_float_image_with_nan_and_infinities_is_read_without_a_warning():
+    odd = np.array([[np.nan, np.inf], [-np.inf, 0.5]], dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        levels = np.asarray(to_rgb(Image.fromarray(odd, mode="F")))[..., 0]
+    np.testing.assert_array_equal(levels, [[0, 255], [0, 127]])
 
 
 def test_transparent_pixels_become_white():

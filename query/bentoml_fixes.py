@@ -258,8 +258,8 @@ def own_answers_in_one_shape() -> None:
     from starlette.responses import JSONResponse
 
     class OneShape(JSONResponse):
-        def __init__(self, content: dict, status_code: int = 200, **kwargs: object) -> None:
+        def __init__(self, content: dict, status_code: int = 200, headers: dict | None = None) -> None:
             body = ErrorBody(error=f"{content.get('error', 'the server could not answer')}: retry").model_dump()
-            super().__init__(body, status_code, headers={"x-content-type-options": "nosniff"})
+            super().__init__(body, status_code, headers={**(headers or {}), "x-content-type-options": "nosniff"})
 
     traffic.JSONResponse = OneShape

@@ -21,5 +21,5 @@ class OneShapeCORS(CORSMiddleware):
         refused = answer.body.decode().removeprefix("Disallowed CORS ")  # Starlette's "origin, method", ...
         return error_response(
             f"a browser on {request_headers['origin']} may not call this API ({refused} not allowed): the "
-            "server's IMAGESEARCH_CORS_ORIGINS lists the origins that may, with GET or POST",
+            f"server's IMAGESEARCH_CORS_ORIGINS lists the origins that may, with {' or '.join(self.allow_methods)}",
             answer.status_code, headers={k: v for k, v in answer.headers.items() if k not in NOT_SENT_AGAIN})

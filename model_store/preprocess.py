@@ -192,11 +192,14 @@ def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
     of 0-255 levels had been read as 0-1: white)."""
     if img.mode.startswith("I;16"):
         return Image.fromarray(_SIXTEEN_TO_EIGHT_BITS[np.asarray(img)])
-    arr = np.asarray(img, dtype=np.float64)
-    finite = np.isfinite(arr)
-    top = max(arr[finite].max(initial=0.0), 1.0)
-    arr = np.where(finite, arr, np.where(arr > 0, top, 0.0))  # +inf as the brightest, NaN and -inf as black
-    return Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8))
+    arr = np.array(img, dtype=np.float64)  # a copy of its own, changed in place: one image-sized array, not four
+    odd = ~np.isfinite(arr)
+    brightest = odd & (arr > 0)  # +inf; NaN and -inf become black
+    arr[odd] = 0.0
+    top = max(arr.max(), 1.0)
+    arr[brightest] = top
+    arr *= 255.0 / top
+    return Image.fromarray(np.clip(arr, 0, 255, out=arr).astype(np.uint8))
 
 
 def image_to_pixels(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:

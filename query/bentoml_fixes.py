@@ -20,8 +20,9 @@ from pathlib import Path
 
 import aiohttp
 import psutil
+from starlette.responses import JSONResponse
 
-from query.errors import ApiError, ErrorBody
+from query.errors import ApiError, error_response
 
 log = logging.getLogger("bentoml.imagesearch")
 
@@ -255,11 +256,9 @@ def own_answers_in_one_shape() -> None:
     module's JSONResponse: `{"error": ...}` without `field`, and without nosniff. Made with this one, they are in
     the one shape and say nosniff, as every other answer."""
     from bentoml._internal.server.http import traffic
-    from starlette.responses import JSONResponse
 
-    class OneShape(JSONResponse):
-        def __init__(self, content: dict, status_code: int = 200, headers: dict | None = None) -> None:
-            body = ErrorBody(error=f"{content.get('error', 'the server could not answer')}: retry").model_dump()
-            super().__init__(body, status_code, headers={**(headers or {}), "x-content-type-options": "nosniff"})
+    def in_one_shape(content: dict, status_code: int = 200, headers: dict | None = None) -> JSONResponse:
+        return error_response(f"{content.get('error', 'the server could not answer')}: retry", status_code,
+                              headers={**(headers or {}), "x-content-type-options": "nosniff"})
 
-    traffic.JSONResponse = OneShape
+    traffic.JSONResponse = in_one_shape

@@ -342,4 +342,4 @@ def test_the_service_makes_bentomls_own_answers_in_the_one_shape():
     code = "import service; from bentoml._internal.server.http import traffic; print(traffic.JSONResponse.__name__)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=run_env(), capture_output=True, text=True,
                          timeout=120)
-    assert out.returncode == 0 and out.stdout.split()[-1] == "OneShape", out.stderr[-2000:]
+    assert out.returncode == 0 and out.stdout.split()[-1] == "in_one_shape", out.stderr[-2000:]

@@ -133,6 +133,8 @@ def cache_cmd(
 
 
 def _cache_state(c: cache.CacheUse, pruned: bool) -> str:
+    if c.missing:
+        return "no cache (a stored embedder named by --keep: nothing to keep yet)"
     if c.whole:
         return "deleted: no stored index uses this embedder" if pruned else "no stored index uses it (--prune deletes it)"
     if c.unused is None:

@@ -33,7 +33,7 @@ import numpy as np
 from model_store.build_lock import pruning
 from model_store.index_artifact import ArtifactError, photo_hashes
 from model_store.registry import bentoml_home, list_models
-from model_store.settings import INDEX_MODEL
+from model_store.settings import EMBEDDER_MODEL, INDEX_MODEL
 
 MAP_SIZE = 1 << 40  # address space, not disk: LMDB files grow as they are written
 VECTORS, SEEN, UNREGISTERED = b"vectors", b"seen", b"unregistered"  # its tables
@@ -49,7 +49,7 @@ def cache_root() -> Path:
 
 
 class UnknownCache(ValueError):
-    """A --keep naming no embedder's cache."""
+    """A --keep naming no embedder: neither a cache nor a stored embedder of that name."""
 
 
 def _folder(embedder_tag: str, root: Path | None) -> Path:
@@ -68,6 +68,7 @@ class CacheUse:
     unused: int | None
     why: str = ""
     whole: bool = False
+    missing: bool = False  # named by --keep, a stored embedder with no cache (none yet, or pruned before)
     bytes_after: int | None = None  # on disk after a prune (None: deleted, or not pruned)
     unregistered: int = 0  # vectors no version holds, kept for the rerun of a build that registered nothing
     compacted: bool = False
@@ -186,11 +187,14 @@ def used_hashes() -> dict[str, set[str] | str]:
 def _walk(root: Path, used: dict[str, set[str] | str], keep_embedders: frozenset[str], delete: bool) -> list[CacheUse]:
     caches = sorted(p for p in root.glob("*") if (p / "data.mdb").exists())
     kept = {_folder(t, root).name for t in keep_embedders}
-    if unknown := sorted(kept - {p.name for p in caches}):  # a typo must not let a prune delete what it meant
-        raise UnknownCache(f"--keep {unknown[0]}: no embedder has a cache of that name in {root}; the caches are "
-                           f"{', '.join(p.name for p in caches) or 'none'}")
+    missing = sorted(kept - {p.name for p in caches})
+    stored = {_folder(str(m.tag), root).name for m in list_models(EMBEDDER_MODEL)} if missing else set()
+    if unknown := [name for name in missing if name not in stored]:  # a typo must not let a prune delete what it meant
+        raise UnknownCache(f"--keep {unknown[0]}: no embedder has a cache of that name in {root}, nor is one of "
+                           f"that name stored; the caches are {', '.join(p.name for p in caches) or 'none'}")
     hashes = {_folder(t, root).name: h for t, h in used.items() if t}
-    out = []
+    # a nightly --keep of a stored embedder whose cache no build has written yet (or a prune deleted) keeps nothing
+    out = [CacheUse(name, 0, 0, unused=None, missing=True) for name in missing]
     for folder in caches:
         size = disk_bytes(folder)
         need = "kept with --keep" if folder.name in kept else hashes.get(folder.name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -95,6 +96,17 @@ def test_prune_deletes_the_vectors_no_stored_version_holds(tmp_path, python):
     again = store.build(first)  # the old catalogue embeds exactly the two photos only it had
     assert again["reused_photos"] == 3 and again["photos_indexed"] == 5
     assert "every vector is used" in store.run("index_builder", "cache", "--prune").stdout
+
+    # a nightly --keep of a stored embedder whose cache is gone (an earlier prune, a disk swap) prunes the rest
+    orphan = EmbeddingCache("image-embedder:nobodyusesthis", 4, store.home / "embedding-cache")
+    orphan.close()
+    shutil.rmtree(folder)
+    nightly = store.run("index_builder", "cache", "--prune", "--keep", new["embedder"])
+    assert nightly.returncode == 0, nightly.stderr
+    assert f"{folder.name}           0 vectors         0.0 MB  no cache (a stored embedder named by --keep" \
+        in nightly.stdout, nightly.stdout
+    assert "deleted: no stored index uses this embedder" in nightly.stdout
+    assert not (store.home / "embedding-cache" / "image-embedder-nobodyusesthis").exists()
 
 
 def test_no_prune_under_a_build_and_an_old_version_keeps_its_cache_whole(tmp_path, python):

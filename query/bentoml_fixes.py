@@ -23,6 +23,7 @@ import psutil
 from starlette.responses import JSONResponse
 
 from query.errors import ApiError, error_response
+from query.guard import NOSNIFF
 
 log = logging.getLogger("bentoml.imagesearch")
 
@@ -258,7 +259,9 @@ def own_answers_in_one_shape() -> None:
     from bentoml._internal.server.http import traffic
 
     def in_one_shape(content: dict, status_code: int = 200, headers: dict | None = None) -> JSONResponse:
-        return error_response(f"{content.get('error', 'the server could not answer')}: retry", status_code,
-                              headers={**(headers or {}), "x-content-type-options": "nosniff"})
+        answer = error_response(f"{content.get('error', 'the server could not answer')}: retry", status_code,
+                                headers=headers)
+        answer.raw_headers.append(NOSNIFF)
+        return answer
 
     traffic.JSONResponse = in_one_shape

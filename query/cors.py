@@ -8,6 +8,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
 from query.errors import error_response
+from query.guard import NOSNIFF
 
 NOT_SENT_AGAIN = ("content-length", "content-type")  # of Starlette's plain-text answer, not of the JSON one
 
@@ -15,7 +16,7 @@ NOT_SENT_AGAIN = ("content-length", "content-type")  # of Starlette's plain-text
 class OneShapeCORS(CORSMiddleware):
     def preflight_response(self, request_headers: Headers) -> Response:
         answer = super().preflight_response(request_headers)
-        answer.headers["x-content-type-options"] = "nosniff"
+        answer.raw_headers.append(NOSNIFF)
         if answer.status_code < 400:
             return answer
         refused = answer.body.decode().removeprefix("Disallowed CORS ")  # Starlette's "origin, method", ...

@@ -42,7 +42,7 @@ Receive, Send = Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[
 TEXT_PART_BYTES = 64 * 1024
 FLOOD_BYTES = 128 * 2**20  # bodies held at once past which their memory is handed back once they are gone
 TRIM_AFTER_S = 0.2
-NOSNIFF = (b"x-content-type-options", b"nosniff")  # on every answer (_not_sniffed; query.request_head's own)
+NOSNIFF = (b"x-content-type-options", b"nosniff")  # on every answer (_not_sniffed; the answers made before it)
 # Headers of refusals that say when or how to come back: a 408 closes its connection (RFC 9110: the rest of
 # the body may still be on its way).
 _HEADERS = {HTTPStatus.TOO_MANY_REQUESTS: {"Retry-After": "1"}, HTTPStatus.REQUEST_TIMEOUT: {"Connection": "close"}}

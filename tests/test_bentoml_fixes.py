@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from aiohttp import web
 from bentoml._internal.marshal.dispatcher import CorkDispatcher
-
 from bentoml._internal.server.http import traffic
 from starlette.responses import JSONResponse
 
